@@ -1,0 +1,48 @@
+"""Packaging for crane-hf: Crane and Crane+ zero-shot anomaly detection for Hugging Face transformers."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="crane-hf",
+    version="0.1.0",
+    description=(
+        "Crane and Crane+ zero-shot anomaly detection (CLIP with E-Attn, DINOv2 D-Attn, learned prompts) "
+        "as a Hugging Face transformers model, pipeline and CLI."
+    ),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    include_package_data=True,
+    package_data={"crane_hf": ["resources/*/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "scikit-learn>=1.3",
+        "pillow>=10.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["crane-hf=crane_hf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)

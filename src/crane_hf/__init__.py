@@ -1,0 +1,30 @@
+"""crane_hf: Crane and Crane+ zero-shot anomaly detection as a Hugging Face transformers model.
+
+Importing the package registers `CraneConfig`, `CraneForAnomalyDetection` and `CraneImageProcessor` with the Auto
+classes, and marks them for `register_for_auto_class` so that saved folders carry their code (`auto_map`) and
+load with `trust_remote_code=True` where crane_hf is not installed.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_crane import CraneConfig
+from .image_processing_crane import CraneImageProcessor
+from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection, CranePreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("crane", CraneConfig, exist_ok=True)
+AutoModel.register(CraneConfig, CraneForAnomalyDetection, exist_ok=True)
+AutoImageProcessor.register(CraneConfig, image_processor_classes={"pil": CraneImageProcessor}, exist_ok=True)
+
+CraneConfig.register_for_auto_class()
+CraneForAnomalyDetection.register_for_auto_class("AutoModel")
+CraneImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "CraneAnomalyDetectionOutput",
+    "CraneConfig",
+    "CraneForAnomalyDetection",
+    "CraneImageProcessor",
+    "CranePreTrainedModel",
+]

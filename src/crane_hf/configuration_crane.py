@@ -1,0 +1,377 @@
+"""CraneConfig: the CLIP backbone, the optional DINOv2 backbone (Crane+) and every Crane hyperparameter.
+
+Defaults are the paper's Crane setting on CLIP ViT-L/14@336 (``crane-method.md`` sections 2-8); ``for_variant``
+builds the published Crane and Crane+ settings around any pair of backbone configs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
+
+EATTN_TYPES = ("qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2")
+VARIANTS = ("crane", "crane+")
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Architecture of openai/clip-vit-large-patch14-336, the paper's CLIP backbone.
+CLIP_VIT_L14_336 = {
+    "projection_dim": 768,
+    "text_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 768,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 768,
+    },
+}
+
+# Architecture of facebook/dinov2-with-registers-base, the paper's D-Attn backbone (Crane+).
+DINOV2_REG_B14 = {
+    "model_type": "dinov2_with_registers",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "mlp_ratio": 4,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "image_size": 518,
+    "patch_size": 14,
+    "num_register_tokens": 4,
+    "layerscale_value": 1.0,
+    "qkv_bias": True,
+}
+
+# Published settings (spec section 8). Backbone configs are added by `for_variant`.
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "crane": {"feature_layers": [6, 12, 18, 24], "soft_mean": True},
+    "crane+": {"feature_layers": [24], "soft_mean": False},
+}
+
+
+def _as_config(
+    config: PreTrainedConfig | dict | None, default_model_type: str | None = None
+) -> PreTrainedConfig | None:
+    if config is None or isinstance(config, PreTrainedConfig):
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(f"Expected a config object or a dict, got {type(config).__name__}.")
+    config = dict(config)
+    model_type = config.pop("model_type", default_model_type)
+    if model_type is None:
+        raise ValueError("dino_config needs a `model_type` ('dinov2_with_registers' or 'dinov2').")
+    return AutoConfig.for_model(model_type, **config)
+
+
+class CraneConfig(PreTrainedConfig):
+    r"""Configuration of [`CraneForAnomalyDetection`].
+
+    Args:
+        clip_config (`CLIPConfig` or `dict`, *optional*): the CLIP backbone; defaults to ViT-L/14@336's architecture.
+        dino_config (`Dinov2WithRegistersConfig`, `Dinov2Config` or `dict`, *optional*): the DINOv2 backbone. When
+            given, D-Attn is used (Crane+); when `None`, the model is Crane.
+        image_size (`int`): input side S; a multiple of both patch sizes. Paper: 518.
+        prompt_length (`int`): learned context tokens per prompt ("X" placeholders). Paper: 12.
+        normal_prompt_words / anomalous_prompt_words (`str`): the words after the placeholders.
+        num_deep_prompts (`int`): learned deep prompts P_1..P_n inserted before text layers 2..n+1. Paper: 8.
+        deep_prompt_length (`int`): tokens per deep prompt (hidden positions 1..n). Paper: 4.
+        eattn_layers (`int`): number of last vision layers that run the E-Attn stream. Paper: 19.
+        eattn_type (`str`): E-Attn self-correlation; one of "qq+kk+vv" (paper), "qq+kk", "qq", "kk", "vv", "(q+k+v)^2".
+        feature_layers (`list[int]`): 1-indexed vision layers whose dense features make the maps.
+        dattn_beta / dattn_gamma (`float`): D-Attn threshold and sharpness. Paper: 1.2 and 3.
+        both_eattn_dattn (`bool`): with D-Attn, also use the E-Attn map of each feature layer. Paper: True.
+        use_score_based_pooling (`bool`) and pooling_alpha (`float`): score-based pooling of patch features into the
+            image feature, mixed with the global embedding as alpha * pooled + (1 - alpha) * global. Paper: 0.5.
+        logit_temperature (`float`): tau of the patch and image logits. Paper: 0.07.
+        image_loss_temperature (`float`): tau of the image logits in the training CE. Paper: 0.01.
+        soft_mean (`bool`): average softmaxed maps (True) or softmax the averaged logits (False).
+        smoothing_sigma (`float`): Gaussian sigma for smoothed maps (evaluation, display). Paper: 4.
+        context_conditioning_prob (`float`): probability, in training, of inserting the image embedding into the
+            prompts. Paper: 1.0.
+        focal_loss_weight / dice_loss_weight / image_loss_weight (`float`): loss weights. Paper: 2, 2, 0.2.
+        clip_image_mean / clip_image_std, dino_image_mean / dino_image_std: normalizations of the two backbones.
+        image_threshold (`float`): default decision threshold on the image score.
+        pixel_threshold (`float`): default decision threshold on the smoothed anomaly map.
+        official_code_compat (`bool`): reproduce three behaviours of the published code that the specification does
+            not describe (see docs/parity.md). Default False.
+        prompt_token_ids (`list[list[int]]`, *optional*): ids of the two prompt texts; computed from the bundled CLIP
+            tokenizer when omitted.
+    """
+
+    model_type = "crane"
+    sub_configs = {"clip_config": CLIPConfig, "dino_config": AutoConfig}
+
+    def __init__(
+        self,
+        clip_config: CLIPConfig | dict | None = None,
+        dino_config: PreTrainedConfig | dict | None = None,
+        image_size: int = 518,
+        prompt_length: int = 12,
+        normal_prompt_words: str = "object.",
+        anomalous_prompt_words: str = "damaged object.",
+        num_deep_prompts: int = 8,
+        deep_prompt_length: int = 4,
+        eattn_layers: int = 19,
+        eattn_type: str = "qq+kk+vv",
+        feature_layers: list[int] | tuple[int, ...] = (6, 12, 18, 24),
+        dattn_beta: float = 1.2,
+        dattn_gamma: float = 3.0,
+        both_eattn_dattn: bool = True,
+        use_score_based_pooling: bool = True,
+        pooling_alpha: float = 0.5,
+        logit_temperature: float = 0.07,
+        image_loss_temperature: float = 0.01,
+        soft_mean: bool = True,
+        smoothing_sigma: float = 4.0,
+        context_conditioning_prob: float = 1.0,
+        focal_loss_weight: float = 2.0,
+        dice_loss_weight: float = 2.0,
+        image_loss_weight: float = 0.2,
+        clip_image_mean: list[float] | tuple[float, ...] = OPENAI_CLIP_MEAN,
+        clip_image_std: list[float] | tuple[float, ...] = OPENAI_CLIP_STD,
+        dino_image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        dino_image_std: list[float] | tuple[float, ...] = IMAGENET_STD,
+        image_threshold: float = 0.5,
+        pixel_threshold: float = 0.5,
+        official_code_compat: bool = False,
+        prompt_token_ids: list[list[int]] | None = None,
+        **kwargs,
+    ):
+        if clip_config is None:
+            clip_config = copy.deepcopy(CLIP_VIT_L14_336)
+        if isinstance(clip_config, dict):
+            clip_config = CLIPConfig(**{k: v for k, v in clip_config.items() if k != "model_type"})
+        if not isinstance(clip_config, CLIPConfig):
+            raise TypeError(f"clip_config must be a CLIPConfig or a dict, got {type(clip_config).__name__}.")
+        self.clip_config = clip_config
+        self.dino_config = _as_config(dino_config)
+
+        self.image_size = int(image_size)
+        self.prompt_length = int(prompt_length)
+        self.normal_prompt_words = normal_prompt_words
+        self.anomalous_prompt_words = anomalous_prompt_words
+        self.num_deep_prompts = int(num_deep_prompts)
+        self.deep_prompt_length = int(deep_prompt_length)
+        self.eattn_layers = int(eattn_layers)
+        self.eattn_type = eattn_type
+        self.feature_layers = [int(layer) for layer in feature_layers]
+        self.dattn_beta = float(dattn_beta)
+        self.dattn_gamma = float(dattn_gamma)
+        self.both_eattn_dattn = bool(both_eattn_dattn)
+        self.use_score_based_pooling = bool(use_score_based_pooling)
+        self.pooling_alpha = float(pooling_alpha)
+        self.logit_temperature = float(logit_temperature)
+        self.image_loss_temperature = float(image_loss_temperature)
+        self.soft_mean = bool(soft_mean)
+        self.smoothing_sigma = float(smoothing_sigma)
+        self.context_conditioning_prob = float(context_conditioning_prob)
+        self.focal_loss_weight = float(focal_loss_weight)
+        self.dice_loss_weight = float(dice_loss_weight)
+        self.image_loss_weight = float(image_loss_weight)
+        self.clip_image_mean = [float(x) for x in clip_image_mean]
+        self.clip_image_std = [float(x) for x in clip_image_std]
+        self.dino_image_mean = [float(x) for x in dino_image_mean]
+        self.dino_image_std = [float(x) for x in dino_image_std]
+        self.image_threshold = float(image_threshold)
+        self.pixel_threshold = float(pixel_threshold)
+        self.official_code_compat = bool(official_code_compat)
+        self._validate_hyperparameters()
+        if prompt_token_ids is None:
+            from .prompt_tokenization import tokenize_prompts
+
+            prompt_token_ids = tokenize_prompts(
+                self.prompt_texts, self.clip_config.text_config.max_position_embeddings
+            )
+        self.prompt_token_ids = [[int(i) for i in ids] for ids in prompt_token_ids]
+        self._validate_token_ids()
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ derived properties
+    @property
+    def use_dattn(self) -> bool:
+        """Crane+ (D-Attn with DINOv2) when a DINO config is present."""
+        return self.dino_config is not None
+
+    @property
+    def variant(self) -> str:
+        return "crane+" if self.use_dattn else "crane"
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """The normal and the anomalous prompt texts, e.g. "X X X X X X X X X X X X damaged object."."""
+        return build_prompt_texts(self.prompt_length, self.normal_prompt_words, self.anomalous_prompt_words)
+
+    @property
+    def num_maps(self) -> int:
+        """Number of patch-feature maps per image (one or two per feature layer)."""
+        per_layer = (2 if self.both_eattn_dattn else 1) if self.use_dattn else 1
+        return per_layer * len(self.feature_layers)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_hyperparameters(self) -> None:
+        vision = self.clip_config.vision_config
+        text = self.clip_config.text_config
+        num_layers = vision.num_hidden_layers
+        if self.eattn_type not in EATTN_TYPES:
+            raise ValueError(f"eattn_type={self.eattn_type!r} is unknown; choose one of {', '.join(EATTN_TYPES)}.")
+        if not 0 <= self.eattn_layers <= num_layers:
+            raise ValueError(
+                f"eattn_layers={self.eattn_layers} must be between 0 and the CLIP vision tower's {num_layers} layers."
+            )
+        if not self.feature_layers:
+            raise ValueError("feature_layers must name at least one vision layer.")
+        for layer in self.feature_layers:
+            if not 1 <= layer <= num_layers:
+                raise ValueError(
+                    f"feature_layers contains {layer}, outside the CLIP vision tower's layers 1..{num_layers}."
+                )
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ValueError(f"feature_layers={self.feature_layers} repeats a layer.")
+        patch = _as_int(vision.patch_size)
+        if self.image_size <= 0 or self.image_size % patch:
+            raise ValueError(
+                f"image_size={self.image_size} must be a positive multiple of the CLIP patch size {patch}."
+            )
+        if self.dino_config is not None:
+            dino_patch = _as_int(self.dino_config.patch_size)
+            if self.image_size % dino_patch:
+                raise ValueError(
+                    f"image_size={self.image_size} must be a multiple of the DINOv2 patch size {dino_patch}."
+                )
+            if self.dino_config.model_type not in ("dinov2_with_registers", "dinov2"):
+                raise ValueError(
+                    f"dino_config.model_type={self.dino_config.model_type!r}: D-Attn needs 'dinov2_with_registers' "
+                    "or 'dinov2'."
+                )
+        context = text.max_position_embeddings
+        if self.prompt_length < 1 or self.prompt_length + 4 > context:
+            raise ValueError(f"prompt_length={self.prompt_length} does not fit the text context of {context} tokens.")
+        if self.num_deep_prompts < 0 or self.num_deep_prompts > text.num_hidden_layers - 1:
+            raise ValueError(
+                f"num_deep_prompts={self.num_deep_prompts} must be between 0 and the text layers after the first "
+                f"({text.num_hidden_layers - 1})."
+            )
+        if self.num_deep_prompts and not 1 <= self.deep_prompt_length < context - 1:
+            raise ValueError(f"deep_prompt_length={self.deep_prompt_length} must be between 1 and {context - 2}.")
+        if not 0.0 <= self.context_conditioning_prob <= 1.0:
+            raise ValueError(f"context_conditioning_prob={self.context_conditioning_prob} must be in [0, 1].")
+        if self.context_conditioning_prob > 0 and self.clip_config.projection_dim != text.hidden_size:
+            raise ValueError(
+                f"context_conditioning_prob={self.context_conditioning_prob} inserts the image embedding as a text "
+                f"token, which needs projection_dim ({self.clip_config.projection_dim}) == text hidden size "
+                f"({text.hidden_size}); set context_conditioning_prob=0 for this CLIP."
+            )
+        if not 0.0 <= self.pooling_alpha <= 1.0:
+            raise ValueError(f"pooling_alpha={self.pooling_alpha} must be in [0, 1].")
+        for name in ("logit_temperature", "image_loss_temperature", "smoothing_sigma", "dattn_gamma", "dattn_beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        for name in ("clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
+            values = getattr(self, name)
+            if len(values) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {values}.")
+            if name.endswith("std") and min(values) <= 0:
+                raise ValueError(f"{name} must be positive, got {values}.")
+        for name in ("image_threshold", "pixel_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
+
+    def _validate_token_ids(self) -> None:
+        text = self.clip_config.text_config
+        if len(self.prompt_token_ids) != 2:
+            raise ValueError("prompt_token_ids must hold two sequences: the normal and the anomalous prompt.")
+        for ids in self.prompt_token_ids:
+            if len(ids) != text.max_position_embeddings:
+                raise ValueError(
+                    f"prompt_token_ids sequences must have {text.max_position_embeddings} ids, got {len(ids)}."
+                )
+            if max(ids) >= text.vocab_size or min(ids) < 0:
+                raise ValueError(
+                    f"prompt_token_ids has ids outside the CLIP vocabulary of {text.vocab_size} tokens; Crane needs "
+                    "the OpenAI CLIP vocabulary (49408 tokens)."
+                )
+            if text.eos_token_id not in ids:
+                raise ValueError(f"prompt_token_ids must contain the end-of-text id {text.eos_token_id}.")
+            eot = ids.index(text.eos_token_id)
+            if eot < self.prompt_length + 2:
+                raise ValueError("prompt_token_ids: the end-of-text token comes before the prompt words.")
+            if self.context_conditioning_prob > 0 and eot + 1 >= len(ids):
+                raise ValueError("prompt_token_ids: no room to insert the image token before the context ends.")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def for_variant(
+        cls,
+        variant: str = "crane+",
+        clip_config: CLIPConfig | dict | None = None,
+        dino_config: PreTrainedConfig | dict | None = None,
+        **overrides,
+    ) -> CraneConfig:
+        """The published setting of `variant` ("crane" or "crane+", spec section 8) around the given backbones.
+
+        Without backbone configs, the paper's backbones are used: CLIP ViT-L/14@336 and, for Crane+, DINOv2 ViT-B/14
+        with registers. Layers are given for 24 vision and 12 text layers; on other depths, feature and E-Attn layers
+        keep their relative depths and the deep prompts are capped at the text layers after the first.
+        """
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is unknown; choose 'crane' or 'crane+'.")
+        clip_config = _as_clip_config(clip_config)
+        if variant == "crane+":
+            dino_config = _as_config(dino_config) if dino_config is not None else _as_config(DINOV2_REG_B14)
+        elif dino_config is not None:
+            raise ValueError("variant='crane' uses no DINOv2 backbone; pass dino_config only with variant='crane+'.")
+        settings = copy.deepcopy(PAPER_SETTINGS[variant])
+        num_layers = clip_config.vision_config.num_hidden_layers
+        settings["feature_layers"] = [max(1, round(layer * num_layers / 24)) for layer in settings["feature_layers"]]
+        settings["eattn_layers"] = max(1, round(19 * num_layers / 24))
+        settings["num_deep_prompts"] = min(8, clip_config.text_config.num_hidden_layers - 1)
+        settings.update(overrides)
+        return cls(clip_config=clip_config, dino_config=dino_config, **settings)
+
+
+def build_prompt_texts(prompt_length: int, normal_words: str, anomalous_words: str) -> list[str]:
+    """Crane's two prompt texts: `prompt_length` "X" placeholders followed by the normal / anomalous words."""
+    placeholders = " ".join(["X"] * prompt_length)
+    return [f"{placeholders} {normal_words}", f"{placeholders} {anomalous_words}"]
+
+
+def _as_clip_config(config: CLIPConfig | dict | None) -> CLIPConfig:
+    if config is None:
+        return CLIPConfig(**copy.deepcopy(CLIP_VIT_L14_336))
+    if isinstance(config, dict):
+        return CLIPConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    return config
+
+
+def _as_int(value: int | list[int] | tuple[int, ...]) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"Only square patches are supported, got {value}.")
+        return int(value[0])
+    return int(value)
+
+
+__all__ = ["CraneConfig"]

@@ -1,0 +1,257 @@
+"""CraneImageProcessor: images and masks in, model inputs out; anomaly maps back to each image (spec section 1).
+
+Images: converted to RGB, resized to S x S with PIL's bicubic filter (no crop, aspect ratio not kept), scaled to
+[0, 1] and normalized with CLIP's mean and std, exactly as the official code does for 8-bit RGB images.
+Other inputs are converted first (documented in docs/architecture.md):
+
+- gray, palette, CMYK, YCbCr and gray+alpha images: PIL's conversion to RGB; RGBA: alpha dropped (PIL's rule);
+- 16-bit and 32-bit integer images (PIL "I;16"/"I", numpy uint16/int32): scaled by their type's maximum to
+  [0, 1] and resized in floating point; float images and arrays: taken as [0, 1], clipped;
+- numpy arrays and torch tensors: [H, W], [H, W, C] or [C, H, W] with C in {1, 3, 4}.
+
+Masks: grayscale, any value > 0 is anomalous; resized bilinearly to S x S, then binarized at 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .gaussian_smoothing import gaussian_smooth
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str (a local path or URL)
+
+
+def _channels_last(array: np.ndarray, what: str) -> np.ndarray:
+    """[H, W], [H, W, C] or [C, H, W] (C in 1, 3, 4) -> [H, W, C]."""
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"{what} must have 2 or 3 dimensions ([H, W], [H, W, C] or [C, H, W]), got {array.shape}.")
+    if array.shape[-1] in (1, 3, 4):
+        return array
+    if array.shape[0] in (1, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    raise ValueError(f"{what} has shape {array.shape}: expected 1, 3 or 4 channels first or last.")
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] for 8-bit images; float32 [H, W, 3] in [0, 1] for 16/32-bit and float images."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image).astype(np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 2**31 - 1
+        return np.repeat((array / scale).clip(0, 1).astype(np.float32)[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        return np.repeat(array.clip(0, 1)[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+def image_to_rgb_array(image: ImageLike) -> np.ndarray:
+    """An image as RGB [H, W, 3]: uint8 for 8-bit inputs, float32 in [0, 1] otherwise."""
+    if isinstance(image, str):
+        from transformers.image_utils import load_image
+
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_array(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"Unsupported image type {type(image).__name__}; pass a PIL image, numpy array or tensor.")
+    array = _channels_last(image, "image array")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.integer):
+        maximum = 65535.0 if array.dtype in (np.uint16, np.int16) else float(np.iinfo(array.dtype).max)
+        array = (array.astype(np.float64) / maximum).clip(0, 1).astype(np.float32)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or infinite values.")
+        array = array.astype(np.float32).clip(0, 1)
+    else:
+        raise TypeError(f"Unsupported image array dtype {array.dtype}.")
+    channels = array.shape[-1]
+    if channels == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif channels == 4:
+        array = array[:, :, :3]
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image has an empty side: {array.shape[:2]}.")
+    return np.ascontiguousarray(array)
+
+
+def resize_rgb(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of RGB [H, W, 3] to (height, width) with PIL; returns float32 in [0, 1]."""
+    height, width = size
+    if array.dtype == np.uint8:
+        resized = Image.fromarray(array, mode="RGB").resize((width, height), Image.Resampling.BICUBIC)
+        return np.asarray(resized, dtype=np.float32) / 255.0
+    channels = [
+        np.asarray(Image.fromarray(array[:, :, c], mode="F").resize((width, height), Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]
+    return np.stack(channels, axis=-1).clip(0, 1).astype(np.float32)
+
+
+def mask_to_binary(mask: ImageLike) -> np.ndarray:
+    """A ground-truth mask as bool [H, W]: any value > 0 is anomalous."""
+    if isinstance(mask, str):
+        mask = Image.open(mask)
+    if isinstance(mask, Image.Image):
+        array = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16", "F") else mask)
+    else:
+        array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if array.ndim == 3:
+            array = _channels_last(array, "mask array").max(axis=-1)
+    if array.ndim != 2:
+        raise ValueError(f"mask must be a 2-D array, got shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ValueError("mask contains NaN or infinite values.")
+    return array > 0
+
+
+def resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a binary mask to (height, width), binarized at 0.5; float32 {0, 1}."""
+    height, width = size
+    image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return (resized > 0.5).astype(np.float32)
+
+
+class CraneImageProcessor(BaseImageProcessor):
+    r"""Image processor of Crane.
+
+    Args:
+        image_size (`int`): side S of the square model input. Paper: 518.
+        image_mean, image_std (`list[float]`): normalization (CLIP's by default).
+        smoothing_sigma (`float`): default Gaussian sigma of `post_process_anomaly_maps`. Paper: 4.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 518,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        smoothing_sigma: float = 4.0,
+        **kwargs: Any,
+    ):
+        kwargs.pop("size", None)
+        super().__init__(**kwargs)
+        if int(image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}.")
+        self.image_size = int(image_size)
+        self.image_mean = [float(x) for x in image_mean]
+        self.image_std = [float(x) for x in image_std]
+        self.smoothing_sigma = float(smoothing_sigma)
+
+    @classmethod
+    def from_crane_config(cls, config: Any) -> CraneImageProcessor:
+        """The processor matching a `CraneConfig` (input size, CLIP normalization, smoothing sigma)."""
+        return cls(
+            image_size=config.image_size,
+            image_mean=config.clip_image_mean,
+            image_std=config.clip_image_std,
+            smoothing_sigma=config.smoothing_sigma,
+        )
+
+    def preprocess(
+        self,
+        images: ImageLike | list[ImageLike],
+        masks: ImageLike | list[ImageLike | None] | None = None,
+        image_size: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Prepare images (and optional masks) for the model.
+
+        Returns a `BatchFeature` with `pixel_values` [B, 3, S, S], `original_sizes` [B, 2] (height, width) and, when
+        `masks` is given, `masks` [B, S, S] in {0, 1} (a `None` mask means a normal image: all zeros).
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if not images:
+            raise ValueError("No images to process.")
+        size = int(image_size or self.image_size)
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        pixel_values, original_sizes = [], []
+        for image in images:
+            rgb = image_to_rgb_array(image)
+            original_sizes.append(rgb.shape[:2])
+            pixel_values.append(((resize_rgb(rgb, (size, size)) - mean) / std).transpose(2, 0, 1))
+        data: dict[str, Any] = {
+            "pixel_values": np.stack(pixel_values).astype(np.float32),
+            "original_sizes": np.asarray(original_sizes, dtype=np.int64),
+        }
+        if masks is not None:
+            masks = [masks] if single else list(masks)
+            if len(masks) != len(images):
+                raise ValueError(f"Got {len(images)} images but {len(masks)} masks.")
+            processed = []
+            for index, (mask, (height, width)) in enumerate(zip(masks, original_sizes)):
+                if mask is None:
+                    processed.append(np.zeros((size, size), dtype=np.float32))
+                    continue
+                binary = mask_to_binary(mask)
+                if binary.shape != (height, width):
+                    raise ValueError(
+                        f"mask {index} has size {binary.shape[1]}x{binary.shape[0]} but its image is {width}x{height}."
+                    )
+                processed.append(resize_mask(binary, (size, size)))
+            data["masks"] = np.stack(processed)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def post_process_anomaly_maps(
+        self,
+        maps: torch.Tensor,
+        sigma: float | None = 4.0,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Smooth anomaly maps [B, S, S] (Gaussian, scipy's rule) and resize each back to its original size.
+
+        Args:
+            maps: `anomaly_maps` of the model output.
+            sigma: Gaussian sigma in pixels of the S x S map; `None` or 0 skips smoothing.
+            target_sizes: (height, width) per map, e.g. the processor's `original_sizes`; `None` keeps S x S.
+
+        Returns:
+            float32 maps: a tensor [B, S, S] without `target_sizes`, else a list of [height, width] tensors.
+        """
+        if maps.dim() != 3:
+            raise ValueError(f"maps must have shape [batch, height, width], got {list(maps.shape)}.")
+        maps = maps.float()
+        if sigma:
+            maps = gaussian_smooth(maps, sigma)
+        if target_sizes is None:
+            return maps
+        if len(target_sizes) != maps.shape[0]:
+            raise ValueError(f"Got {maps.shape[0]} maps but {len(target_sizes)} target sizes.")
+        resized = []
+        for anomaly_map, target in zip(maps, target_sizes):
+            height, width = (int(v) for v in target)
+            if (height, width) == tuple(anomaly_map.shape):
+                resized.append(anomaly_map)
+                continue
+            resized.append(
+                F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+                    0, 0
+                ]
+            )
+        return resized
+
+
+__all__ = ["CraneImageProcessor"]

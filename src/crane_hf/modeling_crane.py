@@ -1,0 +1,429 @@
+"""CraneForAnomalyDetection: Crane and Crane+ zero-shot anomaly detection on transformers' CLIP and DINOv2.
+
+The computation is ``crane-method.md`` sections 2-6; each concept lives in its own module:
+
+- E-Attn (self-correlation stream of the last vision layers): `e_attention.py`
+- D-Attn (DINOv2-similarity attention, Crane+): `d_attention.py`
+- learned and deep prompts, context conditioning: `prompt_learning.py`
+- score-based pooling of the image feature: `score_pooling.py`
+- training loss: `anomaly_losses.py`; bilinear position embeddings: `position_embeddings.py`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .anomaly_losses import crane_loss
+from .clip_layers import clip_block
+from .configuration_crane import CraneConfig, _as_int
+from .d_attention import dattn_features
+from .e_attention import eattn_block
+from .position_embeddings import resize_position_embeddings
+from .prompt_learning import CranePromptLearner, encode_prompts
+from .score_pooling import score_based_pooling
+
+
+@dataclass
+class CraneAnomalyDetectionOutput(ModelOutput):
+    """Outputs of [`CraneForAnomalyDetection`].
+
+    Args:
+        loss: training loss (spec section 6), when `labels` and `masks` are given.
+        anomaly_scores: image anomaly scores in [0, 1], [B].
+        anomaly_maps: pixel anomaly maps in [0, 1] at the input resolution, unsmoothed, [B, H, W].
+        image_logits: image logits (normal, anomalous) at the inference temperature, [B, 2].
+        patch_logits: per-map patch logits, a tuple of [B, N, 2] (N = patch grid cells).
+        image_embeds: normalized global CLIP image embeddings, [B, D].
+        text_embeds: normalized text features of the normal and anomalous prompts, [2, D] (or [B, 2, D] when the
+            prompts were conditioned on each image).
+        focal_loss, dice_loss, image_loss: the loss components (unweighted; focal and dice summed over the maps).
+    """
+
+    loss: torch.FloatTensor | None = None
+    anomaly_scores: torch.FloatTensor | None = None
+    anomaly_maps: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    patch_logits: tuple[torch.FloatTensor, ...] | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    focal_loss: torch.FloatTensor | None = None
+    dice_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+
+
+class CranePreTrainedModel(PreTrainedModel):
+    config_class = CraneConfig
+    config: CraneConfig
+    base_model_prefix = "crane"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPEncoderLayer", "Dinov2WithRegistersLayer", "Dinov2Layer"]
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, CranePromptLearner):
+            for tensor in (module.ctx_normal, module.ctx_anomalous, module.deep_prompts):
+                init.normal_(tensor, mean=0.0, std=0.02)
+            ids, eot = module.token_id_tensors()
+            init.copy_(module.prompt_token_ids, ids)
+            init.copy_(module.eot_positions, eot)
+
+
+class CraneForAnomalyDetection(CranePreTrainedModel):
+    """Crane (CLIP with E-Attn) or Crane+ (plus DINOv2 D-Attn) with learned prompts.
+
+    Only the prompt tensors (`prompt_learner.*`) are trainable; the CLIP and DINOv2 backbones are frozen and stay
+    in eval mode whatever `train()` is called with.
+    """
+
+    def __init__(self, config: CraneConfig):
+        super().__init__(config)
+        text_config = config.clip_config.text_config
+        self.clip = CLIPModel(config.clip_config)
+        self.dino = AutoModel.from_config(config.dino_config) if config.use_dattn else None
+        self.prompt_learner = CranePromptLearner(
+            prompt_token_ids=config.prompt_token_ids,
+            eos_token_id=text_config.eos_token_id,
+            prompt_length=config.prompt_length,
+            num_deep_prompts=config.num_deep_prompts,
+            deep_prompt_length=config.deep_prompt_length,
+            width=text_config.hidden_size,
+        )
+        self._position_cache: dict[tuple, torch.Tensor] = {}
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self.post_init()
+        self._freeze_backbones()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbones(
+        cls,
+        clip: str | CLIPModel,
+        dino: str | PreTrainedModel | None = None,
+        **config_overrides: Any,
+    ) -> CraneForAnomalyDetection:
+        """Crane (no `dino`) or Crane+ around pretrained backbones, with freshly initialized prompts.
+
+        Args:
+            clip: a `CLIPModel`, or a Hub id / local folder of one (e.g. "openai/clip-vit-large-patch14-336").
+            dino: a `Dinov2WithRegistersModel` / `Dinov2Model`, or a Hub id / folder of one; enables D-Attn.
+            **config_overrides: any `CraneConfig` field (e.g. `image_size=336`, `soft_mean=True`).
+
+        The paper's setting for the variant is used unless overridden (`CraneConfig.for_variant`). The backbone
+        weights are copied unchanged into the new model.
+        """
+        clip_model = CLIPModel.from_pretrained(clip) if isinstance(clip, str) else clip
+        if not isinstance(clip_model, CLIPModel):
+            raise TypeError(f"clip must be a CLIPModel or a path/Hub id of one, got {type(clip_model).__name__}.")
+        dino_model = AutoModel.from_pretrained(dino) if isinstance(dino, str) else dino
+        if dino_model is not None and dino_model.config.model_type not in ("dinov2_with_registers", "dinov2"):
+            raise TypeError(
+                f"dino must be a DINOv2 model (with or without registers), got model_type="
+                f"{dino_model.config.model_type!r}."
+            )
+        config = CraneConfig.for_variant(
+            "crane+" if dino_model is not None else "crane",
+            clip_config=clip_model.config,
+            dino_config=dino_model.config if dino_model is not None else None,
+            **config_overrides,
+        )
+        model = cls(config)
+        model.clip.load_state_dict(clip_model.state_dict())
+        if dino_model is not None:
+            model.dino.load_state_dict(dino_model.state_dict())
+        model.to(clip_model.dtype)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, with the backbones frozen again after loading."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_backbones()
+        return loaded
+
+    def _freeze_backbones(self) -> None:
+        for backbone in self.backbones():
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def backbones(self) -> list[torch.nn.Module]:
+        """The frozen pretrained towers: CLIP, and DINOv2 for Crane+."""
+        return [self.clip] if self.dino is None else [self.clip, self.dino]
+
+    def train(self, mode: bool = True) -> CraneForAnomalyDetection:
+        """Train mode for the prompts only; the backbones stay in eval mode. Drops the text-feature cache."""
+        super().train(mode)
+        for backbone in self.backbones():
+            backbone.eval()
+        self._text_cache = None
+        return self
+
+    # ------------------------------------------------------------------ text side
+    def _text_state_key(self, device: torch.device) -> tuple:
+        tensors = [
+            *self.prompt_learner.parameters(),
+            *self.clip.text_model.parameters(),
+            self.clip.text_projection.weight,
+        ]
+        return (tuple((id(t), t._version) for t in tensors), device, torch.is_inference_mode_enabled())
+
+    def encode_text(self, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized prompt text features: [2, D], or [B, 2, D] conditioned on normalized image embeddings [B, D]."""
+        embeddings, eot = self.prompt_learner.prompt_embeddings(
+            self.clip.text_model.embeddings.token_embedding, image_embeds
+        )
+        return encode_prompts(
+            self.clip.text_model,
+            self.clip.text_projection,
+            embeddings,
+            eot,
+            self.prompt_learner.deep_prompts,
+            round_deep_prompts_to_fp16=self.config.official_code_compat,
+        )
+
+    def static_text_embeds(self) -> torch.Tensor:
+        """Text features of the static prompts [2, D]; computed once and cached in eval mode."""
+        if self.training:
+            return self.encode_text()
+        device = self.prompt_learner.ctx_normal.device
+        key = self._text_state_key(device)
+        if self._text_cache is None or self._text_cache[0] != key:
+            with torch.no_grad():
+                self._text_cache = (key, self.encode_text())
+        return self._text_cache[1]
+
+    # ------------------------------------------------------------------ vision side
+    def _position_embeddings(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        table = self.clip.vision_model.embeddings.position_embedding.weight
+        key = (grid, dtype, device, id(table), table._version, torch.is_inference_mode_enabled())
+        if key not in self._position_cache:
+            with torch.no_grad():
+                resized = resize_position_embeddings(table.detach(), grid)
+            self._position_cache = {key: resized.to(device=device, dtype=dtype)}
+        return self._position_cache[key]
+
+    def _dino_patch_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """DINOv2 last-layer patch tokens [B, M, C] (class and register tokens dropped) and their grid."""
+        config = self.config
+        shape = (1, 3, 1, 1)
+        clip_mean = pixel_values.new_tensor(config.clip_image_mean).view(shape)
+        clip_std = pixel_values.new_tensor(config.clip_image_std).view(shape)
+        dino_mean = pixel_values.new_tensor(config.dino_image_mean).view(shape)
+        dino_std = pixel_values.new_tensor(config.dino_image_std).view(shape)
+        raw = (pixel_values * clip_std + clip_mean).clamp(0.0, 1.0)
+        dino_inputs = ((raw - dino_mean) / dino_std).to(self.dino.dtype)
+        tokens = self.dino(pixel_values=dino_inputs).last_hidden_state
+        registers = getattr(config.dino_config, "num_register_tokens", 0)
+        patch = _as_int(config.dino_config.patch_size)
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        return tokens[:, 1 + registers :], grid
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Run the vision towers.
+
+        Returns:
+            image_embeds: normalized global embeddings [B, D].
+            patch_features: normalized dense features of every map [M, B, N, D], in the order of
+                `config.feature_layers` (for Crane+: the D-Attn map, then the E-Attn map of each layer).
+            grid: the maps' patch grid (gh, gw).
+        """
+        config = self.config
+        vision = self.clip.vision_model
+        layers = vision.encoder.layers
+        dtype = vision.embeddings.patch_embedding.weight.dtype
+        patches = vision.embeddings.patch_embedding(pixel_values.to(dtype))
+        grid = (patches.shape[-2], patches.shape[-1])
+        patches = patches.flatten(2).transpose(1, 2)
+        cls_token = vision.embeddings.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
+        o = torch.cat([cls_token, patches], dim=1) + self._position_embeddings(grid, dtype, patches.device)
+        o = vision.pre_layrnorm(o)
+
+        if config.use_dattn:
+            dino_tokens, map_grid = self._dino_patch_tokens(pixel_values)
+        else:
+            dino_tokens, map_grid = None, grid
+        compat = config.official_code_compat
+        first_eattn = len(layers) - config.eattn_layers
+        wanted = set(config.feature_layers)
+        maps: list[torch.Tensor | None] = []
+        e = o
+        for index, layer in enumerate(layers):
+            layer_input = o
+            if index < first_eattn:
+                o = clip_block(layer, o)
+                e = o
+                compat_dattn_input = layer_input
+            else:
+                o, e, o_mid = eattn_block(layer, o, e, config.eattn_type)
+                compat_dattn_input = e if index == first_eattn else o_mid
+            if index + 1 not in wanted:
+                continue
+            if dino_tokens is not None:
+                maps.append(
+                    dattn_features(
+                        layer,
+                        compat_dattn_input if compat else layer_input,
+                        dino_tokens,
+                        grid,
+                        map_grid,
+                        config.dattn_beta,
+                        config.dattn_gamma,
+                    )
+                )
+            if dino_tokens is None or config.both_eattn_dattn:
+                # The published code keeps views of one tensor that later layers update in place, so every
+                # E-Attn map it returns is the final e stream; `None` marks the slot (official_code_compat).
+                maps.append(None if compat else self._regrid(e[:, 1:], grid, map_grid))
+        final_e = self._regrid(e[:, 1:], grid, map_grid)
+        dense = torch.stack([final_e if m is None else m for m in maps])
+        patch_features = F.normalize(self.clip.visual_projection(vision.post_layernorm(dense)), dim=-1)
+        image_embeds = F.normalize(self.clip.visual_projection(vision.post_layernorm(o[:, 0])), dim=-1)
+        return image_embeds, patch_features, map_grid
+
+    @staticmethod
+    def _regrid(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+        """Bilinearly resize patch tokens [B, N, C] from `grid` to `target` (a no-op when equal)."""
+        if grid == target:
+            return tokens
+        batch, _, channels = tokens.shape
+        maps = tokens.transpose(1, 2).reshape(batch, channels, *grid)
+        maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
+        return maps.flatten(2).transpose(1, 2)
+
+    # ------------------------------------------------------------------ heads
+    def _logits(self, features: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(features . t) / temperature for features [..., B, N, D] or [B, D] and text [2, D] or [B, 2, D]."""
+        text = text_embeds.to(features.dtype)
+        if text.dim() == 2:
+            return (features @ text.T) / temperature
+        if features.dim() == 2:
+            return torch.einsum("bd,bcd->bc", features, text) / temperature
+        return torch.einsum("...bnd,bcd->...bnc", features, text) / temperature
+
+    def _anomaly_maps(self, patch_logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Anomaly maps [B, H, W] from patch logits [M, B, N, 2] (spec section 5, bilinear upsampling).
+
+        Upsampling and averaging are linear, so they are done in the cheaper order: soft_mean averages the
+        anomalous probabilities at patch level and upsamples once; otherwise softmax(mean of logits)[1] is
+        sigmoid of the upsampled mean logit difference.
+        """
+        if self.config.soft_mean:
+            patch_map = patch_logits.float().softmax(dim=-1)[..., 1].mean(dim=0)
+        else:
+            mean_logits = patch_logits.float().mean(dim=0)
+            patch_map = mean_logits[..., 1] - mean_logits[..., 0]
+        patch_map = patch_map.reshape(-1, 1, *grid)
+        upsampled = F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)[:, 0]
+        return upsampled if self.config.soft_mean else torch.sigmoid(upsampled)
+
+    def _check_inputs(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must have shape [batch, 3, height, width], got {list(pixel_values.shape)}; "
+                "use CraneImageProcessor to prepare images."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}.")
+        patches = [_as_int(self.config.clip_config.vision_config.patch_size)]
+        if self.config.use_dattn:
+            patches.append(_as_int(self.config.dino_config.patch_size))
+        height, width = pixel_values.shape[-2:]
+        for patch in patches:
+            if height % patch or width % patch or height == 0 or width == 0:
+                raise ValueError(
+                    f"pixel_values height and width ({height} x {width}) must be positive multiples of the patch "
+                    f"size {patch}."
+                )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or infinite values.")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CraneAnomalyDetectionOutput | tuple:
+        r"""Score images and map their anomalies.
+
+        Args:
+            pixel_values: normalized images [B, 3, H, W] (`CraneImageProcessor`), H and W multiples of the patch size.
+            labels: image labels [B] (0 normal, 1 anomalous); with `masks`, the loss is computed.
+            masks: binary ground-truth masks [B, H, W] (or [B, 1, H, W]).
+        """
+        self._check_inputs(pixel_values)
+        if (labels is None) != (masks is None):
+            missing = "masks" if masks is None else "labels"
+            raise ValueError(f"The loss needs both labels and masks; {missing} is missing.")
+        size = tuple(pixel_values.shape[-2:])
+        image_embeds, patch_features, grid = self.encode_image(pixel_values)
+
+        prob = self.config.context_conditioning_prob
+        conditioned = self.training and prob > 0 and (prob >= 1.0 or torch.rand(()).item() < prob)
+        text_embeds = self.encode_text(image_embeds) if conditioned else self.static_text_embeds()
+
+        patch_logits = self._logits(patch_features, text_embeds, self.config.logit_temperature)
+        anomaly_maps = self._anomaly_maps(patch_logits, grid, size)
+        if self.config.use_score_based_pooling:
+            image_features = score_based_pooling(patch_features, patch_logits, image_embeds, self.config.pooling_alpha)
+        else:
+            image_features = image_embeds
+        image_logits = self._logits(image_features, text_embeds, self.config.logit_temperature)
+        anomaly_scores = image_logits.float().softmax(dim=-1)[:, 1]
+
+        losses: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            masks = self._check_masks(masks, pixel_values.shape[0], size)
+            losses = crane_loss(
+                list(patch_logits),
+                grid,
+                masks.to(device=patch_logits.device, dtype=torch.float32),
+                self._logits(image_features, text_embeds, self.config.image_loss_temperature),
+                labels.to(patch_logits.device),
+                focal_weight=self.config.focal_loss_weight,
+                dice_weight=self.config.dice_loss_weight,
+                image_weight=self.config.image_loss_weight,
+            )
+        output = CraneAnomalyDetectionOutput(
+            loss=losses.get("loss"),
+            anomaly_scores=anomaly_scores,
+            anomaly_maps=anomaly_maps,
+            image_logits=image_logits,
+            patch_logits=tuple(patch_logits.unbind(0)),
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            focal_loss=losses.get("focal_loss"),
+            dice_loss=losses.get("dice_loss"),
+            image_loss=losses.get("image_loss"),
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _check_masks(masks: torch.Tensor, batch: int, size: tuple[int, int]) -> torch.Tensor:
+        if masks.dim() == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.dim() != 3 or masks.shape[0] != batch or tuple(masks.shape[-2:]) != size:
+            raise ValueError(
+                f"masks must have shape [{batch}, {size[0]}, {size[1]}] to match pixel_values, "
+                f"got {list(masks.shape)}."
+            )
+        if not ((masks == 0) | (masks == 1)).all():
+            raise ValueError("masks must be binary (0 normal, 1 anomalous); use CraneImageProcessor to prepare them.")
+        return masks
+
+
+__all__ = ["CraneAnomalyDetectionOutput", "CraneForAnomalyDetection", "CranePreTrainedModel"]

@@ -1,0 +1,125 @@
+import os
+
+import pytest
+import torch
+
+from crane_hf import CraneConfig
+from crane_hf.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14
+
+from .tiny_models import OFFICIAL_DIR, OFFICIAL_FILES, tiny_clip_config, tiny_config, tiny_dino_config
+
+
+def test_defaults_are_the_paper_crane_setting():
+    config = CraneConfig()
+    assert config.variant == "crane"
+    assert config.clip_config.vision_config.num_hidden_layers == 24
+    assert config.clip_config.vision_config.hidden_size == 1024
+    assert config.image_size == 518
+    assert config.feature_layers == [6, 12, 18, 24]
+    assert config.eattn_layers == 19 and config.eattn_type == "qq+kk+vv"
+    assert config.soft_mean is True
+    assert (config.prompt_length, config.num_deep_prompts, config.deep_prompt_length) == (12, 8, 4)
+    assert (config.dattn_beta, config.dattn_gamma, config.both_eattn_dattn) == (1.2, 3.0, True)
+    assert (config.pooling_alpha, config.logit_temperature, config.image_loss_temperature) == (0.5, 0.07, 0.01)
+    assert (config.smoothing_sigma, config.context_conditioning_prob) == (4.0, 1.0)
+    assert config.prompt_texts == [
+        "X X X X X X X X X X X X object.",
+        "X X X X X X X X X X X X damaged object.",
+    ]
+    assert config.official_code_compat is False
+
+
+def test_crane_plus_preset_matches_the_paper():
+    config = CraneConfig.for_variant("crane+")
+    assert config.variant == "crane+"
+    assert config.feature_layers == [24]
+    assert config.soft_mean is False
+    assert config.num_maps == 2
+    assert config.dino_config.model_type == "dinov2_with_registers"
+    assert config.dino_config.num_register_tokens == 4
+    assert config.dino_config.hidden_size == DINOV2_REG_B14["hidden_size"]
+    assert CraneConfig.for_variant("crane+", soft_mean=True).soft_mean is True  # DAGM / medical setting
+
+
+def test_preset_scales_layers_to_a_shallower_tower():
+    config = CraneConfig.for_variant("crane", tiny_clip_config(vision_layers=12))
+    assert config.feature_layers == [3, 6, 9, 12]
+    assert config.eattn_layers == 10
+
+
+@pytest.mark.parametrize("name", OFFICIAL_FILES)
+def test_real_vocabulary_tokenizes_prompts_to_the_official_ids(name):
+    state = torch.load(os.path.join(OFFICIAL_DIR, name), map_location="cpu", weights_only=True)["prompt_learner"]
+    config = CraneConfig()
+    for ours, key in zip(config.prompt_token_ids, ("tokenized_prompts_pos", "tokenized_prompts_neg")):
+        official = state[key].reshape(-1).tolist()
+        end = official.index(49407) + 1
+        assert ours[:end] == official[:end]
+        assert set(ours[end:]) == {49407} and set(official[end:]) == {0}  # padding: EOT here, 0 there
+
+
+def test_round_trip_through_json(tmp_path):
+    config = tiny_config("crane+", soft_mean=True, image_threshold=0.3)
+    config.save_pretrained(tmp_path)
+    loaded = CraneConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.dino_config.num_register_tokens == 4
+    assert loaded.variant == "crane+"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"feature_layers": [7]}, "feature_layers"),
+        ({"feature_layers": [0]}, "feature_layers"),
+        ({"feature_layers": []}, "feature_layers"),
+        ({"eattn_layers": 7}, "eattn_layers"),
+        ({"eattn_type": "qk"}, "eattn_type"),
+        ({"image_size": 60}, "image_size"),
+        ({"context_conditioning_prob": 1.5}, "context_conditioning_prob"),
+        ({"pooling_alpha": -0.1}, "pooling_alpha"),
+        ({"logit_temperature": 0.0}, "logit_temperature"),
+        ({"num_deep_prompts": 9}, "num_deep_prompts"),
+        ({"clip_image_std": [0.2, 0.0, 0.3]}, "clip_image_std"),
+        ({"image_threshold": 2.0}, "image_threshold"),
+        ({"prompt_token_ids": [[1, 2, 3]]}, "prompt_token_ids"),
+    ],
+)
+def test_invalid_settings_fail_with_the_field_named(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config("crane", **overrides)
+
+
+def test_context_conditioning_needs_projection_dim_equal_to_text_width():
+    clip = tiny_clip_config()
+    clip.projection_dim = 16
+    with pytest.raises(ValueError, match="projection_dim"):
+        CraneConfig(clip_config=clip, image_size=56, feature_layers=[6], eattn_layers=5, num_deep_prompts=2)
+    config = CraneConfig(
+        clip_config=clip,
+        image_size=56,
+        feature_layers=[6],
+        eattn_layers=5,
+        num_deep_prompts=2,
+        context_conditioning_prob=0.0,
+    )
+    assert config.context_conditioning_prob == 0.0
+
+
+def test_image_size_must_fit_the_dino_patch():
+    dino = tiny_dino_config()
+    dino.patch_size = 8
+    with pytest.raises(ValueError, match="DINOv2 patch size"):
+        CraneConfig.for_variant("crane+", tiny_clip_config(), dino, image_size=70)
+
+
+def test_variant_arguments_are_checked():
+    with pytest.raises(ValueError, match="variant"):
+        CraneConfig.for_variant("crane++")
+    with pytest.raises(ValueError, match="dino_config"):
+        CraneConfig.for_variant("crane", dino_config=tiny_dino_config())
+
+
+def test_paper_clip_architecture_is_vit_l14_336():
+    vision = CLIP_VIT_L14_336["vision_config"]
+    assert (vision["patch_size"], vision["image_size"], vision["num_hidden_layers"]) == (14, 336, 24)

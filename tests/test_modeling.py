@@ -1,0 +1,445 @@
+"""CraneForAnomalyDetection on tiny random backbones: shapes, persistence, and the spec's computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, CLIPModel, Dinov2WithRegistersModel
+
+from crane_hf import CraneForAnomalyDetection
+from crane_hf.d_attention import dino_similarity_attention
+from crane_hf.e_attention import dual_stream_attention
+
+from .tiny_models import TINY_SIZE, randomize_, tiny_clip_config, tiny_dino_config, tiny_model
+
+
+def test_output_shapes_and_dtypes(variant, images):
+    model = tiny_model(variant)
+    with torch.no_grad():
+        out = model(images)
+    batch = images.shape[0]
+    num_maps = 3 if variant == "crane" else 2
+    assert out.anomaly_scores.shape == (batch,) and out.anomaly_scores.dtype == torch.float32
+    assert out.anomaly_maps.shape == (batch, TINY_SIZE, TINY_SIZE) and out.anomaly_maps.dtype == torch.float32
+    assert out.image_logits.shape == (batch, 2)
+    assert len(out.patch_logits) == num_maps and all(p.shape == (batch, 16, 2) for p in out.patch_logits)
+    assert out.text_embeds.shape == (2, 32) and out.image_embeds.shape == (batch, 32)
+    assert out.loss is None
+    assert ((out.anomaly_scores >= 0) & (out.anomaly_scores <= 1)).all()
+    assert ((out.anomaly_maps >= 0) & (out.anomaly_maps <= 1)).all()
+    assert torch.allclose(out.text_embeds.norm(dim=-1), torch.ones(2))
+
+
+def test_tuple_output(images):
+    model = tiny_model("crane")
+    with torch.no_grad():
+        scores, maps = model(images, return_dict=False)[:2]
+    assert scores.shape == (3,) and maps.shape == (3, TINY_SIZE, TINY_SIZE)
+
+
+def test_save_and_load_round_trip(variant, images, tmp_path):
+    model = tiny_model(variant, soft_mean=True)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, CraneForAnomalyDetection)
+    with torch.no_grad():
+        a, b = model(images), loaded(images)
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps)
+    assert torch.equal(a.anomaly_scores, b.anomaly_scores)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        "prompt_learner.ctx_normal",
+        "prompt_learner.ctx_anomalous",
+        "prompt_learner.deep_prompts",
+    ]
+
+
+def test_batch_independence(variant, images):
+    model = tiny_model(variant)
+    with torch.no_grad():
+        together = model(images)
+        alone = [model(images[i : i + 1]) for i in range(images.shape[0])]
+        shuffled = model(images.flip(0))
+    for i, single in enumerate(alone):
+        assert torch.allclose(together.anomaly_maps[i], single.anomaly_maps[0], atol=1e-6)
+        assert torch.allclose(together.anomaly_scores[i], single.anomaly_scores[0], atol=1e-6)
+    assert torch.allclose(shuffled.anomaly_scores.flip(0), together.anomaly_scores, atol=1e-6)
+
+
+def test_constant_image_gives_finite_outputs(variant):
+    model = tiny_model(variant)
+    for value in (0.0, 1.7, -1.7):
+        with torch.no_grad():
+            out = model(torch.full((2, 3, TINY_SIZE, TINY_SIZE), value))
+        assert torch.isfinite(out.anomaly_maps).all() and torch.isfinite(out.anomaly_scores).all()
+
+
+def test_dattn_keeps_the_diagonal_when_every_similarity_is_masked():
+    same = torch.ones(1, 9, 5)  # uniform image: all sim = 1, m = 1, so gamma * (1 - 1.2) < 0 everywhere
+    weights = dino_similarity_attention(same, beta=1.2, gamma=3.0)
+    assert torch.isfinite(weights).all()
+    assert torch.equal(weights[0], torch.eye(9))
+
+
+def test_dattn_threshold_is_per_image():
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(1, 16, 8, generator=generator), torch.randn(1, 16, 8, generator=generator) * 3 + 1
+    together = dino_similarity_attention(torch.cat([first, second]), 1.2, 3.0)
+    assert torch.allclose(together[0], dino_similarity_attention(first, 1.2, 3.0)[0])
+    assert torch.allclose(together[1], dino_similarity_attention(second, 1.2, 3.0)[0])
+
+
+def test_dattn_matches_the_spec_formula():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 12, 6, generator=generator)
+    beta, gamma = 1.2, 3.0
+    weights = dino_similarity_attention(features, beta, gamma)
+    for b in range(2):
+        f = features[b] / features[b].norm(dim=-1, keepdim=True)
+        sim = f @ f.T
+        logits = gamma * (sim - beta * sim.mean())
+        keep = (logits >= 0) | torch.eye(12, dtype=torch.bool)
+        expected = torch.where(keep, logits.exp(), torch.zeros_like(logits))
+        expected = expected / expected.sum(dim=-1, keepdim=True)
+        assert torch.allclose(weights[b], expected, atol=1e-6)
+
+
+def _softmax_attention(query, key, value, scale):
+    return torch.softmax(scale * query @ key.transpose(-1, -2), dim=-1) @ value
+
+
+@pytest.mark.parametrize("eattn_type", ["qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2"])
+def test_sdpa_eattn_equals_explicit_softmax_attention(eattn_type):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=generator) for _ in range(3))
+    s = 8**-0.5
+    explicit_self = {
+        "qq+kk+vv": lambda: (
+            _softmax_attention(q, q, v, s) + _softmax_attention(k, k, v, s) + _softmax_attention(v, v, v, s)
+        ),
+        "qq+kk": lambda: _softmax_attention(q, q, v, s) + _softmax_attention(k, k, v, s),
+        "qq": lambda: _softmax_attention(q, q, v, s),
+        "kk": lambda: _softmax_attention(k, k, v, s),
+        "vv": lambda: _softmax_attention(v, v, v, s),
+        "(q+k+v)^2": lambda: _softmax_attention(
+            torch.cat([q, k, v], -1), torch.cat([q, k, v], -1), v, s / math.sqrt(3)
+        ),
+    }[eattn_type]()
+    a_orig, a_self = dual_stream_attention(q, k, v, eattn_type)
+    assert torch.allclose(a_orig, _softmax_attention(q, k, v, s), atol=1e-5)
+    assert torch.allclose(a_self, explicit_self, atol=1e-5)
+
+
+def _explicit_crane_patch_features(model: CraneForAnomalyDetection, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Spec sections 2-3 for Crane, written out with explicit attention matrices."""
+    clip = model.clip
+    vision = clip.vision_model
+    config = model.config
+    x = vision.embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+    x = torch.cat([vision.embeddings.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+    x = vision.pre_layrnorm(x + vision.embeddings.position_embedding.weight)
+    layers = vision.encoder.layers
+    heads = layers[0].self_attn.num_heads
+    first = len(layers) - config.eattn_layers
+
+    def per_head(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    def merge(t):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+    o = x
+    e = None
+    maps = []
+    for index, layer in enumerate(layers):
+        u = layer.layer_norm1(o)
+        attn = layer.self_attn
+        q, k, v = per_head(attn.q_proj(u)), per_head(attn.k_proj(u)), per_head(attn.v_proj(u))
+        s = q.shape[-1] ** -0.5
+        a_orig = _softmax_attention(q, k, v, s)
+        if index >= first:
+            if e is None:
+                e = o
+            a_self = _softmax_attention(q, q, v, s) + _softmax_attention(k, k, v, s) + _softmax_attention(v, v, v, s)
+            e = e + attn.out_proj(merge(a_self))
+        o = o + attn.out_proj(merge(a_orig))
+        o = o + layer.mlp(layer.layer_norm2(o))
+        if index + 1 in config.feature_layers:
+            stream = o if e is None else e
+            maps.append(F.normalize(clip.visual_projection(vision.post_layernorm(stream[:, 1:])), dim=-1))
+    return maps
+
+
+def test_crane_features_equal_the_explicit_spec_computation(images):
+    model = tiny_model("crane")
+    with torch.no_grad():
+        _, features, grid = model.encode_image(images)
+        expected = _explicit_crane_patch_features(model, images)
+    assert grid == (4, 4)
+    assert len(expected) == features.shape[0]
+    for ours, reference in zip(features, expected):
+        assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_per_layer_feature_maps_differ(images):
+    model = tiny_model("crane")
+    with torch.no_grad():
+        out = model(images)
+        _, features, _ = model.encode_image(images)
+    for i in range(features.shape[0]):
+        for j in range(i + 1, features.shape[0]):
+            assert (features[i] - features[j]).abs().max() > 1e-3
+            assert (out.patch_logits[i] - out.patch_logits[j]).abs().max() > 1e-3
+
+
+def test_official_code_compat_reproduces_the_aliased_layers(images):
+    model = tiny_model("crane", official_code_compat=True)
+    with torch.no_grad():
+        _, features, _ = model.encode_image(images)
+    for layer_features in features[1:]:
+        assert torch.equal(layer_features, features[0])
+
+
+def test_deep_prompts_change_the_text_features():
+    model = tiny_model("crane")
+    with torch.no_grad():
+        before = model.encode_text()
+        model.prompt_learner.deep_prompts.add_(torch.randn_like(model.prompt_learner.deep_prompts))
+        after = model.encode_text()
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_deep_prompts_overwrite_positions_before_layers_two_to_n_plus_one():
+    model = tiny_model("crane")
+    text = model.clip.text_model
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.layer_norm1.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+        for layer in text.encoder.layers
+    ]
+    with torch.no_grad():
+        model.encode_text()
+    for hook in hooks:
+        hook.remove()
+    deep = model.prompt_learner.deep_prompts
+    assert len(seen) == 4
+    for layer in (1, 2):  # 0-based layers 1..num_deep_prompts receive P_1..P_n
+        assert torch.allclose(seen[layer][:, 1:5], deep[layer - 1].expand(2, -1, -1))
+    assert not torch.allclose(seen[3][:, 1:5], deep[1].expand(2, -1, -1))
+
+
+def test_context_conditioning_inserts_the_image_token():
+    model = tiny_model("crane")
+    image_embeds = F.normalize(torch.randn(3, 32), dim=-1)
+    embeddings, eot = model.prompt_learner.prompt_embeddings(
+        model.clip.text_model.embeddings.token_embedding, image_embeds
+    )
+    static, static_eot = model.prompt_learner.prompt_embeddings(model.clip.text_model.embeddings.token_embedding)
+    assert embeddings.shape == (3, 2, 77, 32)
+    assert torch.equal(eot, static_eot + 1)
+    for b in range(3):
+        assert torch.equal(embeddings[b, :, 13], image_embeds[b].expand(2, -1))
+        assert torch.equal(embeddings[b, :, :13], static[:, :13])
+        assert torch.equal(embeddings[b, :, 14:], static[:, 13:-1])
+
+
+def test_training_uses_image_conditioned_prompts_and_eval_uses_static_ones(images):
+    model = tiny_model("crane")
+    model.train()
+    out = model(images)
+    assert out.text_embeds.shape == (3, 2, 32)
+    model.eval()
+    with torch.no_grad():
+        assert model(images).text_embeds.shape == (2, 32)
+    never = tiny_model("crane", context_conditioning_prob=0.0).train()
+    assert never(images).text_embeds.shape == (2, 32)
+
+
+def test_backbones_stay_frozen_and_in_eval_mode(variant):
+    model = tiny_model(variant).train()
+    assert model.training and model.prompt_learner.training
+    assert not model.clip.training and all(not m.training for m in model.clip.modules())
+    if variant == "crane+":
+        assert not model.dino.training
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_learner.ctx_normal", "prompt_learner.ctx_anomalous", "prompt_learner.deep_prompts"}
+
+
+def test_loss_and_gradients_reach_only_the_prompts(variant, images):
+    model = tiny_model(variant).train()
+    masks = torch.zeros(3, TINY_SIZE, TINY_SIZE)
+    masks[1, 10:30, 20:40] = 1
+    out = model(images, labels=torch.tensor([0, 1, 0]), masks=masks)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    expected = 2 * out.focal_loss + 2 * out.dice_loss + 0.2 * out.image_loss
+    assert torch.allclose(out.loss, expected)
+    out.loss.backward()
+    assert model.prompt_learner.ctx_anomalous.grad.abs().sum() > 0
+    assert model.prompt_learner.deep_prompts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.clip.parameters())
+
+
+def test_loss_needs_labels_and_masks(images):
+    model = tiny_model("crane")
+    with pytest.raises(ValueError, match="masks is missing"):
+        model(images, labels=torch.zeros(3))
+    with pytest.raises(ValueError, match="masks must have shape"):
+        model(images, labels=torch.zeros(3), masks=torch.zeros(3, 10, 10))
+    with pytest.raises(ValueError, match="binary"):
+        model(images, labels=torch.zeros(3), masks=torch.full((3, TINY_SIZE, TINY_SIZE), 0.5))
+
+
+def test_static_text_features_are_cached_in_eval_and_dropped_when_prompts_change(images, monkeypatch):
+    model = tiny_model("crane")
+    calls = []
+    original = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        model(images)
+        model(images)
+    assert len(calls) == 1
+    with torch.no_grad():
+        model.prompt_learner.ctx_normal.mul_(1.5)  # an optimizer step changes the prompts in place
+        model(images)
+    assert len(calls) == 2
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == 3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("size", [42, 70, 84])
+def test_other_input_sizes_resize_position_embeddings_bilinearly_without_mutating_weights(size):
+    model = tiny_model("crane")
+    table = model.clip.vision_model.embeddings.position_embedding.weight
+    before = table.detach().clone()
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out = model(pixels)
+        features = model.encode_image(pixels)[1]
+    assert out.anomaly_maps.shape == (1, size, size)
+    assert features.shape[2] == (size // 14) ** 2
+    assert torch.equal(table, before)
+    grid = size // 14
+    expected = F.interpolate(before[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), (grid, grid), mode="bilinear")
+    resized = model._position_embeddings((grid, grid), torch.float32, torch.device("cpu"))
+    assert torch.allclose(resized[1:], expected.permute(0, 2, 3, 1).reshape(grid * grid, -1))
+    assert torch.equal(resized[0], before[0])
+
+
+def test_non_square_inputs_work():
+    model = tiny_model("crane+")
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 42, 70))
+    assert out.anomaly_maps.shape == (2, 42, 70)
+
+
+def _straightforward_maps(patch_logits, grid, size, soft_mean):
+    """Spec section 5 literally: upsample every map (both channels), then combine."""
+    upsampled = [
+        F.interpolate(
+            (p.softmax(-1) if soft_mean else p).transpose(1, 2).reshape(p.shape[0], 2, *grid),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        for p in patch_logits
+    ]
+    mean = torch.stack(upsampled).mean(0)
+    return mean[:, 1] if soft_mean else mean.softmax(dim=1)[:, 1]
+
+
+@pytest.mark.parametrize("soft_mean", [True, False])
+def test_fast_anomaly_maps_equal_the_straightforward_computation(variant, images, soft_mean):
+    model = tiny_model(variant, soft_mean=soft_mean)
+    with torch.no_grad():
+        out = model(images)
+    expected = _straightforward_maps(out.patch_logits, (4, 4), (TINY_SIZE, TINY_SIZE), soft_mean)
+    assert torch.allclose(out.anomaly_maps, expected, atol=1e-6)
+
+
+def test_image_score_is_score_based_pooling_of_the_spec(images):
+    model = tiny_model("crane")
+    with torch.no_grad():
+        out = model(images)
+        _, features, _ = model.encode_image(images)
+    logits = torch.stack(out.patch_logits)
+    weights = logits.mean(0).softmax(-1)[..., 1:]
+    pooled = F.normalize((features.mean(0) * weights).sum(1), dim=-1)
+    image_feature = F.normalize(0.5 * pooled + 0.5 * out.image_embeds, dim=-1)
+    image_logits = image_feature @ out.text_embeds.T / 0.07
+    assert torch.allclose(out.image_logits, image_logits, atol=1e-4)
+    assert torch.allclose(out.anomaly_scores, image_logits.softmax(-1)[:, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "error", "match"),
+    [
+        (torch.randn(3, TINY_SIZE, TINY_SIZE), ValueError, "shape"),
+        (torch.randn(1, 1, TINY_SIZE, TINY_SIZE), ValueError, "shape"),
+        (torch.randint(0, 255, (1, 3, TINY_SIZE, TINY_SIZE)), TypeError, "floating-point"),
+        (torch.randn(1, 3, 50, TINY_SIZE), ValueError, "multiples of the patch size"),
+        (torch.full((1, 3, TINY_SIZE, TINY_SIZE), float("nan")), ValueError, "NaN"),
+    ],
+)
+def test_bad_pixel_values_are_refused_clearly(pixels, error, match):
+    with pytest.raises(error, match=match):
+        tiny_model("crane")(pixels)
+
+
+def test_from_backbones_keeps_the_pretrained_weights(tmp_path, images):
+    torch.manual_seed(5)
+    clip = randomize_(CLIPModel(tiny_clip_config()), seed=5)
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=6)
+    clip.save_pretrained(tmp_path / "clip")
+    dino.save_pretrained(tmp_path / "dino")
+    for source_clip, source_dino in [(clip, dino), (str(tmp_path / "clip"), str(tmp_path / "dino"))]:
+        model = CraneForAnomalyDetection.from_backbones(source_clip, source_dino, image_size=TINY_SIZE)
+        assert model.config.variant == "crane+"
+        for name, tensor in clip.state_dict().items():
+            assert torch.equal(model.clip.state_dict()[name], tensor), name
+        for name, tensor in dino.state_dict().items():
+            assert torch.equal(model.dino.state_dict()[name], tensor), name
+    crane = CraneForAnomalyDetection.from_backbones(clip, image_size=TINY_SIZE)
+    assert crane.config.variant == "crane" and crane.dino is None
+    with torch.no_grad():
+        assert torch.isfinite(crane(images).anomaly_scores).all()
+    with pytest.raises(TypeError, match="DINOv2"):
+        CraneForAnomalyDetection.from_backbones(clip, clip)
+
+
+def test_dattn_reads_the_layer_input_of_the_o_stream(images):
+    """Crane+ D-Attn map equals the spec formula applied to o_(l-1) of the feature layer."""
+    model = tiny_model("crane+", both_eattn_dattn=False)
+    captured = {}
+    layer = model.clip.vision_model.encoder.layers[5]
+    hook = layer.layer_norm1.register_forward_hook(lambda _m, inputs, _o: captured.setdefault("u", _o.detach()))
+    with torch.no_grad():
+        _, features, grid = model.encode_image(images)
+        dino_tokens, _ = model._dino_patch_tokens(images)
+    hook.remove()
+    v = layer.self_attn.v_proj(captured["u"])[:, 1:]
+    weights = dino_similarity_attention(dino_tokens, 1.2, 3.0)
+    expected = layer.self_attn.out_proj(weights @ v)
+    expected = F.normalize(model.clip.visual_projection(model.clip.vision_model.post_layernorm(expected)), dim=-1)
+    assert features.shape[0] == 1 and grid == (4, 4)
+    assert torch.allclose(features[0], expected, atol=1e-5)
+
+
+def test_crane_plus_uses_dino_features_of_the_same_image(images):
+    model = tiny_model("crane+")
+    with torch.no_grad():
+        base = model(images).anomaly_maps
+        for parameter in model.dino.parameters():
+            parameter.add_(0.3)
+        changed = model(images).anomaly_maps
+    assert (base - changed).abs().max() > 1e-4

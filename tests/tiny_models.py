@@ -1,0 +1,78 @@
+"""Tiny random CLIP / DINOv2 configurations (as transformers' own tests use) and models built from them."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import CLIPConfig, Dinov2WithRegistersConfig
+
+from crane_hf import CraneConfig, CraneForAnomalyDetection
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+OFFICIAL_DIR = os.path.join(FIXTURES, "crane_official")
+OFFICIAL_FILES = sorted(f for f in os.listdir(OFFICIAL_DIR) if f.endswith(".pth"))
+TINY_SIZE = 56  # 4 x 4 patches of 14 pixels
+
+
+def tiny_clip_config(vision_layers: int = 6, width: int = 32) -> CLIPConfig:
+    """A CLIP with the real 49408-token vocabulary (prompt ids are real CLIP BPE ids) and tiny towers."""
+    return CLIPConfig(
+        projection_dim=width,
+        text_config={
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "vocab_size": 49408,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "projection_dim": width,
+        },
+        vision_config={
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": TINY_SIZE,
+            "patch_size": 14,
+            "projection_dim": width,
+        },
+    )
+
+
+def tiny_dino_config() -> Dinov2WithRegistersConfig:
+    return Dinov2WithRegistersConfig(
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        image_size=TINY_SIZE,
+        num_register_tokens=4,
+    )
+
+
+def tiny_config(variant: str = "crane", **overrides) -> CraneConfig:
+    """Crane: E-Attn in the last 5 of 6 layers, maps from layers 2, 4, 6. Crane+: layer 6, D-Attn + E-Attn."""
+    overrides.setdefault("image_size", TINY_SIZE)
+    overrides.setdefault("num_deep_prompts", 2)
+    overrides.setdefault("eattn_layers", 5)
+    if variant == "crane":
+        overrides.setdefault("feature_layers", [2, 4, 6])
+    dino = tiny_dino_config() if variant == "crane+" else None
+    return CraneConfig.for_variant(variant, tiny_clip_config(), dino, **overrides)
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Perturb every weight so that LayerNorm scales, biases and registers are not at their symmetric inits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def tiny_model(variant: str = "crane", seed: int = 0, **overrides) -> CraneForAnomalyDetection:
+    torch.manual_seed(seed)
+    return randomize_(CraneForAnomalyDetection(tiny_config(variant, **overrides)), seed=seed).eval()
