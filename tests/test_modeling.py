@@ -13,7 +13,7 @@ from crane_hf import CraneForAnomalyDetection
 from crane_hf.d_attention import dino_similarity_attention
 from crane_hf.e_attention import dual_stream_attention
 
-from .tiny_models import TINY_SIZE, randomize_, tiny_clip_config, tiny_dino_config, tiny_model
+from .tiny_models import TINY_SIZE, randomize_, tiny_clip_config, tiny_config, tiny_dino_config, tiny_model
 
 
 def test_output_shapes_and_dtypes(variant, images):
@@ -443,3 +443,68 @@ def test_crane_plus_uses_dino_features_of_the_same_image(images):
             parameter.add_(0.3)
         changed = model(images).anomaly_maps
     assert (base - changed).abs().max() > 1e-4
+
+
+def _backbone_folders(tmp_path):
+    torch.manual_seed(7)
+    clip = randomize_(CLIPModel(tiny_clip_config()), seed=7)
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=8)
+    clip.save_pretrained(tmp_path / "clip")
+    dino.save_pretrained(tmp_path / "dino")
+    return str(tmp_path / "clip"), str(tmp_path / "dino")
+
+
+def test_prompts_only_checkpoint_is_small_and_loads_its_backbones(tmp_path, images):
+    clip_dir, dino_dir = _backbone_folders(tmp_path)
+    model = CraneForAnomalyDetection.from_backbones(clip_dir, dino_dir, image_size=TINY_SIZE)
+    randomize_(model.prompt_learner, scale=0.5, seed=3)
+    assert model.config.clip_backbone == clip_dir and model.config.dino_backbone == dino_dir
+    model.save_pretrained(tmp_path / "prompts", include_backbones=False)
+    weights = tmp_path / "prompts" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert set(load_file(weights)) == {
+        "prompt_learner.ctx_normal",
+        "prompt_learner.ctx_anomalous",
+        "prompt_learner.deep_prompts",
+    }
+    assert model.config.backbones_in_checkpoint is True  # the in-memory model is unchanged
+    loaded = AutoModel.from_pretrained(tmp_path / "prompts")
+    assert loaded.config.backbones_in_checkpoint is True
+    with torch.no_grad():
+        assert torch.equal(model(images).anomaly_maps, loaded(images).anomaly_maps)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        "prompt_learner.ctx_normal",
+        "prompt_learner.ctx_anomalous",
+        "prompt_learner.deep_prompts",
+    }
+
+
+def test_prompts_only_save_needs_known_backbone_sources():
+    with pytest.raises(ValueError, match="clip_backbone"):
+        tiny_model("crane").save_pretrained("/nonexistent", include_backbones=False)
+
+
+def test_prompt_tensors_of_the_wrong_shape_are_refused_by_name():
+    model = tiny_model("crane")
+    state = {
+        "prompt_learner.ctx_normal": torch.zeros(12, 32),
+        "prompt_learner.ctx_anomalous": torch.zeros(12, 16),
+        "prompt_learner.deep_prompts": torch.zeros(2, 4, 32, dtype=torch.int64),
+        "prompt_learner.extra": torch.zeros(1),
+    }
+    with pytest.raises(ValueError) as error:
+        model.load_prompt_state(state, source="prompts.safetensors")
+    message = str(error.value)
+    assert "prompt_learner.ctx_anomalous (12, 16)" in message
+    assert "prompt_learner.deep_prompts" in message and "int64" in message
+    assert "unexpected tensors prompt_learner.extra" in message
+    assert "prompt_learner.ctx_normal (" not in message
+
+
+def test_from_backbones_refuses_a_config_for_another_architecture(tmp_path):
+    clip_dir, _ = _backbone_folders(tmp_path)
+    config = tiny_config("crane")
+    config.clip_config.vision_config.num_hidden_layers = 8
+    with pytest.raises(ValueError, match=r"vision_config\.num_hidden_layers: config 8, backbone 6"):
+        CraneForAnomalyDetection.from_backbones(clip_dir, config=config)

@@ -117,6 +117,10 @@ class CraneConfig(PreTrainedConfig):
         pixel_threshold (`float`): default decision threshold on the smoothed anomaly map.
         official_code_compat (`bool`): reproduce three behaviours of the published code that the specification does
             not describe (see docs/parity.md). Default False.
+        clip_backbone / dino_backbone (`str`, *optional*): where the backbone weights come from (Hub id or local
+            folder); recorded by `from_backbones`, needed to load a prompts-only checkpoint.
+        backbones_in_checkpoint (`bool`): whether the saved weights include the backbones (False for a
+            prompts-only checkpoint, whose backbones are loaded from `clip_backbone` / `dino_backbone`).
         prompt_token_ids (`list[list[int]]`, *optional*): ids of the two prompt texts; computed from the bundled CLIP
             tokenizer when omitted.
     """
@@ -157,6 +161,9 @@ class CraneConfig(PreTrainedConfig):
         image_threshold: float = 0.5,
         pixel_threshold: float = 0.5,
         official_code_compat: bool = False,
+        clip_backbone: str | None = None,
+        dino_backbone: str | None = None,
+        backbones_in_checkpoint: bool = True,
         prompt_token_ids: list[list[int]] | None = None,
         **kwargs,
     ):
@@ -198,6 +205,9 @@ class CraneConfig(PreTrainedConfig):
         self.image_threshold = float(image_threshold)
         self.pixel_threshold = float(pixel_threshold)
         self.official_code_compat = bool(official_code_compat)
+        self.clip_backbone = clip_backbone
+        self.dino_backbone = dino_backbone
+        self.backbones_in_checkpoint = bool(backbones_in_checkpoint)
         self._validate_hyperparameters()
         if prompt_token_ids is None:
             from .prompt_tokenization import tokenize_prompts

@@ -11,14 +11,17 @@ The computation is ``crane-method.md`` sections 2-6; each concept lives in its o
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, CLIPModel, PreTrainedModel
+from safetensors.torch import load_file as load_safetensors
+from transformers import AutoModel, CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .anomaly_losses import crane_loss
 from .clip_layers import clip_block
@@ -28,6 +31,53 @@ from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
 from .prompt_learning import CranePromptLearner, encode_prompts
 from .score_pooling import score_based_pooling
+
+PROMPT_PREFIX = "prompt_learner."
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# Architecture fields that must agree between a config and the backbone loaded for it.
+_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "vocab_size",
+    "num_register_tokens",
+    "projection_dim",
+)
+
+
+def _is_path_or_id(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _backbone_source(argument: Any, model: PreTrainedModel | None) -> str | None:
+    """Where a backbone came from: the Hub id or absolute folder the user gave, else the model's own record."""
+    if model is None:
+        return None
+    source = os.fspath(argument) if _is_path_or_id(argument) else getattr(model, "name_or_path", "") or ""
+    if source and os.path.isdir(source):
+        return os.path.abspath(source)
+    return source or None
+
+
+def _check_backbone_architecture(expected: PreTrainedConfig, actual: PreTrainedConfig, name: str) -> None:
+    """Refuse a backbone whose architecture differs from the config's (compared field by field)."""
+    pairs = [(expected, actual, "")]
+    if hasattr(expected, "vision_config"):
+        pairs = [
+            (expected.vision_config, actual.vision_config, "vision_config."),
+            (expected.text_config, actual.text_config, "text_config."),
+            (expected, actual, ""),
+        ]
+    different = [
+        f"{prefix}{field}: config {getattr(want, field)!r}, backbone {getattr(got, field, None)!r}"
+        for want, got, prefix in pairs
+        for field in _ARCHITECTURE_FIELDS
+        if hasattr(want, field) and getattr(want, field) != getattr(got, field, None)
+    ]
+    if different:
+        raise ValueError(f"The {name} backbone does not have the config's architecture: " + "; ".join(different) + ".")
 
 
 @dataclass
@@ -106,8 +156,10 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
     @classmethod
     def from_backbones(
         cls,
-        clip: str | CLIPModel,
-        dino: str | PreTrainedModel | None = None,
+        clip: str | os.PathLike | CLIPModel,
+        dino: str | os.PathLike | PreTrainedModel | None = None,
+        config: CraneConfig | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
         **config_overrides: Any,
     ) -> CraneForAnomalyDetection:
         """Crane (no `dino`) or Crane+ around pretrained backbones, with freshly initialized prompts.
@@ -115,26 +167,51 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         Args:
             clip: a `CLIPModel`, or a Hub id / local folder of one (e.g. "openai/clip-vit-large-patch14-336").
             dino: a `Dinov2WithRegistersModel` / `Dinov2Model`, or a Hub id / folder of one; enables D-Attn.
+            config: a complete `CraneConfig` to use instead of the paper's setting (its backbone architectures must
+                match the given backbones).
+            backbone_kwargs: passed to the backbones' `from_pretrained` (e.g. `dtype`, `cache_dir`, `token`).
             **config_overrides: any `CraneConfig` field (e.g. `image_size=336`, `soft_mean=True`).
 
         The paper's setting for the variant is used unless overridden (`CraneConfig.for_variant`). The backbone
-        weights are copied unchanged into the new model.
+        weights are copied unchanged into the new model, and where they came from is recorded in the config
+        (`clip_backbone`, `dino_backbone`) so that prompts-only checkpoints can find them again.
         """
-        clip_model = CLIPModel.from_pretrained(clip) if isinstance(clip, str) else clip
+        backbone_kwargs = backbone_kwargs or {}
+        clip_model = CLIPModel.from_pretrained(clip, **backbone_kwargs) if _is_path_or_id(clip) else clip
         if not isinstance(clip_model, CLIPModel):
             raise TypeError(f"clip must be a CLIPModel or a path/Hub id of one, got {type(clip_model).__name__}.")
-        dino_model = AutoModel.from_pretrained(dino) if isinstance(dino, str) else dino
+        dino_model = AutoModel.from_pretrained(dino, **backbone_kwargs) if _is_path_or_id(dino) else dino
         if dino_model is not None and dino_model.config.model_type not in ("dinov2_with_registers", "dinov2"):
             raise TypeError(
                 f"dino must be a DINOv2 model (with or without registers), got model_type="
                 f"{dino_model.config.model_type!r}."
             )
-        config = CraneConfig.for_variant(
-            "crane+" if dino_model is not None else "crane",
-            clip_config=clip_model.config,
-            dino_config=dino_model.config if dino_model is not None else None,
-            **config_overrides,
-        )
+        sources = {
+            "clip_backbone": _backbone_source(clip, clip_model),
+            "dino_backbone": _backbone_source(dino, dino_model),
+        }
+        if config is None:
+            config = CraneConfig.for_variant(
+                "crane+" if dino_model is not None else "crane",
+                clip_config=clip_model.config,
+                dino_config=dino_model.config if dino_model is not None else None,
+                **sources,
+                **config_overrides,
+            )
+        else:
+            config = copy.deepcopy(config)
+            _check_backbone_architecture(config.clip_config, clip_model.config, "clip")
+            if (dino_model is None) != (config.dino_config is None):
+                raise ValueError(
+                    f"The config is for {config.variant}, which {'needs' if dino is None else 'has no'} dino."
+                )
+            if dino_model is not None:
+                _check_backbone_architecture(config.dino_config, dino_model.config, "dino")
+            for key, value in sources.items():
+                setattr(config, key, value or getattr(config, key))
+            for key, value in config_overrides.items():
+                setattr(config, key, value)
+            config.backbones_in_checkpoint = True
         model = cls(config)
         model.clip.load_state_dict(clip_model.state_dict())
         if dino_model is not None:
@@ -143,12 +220,94 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, with the backbones frozen again after loading."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._freeze_backbones()
-        return loaded
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, also for prompts-only checkpoints; backbones frozen after loading.
+
+        A prompts-only folder (`save_pretrained(..., include_backbones=False)`) holds the config and the prompt
+        tensors; its backbones are loaded from the config's `clip_backbone` / `dino_backbone` (Hub cache first).
+        """
+        config = kwargs.pop("config", None)
+        if not isinstance(config, CraneConfig):
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = CraneConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if config.backbones_in_checkpoint:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+            model._freeze_backbones()
+            return loaded
+        return cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
+
+    @classmethod
+    def _from_prompts_checkpoint(cls, path: str | os.PathLike, config: CraneConfig, **kwargs: Any):
+        needed = ["clip_backbone", "dino_backbone"] if config.use_dattn else ["clip_backbone"]
+        unknown = [name for name in needed if not getattr(config, name)]
+        if unknown:
+            raise ValueError(
+                f"{path} is a prompts-only checkpoint but its config does not say where the backbones come from "
+                f"({', '.join(unknown)} missing)."
+            )
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        weights = cached_file(os.fspath(path), SAFE_WEIGHTS_NAME, **hub_kwargs)
+        backbone_kwargs = {
+            key: kwargs[key] for key in ("cache_dir", "local_files_only", "token", "dtype") if key in kwargs
+        }
+        model = cls.from_backbones(
+            config.clip_backbone,
+            config.dino_backbone if config.use_dattn else None,
+            config=config,
+            backbone_kwargs=backbone_kwargs,
+        )
+        model.load_prompt_state(load_safetensors(weights), source=weights)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, include_backbones: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`; with `include_backbones=False` only the prompt tensors are written.
+
+        A prompts-only folder is a few hundred kilobytes and loads with `from_pretrained` by fetching the backbones
+        named in its config (`clip_backbone`, `dino_backbone`).
+        """
+        if include_backbones:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        needed = ["clip_backbone", "dino_backbone"] if self.config.use_dattn else ["clip_backbone"]
+        unknown = [name for name in needed if not getattr(self.config, name)]
+        if unknown:
+            raise ValueError(
+                "Cannot save prompts only: the config does not say where the backbones come from "
+                f"({', '.join(unknown)}). Build the model with from_backbones(<Hub id or folder>), set the config "
+                "field, or save with include_backbones=True."
+            )
+        state = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(PROMPT_PREFIX)}
+        previous = self.config.backbones_in_checkpoint
+        self.config.backbones_in_checkpoint = False
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
+        finally:
+            self.config.backbones_in_checkpoint = previous
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Load the prompt tensors (`prompt_learner.*`), refusing missing, unexpected or mis-shaped tensors."""
+        expected = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(PROMPT_PREFIX)}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [
+            f"{name} {tuple(state[name].shape)} {state[name].dtype} (expected {tuple(tensor.shape)}, floating point)"
+            for name, tensor in expected.items()
+            if name in state
+            and (tuple(state[name].shape) != tuple(tensor.shape) or not state[name].is_floating_point())
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors {', '.join(unexpected)}")
+        if wrong:
+            problems.append(f"tensors of the wrong shape or dtype: {'; '.join(wrong)}")
+        if problems:
+            raise ValueError(f"{source} does not fit this model: " + "; ".join(problems) + ".")
+        with torch.no_grad():
+            for name, tensor in expected.items():
+                tensor.copy_(state[name].to(tensor.dtype))
+        self._text_cache = None
 
     def _freeze_backbones(self) -> None:
         for backbone in self.backbones():
