@@ -524,12 +524,37 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             masks: binary ground-truth masks [B, H, W] (or [B, 1, H, W]).
         """
         self._check_inputs(pixel_values)
+        image_embeds, patch_features, grid = self.encode_image(pixel_values)
+        output = self.forward_from_features(
+            image_embeds, patch_features, grid, tuple(pixel_values.shape[-2:]), labels=labels, masks=masks
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def forward_from_features(
+        self,
+        image_embeds: torch.Tensor,
+        patch_features: torch.Tensor,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> CraneAnomalyDetectionOutput:
+        """Everything after the frozen backbones: prompts, logits, maps, score-based pooling and the loss.
+
+        `forward` is `encode_image` followed by this; training with cached backbone outputs calls it directly.
+
+        Args:
+            image_embeds: normalized global embeddings [B, D] (`encode_image`).
+            patch_features: normalized dense features [M, B, N, D] (`encode_image`).
+            grid: the patch grid (gh, gw) of the maps, gh * gw = N.
+            image_size: (H, W) of the maps to return (the input size).
+            labels, masks: as for `forward`.
+        """
         if (labels is None) != (masks is None):
             missing = "masks" if masks is None else "labels"
             raise ValueError(f"The loss needs both labels and masks; {missing} is missing.")
-        size = tuple(pixel_values.shape[-2:])
-        image_embeds, patch_features, grid = self.encode_image(pixel_values)
-
+        size = (int(image_size[0]), int(image_size[1]))
         prob = self.config.context_conditioning_prob
         conditioned = self.training and prob > 0 and (prob >= 1.0 or torch.rand(()).item() < prob)
         text_embeds = self.encode_text(image_embeds) if conditioned else self.static_text_embeds()
@@ -545,7 +570,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            masks = self._check_masks(masks, pixel_values.shape[0], size)
+            masks = self._check_masks(masks, image_embeds.shape[0], size)
             losses = crane_loss(
                 list(patch_logits),
                 grid,
@@ -556,7 +581,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 dice_weight=self.config.dice_loss_weight,
                 image_weight=self.config.image_loss_weight,
             )
-        output = CraneAnomalyDetectionOutput(
+        return CraneAnomalyDetectionOutput(
             loss=losses.get("loss"),
             anomaly_scores=anomaly_scores,
             anomaly_maps=anomaly_maps,
@@ -568,8 +593,6 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             dice_loss=losses.get("dice_loss"),
             image_loss=losses.get("image_loss"),
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _check_masks(masks: torch.Tensor, batch: int, size: tuple[int, int]) -> torch.Tensor:
