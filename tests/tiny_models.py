@@ -76,3 +76,31 @@ def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> to
 def tiny_model(variant: str = "crane", seed: int = 0, **overrides) -> CraneForAnomalyDetection:
     torch.manual_seed(seed)
     return randomize_(CraneForAnomalyDetection(tiny_config(variant, **overrides)), seed=seed).eval()
+
+
+def save_tiny_model_folder(folder, variant: str = "crane+", **overrides) -> str:
+    """A complete model folder (weights, config, image processor) of a tiny random model."""
+    from crane_hf import CraneImageProcessor
+
+    model = tiny_model(variant, **overrides)
+    model.save_pretrained(folder)
+    CraneImageProcessor.from_crane_config(model.config).save_pretrained(folder)
+    return str(folder)
+
+
+def write_test_images(folder, count: int = 4, size: tuple[int, int] = (48, 64), seed: int = 0) -> list[str]:
+    """Small RGB PNGs with a bright square on some of them."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        pixels = rng.integers(60, 120, (*size, 3), dtype=np.uint8)
+        if index % 2:
+            pixels[10:20, 20:34] = (250, 30, 30)
+        path = os.path.join(folder, f"part_{index}.png")
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths

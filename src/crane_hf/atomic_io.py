@@ -13,6 +13,12 @@ import tempfile
 from collections.abc import Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputExistsError(FileExistsError):
     """The output already exists and overwriting was not asked for."""
 
@@ -39,7 +45,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield staging
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o777 & ~_current_umask())
         if os.path.exists(path):
             retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
             os.rename(path, os.path.join(retired, "previous"))
@@ -63,6 +69,7 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(staging, 0o666 & ~_current_umask())
         os.replace(staging, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -219,6 +219,33 @@ class CraneConfig(PreTrainedConfig):
         self._validate_token_ids()
         super().__init__(**kwargs)
 
+    # ------------------------------------------------------------------ published pipeline code
+    @property
+    def custom_pipelines(self) -> dict:
+        """Pipeline code a published folder declares (`custom_pipelines` in config.json).
+
+        Empty where the task is registered in this process (crane_hf installed and imported), so that
+        `pipeline(...)` uses the installed implementation without `trust_remote_code`; elsewhere transformers
+        loads the folder's copy of the pipeline code.
+        """
+        declared = self.__dict__.get("_declared_custom_pipelines") or {}
+        if not declared:
+            return {}
+        from transformers.pipelines import PIPELINE_REGISTRY
+
+        return {} if set(declared) <= set(PIPELINE_REGISTRY.get_supported_tasks()) else declared
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value: dict) -> None:
+        self.__dict__["_declared_custom_pipelines"] = dict(value or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        declared = output.pop("_declared_custom_pipelines", None)
+        if declared:
+            output["custom_pipelines"] = declared
+        return output
+
     # ------------------------------------------------------------------ derived properties
     @property
     def use_dattn(self) -> bool:

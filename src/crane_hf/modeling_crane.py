@@ -12,6 +12,7 @@ The computation is ``crane-method.md`` sections 2-6; each concept lives in its o
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -218,6 +219,20 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             model.dino.load_state_dict(dino_model.state_dict())
         model.to(clip_model.dtype)
         return model.eval()
+
+    @classmethod
+    def from_preset(cls, name: str = "crane+/mvtec", **kwargs: Any) -> CraneForAnomalyDetection:
+        """The paper's model with its official prompts: "crane+/mvtec", "crane+/visa", "crane+/mvtec-epoch1",
+        "crane/mvtec" or "crane/visa" (see `crane_hf.presets`).
+
+        The backbones are loaded from the Hugging Face cache or the Hub, or from `clip=` / `dino=` (local folders
+        or loaded models); other keyword arguments are `CraneConfig` overrides. Needs the crane_hf package.
+        """
+        try:
+            presets = importlib.import_module("crane_hf.presets")
+        except ImportError as error:
+            raise ImportError("from_preset needs the crane_hf package: pip install crane-hf") from error
+        return presets.model_from_preset(name, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):

@@ -1,0 +1,61 @@
+"""Finding and reading image files for batch commands: unreadable files are reported, never fatal."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
+
+
+@dataclass
+class SkippedFile:
+    path: str
+    reason: str
+
+
+def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedFile]]:
+    """Expand files, folders (recursively, image extensions only) and glob patterns, in a stable order.
+
+    Returns the image paths (each once) and the inputs that matched nothing.
+    """
+    paths: list[str] = []
+    missing: list[SkippedFile] = []
+    for entry in inputs:
+        if os.path.isdir(entry):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, files in os.walk(entry)
+                for name in files
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                missing.append(SkippedFile(entry, "folder holds no image files"))
+            paths.extend(found)
+        elif os.path.isfile(entry):
+            paths.append(entry)
+        else:
+            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+            if not matches:
+                missing.append(SkippedFile(entry, "no such file, folder or matching pattern"))
+            paths.extend(matches)
+    unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
+    return unique, missing
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and fully decode an image; raises `ValueError` naming the file and the problem."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: refused, too many pixels to decode safely ({error})") from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path}: not a readable image file") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path}: could not be decoded ({error})") from error

@@ -1,0 +1,61 @@
+"""Resolve what users type as `--model`: a preset name, a local model folder or a Hub id."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .image_processing_crane import CraneImageProcessor
+from .modeling_crane import CraneForAnomalyDetection
+from .presets import is_preset_name, model_from_preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    spec: str,
+    clip: str | None = None,
+    dino: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    **config_overrides: Any,
+) -> tuple[CraneForAnomalyDetection, CraneImageProcessor]:
+    """A model in eval mode and its image processor.
+
+    Args:
+        spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained`, or a Hub id.
+        clip / dino: local backbone folders for presets (instead of the Hub).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        dtype: "float32", "bfloat16", "float16" or a torch dtype.
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if is_preset_name(spec):
+        model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
+        processor = CraneImageProcessor.from_crane_config(model.config)
+    else:
+        if clip or dino:
+            raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
+        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
+        for key, value in config_overrides.items():
+            setattr(model.config, key, value)
+        processor = _processor_for(spec, model)
+    model.to(resolve_device(device))
+    return model.eval(), processor
+
+
+def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:
+    """The folder's saved processor if it has one, else the one matching the model's config."""
+    if os.path.isfile(os.path.join(spec, "preprocessor_config.json")):
+        return CraneImageProcessor.from_pretrained(spec)
+    return CraneImageProcessor.from_crane_config(model.config)

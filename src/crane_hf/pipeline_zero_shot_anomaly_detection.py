@@ -1,0 +1,165 @@
+"""`pipeline("zero-shot-anomaly-detection")`: a score, a yes/no and a heatmap per image.
+
+    from transformers import pipeline
+    import crane_hf  # registers the task (or load a published folder with trust_remote_code=True)
+
+    detector = pipeline("zero-shot-anomaly-detection", model="path/or/hub-id")
+    result = detector("part.png")
+    result["score"], result["is_anomalous"], result["anomaly_map"]   # float, bool, float32 [H, W]
+
+Inputs: PIL images, local paths, URLs, numpy arrays, torch tensors, lists of these, and `datasets` columns or
+datasets with an "image" column (streamed lazily, like transformers' KeyDataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+from .gaussian_smoothing import gaussian_smooth
+from .image_processing_crane import image_to_rgb_array
+from .visualization import render_overlay
+
+
+class _SequenceDataset(torch.utils.data.Dataset):
+    """A `datasets` column (or dataset with an "image" column) seen as a torch Dataset, so the pipeline streams."""
+
+    def __init__(self, items: Any):
+        self.items = items["image"] if hasattr(items, "column_names") else items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def _is_datasets_input(inputs: Any) -> bool:
+    from_datasets = type(inputs).__module__.startswith("datasets.")
+    return (from_datasets and isinstance(inputs, Sequence)) or hasattr(inputs, "column_names")
+
+
+def _as_uint8(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 for display, from the processor's uint8 or [0, 1] float arrays."""
+    return rgb if rgb.dtype == np.uint8 else (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+class ZeroShotAnomalyDetectionPipeline(Pipeline):
+    """Anomaly detection with a Crane model.
+
+    Call parameters:
+        threshold (`float`): image-score decision threshold; default `model.config.image_threshold`.
+        pixel_threshold (`float`): threshold of the overlay contour; default `model.config.pixel_threshold`.
+        smoothing_sigma (`float`): Gaussian sigma of the returned maps; default `model.config.smoothing_sigma`.
+        return_overlay (`bool`): also return `overlay`, a PIL heatmap blended on the image with the contour.
+        timeout (`float`): seconds to wait for URLs.
+
+    Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
+    array at the image's original size, smoothed) and, on request, `overlay`.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_video_processor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(
+        self,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        smoothing_sigma: float | None = None,
+        return_overlay: bool | None = None,
+        timeout: float | None = None,
+    ) -> tuple[dict, dict, dict]:
+        preprocess: dict[str, Any] = {}
+        postprocess: dict[str, Any] = {}
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        if return_overlay is not None:
+            preprocess["keep_image"] = bool(return_overlay)
+            postprocess["return_overlay"] = bool(return_overlay)
+        for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if value is not None:
+                if not 0.0 <= float(value) <= 1.0:
+                    raise ValueError(f"{name}={value} must be in [0, 1].")
+                postprocess[name] = float(value)
+        if smoothing_sigma is not None:
+            if float(smoothing_sigma) < 0:
+                raise ValueError(f"smoothing_sigma={smoothing_sigma} must be >= 0.")
+            postprocess["smoothing_sigma"] = float(smoothing_sigma)
+        return preprocess, {}, postprocess
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        """Score one image (returns a dict), a list of images (a list), or a dataset column (a lazy iterator)."""
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        elif _is_datasets_input(inputs):
+            inputs = _SequenceDataset(inputs)
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
+        if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
+            from io import BytesIO
+
+            from PIL import Image as PILImage
+
+            image = PILImage.open(BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
+        if isinstance(image, str):
+            from transformers.image_utils import load_image
+
+            image = load_image(image, timeout=timeout)
+        rgb = image_to_rgb_array(image)
+        inputs = self.image_processor(rgb, return_tensors="pt")
+        model_inputs = {
+            "pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32),
+            "original_size": inputs["original_sizes"],
+        }
+        if keep_image:
+            model_inputs["image"] = _as_uint8(rgb)
+        return model_inputs
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        outputs = self.model(model_inputs["pixel_values"])
+        result = {
+            "score": outputs.anomaly_scores,
+            "anomaly_map": outputs.anomaly_maps,
+            "original_size": model_inputs["original_size"],
+        }
+        if "image" in model_inputs:
+            result["image"] = model_inputs["image"]
+        return result
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, Any],
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        smoothing_sigma: float | None = None,
+        return_overlay: bool = False,
+    ) -> dict[str, Any]:
+        config = self.model.config
+        threshold = config.image_threshold if threshold is None else threshold
+        pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
+        sigma = config.smoothing_sigma if smoothing_sigma is None else smoothing_sigma
+        anomaly_map = model_outputs["anomaly_map"].float()
+        if sigma:
+            anomaly_map = gaussian_smooth(anomaly_map, sigma)
+        height, width = (int(v) for v in model_outputs["original_size"].reshape(-1, 2)[0])
+        if tuple(anomaly_map.shape[-2:]) != (height, width):
+            anomaly_map = torch.nn.functional.interpolate(
+                anomaly_map.reshape(1, 1, *anomaly_map.shape[-2:]), size=(height, width), mode="bilinear"
+            )
+        anomaly_map = anomaly_map.reshape(height, width).cpu().numpy().astype(np.float32)
+        score = float(model_outputs["score"].reshape(-1)[0])
+        result: dict[str, Any] = {"score": score, "is_anomalous": score >= threshold, "anomaly_map": anomaly_map}
+        if return_overlay:
+            image = np.asarray(model_outputs["image"]).reshape(height, width, 3)
+            result["overlay"] = render_overlay(image, anomaly_map, threshold=pixel_threshold)
+        return result

@@ -1,0 +1,195 @@
+"""The paper's trained prompts, bundled: named presets for `CraneForAnomalyDetection.from_preset`.
+
+| preset | model | prompts trained on | use for |
+|---|---|---|---|
+| `crane+/mvtec` (default) | Crane+ | MVTec-AD, epoch 5 | industrial datasets except MVTec-AD |
+| `crane+/visa` | Crane+ | VisA, epoch 5 | MVTec-AD |
+| `crane+/mvtec-epoch1` | Crane+ (soft_mean) | MVTec-AD, epoch 1 | medical datasets |
+| `crane/mvtec` | Crane | MVTec-AD, epoch 5 | every dataset except MVTec-AD |
+| `crane/visa` | Crane | VisA, epoch 5 | MVTec-AD |
+
+A preset holds only the learned tensors and their metadata (a few hundred kilobytes); the backbones
+(openai/clip-vit-large-patch14-336 and facebook/dinov2-with-registers-base) come from the Hugging Face cache or
+the Hub, or from local folders you name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .catalog import PRESET_SOURCES, preset_file_name
+
+PRESETS_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PRESET = "crane+/mvtec"
+FINGERPRINT_RTOL = 1e-3
+
+
+class BackboneUnavailableError(OSError):
+    """A preset's backbone is neither cached nor downloadable here."""
+
+
+class PresetBackboneMismatchError(ValueError):
+    """The CLIP backbone is not the one the preset's prompts were trained with."""
+
+
+@dataclass
+class Preset:
+    """A bundled set of official prompts with the paper's settings for them."""
+
+    name: str
+    variant: str
+    training_set: str
+    epoch: int
+    use_for: str
+    clip_backbone: str
+    dino_backbone: str | None
+    settings: dict[str, Any]
+    published_results: list[dict[str, Any]]
+    source: str
+    source_sha256: str
+    prompt_state: dict[str, torch.Tensor] = field(repr=False)
+    fingerprint_token_ids: torch.Tensor = field(repr=False)
+    fingerprint_embeddings: torch.Tensor = field(repr=False)
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets."""
+    return list(PRESET_SOURCES)
+
+
+def is_preset_name(name: str) -> bool:
+    return name in PRESET_SOURCES
+
+
+def load_preset(name: str) -> Preset:
+    """Read a bundled preset (tensors and metadata)."""
+    if name not in PRESET_SOURCES:
+        raise ValueError(f"Unknown preset {name!r}; available: {', '.join(PRESET_SOURCES)}.")
+    path = os.path.join(PRESETS_DIR, preset_file_name(name))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The preset file {path} is missing from the installation; reinstall crane_hf.")
+    with safe_open(path, framework="pt") as reader:
+        metadata = reader.metadata()
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return Preset(
+        name=name,
+        variant=metadata["variant"],
+        training_set=metadata["training_set"],
+        epoch=int(metadata["epoch"]),
+        use_for=metadata["use_for"],
+        clip_backbone=metadata["clip_backbone"],
+        dino_backbone=metadata["dino_backbone"] or None,
+        settings=json.loads(metadata["settings"]),
+        published_results=json.loads(metadata["published_results"]),
+        source=metadata["source"],
+        source_sha256=metadata["source_sha256"],
+        prompt_state={k: v for k, v in tensors.items() if k.startswith("prompt_learner.")},
+        fingerprint_token_ids=tensors["fingerprint.token_ids"],
+        fingerprint_embeddings=tensors["fingerprint.token_embeddings"],
+    )
+
+
+def check_fingerprint(preset: Preset, token_embedding: torch.Tensor) -> None:
+    """Refuse a CLIP whose token embeddings of the prompts' fixed tokens differ from the preset's."""
+    embeddings = token_embedding.detach().float().cpu()
+    if embeddings.shape[1] != preset.fingerprint_embeddings.shape[1]:
+        raise PresetBackboneMismatchError(
+            f"Preset {preset.name} was trained with a {preset.fingerprint_embeddings.shape[1]}-wide CLIP text tower "
+            f"({preset.clip_backbone}); this CLIP's is {embeddings.shape[1]}-wide."
+        )
+    if int(preset.fingerprint_token_ids.max()) >= embeddings.shape[0]:
+        raise PresetBackboneMismatchError(f"This CLIP's vocabulary is too small for preset {preset.name}.")
+    ours = embeddings[preset.fingerprint_token_ids]
+    error = (ours - preset.fingerprint_embeddings).abs().max() / preset.fingerprint_embeddings.abs().max()
+    if error > FINGERPRINT_RTOL:
+        raise PresetBackboneMismatchError(
+            f"This CLIP is not {preset.clip_backbone}, the backbone preset {preset.name} was trained with (token "
+            f"embeddings differ, relative error {error:.2e}). Pass allow_backbone_mismatch=True to use it anyway."
+        )
+
+
+def _unavailable_message(preset: Preset, missing: str, error: Exception) -> str:
+    dino = f" {preset.dino_backbone}" if preset.dino_backbone else ""
+    local = 'clip="/path/to/clip-vit-large-patch14-336"'
+    if preset.dino_backbone:
+        local += ', dino="/path/to/dinov2-with-registers-base"'
+    return (
+        f"Preset {preset.name} needs the backbone {missing}, which is neither in the Hugging Face cache nor "
+        f"downloadable here ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}).\n"
+        f"Where the Hub is reachable, download the backbones once: hf download {preset.clip_backbone}{dino}\n"
+        "(then copy the Hugging Face cache, ~/.cache/huggingface/hub, to this machine), or point at local copies:\n"
+        f'  CraneForAnomalyDetection.from_preset("{preset.name}", {local})\n'
+        f"  crane-hf predict IMAGES --model {preset.name} --clip /path/to/clip"
+        + (" --dino /path/to/dino" if preset.dino_backbone else "")
+    )
+
+
+def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
+    try:
+        return loader(source, **backbone_kwargs)
+    except OSError as error:
+        if os.path.isdir(source):
+            raise
+        raise BackboneUnavailableError(_unavailable_message(preset, source, error)) from error
+
+
+def model_from_preset(
+    name: str = DEFAULT_PRESET,
+    clip: Any = None,
+    dino: Any = None,
+    allow_backbone_mismatch: bool = False,
+    backbone_kwargs: dict[str, Any] | None = None,
+    **config_overrides: Any,
+):
+    """A `CraneForAnomalyDetection` with a preset's prompts and the paper's settings for it.
+
+    Args:
+        name: preset name (see `list_presets()`).
+        clip / dino: backbones to use instead of the preset's Hub ids: loaded models or local folders.
+        allow_backbone_mismatch: use a CLIP whose token embeddings differ from the preset's fingerprint.
+        backbone_kwargs: passed to the backbones' `from_pretrained` (e.g. `dtype`, `cache_dir`).
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `image_size=336`).
+    """
+    from transformers import AutoModel, CLIPModel
+
+    from ..modeling_crane import CraneForAnomalyDetection
+
+    preset = load_preset(name)
+    backbone_kwargs = backbone_kwargs or {}
+    if preset.variant == "crane" and dino is not None:
+        raise ValueError(f"Preset {name} is Crane (no D-Attn); it takes no dino backbone.")
+    clip_source = preset.clip_backbone if clip is None else clip
+    clip_model = (
+        _load_backbone(CLIPModel.from_pretrained, os.fspath(clip_source), preset, backbone_kwargs)
+        if isinstance(clip_source, (str, os.PathLike))
+        else clip_source
+    )
+    dino_model = None
+    if preset.variant == "crane+":
+        dino_source = preset.dino_backbone if dino is None else dino
+        dino_model = (
+            _load_backbone(AutoModel.from_pretrained, os.fspath(dino_source), preset, backbone_kwargs)
+            if isinstance(dino_source, (str, os.PathLike))
+            else dino_source
+        )
+    try:
+        check_fingerprint(preset, clip_model.text_model.embeddings.token_embedding.weight)
+    except PresetBackboneMismatchError:
+        width = preset.fingerprint_embeddings.shape[1]
+        if not allow_backbone_mismatch or clip_model.config.text_config.hidden_size != width:
+            raise
+    settings = {**preset.settings, **config_overrides}
+    model = CraneForAnomalyDetection.from_backbones(clip_model, dino_model, **settings)
+    if clip is None:
+        model.config.clip_backbone = preset.clip_backbone
+    if preset.variant == "crane+" and dino is None:
+        model.config.dino_backbone = preset.dino_backbone
+    model.config.preset = preset.name
+    model.load_prompt_state(preset.prompt_state, source=f"preset {name}")
+    return model

@@ -1,0 +1,245 @@
+"""The crane-hf command line on tiny model folders: predict, calibrate, push --dry-run, --help everywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from crane_hf import CraneForAnomalyDetection
+from crane_hf.calibrate import threshold_for_fpr
+from crane_hf.cli import COMMANDS, main
+
+from .tiny_models import write_test_images
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    write_test_images(folder, count=5)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "sub_gray.bmp")
+    return folder
+
+
+def test_console_script_and_help_on_every_command():
+    result = subprocess.run(["crane-hf", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "predict" in result.stdout
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_predict_writes_tables_and_overlays_and_skips_unreadable_files(tiny_model_dir, image_folder, tmp_path, capsys):
+    output = tmp_path / "results"
+    code = main(
+        [
+            "predict",
+            str(image_folder),
+            "--model",
+            tiny_model_dir,
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert code == 3  # finished, some inputs skipped
+    with open(output / "predictions.csv", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(os.path.basename(r["path"]) for r in rows) == [
+        "part_0.png",
+        "part_1.png",
+        "part_2.png",
+        "part_3.png",
+        "part_4.png",
+        "sub_gray.bmp",
+    ]
+    for row in rows:
+        assert 0.0 <= float(row["score"]) <= 1.0
+        overlay = Image.open(output / row["overlay"])
+        source = Image.open(row["path"])
+        assert overlay.size == source.size and overlay.mode == "RGB"
+    summary = json.loads((output / "predictions.json").read_text())
+    assert len(summary["predictions"]) == 6
+    skipped = {os.path.basename(item["path"]): item["reason"] for item in summary["skipped"]}
+    assert set(skipped) == {"empty.png", "notes.jpg"}
+    assert "not a readable image" in skipped["notes.jpg"]
+    assert "skipped" in capsys.readouterr().err
+    assert (output / "skipped.txt").read_text().count("\n") == 2
+    # the scores equal the pipeline's
+    detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)
+    first = next(r for r in rows if r["path"].endswith("part_1.png"))
+    assert float(first["score"]) == pytest.approx(detector(first["path"])["score"], abs=1e-5)
+
+
+def test_predict_never_overwrites_without_asking(tiny_model_dir, image_folder, tmp_path, capsys):
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    argv = ["predict", str(image_folder / "part_0.png"), "--model", tiny_model_dir, "--output", str(output), "--quiet"]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text() == "precious"
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "predictions.csv").is_file()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging left behind
+
+
+def test_predict_globs_missing_inputs_and_maps(tiny_model_dir, image_folder, tmp_path):
+    output = tmp_path / "results"
+    pattern = str(image_folder / "part_*.png")
+    code = main(
+        [
+            "predict",
+            pattern,
+            str(tmp_path / "nope.png"),
+            "--model",
+            tiny_model_dir,
+            "--output",
+            str(output),
+            "--save-maps",
+            "--no-overlays",
+            "--quiet",
+        ]
+    )
+    assert code == 3
+    summary = json.loads((output / "predictions.json").read_text())
+    assert len(summary["predictions"]) == 5 and summary["skipped"][0]["path"].endswith("nope.png")
+    maps = sorted(os.listdir(output / "maps"))
+    assert len(maps) == 5 and np.load(output / "maps" / maps[0]).dtype == np.float32
+    assert not (output / "overlays").exists()
+
+
+def test_predict_reports_a_bad_model_clearly(tmp_path, image_folder, capsys):
+    assert (
+        main(
+            [
+                "predict",
+                str(image_folder),
+                "--model",
+                str(tmp_path / "missing-model"),
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_threshold_for_fpr_is_the_lowest_threshold_meeting_the_target():
+    values = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    threshold, rate = threshold_for_fpr(values, 0.2)
+    assert rate == pytest.approx(0.2) and 0.8 < threshold <= 0.9
+    assert threshold_for_fpr(values, 0.0)[1] == 0.0
+    assert threshold_for_fpr(np.ones(4), 0.1) == (1.0, 1.0)  # cannot do better than 1.0 on saturated scores
+    with pytest.raises(ValueError, match="fpr"):
+        threshold_for_fpr(values, 1.0)
+
+
+def test_calibrate_saves_thresholds_into_the_model_folder(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    normal = write_test_images(tmp_path / "normal", count=10, seed=3)
+    assert (
+        main(["calibrate", str(model_dir), str(tmp_path / "normal"), "--fpr", "0.2", "--pixel-fpr", "0.05", "--quiet"])
+        == 0
+    )
+    record = json.loads((model_dir / "calibration.json").read_text())
+    model = CraneForAnomalyDetection.from_pretrained(model_dir)
+    assert model.config.image_threshold == record["image"]["threshold"]
+    assert model.config.pixel_threshold == record["pixel"]["threshold"]
+    assert record["previous"] == {"image_threshold": 0.5, "pixel_threshold": 0.5}
+    detector = pipeline("zero-shot-anomaly-detection", model=str(model_dir))
+    results = detector(normal)
+    flagged = sum(r["is_anomalous"] for r in results)
+    assert flagged <= 2  # at most 20% of the normal images
+    pixels = np.concatenate([r["anomaly_map"].ravel() for r in results])
+    assert (pixels >= model.config.pixel_threshold).mean() <= 0.05 + 1e-3  # float rounding across batch sizes
+
+
+def test_calibrate_needs_a_model_folder_and_images(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path), str(tmp_path), "--quiet"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["crane_hf"] = None
+    import numpy as np
+    from transformers import pipeline
+    detector = pipeline("zero-shot-anomaly-detection", model=sys.argv[1], trust_remote_code=True)
+    print(repr(detector(np.load(sys.argv[2]))["score"]))
+    """
+)
+
+
+def test_push_dry_run_writes_a_complete_repository_that_loads_back(tiny_model_dir, tmp_path):
+    out = tmp_path / "repo"
+    assert main(["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(out)]) == 0
+    files = set(os.listdir(out))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_crane.py",
+        "configuration_crane.py",
+        "pipeline_zero_shot_anomaly_detection.py",
+        "visualization.py",
+    } <= files
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_crane.CraneForAnomalyDetection"
+    assert "zero-shot-anomaly-detection" in config["custom_pipelines"]
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: mit" in front and "pipeline_tag: image-segmentation" in front and "anomaly-detection" in front
+    assert 'pipeline("zero-shot-anomaly-detection", model="acme/crane-tiny", trust_remote_code=True)' in card
+    loaded = CraneForAnomalyDetection.from_pretrained(out)
+    original = CraneForAnomalyDetection.from_pretrained(tiny_model_dir)
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels).anomaly_maps, original(pixels).anomaly_maps)
+    picture = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", picture)
+    (tmp_path / "remote.py").write_text(REMOTE_LOAD)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "remote.py"), str(out), str(tmp_path / "pixels.npy")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    local = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)(picture)["score"]
+    assert float(result.stdout.strip()) == pytest.approx(local, abs=1e-6)
+    assert main(["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(out)]) == 2  # exists
+
+
+def test_model_card_lists_the_published_results_of_a_preset(tiny_model_dir):
+    from crane_hf.hub_publishing import build_model_card
+
+    model = CraneForAnomalyDetection.from_pretrained(tiny_model_dir)
+    model.config.preset = "crane+/visa"
+    card = str(build_model_card(model, "acme/crane-plus"))
+    assert "| MVTec-AD | 93.9 | 97.6 | 93.6 | 91.2 | 88.1 | 43.8 |" in card
+    assert "model-index" in card and "pixel-aupro" in card
