@@ -32,6 +32,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "scikit-learn>=1.3",
+        "scikit-image>=0.22",
         "pillow>=10.0",
         "tqdm>=4.60",
     ],

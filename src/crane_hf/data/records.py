@@ -1,0 +1,191 @@
+"""One annotated image of an anomaly-detection dataset, its checks, and the `datasets.Dataset` built from many.
+
+Every loader of `crane_hf.data` (meta.json, MVTec-AD, VisA, the generic folder layout) produces `AnomalyRecord`s;
+`validate_records` checks them against the files and `records_to_dataset` turns them into a `datasets.Dataset`
+with the columns
+
+    image        datasets.Image (the file path; decoded lazily on access)
+    mask         datasets.Image or None (None for normal images and images without a mask)
+    label        ClassLabel: 0 "normal", 1 "anomalous"
+    class_name   str
+    defect_type  str ("good" for normal images unless the dataset names it otherwise)
+    image_path   str, the path relative to the dataset root (as in meta.json)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import datasets
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_NAMES = ["normal", "anomalous"]
+MAX_REPORTED_PROBLEMS = 20
+
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "mask": datasets.Image(),
+        "label": datasets.ClassLabel(names=LABEL_NAMES),
+        "class_name": datasets.Value("string"),
+        "defect_type": datasets.Value("string"),
+        "image_path": datasets.Value("string"),
+    }
+)
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset's files or annotations are inconsistent; the message lists each offending entry."""
+
+    def __init__(self, what: str, problems: Sequence[str]):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_REPORTED_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        lines = [f"{what}: {len(self.problems)} problem(s):", *(f"  - {p}" for p in shown)]
+        if more:
+            lines.append(f"  ... and {more} more")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class AnomalyRecord:
+    """One image of a dataset.
+
+    Args:
+        image_path: path of the image relative to the dataset root ("/" separators).
+        mask_path: path of the ground-truth mask relative to the root, or "" when there is none.
+        label: 0 normal, 1 anomalous.
+        class_name: the object or texture class.
+        defect_type: the defect folder / type ("good" for normal images).
+        origin: where the record came from, for error messages (e.g. "meta.json test/bottle[3]").
+    """
+
+    image_path: str
+    mask_path: str
+    label: int
+    class_name: str
+    defect_type: str
+    origin: str = ""
+
+    def describe(self) -> str:
+        where = self.origin or f"class {self.class_name!r}"
+        return f"{where} (img_path={self.image_path!r}, mask_path={self.mask_path!r})"
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of the image extensions (case-insensitive) and is not hidden."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted names of the image files directly in `folder` (empty when it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if is_image_file(name) and os.path.isfile(f"{folder}/{name}"))
+
+
+def relative_to_root(root: str, path: str) -> str | None:
+    """`path` (relative to `root`, or absolute) as a normalized path relative to `root`; None if it leaves root.
+
+    The check is lexical ("..", absolute paths), so a root reached through a symbolic link is fine.
+    """
+    root = os.path.abspath(root)
+    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+    if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return os.path.relpath(full, root).replace(os.sep, "/")
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    with Image.open(path) as image:
+        return image.size
+
+
+def record_problems(root: str, record: AnomalyRecord, check_files: bool = True) -> list[str]:
+    """Everything wrong with one record: bad label, paths that leave the root, missing or unreadable files, masks
+    whose size differs from their image's."""
+    problems = []
+    if record.label not in (0, 1):
+        problems.append(f"{record.describe()}: field 'anomaly' must be 0 or 1, got {record.label!r}")
+    paths = {"img_path": record.image_path, "mask_path": record.mask_path}
+    for field, path in paths.items():
+        if field == "mask_path" and not path:
+            continue
+        if not path:
+            problems.append(f"{record.describe()}: field {field!r} is empty")
+        elif relative_to_root(root, path) is None:
+            problems.append(f"{record.describe()}: {field} {path!r} leaves the dataset root {os.path.abspath(root)}")
+    if problems or not check_files:
+        return problems
+    sizes = {}
+    for field, path in paths.items():
+        if not path:
+            continue
+        full = os.path.join(root, path)
+        if not os.path.isfile(full):
+            kind = "image" if field == "img_path" else "mask"
+            problems.append(f"{record.describe()}: {kind} file not found: {full}")
+            continue
+        try:
+            sizes[field] = _image_size(full)
+        except (UnidentifiedImageError, OSError) as error:
+            problems.append(f"{record.describe()}: cannot read {full} as an image ({error})")
+    if len(sizes) == 2 and sizes["img_path"] != sizes["mask_path"]:
+        (iw, ih), (mw, mh) = sizes["img_path"], sizes["mask_path"]
+        problems.append(f"{record.describe()}: mask is {mw}x{mh} but its image is {iw}x{ih}")
+    return problems
+
+
+def validate_records(
+    root: str, records: Iterable[AnomalyRecord], what: str, check_files: bool = True, require_masks: bool = False
+) -> list[AnomalyRecord]:
+    """Check every record (see `record_problems`) and raise one `DatasetLayoutError` listing all problems.
+
+    Args:
+        require_masks: also refuse anomalous images without a mask (pixel-level training needs them).
+    """
+    records = list(records)
+    problems = []
+    for record in records:
+        problems.extend(record_problems(root, record, check_files))
+        if require_masks and record.label == 1 and not record.mask_path:
+            problems.append(f"{record.describe()}: anomalous image without a mask")
+    if problems:
+        raise DatasetLayoutError(what, problems)
+    return records
+
+
+def records_to_dataset(root: str, records: Sequence[AnomalyRecord]) -> datasets.Dataset:
+    """A `datasets.Dataset` (columns in the module docstring) whose image and mask columns hold absolute paths."""
+    root = os.path.abspath(root)
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(root, path))
+
+    columns = {
+        "image": [absolute(r.image_path) for r in records],
+        "mask": [absolute(r.mask_path) if r.mask_path and r.label == 1 else None for r in records],
+        "label": [int(r.label) for r in records],
+        "class_name": [r.class_name for r in records],
+        "defect_type": [r.defect_type for r in records],
+        "image_path": [relative_to_root(root, r.image_path) for r in records],
+    }
+    return datasets.Dataset.from_dict(columns, features=FEATURES)
+
+
+__all__ = [
+    "FEATURES",
+    "IMAGE_EXTENSIONS",
+    "LABEL_NAMES",
+    "AnomalyRecord",
+    "DatasetLayoutError",
+    "is_image_file",
+    "list_images",
+    "records_to_dataset",
+    "relative_to_root",
+    "validate_records",
+]
