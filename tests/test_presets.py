@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import CLIPConfig, CLIPModel, Dinov2WithRegistersModel
+from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
 from crane_hf.convert_original import deep_prompt_keys, load_original_checkpoint
@@ -25,7 +25,7 @@ from crane_hf.presets import (
 from crane_hf.presets.build import build_preset
 from crane_hf.presets.catalog import PRESET_SOURCES, preset_file_name
 
-from .tiny_models import OFFICIAL_DIR, randomize_, tiny_clip_config, tiny_dino_config
+from .tiny_models import OFFICIAL_DIR, fingerprint_compatible_clip, randomize_, tiny_clip_config, tiny_dino_config
 
 
 def test_the_five_paper_presets_exist():
@@ -74,39 +74,8 @@ def test_building_presets_again_gives_the_bundled_content(name, tmp_path):
             assert torch.equal(new.get_tensor(key), bundled.get_tensor(key))
 
 
-def _fingerprint_compatible_clip(name: str) -> CLIPModel:
-    """A small CLIP whose text tower has the paper's width and depth and the preset's fixed-token embeddings."""
-    config = CLIPConfig(
-        projection_dim=768,
-        text_config={
-            "hidden_size": 768,
-            "intermediate_size": 64,
-            "num_hidden_layers": 9,
-            "num_attention_heads": 12,
-            "vocab_size": 49408,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 2,
-            "image_size": 56,
-            "patch_size": 14,
-            "projection_dim": 768,
-        },
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(config)
-    preset = load_preset(name)
-    with torch.no_grad():
-        clip.text_model.embeddings.token_embedding.weight[preset.fingerprint_token_ids] = preset.fingerprint_embeddings
-    return clip
-
-
 def test_from_preset_applies_prompts_and_settings_on_compatible_backbones():
-    clip = _fingerprint_compatible_clip("crane+/visa")
+    clip = fingerprint_compatible_clip("crane+/visa")
     dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=1)
     model = CraneForAnomalyDetection.from_preset("crane+/visa", clip=clip, dino=dino, image_size=56)
     preset = load_preset("crane+/visa")
@@ -120,7 +89,7 @@ def test_from_preset_applies_prompts_and_settings_on_compatible_backbones():
 
 
 def test_from_preset_refuses_other_clip_weights():
-    clip = _fingerprint_compatible_clip("crane/mvtec")
+    clip = fingerprint_compatible_clip("crane/mvtec")
     with torch.no_grad():
         clip.text_model.embeddings.token_embedding.weight[49406] += 0.5
     with pytest.raises(PresetBackboneMismatchError, match="not openai/clip-vit-large-patch14-336"):

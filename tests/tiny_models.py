@@ -104,3 +104,51 @@ def write_test_images(folder, count: int = 4, size: tuple[int, int] = (48, 64), 
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+def fingerprint_compatible_clip(preset_name: str = "crane+/mvtec", vision_layers: int = 24, patch_size: int = 14):
+    """A small CLIP with the paper's text width and depth and the preset's fixed-token embeddings, so that the
+    preset's fingerprint check accepts it (the vision tower is tiny; `patch_size=37` makes 518-pixel inputs cheap)."""
+    from transformers import CLIPModel
+
+    from crane_hf.presets import load_preset
+
+    config = CLIPConfig(
+        projection_dim=768,
+        text_config={
+            "hidden_size": 768,
+            "intermediate_size": 64,
+            "num_hidden_layers": 9,
+            "num_attention_heads": 12,
+            "vocab_size": 49408,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": TINY_SIZE if patch_size == 14 else 2 * patch_size,
+            "patch_size": patch_size,
+            "projection_dim": 768,
+        },
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config)
+    preset = load_preset(preset_name)
+    with torch.no_grad():
+        clip.text_model.embeddings.token_embedding.weight[preset.fingerprint_token_ids] = preset.fingerprint_embeddings
+    return clip
+
+
+def populate_hub_cache(hf_home, repo_id: str, model) -> str:
+    """Store `model` in a Hugging Face cache at `hf_home` as if `repo_id` had been downloaded from the Hub."""
+    commit = "0" * 40
+    repo_dir = os.path.join(hf_home, "hub", "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo_dir, "snapshots", commit)
+    model.save_pretrained(snapshot)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as stream:
+        stream.write(commit)
+    return snapshot

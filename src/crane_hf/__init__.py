@@ -11,6 +11,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_crane import CraneConfig
 from .image_processing_crane import CraneImageProcessor
+from .model_loading import load_detector
 from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection, CranePreTrainedModel
 from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
@@ -36,4 +37,5 @@ __all__ = [
     "CraneImageProcessor",
     "CranePreTrainedModel",
     "ZeroShotAnomalyDetectionPipeline",
+    "load_detector",
 ]

@@ -18,6 +18,15 @@ class SkippedFile:
     reason: str
 
 
+def _images_in(folder: str) -> list[str]:
+    return sorted(
+        os.path.join(root, name)
+        for root, _, files in os.walk(folder)
+        for name in files
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
 def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedFile]]:
     """Expand files, folders (recursively, image extensions only) and glob patterns, in a stable order.
 
@@ -26,23 +35,16 @@ def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedF
     paths: list[str] = []
     missing: list[SkippedFile] = []
     for entry in inputs:
-        if os.path.isdir(entry):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, files in os.walk(entry)
-                for name in files
-                if name.lower().endswith(IMAGE_EXTENSIONS)
+        matches = [entry] if os.path.exists(entry) else sorted(glob.glob(entry, recursive=True))
+        found = []
+        for match in matches:
+            found.extend(_images_in(match) if os.path.isdir(match) else [match] if os.path.isfile(match) else [])
+        if not found:
+            reason = (
+                "folder holds no image files" if os.path.isdir(entry) else "no such file, folder or matching pattern"
             )
-            if not found:
-                missing.append(SkippedFile(entry, "folder holds no image files"))
-            paths.extend(found)
-        elif os.path.isfile(entry):
-            paths.append(entry)
-        else:
-            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
-            if not matches:
-                missing.append(SkippedFile(entry, "no such file, folder or matching pattern"))
-            paths.extend(matches)
+            missing.append(SkippedFile(entry, reason))
+        paths.extend(found)
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
     return unique, missing
 

@@ -59,3 +59,21 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
     if os.path.isfile(os.path.join(spec, "preprocessor_config.json")):
         return CraneImageProcessor.from_pretrained(spec)
     return CraneImageProcessor.from_crane_config(model.config)
+
+
+def load_detector(
+    model: str = "crane+/mvtec",
+    clip: str | None = None,
+    dino: str | None = None,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    **config_overrides: Any,
+):
+    """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder or a Hub id.
+
+    Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
+    but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).
+    """
+    from .predict import make_pipeline
+
+    return make_pipeline(*load_model(model, clip=clip, dino=dino, device=device, dtype=dtype, **config_overrides))

@@ -34,12 +34,15 @@ class PredictionReport:
 
 
 def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
+    """The anomaly-detection pipeline around an already loaded model and processor."""
     return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
 
 
 def _overlay_name(index: int, path: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(path))[0])[:80]
-    return f"{index:05d}_{stem}.png"
+    """A unique, readable file name: index, parent folder and stem, e.g. 00003_scratch_000.png."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", f"{parent}_{stem}")[:80] + ".png"
 
 
 def _score_chunk(pipe, images, batch_size, params):
