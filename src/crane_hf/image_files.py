@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -49,15 +50,34 @@ def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedF
     return unique, missing
 
 
-def read_image(path: str) -> Image.Image:
-    """Open and fully decode an image; raises `ValueError` naming the file and the problem."""
+def read_image(path: str, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image; raises `ValueError` naming the file and the problem.
+
+    Images with more than `max_pixels` pixels (default: PIL's decompression-bomb limit, about 89 megapixels) are
+    refused from their header, before anything is decoded.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except Image.DecompressionBombError as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if limit and width * height > limit:
+                    raise ValueError(
+                        f"{path}: refused, {width} x {height} = {width * height:,} pixels exceeds the limit of "
+                        f"{limit:,} (a possible decompression bomb)"
+                    )
+                image.load()
+                return image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(f"{path}: refused, too many pixels to decode safely ({error})") from error
     except UnidentifiedImageError as error:
         raise ValueError(f"{path}: not a readable image file") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except ValueError as error:
+        if str(error).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: could not be decoded ({error})") from error
+    except (OSError, SyntaxError) as error:
         raise ValueError(f"{path}: could not be decoded ({error})") from error

@@ -6,7 +6,8 @@ Other inputs are converted first (documented in docs/architecture.md):
 
 - gray, palette, CMYK, YCbCr and gray+alpha images: PIL's conversion to RGB; RGBA: alpha dropped (PIL's rule);
 - 16-bit and 32-bit integer images (PIL "I;16"/"I", numpy uint16/int32): scaled by their type's maximum to
-  [0, 1] and resized in floating point; float images and arrays: taken as [0, 1], clipped;
+  [0, 1] and resized in floating point; float images and arrays must hold values in [0, 1] (an error names the
+  range found otherwise; rescale first), NaN and infinities are refused;
 - numpy arrays and torch tensors: [H, W], [H, W, C] or [C, H, W] with C in {1, 3, 4}.
 
 Masks: grayscale, any value > 0 is anomalous; resized bilinearly to S x S, then binarized at 0.5.
@@ -29,6 +30,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str (a local path or URL)
+FLOAT_RANGE_TOLERANCE = 1e-3  # float images slightly outside [0, 1] from resampling are clipped, not refused
 
 
 def _channels_last(array: np.ndarray, what: str) -> np.ndarray:
@@ -51,9 +53,22 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
         scale = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 2**31 - 1
         return np.repeat((array / scale).clip(0, 1).astype(np.float32)[:, :, None], 3, axis=2)
     if image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        return np.repeat(array.clip(0, 1)[:, :, None], 3, axis=2)
+        array = _unit_range(np.asarray(image, dtype=np.float32), "float image")
+        return np.repeat(array[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"))
+
+
+def _unit_range(array: np.ndarray, what: str) -> np.ndarray:
+    """Float pixels as float32 in [0, 1]; NaN, infinities and values outside [0, 1] are refused."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contains NaN or infinite values.")
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
+        raise ValueError(
+            f"{what} has values in [{low:.6g}, {high:.6g}]; float images must lie in [0, 1] "
+            "(divide 8-bit data by 255, or normalize your data first)."
+        )
+    return array.astype(np.float32).clip(0, 1)
 
 
 def image_to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -77,9 +92,7 @@ def image_to_rgb_array(image: ImageLike) -> np.ndarray:
         maximum = 65535.0 if array.dtype in (np.uint16, np.int16) else float(np.iinfo(array.dtype).max)
         array = (array.astype(np.float64) / maximum).clip(0, 1).astype(np.float32)
     elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError("image array contains NaN or infinite values.")
-        array = array.astype(np.float32).clip(0, 1)
+        array = _unit_range(array, "image array")
     else:
         raise TypeError(f"Unsupported image array dtype {array.dtype}.")
     channels = array.shape[-1]

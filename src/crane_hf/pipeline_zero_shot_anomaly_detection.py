@@ -21,6 +21,7 @@ import torch
 from transformers import Pipeline
 
 from .gaussian_smoothing import gaussian_smooth
+from .image_files import read_image
 from .image_processing_crane import image_to_rgb_array
 from .visualization import render_overlay
 
@@ -111,10 +112,12 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             from PIL import Image as PILImage
 
             image = PILImage.open(BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
-        if isinstance(image, str):
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
             from transformers.image_utils import load_image
 
             image = load_image(image, timeout=timeout)
+        elif isinstance(image, str):
+            image = read_image(image)
         rgb = image_to_rgb_array(image)
         inputs = self.image_processor(rgb, return_tensors="pt")
         model_inputs = {
