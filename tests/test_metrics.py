@@ -281,6 +281,15 @@ def test_constant_maps_legacy_aupro_is_none_official_is_the_diagonal():
     assert reference_aupro_mvtec(masks, maps, 0.3) == pytest.approx(0.15, abs=1e-12)
 
 
+@pytest.mark.parametrize(("low", "high"), [(-1.7e308, 1.7e308), (0.0, 5e-324)])
+def test_legacy_aupro_is_none_when_the_value_range_cannot_be_split(low, high):
+    maps = np.array([[[low, high], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    masks = np.array([[[1, 0], [0, 1]], [[0, 0], [0, 0]]])
+    with pytest.warns(MetricUndefinedWarning, match="cannot be split into 200 float64 steps"):
+        results = compute_metrics([1, 0], [1.0, 0.0], masks, maps, aupro_variant="legacy")
+    assert results["pixel_aupro"] is None and results["pixel_auroc"] is not None
+
+
 GOOD = {"labels": [0, 1, 1], "scores": [0.1, 0.5, 0.7], "masks": np.zeros((3, 4, 4)), "maps": np.zeros((3, 4, 4))}
 
 

@@ -131,7 +131,8 @@ class AnomalyMetricAccumulator:
             if pixel_ranks is not None:
                 aupro = aupro_official if aupro_variant == "official" else aupro_legacy
                 results["pixel_aupro"] = aupro(self._pixels, pixel_ranks, max_fpr)
-        return results
+        # Every metric lies in [0, 1]; sums of rounded terms could only leave it by an ulp.
+        return {name: None if value is None else min(max(value, 0.0), 1.0) for name, value in results.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything accumulated, as numpy arrays and plain Python values (picklable, for gather_object)."""

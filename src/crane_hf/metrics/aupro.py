@@ -82,20 +82,23 @@ def aupro_official(pool: ScorePool, ranks: PositiveRanks, max_fpr: float) -> flo
     return float(area / max_fpr)
 
 
-def legacy_thresholds(pool: ScorePool) -> np.ndarray | None:
-    """The official Crane code's threshold grid over all map values (float64), or None if the maps are constant."""
+def legacy_thresholds(pool: ScorePool) -> tuple[np.ndarray | None, str]:
+    """The official Crane code's threshold grid over all map values (float64), or None and the reason it is empty."""
     low, high = pool.value_range()
+    step = (high - low) / LEGACY_NUM_STEPS
     if low == high:
-        return None
-    return np.arange(low, high, (high - low) / LEGACY_NUM_STEPS)
+        return None, "all map values are equal, so the 200-threshold grid is empty"
+    if not math.isfinite(step) or step == 0:
+        return None, f"the map value range [{low!r}, {high!r}] cannot be split into 200 float64 steps"
+    return np.arange(low, high, step), ""
 
 
 def aupro_legacy(pool: ScorePool, ranks: PositiveRanks, max_fpr: float) -> float | None:
     """AUPRO as the official Crane code computes it (200 score thresholds, rescaled FPR); None if undefined."""
     name = "pixel_aupro (legacy)"
-    thresholds = legacy_thresholds(pool)
+    thresholds, reason = legacy_thresholds(pool)
     if thresholds is None:
-        return undefined_metric(name, "all map values are equal, so the 200-threshold grid is empty")
+        return undefined_metric(name, reason)
     compared = thresholds.astype(pool.dtype)  # `maps > t` with t rounded to the maps' dtype, as in torch
     fprs = (ranks.num_negatives - pool.count_negatives_below(compared, inclusive=True)) / ranks.num_negatives
 
