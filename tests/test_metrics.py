@@ -222,6 +222,16 @@ def test_streaming_equals_one_shot(boundaries, variant):
     assert_results_equal(streamed, one_shot)
 
 
+def test_compute_between_updates_sees_all_data():
+    data = make_data(13, num_images=10, size=8)
+    accumulator = feed(AnomalyMetricAccumulator(), data, [0, 5])
+    partial = accumulator.compute()
+    assert_results_equal(partial, compute_metrics(*(array[:5] for array in data)))
+    feed(accumulator, data, [5, 10])
+    for variant in ("official", "legacy"):
+        assert_results_equal(accumulator.compute(aupro_variant=variant), compute_metrics(*data, aupro_variant=variant))
+
+
 def test_merged_accumulators_equal_one_accumulator_in_any_order():
     data = make_data(8, num_images=12, size=10)
     single = feed(AnomalyMetricAccumulator(), data, [0, 4, 8, 12])

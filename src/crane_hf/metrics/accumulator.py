@@ -61,6 +61,7 @@ class AnomalyMetricAccumulator:
         self._pixels = ScorePool(self.map_dtype)
         self._num_images = 0
         self._has_pixels: bool | None = None  # unknown until the first non-empty update
+        self._pixel_ranks: PositiveRanks | None = None  # cached between compute() calls, dropped on new data
         self._warned_rounding = False
 
     @property
@@ -97,6 +98,7 @@ class AnomalyMetricAccumulator:
                 )
         self._num_images += len(labels_array)
         self._has_pixels = has_pixels
+        self._pixel_ranks = None
 
     def _warn_if_rounded(self, dtype: np.dtype) -> None:
         if not self._warned_rounding and not np.can_cast(dtype, self.map_dtype, casting="safe"):
@@ -125,7 +127,9 @@ class AnomalyMetricAccumulator:
         results = _ranking_metrics("image", image_ranks)
         if self._has_pixels:
             names = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"]
-            pixel_ranks = _ranks_if_defined(self._pixels, "pixel", names)
+            if self._pixel_ranks is None:  # the one pass over all normal pixels; reused by the next compute()
+                self._pixel_ranks = _ranks_if_defined(self._pixels, "pixel", names)
+            pixel_ranks = self._pixel_ranks
             results.update(_ranking_metrics("pixel", pixel_ranks))
             results["pixel_aupro"] = None
             if pixel_ranks is not None:
@@ -188,6 +192,7 @@ class AnomalyMetricAccumulator:
         self._images.merge(other._images)
         self._pixels.merge(other._pixels)
         self._num_images += other._num_images
+        self._pixel_ranks = None
         return self
 
 
