@@ -189,7 +189,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per accumulator update")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-maps", type=int, default=216, help="images for scikit-learn (then extrapolated)")
-    parser.add_argument("--aupro-baseline-maps", type=int, default=24, help="images for the AUPRO threshold loop")
+    parser.add_argument(
+        "--aupro-baseline-maps", type=int, default=None, help="images for the AUPRO threshold loop (default: all)"
+    )
     parser.add_argument("--skip-one-shot", action="store_true", help="do not run compute_metrics on all maps")
     parser.add_argument("--child", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,8 +229,9 @@ def main() -> None:
             "compute legacy": "AnomalyMetricAccumulator.compute (legacy AUPRO)",
         },
     )
+    one_shot = None
     if not args.skip_one_shot:
-        add_rows("compute_metrics", args.maps, {"compute": "compute_metrics, all maps in memory (official)"})
+        one_shot = add_rows("compute_metrics", args.maps, {"compute": "compute_metrics, all maps at once (official)"})
     baseline_maps = min(args.baseline_maps, args.maps)
     sklearn = add_rows("sklearn", baseline_maps, {"sklearn": "sklearn roc_auc + AP + PR-curve F1 (pixels)"})
     if baseline_maps < args.maps:  # the same subset through compute_metrics, measured, for a like-for-like row
@@ -237,8 +240,9 @@ def main() -> None:
         rows.append(
             (label, baseline_maps, subset["seconds"]["compute"], subset["start_gib"], subset["peak_gib"], "measured")
         )
-    aupro_maps = min(args.aupro_baseline_maps, args.maps)
-    add_rows("aupro_loop", aupro_maps, {"aupro loop": "AUPRO loop, 200 thresholds x regions (official code style)"})
+    aupro_maps = min(args.aupro_baseline_maps or args.maps, args.maps)
+    loop_label = "AUPRO loop, 200 thresholds x regions (official code style)"
+    loop = add_rows("aupro_loop", aupro_maps, {"aupro loop": loop_label})
 
     header = ("method", "maps", "time (s)", "start RSS (GiB)", "peak RSS (GiB)", "note")
     print("| " + " | ".join(header) + " |")
@@ -248,8 +252,14 @@ def main() -> None:
         print(f"| {method} | {maps} | {seconds:.1f} | {start_text} | {peak:.2f} | {note} |")
     print("accumulator results (official):", json.dumps(streamed["results"]["official"]))
     print("accumulator results (legacy):", json.dumps(streamed["results"]["legacy"]))
+    if one_shot is not None:
+        same = one_shot["results"] == streamed["results"]["official"]
+        print(f"compute_metrics (one shot) == accumulator (batches of {args.batch_size}): {same}")
     if baseline_maps == args.maps:
         print("sklearn results:", json.dumps(sklearn["results"]))
+    if aupro_maps == args.maps:
+        legacy = streamed["results"]["legacy"]["pixel_aupro"]
+        print(f"legacy AUPRO: threshold loop {loop['results']['pixel_aupro_legacy']!r}, accumulator {legacy!r}")
 
 
 if __name__ == "__main__":
