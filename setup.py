@@ -20,7 +20,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"crane_hf": ["resources/*/*", "presets/*.safetensors"]},
+    package_data={"crane_hf": ["resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
