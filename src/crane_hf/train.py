@@ -1,0 +1,410 @@
+"""Train Crane's prompts on annotated anomaly datasets, on one process or many (accelerate).
+
+    accelerate launch -m crane_hf.train --data /data/mvtec:test --output-dir runs/mvtec
+    python -m crane_hf.train --data /data/visa:test --variant crane+ --output-dir runs/visa --cache-features
+
+Defaults are the paper's (spec section 6): Adam, lr 1e-3, betas (0.6, 0.999), batch 8, 5 epochs, S = 518,
+seed 111, trained on the *test* split (the zero-shot protocol trains on one dataset's test split and evaluates on
+the others). Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+
+- Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
+  at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
+- Checkpoints: every epoch, `<output-dir>/checkpoint-epoch-N/` (`training_checkpoints.py`), written by the main
+  process only, atomically; the last one is copied to `<output-dir>/`, loadable with
+  `CraneForAnomalyDetection.from_pretrained(<output-dir>)`. `--resume-from-checkpoint PATH|latest` continues.
+- `--cache-features`: each image's backbone outputs are computed once and stored on disk (`feature_cache.py`);
+  the epochs then run only the prompt side. Same prompts as without the cache, up to float rounding.
+- Logs: a progress bar, `training_log.jsonl` (loss and its focal, dice and image CE components per optimizer
+  step) and, with `--report-to tensorboard`, TensorBoard under `<output-dir>/logs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from .atomic_io import OutputExistsError, check_can_write
+from .data import DatasetLayoutError, DataSource, load_data_source
+from .feature_cache import (
+    CachedFeatures,
+    FeatureCache,
+    FeatureCacheMismatchError,
+    cache_fingerprint,
+    feature_grid,
+    fill_feature_cache,
+)
+from .image_processing_crane import CraneImageProcessor
+from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
+from .training_checkpoints import (
+    CHECKPOINT_PREFIX,
+    TRAINING_STATE,
+    checkpoint_path,
+    publish_model,
+    read_trainer_state,
+    register_prompt_state_hooks,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .training_data import EpochShuffleSampler, ProcessedImages
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+DEFAULT_DINO = "facebook/dinov2-with-registers-base"
+LOSS_NAMES = ("loss", "focal_loss", "dice_loss", "image_loss")
+TRAINING_LOG = "training_log.jsonl"
+FEATURE_CACHE = "feature_cache"
+# Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter).
+RESUME_SETTINGS = (
+    "data",
+    "clip",
+    "dino",
+    "variant",
+    "image_size",
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "lr",
+    "adam_betas",
+    "num_processes",
+    "mixed_precision",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training options (for `crane-hf train` and `python -m crane_hf.train`)."""
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="ROOT[:SPLIT[:CLASSES]]",
+        help="one or more datasets (meta.json, MVTec-AD, VisA or generic layout), each with a split (default test, "
+        "as the zero-shot protocol) and optionally comma-separated classes",
+    )
+    parser.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP backbone: Hub id or local folder")
+    parser.add_argument("--dino", default=None, help=f"DINOv2 backbone for crane+ (default {DEFAULT_DINO})")
+    parser.add_argument("--variant", choices=("crane", "crane+"), default="crane", help="Crane or Crane+ (D-Attn)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints and the final prompts go here")
+    parser.add_argument("--epochs", type=int, default=5, help="paper: 5")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per process and step; paper: 8")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate; paper: 1e-3")
+    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.6, 0.999), help="paper: 0.6 0.999")
+    parser.add_argument("--image-size", type=int, default=518, help="input side S; paper: 518")
+    parser.add_argument("--seed", type=int, default=111, help="paper: 111")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="autocast for the forward pass (default: accelerate's configuration, else no)",
+    )
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument(
+        "--cache-features", action="store_true", help="compute each image's backbone outputs once, on disk"
+    )
+    parser.add_argument("--feature-cache-dir", help=f"where to cache them (default <output-dir>/{FEATURE_CACHE})")
+    parser.add_argument(
+        "--keep-feature-cache", action="store_true", help="keep the default cache folder after a successful run"
+    )
+    parser.add_argument("--resume-from-checkpoint", metavar="PATH|latest", help="continue from a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is available")
+    parser.add_argument("--report-to", choices=("none", "tensorboard"), default="none")
+    return parser
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    positive = ("epochs", "batch_size", "image_size", "gradient_accumulation_steps")
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in positive if getattr(args, name) < 1]
+    if not args.lr > 0:
+        problems.append("--lr must be positive")
+    if not all(0 <= beta < 1 for beta in args.adam_betas):
+        problems.append("--adam-betas must be in [0, 1)")
+    if args.num_workers < 0:
+        problems.append("--num-workers must be >= 0")
+    if args.variant == "crane" and args.dino:
+        problems.append("--dino is used by --variant crane+ only")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    return {
+        "data": [str(DataSource.parse(spec)) for spec in args.data],
+        "clip": args.clip,
+        "dino": _dino_source(args),
+        "variant": args.variant,
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "lr": args.lr,
+        "adam_betas": list(args.adam_betas),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "epochs": args.epochs,
+        "cache_features": args.cache_features,
+    }
+
+
+def _dino_source(args: argparse.Namespace) -> str | None:
+    return (args.dino or DEFAULT_DINO) if args.variant == "crane+" else None
+
+
+def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
+    """The seed of every random generator in one process during one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
+
+
+class CraneTrainingStep(torch.nn.Module):
+    """The module accelerate prepares (DDP on many processes): the model's forward with the loss, on images or on
+    cached backbone outputs."""
+
+    def __init__(self, model: CraneForAnomalyDetection):
+        super().__init__()
+        self.model = model
+        self.grid = feature_grid(model.config)
+        self.image_size = (model.config.image_size, model.config.image_size)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> CraneAnomalyDetectionOutput:
+        if "pixel_values" in batch:
+            return self.model(batch["pixel_values"], labels=batch["labels"], masks=batch["masks"])
+        return self.model.forward_from_features(
+            batch["image_embeds"],
+            batch["patch_features"].transpose(0, 1),  # [B, M, N, D] -> [M, B, N, D]
+            self.grid,
+            self.image_size,
+            labels=batch["labels"],
+            masks=batch["masks"],
+        )
+
+
+def _prepare_output_dir(args: argparse.Namespace, resume: str | None, accelerator: Accelerator) -> None:
+    """Refuse to write over an earlier run's outputs unless `--overwrite` (resuming in place is allowed)."""
+    output_dir = os.path.abspath(args.output_dir)
+    resuming_in_place = resume is not None and os.path.dirname(os.path.abspath(resume)) == output_dir
+    if not resuming_in_place and not args.overwrite:
+        check_can_write(output_dir, overwrite=False)
+    first_epoch = read_trainer_state(resume)["epoch"] + 1 if resume else 1
+    later = [checkpoint_path(output_dir, e) for e in range(first_epoch, args.epochs + 1)]
+    existing = [path for path in later if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them.")
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        if args.overwrite and resume is None:  # an earlier run's checkpoints must not pass for this run's
+            for name in os.listdir(output_dir):
+                if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
+                    path = os.path.join(output_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    accelerator.wait_for_everyone()
+
+
+def _check_resume_settings(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
+    different = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        for name in RESUME_SETTINGS
+        if saved.get(name) != current[name]
+    ]
+    if different:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
+            + "; ".join(different)
+            + "."
+        )
+
+
+def load_training_data(args: argparse.Namespace) -> datasets.Dataset:
+    """The `--data` datasets, concatenated; anomalous images must have masks (the pixel losses need them)."""
+    parts = [load_data_source(spec, require_masks=True) for spec in args.data]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
+    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`."""
+    return CraneForAnomalyDetection.from_backbones(args.clip, _dino_source(args), image_size=args.image_size)
+
+
+def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
+    return torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
+
+
+def _make_accelerator(args: argparse.Namespace, output_dir: str) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=args.cpu or not torch.accelerator.is_available(),  # no GPU: gloo processes on the CPU
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(
+            f"Launched as {launched} processes but accelerate set up {accelerator.num_processes}; each would train "
+            "alone and write the same outputs. Check the accelerate configuration."
+        )
+    return accelerator
+
+
+def _training_items(
+    args: argparse.Namespace,
+    model: CraneForAnomalyDetection,
+    images: ProcessedImages,
+    accelerator: Accelerator,
+    cache_dir: str,
+) -> tuple[torch.utils.data.Dataset, float]:
+    """The images themselves, or with `--cache-features` their cached backbone outputs (filled first; the
+    seconds that took are returned)."""
+    if not args.cache_features:
+        return images, 0.0
+    start = time.perf_counter()
+    fingerprint = cache_fingerprint(model.config, images.dataset, accelerator.mixed_precision)
+    cache = FeatureCache(cache_dir, fingerprint)
+    fill_feature_cache(cache, model, images, accelerator, args.batch_size, args.num_workers)
+    return CachedFeatures(cache, images.dataset["label"]), time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> str:
+    """Train (or resume) as `args` say; returns the output folder, which holds the final prompts."""
+    _check_arguments(args)
+    for spec in args.data:
+        DataSource.parse(spec)  # fail on a wrong path before loading backbones
+    output_dir = os.path.abspath(args.output_dir)
+    accelerator = _make_accelerator(args, output_dir)
+    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    settings = _settings(args, accelerator)
+    if resume:
+        _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume)
+    _prepare_output_dir(args, resume, accelerator)
+
+    set_seed(args.seed)
+    model = build_model(args).to(accelerator.device)
+    processor = CraneImageProcessor.from_crane_config(model.config)
+    images = ProcessedImages(load_training_data(args), processor)
+    cache_dir = args.feature_cache_dir or os.path.join(output_dir, FEATURE_CACHE)
+    items, cache_seconds = _training_items(args, model, images, accelerator, cache_dir)
+
+    sampler = EpochShuffleSampler(len(items), args.seed)
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers
+    )
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.lr, betas=tuple(args.adam_betas))
+    step_module, optimizer, loader = accelerator.prepare(CraneTrainingStep(model), optimizer, loader)
+    register_prompt_state_hooks(accelerator, model)
+
+    state: dict[str, Any] = {"epoch": 0, "global_step": 0, "settings": settings, "history": []}
+    if resume:
+        accelerator.load_state(os.path.join(resume, TRAINING_STATE))
+        state = read_trainer_state(resume)
+        state["settings"] = settings
+    state["cache_fill_seconds"] = cache_seconds
+    if args.report_to == "tensorboard":
+        accelerator.init_trackers("crane", config={k: str(v) for k, v in settings.items()})
+
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        summary = _train_epoch(accelerator, step_module, optimizer, loader, epoch, args, state, output_dir)
+        state["epoch"] = epoch
+        state["history"].append(summary)
+        save_checkpoint(accelerator, model, processor, checkpoint_path(output_dir, epoch), state, args.overwrite)
+    if accelerator.is_main_process:
+        publish_model(checkpoint_path(output_dir, state["epoch"]), output_dir)
+        if args.cache_features and not args.feature_cache_dir and not args.keep_feature_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+def _train_epoch(
+    accelerator: Accelerator,
+    step_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    epoch: int,
+    args: argparse.Namespace,
+    state: dict[str, Any],
+    output_dir: str,
+) -> dict[str, Any]:
+    """One epoch; logs each optimizer step and returns the epoch's summary (mean losses, steps, seconds)."""
+    set_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
+    loader.set_epoch(epoch)
+    step_module.train()
+    steps = micro_batches = 0
+    step_sum = torch.zeros(len(LOSS_NAMES))
+    epoch_sum = torch.zeros(len(LOSS_NAMES))
+    progress = tqdm(
+        total=len(loader) // args.gradient_accumulation_steps or 1,
+        desc=f"epoch {epoch}/{args.epochs}",
+        disable=not accelerator.is_local_main_process,
+    )
+    log_path = os.path.join(output_dir, TRAINING_LOG)
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            with accelerator.accumulate(step_module):
+                output = step_module(batch)
+                accelerator.backward(output.loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            step_sum += accelerator.reduce(_loss_values(output), reduction="mean").cpu()
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            losses = step_sum / micro_batches
+            epoch_sum += losses
+            steps += 1
+            state["global_step"] += 1
+            record = {name: round(float(v), 6) for name, v in zip(LOSS_NAMES, losses)}
+            accelerator.log(record, step=state["global_step"])
+            if accelerator.is_main_process:
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(json.dumps({"epoch": epoch, "step": state["global_step"], **record}) + "\n")
+            progress.set_postfix({k.replace("_loss", ""): f"{v:.4f}" for k, v in record.items()})
+            progress.update(1)
+            step_sum.zero_()
+            micro_batches = 0
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    means = {f"mean_{name}": round(float(v), 6) for name, v in zip(LOSS_NAMES, epoch_sum / max(steps, 1))}
+    return {"epoch": epoch, "steps": steps, "seconds": round(seconds, 3), "steps_per_second": steps / seconds, **means}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    args = parser.parse_args(argv)
+    try:
+        output_dir = run(args)
+    except (
+        DatasetLayoutError,
+        FeatureCacheMismatchError,
+        FileNotFoundError,
+        KeyError,
+        OutputExistsError,
+        ValueError,
+    ) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print(f"Prompts saved in {output_dir} (checkpoints: {CHECKPOINT_PREFIX}N/, log: {TRAINING_LOG}).")
+    return 0
+
+
+__all__ = ["CraneTrainingStep", "add_arguments", "build_model", "epoch_seed", "load_training_data", "main", "run"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Per-epoch training checkpoints: a loadable prompts-only model folder plus the state to resume from.
+
+    <output>/checkpoint-epoch-<N>/
+        config.json, model.safetensors, ...   `save_pretrained(include_backbones=False)`: the prompts as safetensors,
+                                              loadable with CraneForAnomalyDetection.from_pretrained
+        preprocessor_config.json              the matching CraneImageProcessor
+        training_state/                       accelerate's `save_state`: optimizer (and gradient scaler) state,
+                                              random states; the prompts are not duplicated there
+        trainer_state.json                    epoch, optimizer steps, the run's settings, the loss history
+
+Each checkpoint is written by the main process into a temporary folder renamed in one step when complete, so a
+run killed at any moment leaves only complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from .atomic_io import atomic_output_dir, atomic_write_bytes, atomic_write_text
+
+CHECKPOINT_PREFIX = "checkpoint-epoch-"
+TRAINING_STATE = "training_state"
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_path(output_dir: str, epoch: int) -> str:
+    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{int(epoch)}")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as (epoch, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(spec: str, output_dir: str) -> str:
+    """A checkpoint folder from `--resume-from-checkpoint`: a path, or "latest" (the newest in `output_dir`)."""
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"No checkpoint ({CHECKPOINT_PREFIX}N with {TRAINER_STATE}) in {output_dir}.")
+        return checkpoints[-1][1]
+    for required in (TRAINER_STATE, TRAINING_STATE, SAFE_WEIGHTS_NAME):
+        if not os.path.exists(os.path.join(spec, required)):
+            raise FileNotFoundError(f"{spec} is not a training checkpoint: it has no {required}.")
+    return spec
+
+
+def read_trainer_state(checkpoint: str) -> dict[str, Any]:
+    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def register_prompt_state_hooks(accelerator: Any, model: Any) -> None:
+    """Make `accelerator.save_state` / `load_state` skip the (frozen, large) backbone weights.
+
+    The prompts are saved beside the training state by `save_pretrained`; loading the state reads them back from
+    the checkpoint folder's model.safetensors.
+    """
+
+    def skip_model_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def load_prompts(models: list, input_dir: str) -> None:
+        models.clear()
+        weights = os.path.join(os.path.dirname(os.path.abspath(input_dir)), SAFE_WEIGHTS_NAME)
+        model.load_prompt_state(load_file(weights), source=weights)
+
+    accelerator.register_save_state_pre_hook(skip_model_weights)
+    accelerator.register_load_state_pre_hook(load_prompts)
+
+
+def save_checkpoint(
+    accelerator: Any, model: Any, processor: Any, path: str, trainer_state: dict[str, Any], overwrite: bool
+) -> None:
+    """Write a checkpoint (layout in the module docstring) from the main process; all processes wait for it."""
+    if accelerator.is_main_process:
+        with atomic_output_dir(path, overwrite=overwrite) as staging:
+            model.save_pretrained(staging, include_backbones=False)
+            processor.save_pretrained(staging)
+            accelerator.save_state(os.path.join(staging, TRAINING_STATE))
+            atomic_write_text(os.path.join(staging, TRAINER_STATE), json.dumps(trainer_state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def publish_model(checkpoint: str, output_dir: str) -> None:
+    """Copy the model files of `checkpoint` (not its training state) into `output_dir`, each atomically."""
+    for name in sorted(os.listdir(checkpoint)):
+        source = os.path.join(checkpoint, name)
+        if os.path.isfile(source):
+            with open(source, "rb") as stream:
+                atomic_write_bytes(os.path.join(output_dir, name), stream.read())
+
+
+def prompt_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable prompt tensors of a Crane model, detached copies on the CPU."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.named_parameters() if tensor.requires_grad}
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "TRAINER_STATE",
+    "TRAINING_STATE",
+    "checkpoint_path",
+    "list_checkpoints",
+    "prompt_tensors",
+    "publish_model",
+    "read_trainer_state",
+    "register_prompt_state_hooks",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,186 @@
+"""Training runs on the synthetic dataset with tiny random backbones: the loss falls, checkpoints load, a killed run
+resumes exactly, cached backbone outputs give the same prompts, outputs are never silently replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+import crane_hf.train as train_module
+from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
+from crane_hf.data import load_data_source
+from crane_hf.train import main
+from crane_hf.training_checkpoints import prompt_tensors
+from crane_hf.training_data import ProcessedImages
+
+from .training_fixtures import backbones, one_thread, synthetic
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+__all__ = ["backbones", "synthetic"]  # fixtures used by name
+
+
+def _args(backbones, synthetic, output_dir, *extra):
+    return [
+        "--data",
+        f"{synthetic}:test",
+        "--clip",
+        backbones["clip"],
+        "--output-dir",
+        str(output_dir),
+        "--image-size",
+        "56",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        *extra,
+    ]
+
+
+def _prompts(folder):
+    return prompt_tensors(CraneForAnomalyDetection.from_pretrained(str(folder)))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(backbones, synthetic, tmp_path_factory):
+    """A 2-epoch run without interruption (the reference of the resume and cache tests)."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert main(_args(backbones, synthetic, output)) == 0
+    torch.set_num_threads(previous)
+    return output
+
+
+def _dataset_loss(model, synthetic):
+    """Mean training loss over the whole dataset (train mode: image-conditioned prompts, no gradients)."""
+    images = ProcessedImages(
+        load_data_source(f"{synthetic}:test"), CraneImageProcessor.from_crane_config(model.config)
+    )
+    batch = torch.utils.data.default_collate([images[i] for i in range(len(images))])
+    model.train()
+    with torch.no_grad():
+        return model(batch["pixel_values"], labels=batch["labels"], masks=batch["masks"]).loss.item()
+
+
+def test_a_few_steps_lower_the_loss(uninterrupted, backbones, synthetic):
+    set_seed(111)  # the trainer seeds with --seed before building the model: the same initial prompts
+    initial = CraneForAnomalyDetection.from_backbones(backbones["clip"], image_size=56)
+    trained = CraneForAnomalyDetection.from_pretrained(str(uninterrupted))
+    before, after = _dataset_loss(initial, synthetic), _dataset_loss(trained, synthetic)
+    assert after < before - 0.05, (before, after)
+    log = [json.loads(line) for line in (uninterrupted / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 9))  # 14 images, batch 4: 4 steps per epoch
+    assert set(log[0]) == {"epoch", "step", "loss", "focal_loss", "dice_loss", "image_loss"}
+    row = log[0]
+    assert row["loss"] == pytest.approx(2 * row["focal_loss"] + 2 * row["dice_loss"] + 0.2 * row["image_loss"], 1e-4)
+
+
+def test_checkpoints_are_loadable_prompts_only_folders(uninterrupted, backbones):
+    state = json.loads((uninterrupted / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["global_step"] == 8 and len(state["history"]) == 2
+    assert state["settings"]["lr"] == 1e-3 and state["settings"]["adam_betas"] == [0.6, 0.999]
+    for epoch in (1, 2):
+        folder = uninterrupted / f"checkpoint-epoch-{epoch}"
+        assert os.path.getsize(folder / "model.safetensors") < 100_000  # prompts only, no backbones
+        assert sorted(os.listdir(folder / "training_state")) == ["optimizer.bin", "random_states_0.pkl"]
+        model = CraneForAnomalyDetection.from_pretrained(str(folder))
+        assert model.config.clip_backbone == backbones["clip"] and model.config.image_size == 56
+    first, last, final = (_prompts(uninterrupted / name) for name in ("checkpoint-epoch-1", "checkpoint-epoch-2", ""))
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert not all(torch.equal(first[k], final[k]) for k in final)
+    processor = CraneImageProcessor.from_pretrained(str(uninterrupted))
+    assert processor.image_size == 56
+
+
+def test_run_killed_after_epoch_1_resumes_to_the_same_prompts(
+    uninterrupted, backbones, synthetic, tmp_path, monkeypatch
+):
+    output = tmp_path / "killed"
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(accelerator, model, processor, path, state, overwrite):
+        real_save(accelerator, model, processor, path, state, overwrite)
+        raise KeyboardInterrupt("killed after the epoch-1 checkpoint")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(backbones, synthetic, output))
+    monkeypatch.undo()
+    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint")) == ["checkpoint-epoch-1"]
+    assert not (output / "model.safetensors").exists()
+    # Another run into the same folder is refused; resuming it is not.
+    assert main(_args(backbones, synthetic, output)) == 2
+    assert main(_args(backbones, synthetic, output, "--resume-from-checkpoint", "latest")) == 0
+    resumed, reference = _prompts(output), _prompts(uninterrupted)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 9))
+
+
+def test_resume_refuses_changed_settings(uninterrupted, backbones, synthetic, capsys):
+    checkpoint = str(uninterrupted / "checkpoint-epoch-1")
+    args = _args(backbones, synthetic, uninterrupted, "--resume-from-checkpoint", checkpoint, "--batch-size", "2")
+    assert main(args) == 2
+    assert "batch_size: checkpoint 4, now 2" in capsys.readouterr().err
+
+
+def test_cached_features_give_the_same_prompts(uninterrupted, backbones, synthetic, tmp_path):
+    output = tmp_path / "cached"
+    assert main(_args(backbones, synthetic, output, "--cache-features", "--report-to", "tensorboard")) == 0
+    cached, reference = _prompts(output), _prompts(uninterrupted)
+    for name in reference:
+        torch.testing.assert_close(cached[name], reference[name], rtol=1e-4, atol=1e-6)
+    assert not (output / "feature_cache").exists()  # the default cache is scratch
+    assert any(files for _, _, files in os.walk(output / "logs"))  # TensorBoard events
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["settings"]["cache_features"] is True and state["history"][0]["steps"] == 4
+
+
+def test_feature_cache_is_reused_and_refused_for_other_settings(backbones, synthetic, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = _args(backbones, synthetic, tmp_path / "a", "--cache-features", "--feature-cache-dir", str(cache))
+    assert main([*args, "--epochs", "1"]) == 0
+    entries = sorted(os.listdir(cache))
+    assert entries[0] == "00000000.safetensors" and "cache_info.json" in entries and len(entries) == 15
+    stamp = os.path.getmtime(cache / "00000003.safetensors")
+    args = _args(backbones, synthetic, tmp_path / "b", "--cache-features", "--feature-cache-dir", str(cache))
+    assert main([*args, "--epochs", "1"]) == 0
+    assert os.path.getmtime(cache / "00000003.safetensors") == stamp  # reused, not recomputed
+    assert main([*args, "--epochs", "1", "--image-size", "28", "--overwrite"]) == 2
+    assert "made for another setting (differs in: model)" in capsys.readouterr().err
+
+
+def test_crane_plus_trains_with_dino(backbones, synthetic, tmp_path):
+    output = tmp_path / "plus"
+    args = _args(backbones, synthetic, output, "--variant", "crane+", "--dino", backbones["dino"], "--epochs", "1")
+    assert main(args) == 0
+    model = CraneForAnomalyDetection.from_pretrained(str(output))
+    assert model.config.use_dattn and model.config.dino_backbone == backbones["dino"]
+
+
+def test_bad_inputs_are_reported(backbones, synthetic, tmp_path, capsys):
+    assert main(_args(backbones, synthetic, tmp_path / "x", "--dino", backbones["dino"])) == 2
+    assert "--dino is used by --variant crane+ only" in capsys.readouterr().err
+    assert main(_args(backbones, str(tmp_path / "missing"), tmp_path / "x")) == 2
+    assert "No dataset folder" in capsys.readouterr().err
+    assert main(_args(backbones, synthetic, tmp_path / "x", "--epochs", "0", "--lr", "-1")) == 2
+    assert "--epochs must be positive; --lr must be positive" in capsys.readouterr().err
+
+
+def test_anomalous_image_without_mask_is_named(backbones, synthetic, tmp_path, capsys):
+    with open(os.path.join(synthetic, "meta.json")) as stream:
+        meta = json.load(stream)
+    meta["test"]["brick"][-1]["mask_path"] = ""
+    root = tmp_path / "nomask"
+    root.mkdir()
+    os.symlink(os.path.join(synthetic, "brick"), root / "brick")
+    (root / "meta.json").write_text(json.dumps({"test": {"brick": meta["test"]["brick"]}}))
+    assert main(_args(backbones, str(root), tmp_path / "x")) == 2
+    assert "test/brick[6]" in capsys.readouterr().err
