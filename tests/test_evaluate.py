@@ -1,0 +1,159 @@
+"""crane-hf evaluate: per-class metrics equal to an independent computation, one process or two."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import crane_hf
+from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
+from crane_hf.cli import main
+from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
+from crane_hf.evaluate import paper_protocol
+from crane_hf.gaussian_smoothing import gaussian_smooth
+from crane_hf.metrics import compute_metrics
+
+from .tiny_models import save_tiny_model_folder
+
+
+@pytest.fixture(scope="module")
+def evaluation_setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluation")
+    model_dir = save_tiny_model_folder(work / "model", "crane+")
+    data = generate_synthetic_dataset(
+        str(work / "data"), classes=["brick", "coins"], image_size=64, train_good=0, test_good=3, test_defective=1
+    )
+    return work, model_dir, data
+
+
+def _expected_metrics(model_dir: str, data: str) -> dict[str, dict[str, float]]:
+    """Metrics computed image by image with the model, processor, scipy-equal smoothing and compute_metrics."""
+    model = CraneForAnomalyDetection.from_pretrained(model_dir)
+    processor = CraneImageProcessor.from_pretrained(model_dir)
+    dataset = load_anomaly_dataset(data, "test")
+    per_class: dict[str, list] = {}
+    for row in dataset:
+        inputs = processor([row["image"]], masks=[row["mask"]])
+        with torch.no_grad():
+            out = model(inputs["pixel_values"])
+        smoothed = gaussian_smooth(out.anomaly_maps, 4.0)[0].numpy()
+        per_class.setdefault(row["class_name"], []).append(
+            (row["label"], float(out.anomaly_scores[0]), inputs["masks"][0].numpy().astype(bool), smoothed)
+        )
+    expected = {}
+    for name, items in per_class.items():
+        labels, scores, masks, maps = zip(*items)
+        expected[name] = compute_metrics(np.array(labels), np.array(scores), np.stack(masks), np.stack(maps))
+    return expected
+
+
+def test_evaluate_writes_the_paper_table_with_exact_metrics(evaluation_setup, capsys):
+    work, model_dir, data = evaluation_setup
+    output = work / "single"
+    assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    expected = _expected_metrics(model_dir, data)
+    assert list(report["metrics"]) == ["brick", "coins", "mean"]
+    for name, metrics in expected.items():
+        for key, value in metrics.items():
+            assert report["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+    mean_auroc = np.mean([expected[n]["image_auroc"] for n in expected])
+    assert report["metrics"]["mean"]["image_auroc"] == pytest.approx(mean_auroc)
+    table = (output / "metrics.md").read_text()
+    assert "| class | Image AUROC | Image AP | Image F1-max | Pixel AUROC | Pixel AUPRO | Pixel F1-max |" in table
+    assert "| **mean** |" in table
+    assert (output / "metrics.csv").read_text().startswith("class,")
+    assert report["images"] == 16 and report["aupro"] == "official"
+    assert "Wrote metrics.md" in capsys.readouterr().out
+    assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]) == 2
+
+
+def test_overlays_and_legacy_aupro(evaluation_setup):
+    work, model_dir, data = evaluation_setup
+    output = work / "overlays"
+    argv = [
+        "evaluate",
+        "--model",
+        model_dir,
+        "--data",
+        f"{data}:test:coins",
+        "--output",
+        str(output),
+        "--aupro",
+        "legacy",
+        "--save-overlays",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    assert list(report["metrics"]) == ["coins", "mean"]
+    coins = report["metrics"]["coins"]
+    assert coins["pixel_aupro"] == coins["pixel_aupro_legacy"] != coins["pixel_aupro_official"]
+    assert len(os.listdir(output / "overlays" / "coins")) == 8
+    assert not any(name.startswith(".") for name in os.listdir(work))
+
+
+def test_two_processes_equal_one(evaluation_setup):
+    work, model_dir, data = evaluation_setup
+    single = work / "one-process"
+    assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(single), "--quiet"]) == 0
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
+    env = {**os.environ, "PYTHONPATH": source_root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "crane_hf.evaluate",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--output",
+        str(work / "two-processes"),
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Wrote metrics.md") == 1
+    one = json.loads((single / "metrics.json").read_text())
+    two = json.loads((work / "two-processes" / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["images"] == one["images"] == 16
+    for name in one["metrics"]:
+        for key, value in one["metrics"][name].items():
+            assert two["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_paper_protocol_follows_the_spec():
+    assert paper_protocol("mvtec") == {
+        "dataset": "mvtec",
+        "preset": "crane+/visa",
+        "soft_mean": False,
+        "aupro": "legacy",
+    }
+    assert paper_protocol("VisA")["preset"] == "crane+/mvtec"
+    assert paper_protocol("dagm")["soft_mean"] is True
+    assert paper_protocol("BrainMRI") == {
+        "dataset": "brainmri",
+        "preset": "crane+/mvtec-epoch1",
+        "soft_mean": True,
+        "aupro": "legacy",
+    }
+    assert paper_protocol("mvtec_ad", "crane")["preset"] == "crane/visa"
+    with pytest.raises(ValueError, match="--dataset"):
+        paper_protocol("my-parts")
