@@ -15,6 +15,7 @@ COMMANDS = {
     "calibrate": ("crane_hf.calibrate", "set a model folder's thresholds from normal images"),
     "convert": ("crane_hf.convert_original", "convert an official Crane checkpoint (.pth)"),
     "push": ("crane_hf.hub_publishing", "publish a model folder to the Hub (or --dry-run to a folder)"),
+    "train": ("crane_hf.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
     "evaluate": ("crane_hf.evaluate", "per-class metrics in the paper's layout on a dataset"),
     "demo": ("crane_hf.demo", "the main job: score example images (offline: a small demo model)"),
 }

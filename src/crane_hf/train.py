@@ -275,7 +275,7 @@ def _training_items(
     return CachedFeatures(cache, images.dataset["label"]), time.perf_counter() - start
 
 
-def run(args: argparse.Namespace) -> str:
+def train(args: argparse.Namespace) -> str:
     """Train (or resume) as `args` say; returns the output folder, which holds the final prompts."""
     _check_arguments(args)
     for spec in args.data:
@@ -382,13 +382,10 @@ def _train_epoch(
     return {"epoch": epoch, "steps": steps, "seconds": round(seconds, 3), "steps_per_second": steps / seconds, **means}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`train`, with errors reported on stderr; the exit code of `crane-hf train` (0 success, 2 error)."""
     try:
-        output_dir = run(args)
+        output_dir = train(args)
     except (
         DatasetLayoutError,
         FeatureCacheMismatchError,
@@ -404,7 +401,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CraneTrainingStep", "add_arguments", "build_model", "epoch_seed", "load_training_data", "main", "run"]
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    return run(parser.parse_args(argv))
+
+
+__all__ = [
+    "CraneTrainingStep",
+    "add_arguments",
+    "build_model",
+    "epoch_seed",
+    "load_training_data",
+    "main",
+    "run",
+    "train",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())
