@@ -22,9 +22,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModel, CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
 
 from .anomaly_losses import crane_loss
+from .checkpoint_validation import (
+    check_checkpoint,
+    check_floating_point,
+    check_loading_info,
+    resolve_safetensors_files,
+    safetensors_header,
+)
 from .clip_layers import clip_block
 from .configuration_crane import CraneConfig, _as_int
 from .d_attention import dattn_features
@@ -34,6 +41,7 @@ from .prompt_learning import CranePromptLearner, encode_prompts
 from .score_pooling import score_based_pooling
 
 PROMPT_PREFIX = "prompt_learner."
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # Architecture fields that must agree between a config and the backbone loaded for it.
 _ARCHITECTURE_FIELDS = (
@@ -246,11 +254,31 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config = CraneConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if config.backbones_in_checkpoint:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
-            model = loaded[0] if isinstance(loaded, tuple) else loaded
-            model._freeze_backbones()
-            return loaded
+            return cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
         return cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
+
+    @classmethod
+    def _from_full_checkpoint(cls, path: str | os.PathLike, config: CraneConfig, *args: Any, **kwargs: Any):
+        """transformers' loading, from safetensors only, refusing any tensor that does not fit (named).
+
+        The file headers are checked first (every tensor must be floating point); transformers then maps the
+        checkpoint's names to the model's and reports missing, unexpected and mis-shaped tensors, which are refused
+        instead of being left randomly initialized.
+        """
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+
+        def resolve(name: str) -> str | None:
+            return cached_file(os.fspath(path), name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+        files = resolve_safetensors_files(resolve, os.fspath(path), SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        check_floating_point(safetensors_header(files), f"The checkpoint {path}")
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches are refused below, with their names
+        model, info = super().from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
+        check_loading_info(info, f"The checkpoint {path}")
+        model._freeze_backbones()
+        return (model, info) if wants_info else model
 
     @classmethod
     def _from_prompts_checkpoint(cls, path: str | os.PathLike, config: CraneConfig, **kwargs: Any):
@@ -302,23 +330,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
     def load_prompt_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Load the prompt tensors (`prompt_learner.*`), refusing missing, unexpected or mis-shaped tensors."""
         expected = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(PROMPT_PREFIX)}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [
-            f"{name} {tuple(state[name].shape)} {state[name].dtype} (expected {tuple(tensor.shape)}, floating point)"
-            for name, tensor in expected.items()
-            if name in state
-            and (tuple(state[name].shape) != tuple(tensor.shape) or not state[name].is_floating_point())
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing tensors {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected tensors {', '.join(unexpected)}")
-        if wrong:
-            problems.append(f"tensors of the wrong shape or dtype: {'; '.join(wrong)}")
-        if problems:
-            raise ValueError(f"{source} does not fit this model: " + "; ".join(problems) + ".")
+        found = {name: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for name, t in state.items()}
+        check_checkpoint(found, expected, source)
         with torch.no_grad():
             for name, tensor in expected.items():
                 tensor.copy_(state[name].to(tensor.dtype))
