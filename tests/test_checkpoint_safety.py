@@ -53,7 +53,7 @@ def test_pickled_weights_are_never_loaded(folder):
     state = load_file(os.path.join(folder, "model.safetensors"))
     torch.save(state, os.path.join(folder, "pytorch_model.bin"))
     os.remove(os.path.join(folder, "model.safetensors"))
-    with pytest.raises(CheckpointMismatchError, match="never from pickled .bin/.pth files"):
+    with pytest.raises(CheckpointMismatchError, match=r"never from pickled \.bin/\.pth files"):
         CraneForAnomalyDetection.from_pretrained(folder)
 
 
