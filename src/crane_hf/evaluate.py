@@ -210,7 +210,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .data import DataSource, load_data_source
+    from .data import DataSource, InvalidRecordWarning, load_data_source
     from .metrics import AnomalyMetricAccumulator
     from .model_loading import load_model
 
@@ -233,7 +233,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     model, processor = load_model(
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
     )
-    datasets_ = [load_data_source(spec) for spec in args.data]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InvalidRecordWarning)
+        datasets_ = [load_data_source(spec, skip_invalid=True) for spec in args.data]
+    invalid = [str(w.message) for w in caught if issubclass(w.category, InvalidRecordWarning)]
     import datasets as hf_datasets
 
     dataset = hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0]
@@ -280,7 +283,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "soft_mean": model.config.soft_mean,
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
-        "skipped": [{"image_path": dataset[row]["image_path"], "reason": reason} for row, reason in all_skipped],
+        "skipped": [{"image_path": dataset[row]["image_path"], "reason": reason} for row, reason in all_skipped]
+        + [{"image_path": problem.split(": ", 1)[0], "reason": problem.split(": ", 1)[-1]} for problem in invalid],
     }
     with atomic_output_dir(output, overwrite=args.overwrite) as staging:
         write_report(staging, table, info)

@@ -114,6 +114,7 @@ def load_class_folders(
     mask_suffixes: Sequence[str] = ("_mask", ""),
     require_masks: bool = True,
     check_files: bool = True,
+    skip_invalid: bool = False,
 ) -> datasets.Dataset:
     """The generic layout (module docstring) as a `datasets.Dataset` (columns: `crane_hf.data.records`).
 
@@ -122,15 +123,30 @@ def load_class_folders(
             unreadable files or masks whose size differs from their image's, each named.
     """
     records = scan_class_folders(root, classes, (split,), normal_names, mask_suffixes)[split]
-    validate_records(root, records, str(root), check_files=check_files, require_masks=require_masks)
+    records = validate_records(
+        root, records, str(root), check_files=check_files, require_masks=require_masks, skip_invalid=skip_invalid
+    )
     return records_to_dataset(root, records)
 
 
 def load_mvtec(
-    root: str, split: str = "test", classes: Sequence[str] | None = None, check_files: bool = True
+    root: str,
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+    check_files: bool = True,
+    skip_invalid: bool = False,
 ) -> datasets.Dataset:
     """MVTec-AD (and datasets in its exact layout, e.g. MPDD) from its folders; masks named `<stem>_mask.png`."""
-    return load_class_folders(root, split, classes, ("good",), ("_mask",), require_masks=True, check_files=check_files)
+    return load_class_folders(
+        root,
+        split,
+        classes,
+        ("good",),
+        ("_mask",),
+        require_masks=True,
+        check_files=check_files,
+        skip_invalid=skip_invalid,
+    )
 
 
 def read_visa_csv(root: str, csv_path: str | None = None) -> dict[str, list[AnomalyRecord]]:
@@ -174,11 +190,14 @@ def load_visa(
     classes: Sequence[str] | None = None,
     csv_path: str | None = None,
     check_files: bool = True,
+    skip_invalid: bool = False,
 ) -> datasets.Dataset:
     """VisA from its split CSV as a `datasets.Dataset` (columns: `crane_hf.data.records`)."""
     csv_path = csv_path or os.path.join(root, VISA_SPLIT_CSV)
     records = select_records(read_visa_csv(root, csv_path), split, classes, csv_path)
-    validate_records(root, records, csv_path, check_files=check_files, require_masks=True)
+    records = validate_records(
+        root, records, csv_path, check_files=check_files, require_masks=True, skip_invalid=skip_invalid
+    )
     return records_to_dataset(root, records)
 
 

@@ -113,6 +113,7 @@ def load_meta_json(
     meta_path: str | None = None,
     check_files: bool = True,
     require_masks: bool = False,
+    skip_invalid: bool = False,
 ) -> datasets.Dataset:
     """A dataset described by a meta.json, as a `datasets.Dataset` (columns: `crane_hf.data.records`).
 
@@ -124,13 +125,16 @@ def load_meta_json(
         check_files: check that every image and mask exists, lies inside the root and that masks have their
             image's size (reads file headers only).
         require_masks: refuse anomalous images without a mask.
+        skip_invalid: leave offending entries out, with an `InvalidRecordWarning` each, instead of raising.
 
     Raises:
         DatasetLayoutError: listing each offending entry (split, class, index, paths and the problem).
     """
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     records = select_records(read_meta_json(root, meta_path), split, classes, meta_path)
-    validate_records(root, records, meta_path, check_files=check_files, require_masks=require_masks)
+    records = validate_records(
+        root, records, meta_path, check_files=check_files, require_masks=require_masks, skip_invalid=skip_invalid
+    )
     return records_to_dataset(root, records)
 
 

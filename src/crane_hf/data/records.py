@@ -15,6 +15,7 @@ with the columns
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -140,23 +141,38 @@ def record_problems(root: str, record: AnomalyRecord, check_files: bool = True) 
     return problems
 
 
+class InvalidRecordWarning(UserWarning):
+    """A dataset entry was left out (`skip_invalid=True`); the message names the entry and the problem."""
+
+
 def validate_records(
-    root: str, records: Iterable[AnomalyRecord], what: str, check_files: bool = True, require_masks: bool = False
+    root: str,
+    records: Iterable[AnomalyRecord],
+    what: str,
+    check_files: bool = True,
+    require_masks: bool = False,
+    skip_invalid: bool = False,
 ) -> list[AnomalyRecord]:
     """Check every record (see `record_problems`) and raise one `DatasetLayoutError` listing all problems.
 
     Args:
         require_masks: also refuse anomalous images without a mask (pixel-level training needs them).
+        skip_invalid: instead of raising, leave the offending records out and issue one `InvalidRecordWarning`
+            per problem (batch commands use this to finish on the good records and report the bad ones).
     """
-    records = list(records)
-    problems = []
+    kept, problems = [], []
     for record in records:
-        problems.extend(record_problems(root, record, check_files))
+        found = record_problems(root, record, check_files)
         if require_masks and record.label == 1 and not record.mask_path:
-            problems.append(f"{record.describe()}: anomalous image without a mask")
-    if problems:
+            found.append(f"{record.describe()}: anomalous image without a mask")
+        problems.extend(found)
+        if not found:
+            kept.append(record)
+    if problems and not skip_invalid:
         raise DatasetLayoutError(what, problems)
-    return records
+    for problem in problems:
+        warnings.warn(problem, InvalidRecordWarning, stacklevel=2)
+    return kept
 
 
 def records_to_dataset(root: str, records: Sequence[AnomalyRecord]) -> datasets.Dataset:
@@ -183,6 +199,7 @@ __all__ = [
     "LABEL_NAMES",
     "AnomalyRecord",
     "DatasetLayoutError",
+    "InvalidRecordWarning",
     "is_image_file",
     "list_images",
     "records_to_dataset",

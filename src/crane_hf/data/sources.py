@@ -67,21 +67,28 @@ def load_anomaly_dataset(
     classes: Sequence[str] | None = None,
     require_masks: bool = False,
     check_files: bool = True,
+    skip_invalid: bool = False,
 ) -> datasets.Dataset:
     """Open a dataset whatever its layout (`detect_layout`) as a `datasets.Dataset` (columns:
-    `crane_hf.data.records`)."""
+    `crane_hf.data.records`). With `skip_invalid`, offending entries are left out with an `InvalidRecordWarning`
+    each instead of raising."""
     layout = detect_layout(root)
+    options = {"check_files": check_files, "skip_invalid": skip_invalid}
     if layout == "meta.json":
-        return load_meta_json(root, split, classes, check_files=check_files, require_masks=require_masks)
+        return load_meta_json(root, split, classes, require_masks=require_masks, **options)
     if layout == "visa":
-        return load_visa(root, split, classes, check_files=check_files)
-    return load_class_folders(root, split, classes, require_masks=require_masks, check_files=check_files)
+        return load_visa(root, split, classes, **options)
+    return load_class_folders(root, split, classes, require_masks=require_masks, **options)
 
 
-def load_data_source(source: DataSource | str, require_masks: bool = False) -> datasets.Dataset:
+def load_data_source(
+    source: DataSource | str, require_masks: bool = False, skip_invalid: bool = False
+) -> datasets.Dataset:
     """`load_anomaly_dataset` for a `DataSource` or its string form."""
     source = DataSource.parse(source) if isinstance(source, str) else source
-    return load_anomaly_dataset(source.root, source.split, source.classes, require_masks=require_masks)
+    return load_anomaly_dataset(
+        source.root, source.split, source.classes, require_masks=require_masks, skip_invalid=skip_invalid
+    )
 
 
 __all__ = ["LAYOUTS", "DataSource", "detect_layout", "load_anomaly_dataset", "load_data_source"]
