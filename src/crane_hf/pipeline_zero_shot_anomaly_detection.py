@@ -112,13 +112,17 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             from PIL import Image as PILImage
 
             image = PILImage.open(BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
+        source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             from transformers.image_utils import load_image
 
             image = load_image(image, timeout=timeout)
         elif isinstance(image, str):
             image = read_image(image)
-        rgb = image_to_rgb_array(image)
+        try:
+            rgb = image_to_rgb_array(image)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}" if source else str(error)) from error
         inputs = self.image_processor(rgb, return_tensors="pt")
         model_inputs = {
             "pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32),
