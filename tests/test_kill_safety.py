@@ -1,0 +1,93 @@
+"""No data lost: a training run killed with SIGKILL at random moments leaves only complete, loadable checkpoints,
+and `--resume-from-checkpoint latest` continues from the newest one."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import crane_hf
+from crane_hf import CraneForAnomalyDetection
+from crane_hf.training_checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
+
+from .training_fixtures import backbones, synthetic
+
+__all__ = ["backbones", "synthetic"]  # fixtures used by name
+
+
+def _train_command(backbones, synthetic, output, epochs: int, resume: bool = False) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "crane_hf.train",
+        "--data",
+        f"{synthetic}:test",
+        "--clip",
+        backbones["clip"],
+        "--output-dir",
+        str(output),
+        "--image-size",
+        "56",
+        "--batch-size",
+        "2",
+        "--epochs",
+        str(epochs),
+        "--num-workers",
+        "0",
+        "--cpu",
+    ]
+    return [*command, "--resume-from-checkpoint", "latest"] if resume else command
+
+
+def _environment() -> dict[str, str]:
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
+    return {**os.environ, "PYTHONPATH": source_root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _assert_checkpoints_complete(output) -> int:
+    """Every visible checkpoint loads; returns the newest epoch (0 if none)."""
+    names = [name for name in os.listdir(output) if name.startswith(CHECKPOINT_PREFIX)]
+    complete = list_checkpoints(str(output))
+    assert sorted(os.path.basename(path) for _, path in complete) == sorted(names)  # no partial checkpoint visible
+    for epoch, path in complete:
+        assert read_trainer_state(path)["epoch"] == epoch
+        CraneForAnomalyDetection.from_pretrained(path)
+    return complete[-1][0] if complete else 0
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, synthetic, tmp_path):
+    rng = random.Random(7)
+    output = tmp_path / "run"
+    newest = 0
+    for attempt in range(3):
+        process = subprocess.Popen(
+            _train_command(backbones, synthetic, output, epochs=8, resume=newest > 0),
+            env=_environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Wait until the run has started writing (or a few seconds), then kill at a random moment.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            if list_checkpoints(str(output)) and len(list_checkpoints(str(output))) > newest:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        newest = max(newest, _assert_checkpoints_complete(output))
+        assert newest >= 1, f"attempt {attempt}: no checkpoint was written before the kill"
+    finished = subprocess.run(
+        _train_command(backbones, synthetic, output, epochs=8, resume=True),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert _assert_checkpoints_complete(output) == 8
+    CraneForAnomalyDetection.from_pretrained(str(output))
