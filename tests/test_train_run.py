@@ -113,7 +113,7 @@ def test_run_killed_after_epoch_1_resumes_to_the_same_prompts(
     with pytest.raises(KeyboardInterrupt):
         main(_args(backbones, synthetic, output))
     monkeypatch.undo()
-    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint")) == ["checkpoint-epoch-1"]
+    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-epoch-1"]
     assert not (output / "model.safetensors").exists()
     # Another run into the same folder is refused; resuming it is not.
     assert main(_args(backbones, synthetic, output)) == 2

@@ -240,9 +240,15 @@ def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
     return torch.stack([getattr(output, name).detach().float() for name in LOSS_NAMES])
 
 
+def _has_accelerator_device() -> bool:
+    """A GPU (or other accelerator) torch can use; `torch.accelerator` exists from torch 2.6."""
+    device_api = getattr(torch, "accelerator", None)
+    return device_api.is_available() if device_api is not None else torch.cuda.is_available()
+
+
 def _make_accelerator(args: argparse.Namespace, output_dir: str) -> Accelerator:
     accelerator = Accelerator(
-        cpu=args.cpu or not torch.accelerator.is_available(),  # no GPU: gloo processes on the CPU
+        cpu=args.cpu or not _has_accelerator_device(),  # no GPU: gloo processes on the CPU
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="tensorboard" if args.report_to == "tensorboard" else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import torch
@@ -102,8 +103,10 @@ def publish_model(checkpoint: str, output_dir: str) -> None:
     for name in sorted(os.listdir(checkpoint)):
         source = os.path.join(checkpoint, name)
         if os.path.isfile(source):
+            target = os.path.join(output_dir, name)
             with open(source, "rb") as stream:
-                atomic_write_bytes(os.path.join(output_dir, name), stream.read())
+                atomic_write_bytes(target, stream.read())
+            shutil.copymode(source, target)  # the temporary file was private (0600)
 
 
 def prompt_tensors(model: Any) -> dict[str, torch.Tensor]:
