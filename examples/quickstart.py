@@ -13,43 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
-
-
-def small_random_backbones() -> tuple[CLIPModel, Dinov2WithRegistersModel]:
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        CLIPConfig(
-            projection_dim=64,
-            text_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 2,
-            },
-            vision_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 6,
-                "num_attention_heads": 2,
-                "image_size": 112,
-                "patch_size": 14,
-                "projection_dim": 64,
-            },
-        )
-    )
-    dino = Dinov2WithRegistersModel(
-        Dinov2WithRegistersConfig(
-            hidden_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=112
-        )
-    )
-    return clip, dino
+from crane_hf.small_backbones import small_random_backbones
 
 
 def main() -> None:
-    clip, dino = small_random_backbones()
+    clip, dino = small_random_backbones(image_size=112)
     model = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=112)
     processor = CraneImageProcessor.from_crane_config(model.config)
     rng = np.random.default_rng(0)

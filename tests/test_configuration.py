@@ -45,6 +45,7 @@ def test_preset_scales_layers_to_a_shallower_tower():
     config = CraneConfig.for_variant("crane", tiny_clip_config(vision_layers=12))
     assert config.feature_layers == [3, 6, 9, 12]
     assert config.eattn_layers == 10
+    assert CraneConfig.for_variant("crane", tiny_clip_config(vision_layers=2)).feature_layers == [1, 2]
 
 
 @pytest.mark.parametrize("name", OFFICIAL_FILES)

@@ -480,6 +480,12 @@ def test_prompts_only_checkpoint_is_small_and_loads_its_backbones(tmp_path, imag
     }
 
 
+def test_backbone_sources_can_be_named_explicitly(tmp_path):
+    clip_dir, _ = _backbone_folders(tmp_path)
+    model = CraneForAnomalyDetection.from_backbones(clip_dir, clip_backbone="my-org/clip", image_size=TINY_SIZE)
+    assert model.config.clip_backbone == "my-org/clip"
+
+
 def test_prompts_only_save_needs_known_backbone_sources():
     with pytest.raises(ValueError, match="clip_backbone"):
         tiny_model("crane").save_pretrained("/nonexistent", include_backbones=False)

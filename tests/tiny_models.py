@@ -8,6 +8,7 @@ import torch
 from transformers import CLIPConfig, Dinov2WithRegistersConfig
 
 from crane_hf import CraneConfig, CraneForAnomalyDetection
+from crane_hf.small_backbones import small_clip_config, small_dino_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 OFFICIAL_DIR = os.path.join(FIXTURES, "crane_official")
@@ -17,40 +18,11 @@ TINY_SIZE = 56  # 4 x 4 patches of 14 pixels
 
 def tiny_clip_config(vision_layers: int = 6, width: int = 32) -> CLIPConfig:
     """A CLIP with the real 49408-token vocabulary (prompt ids are real CLIP BPE ids) and tiny towers."""
-    return CLIPConfig(
-        projection_dim=width,
-        text_config={
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 2,
-            "vocab_size": 49408,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "projection_dim": width,
-        },
-        vision_config={
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
-            "image_size": TINY_SIZE,
-            "patch_size": 14,
-            "projection_dim": width,
-        },
-    )
+    return small_clip_config(width=width, vision_layers=vision_layers, image_size=TINY_SIZE)
 
 
 def tiny_dino_config() -> Dinov2WithRegistersConfig:
-    return Dinov2WithRegistersConfig(
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        patch_size=14,
-        image_size=TINY_SIZE,
-        num_register_tokens=4,
-    )
+    return small_dino_config(width=24, image_size=TINY_SIZE)
 
 
 def tiny_config(variant: str = "crane", **overrides) -> CraneConfig:

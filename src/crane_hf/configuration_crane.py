@@ -382,7 +382,8 @@ class CraneConfig(PreTrainedConfig):
             raise ValueError("variant='crane' uses no DINOv2 backbone; pass dino_config only with variant='crane+'.")
         settings = copy.deepcopy(PAPER_SETTINGS[variant])
         num_layers = clip_config.vision_config.num_hidden_layers
-        settings["feature_layers"] = [max(1, round(layer * num_layers / 24)) for layer in settings["feature_layers"]]
+        scaled = [max(1, round(layer * num_layers / 24)) for layer in settings["feature_layers"]]
+        settings["feature_layers"] = list(dict.fromkeys(scaled))  # shallow towers: distinct layers only
         settings["eattn_layers"] = max(1, round(19 * num_layers / 24))
         settings["num_deep_prompts"] = min(8, clip_config.text_config.num_hidden_layers - 1)
         settings.update(overrides)

@@ -21,6 +21,7 @@ import torch
 
 from .atomic_io import atomic_output_dir, check_can_write
 from .presets import DEFAULT_PRESET, BackboneUnavailableError
+from .small_backbones import small_random_backbones
 
 DEMO_TRAIN_CLASSES = ("brick", "grass", "gravel", "tissue")
 DEMO_EXAMPLE_CLASSES = ("coins", "moon")
@@ -31,39 +32,6 @@ OFFLINE_BANNER = (
     "Running the same workflow on SMALL RANDOM backbones whose prompts are trained for a moment on synthetic\n"
     "defects. The files have the real format; the scores do NOT have Crane's accuracy."
 )
-
-
-def small_random_backbones(seed: int = 0) -> tuple[Any, Any]:
-    """A small random CLIP (real CLIP vocabulary) and DINOv2 with registers, for offline demos."""
-    from transformers import CLIPConfig, CLIPModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(seed)
-    clip = CLIPModel(
-        CLIPConfig(
-            projection_dim=64,
-            text_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 2,
-            },
-            vision_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 6,
-                "num_attention_heads": 2,
-                "image_size": DEMO_IMAGE_SIZE,
-                "patch_size": 14,
-                "projection_dim": 64,
-            },
-        )
-    )
-    dino = Dinov2WithRegistersModel(
-        Dinov2WithRegistersConfig(
-            hidden_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=DEMO_IMAGE_SIZE
-        )
-    )
-    return clip.eval(), dino.eval()
 
 
 def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int, seed: int = 0) -> list[float]:
@@ -121,7 +89,7 @@ def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> t
         test_defective=2,
         seed=seed + 1,
     )
-    clip, dino = small_random_backbones(seed)
+    clip, dino = small_random_backbones(seed, image_size=DEMO_IMAGE_SIZE)
     model = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=DEMO_IMAGE_SIZE, soft_mean=True)
     processor = CraneImageProcessor.from_crane_config(model.config)
     started = time.perf_counter()

@@ -196,8 +196,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 f"{dino_model.config.model_type!r}."
             )
         sources = {
-            "clip_backbone": _backbone_source(clip, clip_model),
-            "dino_backbone": _backbone_source(dino, dino_model),
+            "clip_backbone": config_overrides.pop("clip_backbone", None) or _backbone_source(clip, clip_model),
+            "dino_backbone": config_overrides.pop("dino_backbone", None) or _backbone_source(dino, dino_model),
         }
         if config is None:
             config = CraneConfig.for_variant(
