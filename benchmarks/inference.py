@@ -57,7 +57,16 @@ SHAPES: dict[str, dict[str, Any]] = {
     "small": {"clip": SMALL_CLIP, "dino": SMALL_DINO, "image_size": 224},
     "paper": {"clip": CLIP_VIT_L14_336, "dino": DINOV2_REG_B14, "image_size": 518},
 }
-ROWS = ("floor-clip", "floor-clip+dino", "crane", "crane+", "crane-materialized", "crane+-materialized")
+ROWS = (
+    "floor-clip",
+    "floor-clip+dino",
+    "crane",
+    "crane+",
+    "crane-materialized",
+    "crane+-materialized",
+    "crane-compiled",
+    "crane+-compiled",
+)
 ROW_LABELS = {
     "floor-clip": "floor: CLIP vision",
     "floor-clip+dino": "floor: CLIP vision + DINOv2",
@@ -65,6 +74,8 @@ ROW_LABELS = {
     "crane+": "Crane+",
     "crane-materialized": "Crane, materialized attn",
     "crane+-materialized": "Crane+, materialized attn",
+    "crane-compiled": "Crane, torch.compile",
+    "crane+-compiled": "Crane+, torch.compile",
 }
 FLOOR_OF = {"crane": "floor-clip", "crane+": "floor-clip+dino"}
 SMOOTHING_SIGMA = 4.0
@@ -89,30 +100,42 @@ def build_model(shape: str, variant: str, device: str | torch.device = "cpu") ->
 def analytic_flops(config: CraneConfig, size: int) -> dict[str, float]:
     """FLOPs per image (a multiply-add counts 2) of the matrix products, derived from the architecture.
 
-    Keys: "clip" (the floor's CLIP vision tower), "dino" (its DINOv2 forward), "eattn" (the E-Attn stream's extra
-    attentions and output projections), "dattn" (D-Attn similarity, weighted values, output projection) and
-    "heads" (post-LayerNorm projection of every map, patch and image logits). Text features are cached: 0.
+    With C the CLIP width, I its MLP width, T = N + 1 tokens, a CLIP layer costs 8TC^2 (q, k, v, output
+    projections) + 4TCI (MLP) + 4T^2C (q k^T and weights @ v). Keys:
+    "clip": patch embedding + L layers + projection (the floor's CLIP vision tower);
+    "dino": the DINOv2 forward (same formula with its width, MLP and T = M + 1 + registers);
+    "eattn": per E-Attn layer, pairs x 4T^2C for the self-correlation attentions + 2TC^2 for the e stream's
+        output projection;
+    "last_layer": what the class-token-only last layer saves (negative): CLIP's attention output, output
+        projection and MLP for the N patch tokens, N (4TC + 2C^2 + 4CI);
+    "dattn": the M x M DINOv2 similarity once (2M^2 C_dino), then per feature layer weights @ values (2M^2 C) and
+        the output projection (2MC^2); the values are the layer's own v projection, reused;
+    "heads": visual projection of every map (2NCD) and the patch logits (4ND).
+    Text features are cached: no per-image cost.
     """
     vision = config.clip_config.vision_config
     c, layers, inner, patch = vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size, vision.patch_size
     n = (size // patch) ** 2
     t = n + 1
-    per_layer = 8 * t * c * c + 4 * t * c * inner + 4 * t * t * c  # q, k, v, out; MLP; q k^T and weights @ v
-    flops = {"clip": 2 * n * 3 * patch * patch * c + layers * per_layer + 2 * c * config.clip_config.projection_dim}
-    pairs = {"qq+kk+vv": 3, "qq+kk": 2, "qq": 1, "kk": 1, "vv": 1}.get(config.eattn_type)
-    self_attention = pairs * 4 * t * t * c if pairs else 8 * t * t * c  # "(q+k+v)^2": 3c-wide keys, then v
-    flops["eattn"] = config.eattn_layers * (self_attention + 2 * t * c * c)
     projection = config.clip_config.projection_dim
-    flops["heads"] = config.num_maps * (2 * n * c * projection + 2 * n * projection * 2) + 2 * projection * 2
+    per_layer = 8 * t * c * c + 4 * t * c * inner + 4 * t * t * c
+    flops = {"clip": 2 * n * 3 * patch * patch * c + layers * per_layer + 2 * c * projection}
+    pairs = {"qq+kk+vv": 3, "qq+kk": 2, "qq": 1, "kk": 1, "vv": 1}.get(config.eattn_type)
+    self_attention = pairs * 4 * t * t * c if pairs else 8 * t * t * c  # "(q+k+v)^2": 3C-wide keys, then v
+    flops["eattn"] = config.eattn_layers * (self_attention + 2 * t * c * c)
+    trimmed = config.eattn_layers > 0 and not (config.official_code_compat and config.use_dattn)
+    flops["last_layer"] = -n * (4 * t * c + 2 * c * c + 4 * c * inner) if trimmed else 0
+    flops["heads"] = config.num_maps * (2 * n * c * projection + 4 * n * projection)
     flops["dino"] = flops["dattn"] = 0
     if config.use_dattn:
         dino = config.dino_config
-        w, dl, dp = dino.hidden_size, dino.num_hidden_layers, dino.patch_size
-        m = (size // dp) ** 2
+        w, dino_layers, dino_patch = dino.hidden_size, dino.num_hidden_layers, dino.patch_size
+        m = (size // dino_patch) ** 2
         td = m + 1 + getattr(dino, "num_register_tokens", 0)
         mlp = int(w * dino.mlp_ratio)
-        flops["dino"] = 2 * m * 3 * dp * dp * w + dl * (8 * td * w * w + 4 * td * w * mlp + 4 * td * td * w)
-        flops["dattn"] = len(config.feature_layers) * (2 * m * m * w + 2 * m * m * c + 2 * m * c * c)
+        dino_layer = 8 * td * w * w + 4 * td * w * mlp + 4 * td * td * w
+        flops["dino"] = 2 * m * 3 * dino_patch**2 * w + dino_layers * dino_layer
+        flops["dattn"] = 2 * m * m * w + len(config.feature_layers) * (2 * m * m * c + 2 * m * c * c)
     return flops
 
 
@@ -146,7 +169,7 @@ def _floor_forward(model: CraneForAnomalyDetection, pixel_values: torch.Tensor) 
     return embeds
 
 
-def _crane_forward(model: CraneForAnomalyDetection, pixel_values: torch.Tensor, sigma: float) -> torch.Tensor:
+def _crane_forward(model: torch.nn.Module, pixel_values: torch.Tensor, sigma: float) -> torch.Tensor:
     """Scores and maps from pixels: the forward (without its input scan on meta tensors) and the smoothing."""
     if pixel_values.device.type == "meta":
         image_embeds, features, grid = model.encode_image(pixel_values)
@@ -156,12 +179,24 @@ def _crane_forward(model: CraneForAnomalyDetection, pixel_values: torch.Tensor, 
     return gaussian_smooth(output.anomaly_maps, sigma) if sigma else output.anomaly_maps
 
 
+def workload(row: str, shape: str, device: torch.device) -> tuple[Any, contextlib.AbstractContextManager]:
+    """The callable pixels -> result of a table row, and the context it runs in."""
+    variant = "crane+" if "+" in row else "crane"
+    model = build_model(shape, variant, device)
+    if row.startswith("floor"):
+        return (lambda x: _floor_forward(model, x)), contextlib.nullcontext()
+    runner = torch.compile(model) if row.endswith("compiled") else model
+    context = materialized_attention() if row.endswith("materialized") else contextlib.nullcontext()
+    return (lambda x: _crane_forward(runner, x, SMOOTHING_SIGMA)), context
+
+
 @dataclass
 class Measurement:
     row: str
     batch: int
     precision: str
     seconds: list[float]
+    cpu_seconds: list[float]
     peak_rss_mib: float
     forward_mib: float
     device: str
@@ -180,29 +215,19 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
 def run_worker(spec: dict[str, Any]) -> Measurement:
-    """One configuration in this (fresh) process: warm-up at batch 1, then `repeats` timed calls."""
+    """One configuration in this (fresh) process: a warm-up call at batch 1 (the compilation, for compiled rows),
+    then `repeats` timed calls at the batch size. Peak memory covers the warm-up and the timed calls."""
     device = torch.device(spec["device"])
-    variant = "crane+" if spec["row"] in ("crane+", "crane+-materialized", "floor-clip+dino") else "crane"
-    model = build_model(spec["shape"], variant, device)
-    size = model.config.image_size
-    generator = torch.Generator().manual_seed(1)
-    pixels = torch.randn(spec["batch"], 3, size, size, generator=generator).to(device)
-    if spec["row"].startswith("floor"):
-
-        def call(x):
-            return _floor_forward(model, x)
-    else:
-
-        def call(x):
-            return _crane_forward(model, x, SMOOTHING_SIGMA)
-
-    materialized = materialized_attention() if spec["row"].endswith("materialized") else contextlib.nullcontext()
-    autocast = (
-        torch.autocast(device.type, dtype=getattr(torch, spec["precision"]))
-        if spec["precision"] != "float32"
-        else contextlib.nullcontext()
-    )
+    call, context = workload(spec["row"], spec["shape"], device)
+    size = SHAPES[spec["shape"]]["image_size"]
+    pixels = torch.randn(spec["batch"], 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     cuda = device.type == "cuda"
     build_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if cuda:
@@ -212,25 +237,28 @@ def run_worker(spec: dict[str, Any]) -> Measurement:
     else:
         _reset_peak_rss()
         before = _rss_kib("VmRSS") * 1024
-    seconds = []
-    with torch.inference_mode(), materialized, autocast:
+    seconds, cpu_seconds = [], []
+    with torch.inference_mode(), context, _autocast(device, spec["precision"]):
         call(pixels[:1])
+        if spec["row"].endswith("compiled"):
+            call(pixels)  # compiles for the batch size too
         for _ in range(spec["repeats"]):
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             call(pixels)
             if cuda:
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - start_cpu)
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        total_peak = peak
+        peak = total_peak = torch.cuda.max_memory_allocated()
     else:
         peak = _rss_kib("VmHWM") * 1024
         total_peak = max(peak, build_peak_kib * 1024)
-    return Measurement(spec["row"], spec["batch"], spec["precision"], seconds, total_peak / 2**20,
-                       (peak - before) / 2**20, str(device))  # fmt: skip
+    mib = 2**20
+    return Measurement(spec["row"], spec["batch"], spec["precision"], seconds, cpu_seconds, total_peak / mib,
+                       (peak - before) / mib, str(device))  # fmt: skip
 
 
 def measure(spec: dict[str, Any], timeout: float) -> Measurement:
@@ -240,6 +268,22 @@ def measure(spec: dict[str, Any], timeout: float) -> Measurement:
     if result.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{result.stderr[-3000:]}")
     return Measurement(**json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def merge_rounds(results: list[Measurement]) -> list[Measurement]:
+    """One measurement per configuration: the timed calls of every round pooled, the largest peak kept."""
+    merged: dict[tuple, Measurement] = {}
+    for r in results:
+        key = (r.row, r.batch, r.precision)
+        if key not in merged:
+            merged[key] = Measurement(**asdict(r))
+            continue
+        m = merged[key]
+        m.seconds += r.seconds
+        m.cpu_seconds += r.cpu_seconds
+        m.peak_rss_mib = max(m.peak_rss_mib, r.peak_rss_mib)
+        m.forward_mib = max(m.forward_mib, r.forward_mib)
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -261,34 +305,38 @@ def machine_description() -> str:
 
 
 def print_table(results: list[Measurement], flops: dict[str, dict[str, float]]) -> None:
+    """Best (minimum) time per image over all timed calls, its ratio to the row's floor, and memory."""
+    best = {(r.row, r.batch, r.precision): min(r.seconds) / r.batch for r in results}
     by_key = {(r.row, r.batch, r.precision): r for r in results}
-    header = (
-        f"| {'model':<28} | batch | precision | s/image | images/s | x floor | GFLOP/s | peak RSS MiB "
-        "| forward MiB | materialized / this memory |"
+    print(
+        "| model | batch | precision | s/image best | s/image median | images/s | x floor | GFLOP/s | CPU-s/image "
+        "| peak RSS MiB | forward MiB | materialized / this, forward memory |"
     )
-    print(header)
-    print("|" + "|".join("-" * (len(cell) + 0) for cell in header.split("|")[1:-1]) + "|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        per_image = statistics.median(r.seconds) / r.batch
-        base = r.row.replace("-materialized", "")
-        floor = by_key.get((FLOOR_OF.get(base, ""), r.batch, r.precision))
-        ratio = f"{per_image / (statistics.median(floor.seconds) / floor.batch):.2f}" if floor else ""
+        per_image = best[(r.row, r.batch, r.precision)]
+        base = r.row.replace("-materialized", "").replace("-compiled", "")
+        floor = best.get((FLOOR_OF.get(base, ""), r.batch, r.precision))
+        ratio = f"{per_image / floor:.3f}" if floor else ""
         gflop = flops.get("crane+" if "+" in r.row else "crane", {}).get("floor" if "floor" in r.row else "model")
         rate = f"{gflop / per_image / 1e9:.0f}" if gflop else ""
-        materialized = by_key.get((f"{r.row}-materialized", r.batch, r.precision))
-        memory = f"{materialized.forward_mib / r.forward_mib:.1f}x" if materialized and r.forward_mib > 0 else ""
+        materialized = by_key.get((f"{base}-materialized", r.batch, r.precision))
+        memory = ""
+        if materialized and materialized is not r and r.forward_mib > 0:
+            memory = f"{materialized.forward_mib / r.forward_mib:.1f}x"
         print(
-            f"| {ROW_LABELS[r.row]:<28} | {r.batch:>5} | {r.precision:<9} | {per_image:7.3f} | {1 / per_image:8.2f} "
-            f"| {ratio:>7} | {rate:>7} | {r.peak_rss_mib:12.0f} | {r.forward_mib:11.0f} | {memory:>26} |"
+            f"| {ROW_LABELS[r.row]} | {r.batch} | {r.precision} | {per_image:.3f} "
+            f"| {statistics.median(r.seconds) / r.batch:.3f} | {1 / per_image:.2f} | {ratio} | {rate} "
+            f"| {min(r.cpu_seconds) / r.batch:.2f} | {r.peak_rss_mib:.0f} | {r.forward_mib:.0f} | {memory} |"
         )
 
 
 def print_flops(shape: str) -> dict[str, dict[str, float]]:
     size = SHAPES[shape]["image_size"]
     print(f"\nFLOPs per image at S = {size} (multiply-add = 2; GFLOP):")
-    print("| variant | CLIP | DINOv2 | E-Attn extra | D-Attn | heads | analytic total | counted model "
-          "| counted floor | analytic / floor | counted / floor |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | CLIP | DINOv2 | E-Attn extra | last layer, class token only | D-Attn | heads | analytic total "
+          "| counted model | counted floor | analytic / floor | counted / floor |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     counted_all = {}
     for variant in ("crane", "crane+"):
         parts = analytic_flops(build_config(shape, variant), size)
@@ -296,7 +344,7 @@ def print_flops(shape: str) -> dict[str, dict[str, float]]:
         floor = parts["clip"] + parts["dino"]
         counted = counted_flops(shape, variant)
         counted_all[variant] = counted
-        cells = [parts[key] for key in ("clip", "dino", "eattn", "dattn", "heads")] + [total]
+        cells = [parts[key] for key in ("clip", "dino", "eattn", "last_layer", "dattn", "heads")] + [total]
         cells += [counted["model"], counted["floor"]]
         print(
             f"| {variant} | "
@@ -306,15 +354,93 @@ def print_flops(shape: str) -> dict[str, dict[str, float]]:
     return counted_all
 
 
+def print_smoothing(shape: str, batch: int, device: torch.device) -> None:
+    """Gaussian smoothing of a batch of maps: batched on the model's device vs scipy one map at a time."""
+    from scipy.ndimage import gaussian_filter
+
+    size = SHAPES[shape]["image_size"]
+    maps = torch.rand(batch, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    timings = {}
+    for name, run in (
+        ("torch, batched, on the maps' device", lambda: gaussian_smooth(maps, SMOOTHING_SIGMA)),
+        ("scipy, one map at a time (published code)",
+         lambda: [gaussian_filter(m, sigma=SMOOTHING_SIGMA) for m in maps.cpu().numpy()]),
+    ):  # fmt: skip
+        run()
+        start = time.perf_counter()
+        for _ in range(3):
+            run()
+        timings[name] = (time.perf_counter() - start) / 3
+    difference = (gaussian_smooth(maps, SMOOTHING_SIGMA).cpu() - torch.from_numpy(
+        gaussian_filter(maps.cpu().numpy(), sigma=(0, SMOOTHING_SIGMA, SMOOTHING_SIGMA)))).abs().max()  # fmt: skip
+    print(f"\nGaussian smoothing (sigma {SMOOTHING_SIGMA}) of {batch} maps of {size} x {size}:")
+    for name, seconds in timings.items():
+        print(f"  {name}: {seconds * 1e3:.1f} ms")
+    print(f"  largest difference torch vs scipy: {difference:.1e}")
+
+
+def print_precision(shape: str, batch: int, device: torch.device, precisions: list[str]) -> None:
+    """Scores and smoothed maps under autocast against float32, same weights and images."""
+    size = SHAPES[shape]["image_size"]
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    print(f"\nPrecision against float32 ({batch} random images, random weights, smoothed maps):")
+    print("| model | autocast | max abs score diff | max abs map diff | mean abs map diff | s/image |")
+    print("|---|---|---:|---:|---:|---:|")
+    for variant in ("crane", "crane+"):
+        model = build_model(shape, variant, device)
+        results = {}
+        for precision in ["float32", *precisions]:
+            with torch.inference_mode(), _autocast(device, precision):
+                model(pixels[:1])
+                start = time.perf_counter()
+                output = model(pixels)
+                results[precision] = (
+                    output.anomaly_scores.float(),
+                    gaussian_smooth(output.anomaly_maps, SMOOTHING_SIGMA).float(),
+                    (time.perf_counter() - start) / batch,
+                )
+        scores, maps, _ = results["float32"]
+        for precision, (other_scores, other_maps, seconds) in results.items():
+            map_diff = (other_maps - maps).abs()
+            print(
+                f"| {variant} | {precision} | {(other_scores - scores).abs().max():.1e} | {map_diff.max():.1e} "
+                f"| {map_diff.mean():.1e} | {seconds:.3f} |"
+            )
+        del model
+
+
+def print_profile(row: str, shape: str, batch: int, device: torch.device, limit: int = 20) -> None:
+    """torch.profiler: where the time of one call goes, operator by operator (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call, context = workload(row, shape, device)
+    size = SHAPES[shape]["image_size"]
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), context:
+        call(pixels[:1])
+        with profile(activities=activities, record_shapes=True) as profiler:
+            call(pixels)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nProfile of {ROW_LABELS[row]}, batch {batch}, {_load()}:")
+    print(profiler.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=limit, max_name_column_width=48, max_shapes_column_width=60))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (median reported)")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration and round")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over all configurations (interleaved)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS[:6]))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16", "float16"], default=None,
                         help="autocast dtypes (default: float32 on CPU; all three on CUDA)")  # fmt: skip
+    parser.add_argument("--precision-check", type=int, metavar="BATCH", default=0,
+                        help="also compare scores and maps under autocast with float32 on BATCH images")  # fmt: skip
+    parser.add_argument("--profile", choices=ROWS, nargs="*", metavar="ROW", help="profile these rows (batch: last)")
+    parser.add_argument("--skip-table", action="store_true", help="only the FLOPs, smoothing, precision, profiles")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -322,20 +448,33 @@ def main() -> None:
     if args.worker:
         print(json.dumps(asdict(run_worker(json.loads(args.worker)))))
         return
-    precisions = args.precisions or (["float32", "bfloat16", "float16"] if args.device == "cuda" else ["float32"])
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    precisions = args.precisions or (["float32", "bfloat16", "float16"] if cuda else ["float32"])
     print(machine_description())
-    print(f"shape {args.shape}: S = {SHAPES[args.shape]['image_size']}, {args.repeats} timed call(s); {_load()}")
+    print(f"shape {args.shape}: S = {SHAPES[args.shape]['image_size']}; {_load()}")
     flops = print_flops(args.shape)
+    print_smoothing(args.shape, max(args.batch_sizes), device)
+    if args.precision_check:
+        checked = [p for p in precisions if p != "float32"] or ["bfloat16"]
+        print_precision(args.shape, args.precision_check, device, checked)
+    for row in args.profile or []:
+        print_profile(row, args.shape, max(args.batch_sizes), device)
+    if args.skip_table:
+        return
+    print(f"\nTimed: {args.rounds} round(s) x {args.repeats} call(s) per configuration, fresh process each")
     results = []
-    for batch in args.batch_sizes:
-        for precision in precisions:
-            for row in args.rows:
-                spec = {"row": row, "batch": batch, "precision": precision, "shape": args.shape,
-                        "repeats": args.repeats, "device": args.device}  # fmt: skip
-                result = measure(spec, args.timeout)
-                results.append(result)
-                seconds = ", ".join(f"{s:.2f}" for s in result.seconds)
-                print(f"  measured {row} batch {batch} {precision}: {seconds} s per batch; {_load()}", flush=True)
+    for _ in range(args.rounds):
+        for batch in args.batch_sizes:
+            for precision in precisions:
+                for row in args.rows:
+                    spec = {"row": row, "batch": batch, "precision": precision, "shape": args.shape,
+                            "repeats": args.repeats, "device": args.device}  # fmt: skip
+                    result = measure(spec, args.timeout)
+                    results.append(result)
+                    seconds = ", ".join(f"{s:.2f}" for s in result.seconds)
+                    print(f"  {row} batch {batch} {precision}: {seconds} s per call; {_load()}", flush=True)
+    results = merge_rounds(results)
     print()
     print_table(results, flops)
     if args.json:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 
 from benchmarks.materialized_attention import materialized_attention
+from crane_hf.gaussian_smoothing import gaussian_smooth
 from crane_hf.prompt_learning import encode_prompts
 
 from .tiny_models import TINY_SIZE, tiny_model
@@ -198,3 +200,14 @@ def test_autocast_runs_the_backbones_in_bfloat16_and_keeps_text_and_heads_in_flo
     assert not torch.equal(low.anomaly_maps, reference.anomaly_maps)  # the backbones did run in bfloat16
     assert (low.anomaly_maps - reference.anomaly_maps).abs().max() < 0.05
     assert (low.anomaly_scores - reference.anomaly_scores).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 64), (3, 37, 50), (2, 5, 7), (1, 2, 30, 20)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_batched_gaussian_smoothing_equals_scipy(shape, dtype, tolerance):
+    maps = torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    sigma = (0,) * (len(shape) - 2) + (4.0, 4.0)  # scipy smooths only the last two axes
+    expected = torch.from_numpy(gaussian_filter(maps.numpy(), sigma=sigma))
+    smoothed = gaussian_smooth(maps, 4.0)
+    assert smoothed.shape == maps.shape and smoothed.dtype == dtype
+    assert torch.allclose(smoothed, expected, atol=tolerance, rtol=0)
