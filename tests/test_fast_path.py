@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from benchmarks.materialized_attention import materialized_attention
+from crane_hf.clip_layers import clip_mlp
 from crane_hf.gaussian_smoothing import gaussian_smooth
 from crane_hf.prompt_learning import encode_prompts
 
@@ -211,3 +212,14 @@ def test_batched_gaussian_smoothing_equals_scipy(shape, dtype, tolerance):
     smoothed = gaussian_smooth(maps, 4.0)
     assert smoothed.shape == maps.shape and smoothed.dtype == dtype
     assert torch.allclose(smoothed, expected, atol=tolerance, rtol=0)
+
+
+def test_in_place_quick_gelu_mlp_equals_transformers_mlp_and_keeps_gradients():
+    layer = tiny_model("crane").clip.vision_model.encoder.layers[0]
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(clip_mlp(layer, x), layer.mlp(x))
+    x.requires_grad_(True)
+    clip_mlp(layer, x).sum().backward()
+    expected = torch.autograd.grad(layer.mlp(x).sum(), x)[0]
+    assert torch.allclose(x.grad, expected)

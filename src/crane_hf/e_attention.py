@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_layers import merge_heads, project_qkv
+from .clip_layers import clip_mlp, merge_heads, project_qkv
 
 # Each E-Attn type as the (query, key) pairs of its softmax terms; "(q+k+v)^2" is handled separately.
 SELF_CORRELATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -81,6 +81,6 @@ def eattn_block(
     a_orig, a_self = dual_stream_attention(q, k, v, eattn_type, class_token_only)
     out_proj = layer.self_attn.out_proj
     o_mid = (o[:, :1] if class_token_only else o) + out_proj(merge_heads(a_orig))
-    o_next = o_mid + layer.mlp(layer.layer_norm2(o_mid))
+    o_next = o_mid + clip_mlp(layer, layer.layer_norm2(o_mid))
     e_next = e + out_proj(merge_heads(a_self))
     return EAttnLayerOutput(o_next, e_next, None if class_token_only else o_mid, merge_heads(v))

@@ -427,18 +427,15 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         o = torch.cat([cls_token, patches], dim=1) + self._position_embeddings(grid, dtype, patches.device)
         o = vision.pre_layrnorm(o)
 
-        if config.use_dattn:
-            dino_tokens, map_grid = self._dino_patch_tokens(pixel_values)
-            dattn_weights = dino_similarity_attention(dino_tokens, config.dattn_beta, config.dattn_gamma)
-        else:
-            dattn_weights, map_grid = None, grid
+        dino_tokens, map_grid = self._dino_patch_tokens(pixel_values) if config.use_dattn else (None, grid)
+        dattn_weights = None  # [B, M, M], built at the first D-Attn layer and shared by the later ones
         compat = config.official_code_compat
         first_eattn = len(layers) - config.eattn_layers
         wanted = set(config.feature_layers)
         # After the last layer only the class token of o is used (the global embedding; the maps come from e and
         # D-Attn), so an E-Attn last layer runs the o stream for that token alone, unless the published code's
         # D-Attn reads that layer's o stream (official_code_compat).
-        trim_last = config.eattn_layers > 0 and not (compat and dattn_weights is not None and len(layers) in wanted)
+        trim_last = config.eattn_layers > 0 and not (compat and config.use_dattn and len(layers) in wanted)
         maps: list[torch.Tensor | None] = []
         e = o
         for index, layer in enumerate(layers):
@@ -454,12 +451,14 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 compat_dattn_input = e if index == first_eattn else o_mid
             if index + 1 not in wanted:
                 continue
-            if dattn_weights is not None:
+            if dino_tokens is not None:
+                if dattn_weights is None:
+                    dattn_weights = dino_similarity_attention(dino_tokens, config.dattn_beta, config.dattn_gamma)
                 if compat:
                     maps.append(dattn_features(layer, compat_dattn_input, dattn_weights, grid, map_grid))
                 else:
                     maps.append(dattn_features(layer, layer_input, dattn_weights, grid, map_grid, values=values))
-            if dattn_weights is None or config.both_eattn_dattn:
+            if dino_tokens is None or config.both_eattn_dattn:
                 # The published code keeps views of one tensor that later layers update in place, so every
                 # E-Attn map it returns is the final e stream; `None` marks the slot (official_code_compat).
                 maps.append(None if compat else self._regrid(e[:, 1:], grid, map_grid))
