@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -179,15 +180,19 @@ def _crane_forward(model: torch.nn.Module, pixel_values: torch.Tensor, sigma: fl
     return gaussian_smooth(output.anomaly_maps, sigma) if sigma else output.anomaly_maps
 
 
-def workload(row: str, shape: str, device: torch.device) -> tuple[Any, contextlib.AbstractContextManager]:
-    """The callable pixels -> result of a table row, and the context it runs in."""
-    variant = "crane+" if "+" in row else "crane"
-    model = build_model(shape, variant, device)
+def workload(
+    row: str, model: CraneForAnomalyDetection
+) -> tuple[Callable[[torch.Tensor], Any], Callable[[], contextlib.AbstractContextManager]]:
+    """The callable pixels -> result of a table row on `model` (of the row's variant), and its context factory."""
     if row.startswith("floor"):
-        return (lambda x: _floor_forward(model, x)), contextlib.nullcontext()
+        return (lambda x: _floor_forward(model, x)), contextlib.nullcontext
     runner = torch.compile(model) if row.endswith("compiled") else model
-    context = materialized_attention() if row.endswith("materialized") else contextlib.nullcontext()
+    context = materialized_attention if row.endswith("materialized") else contextlib.nullcontext
     return (lambda x: _crane_forward(runner, x, SMOOTHING_SIGMA)), context
+
+
+def variant_of(row: str) -> str:
+    return "crane+" if "+" in row else "crane"
 
 
 @dataclass
@@ -197,8 +202,8 @@ class Measurement:
     precision: str
     seconds: list[float]
     cpu_seconds: list[float]
-    peak_rss_mib: float
-    forward_mib: float
+    peak_rss_mib: float | None  # None: timed in an interleaved process, memory not attributable
+    forward_mib: float | None
     device: str
 
 
@@ -221,11 +226,28 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
-def run_worker(spec: dict[str, Any]) -> Measurement:
-    """One configuration in this (fresh) process: a warm-up call at batch 1 (the compilation, for compiled rows),
-    then `repeats` timed calls at the batch size. Peak memory covers the warm-up and the timed calls."""
+def _timed_call(call: Callable[[torch.Tensor], Any], pixels: torch.Tensor, cuda: bool) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    if cuda:
+        torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    call(pixels)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def run_worker(spec: dict[str, Any]) -> list[Measurement]:
+    """Configurations in this (fresh) process, one model for all its rows (all of one variant).
+
+    Each row gets a warm-up call at batch 1 (for compiled rows the compilation, and a call at the batch size).
+    Then `repeats` rounds, each timing one call of every row in turn: interleaving spreads a varying machine load
+    over all rows alike. With a single row, the peak memory of its calls is measured too.
+    """
     device = torch.device(spec["device"])
-    call, context = workload(spec["row"], spec["shape"], device)
+    rows = spec["rows"]
+    model = build_model(spec["shape"], variant_of(rows[0]), device)
+    calls = {row: workload(row, model) for row in rows}
     size = SHAPES[spec["shape"]]["image_size"]
     pixels = torch.randn(spec["batch"], 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     cuda = device.type == "cuda"
@@ -237,41 +259,44 @@ def run_worker(spec: dict[str, Any]) -> Measurement:
     else:
         _reset_peak_rss()
         before = _rss_kib("VmRSS") * 1024
-    seconds, cpu_seconds = [], []
-    with torch.inference_mode(), context, _autocast(device, spec["precision"]):
-        call(pixels[:1])
-        if spec["row"].endswith("compiled"):
-            call(pixels)  # compiles for the batch size too
+    times: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    with torch.inference_mode(), _autocast(device, spec["precision"]):
+        for row, (call, context) in calls.items():
+            with context():
+                call(pixels[:1])
+                if row.endswith("compiled"):
+                    call(pixels)
         for _ in range(spec["repeats"]):
-            if cuda:
-                torch.cuda.synchronize()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            call(pixels)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - start_cpu)
-    if cuda:
-        peak = total_peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_kib("VmHWM") * 1024
-        total_peak = max(peak, build_peak_kib * 1024)
-    mib = 2**20
-    return Measurement(spec["row"], spec["batch"], spec["precision"], seconds, cpu_seconds, total_peak / mib,
-                       (peak - before) / mib, str(device))  # fmt: skip
+            for row, (call, context) in calls.items():
+                with context():
+                    times[row].append(_timed_call(call, pixels, cuda))
+    peak_mib = forward_mib = None
+    if len(rows) == 1:
+        if cuda:
+            peak = total_peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _rss_kib("VmHWM") * 1024
+            total_peak = max(peak, build_peak_kib * 1024)
+        peak_mib, forward_mib = total_peak / 2**20, (peak - before) / 2**20
+    results = []
+    for row, timed in times.items():
+        wall, cpu = [t[0] for t in timed], [t[1] for t in timed]
+        batch, precision = spec["batch"], spec["precision"]
+        results.append(Measurement(row, batch, precision, wall, cpu, peak_mib, forward_mib, str(device)))
+    return results
 
 
-def measure(spec: dict[str, Any], timeout: float) -> Measurement:
-    """Run one configuration in a fresh subprocess."""
+def measure(spec: dict[str, Any], timeout: float) -> list[Measurement]:
+    """Run one worker in a fresh subprocess."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{result.stderr[-3000:]}")
-    return Measurement(**json.loads(result.stdout.strip().splitlines()[-1]))
+    return [Measurement(**item) for item in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
 def merge_rounds(results: list[Measurement]) -> list[Measurement]:
-    """One measurement per configuration: the timed calls of every round pooled, the largest peak kept."""
+    """One measurement per configuration: all its timed calls pooled, the largest measured peak kept."""
     merged: dict[tuple, Measurement] = {}
     for r in results:
         key = (r.row, r.batch, r.precision)
@@ -281,8 +306,9 @@ def merge_rounds(results: list[Measurement]) -> list[Measurement]:
         m = merged[key]
         m.seconds += r.seconds
         m.cpu_seconds += r.cpu_seconds
-        m.peak_rss_mib = max(m.peak_rss_mib, r.peak_rss_mib)
-        m.forward_mib = max(m.forward_mib, r.forward_mib)
+        for field in ("peak_rss_mib", "forward_mib"):
+            values = [v for v in (getattr(m, field), getattr(r, field)) if v is not None]
+            setattr(m, field, max(values) if values else None)
     return list(merged.values())
 
 
@@ -305,29 +331,33 @@ def machine_description() -> str:
 
 
 def print_table(results: list[Measurement], flops: dict[str, dict[str, float]]) -> None:
-    """Best (minimum) time per image over all timed calls, its ratio to the row's floor, and memory."""
+    """Best (minimum) wall time per image over all timed calls, its ratio to the row's floor, CPU time, memory."""
     best = {(r.row, r.batch, r.precision): min(r.seconds) / r.batch for r in results}
+    best_cpu = {(r.row, r.batch, r.precision): min(r.cpu_seconds) / r.batch for r in results}
     by_key = {(r.row, r.batch, r.precision): r for r in results}
     print(
-        "| model | batch | precision | s/image best | s/image median | images/s | x floor | GFLOP/s | CPU-s/image "
-        "| peak RSS MiB | forward MiB | materialized / this, forward memory |"
+        "| model | batch | precision | timed calls | s/image best | s/image median | images/s | x floor "
+        "| GFLOP/s | CPU-s/image | x floor, CPU | peak RSS MiB | forward MiB | materialized / this, forward MiB |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        per_image = best[(r.row, r.batch, r.precision)]
+        key = (r.row, r.batch, r.precision)
         base = r.row.replace("-materialized", "").replace("-compiled", "")
-        floor = best.get((FLOOR_OF.get(base, ""), r.batch, r.precision))
-        ratio = f"{per_image / floor:.3f}" if floor else ""
-        gflop = flops.get("crane+" if "+" in r.row else "crane", {}).get("floor" if "floor" in r.row else "model")
-        rate = f"{gflop / per_image / 1e9:.0f}" if gflop else ""
+        floor_key = (FLOOR_OF.get(base, ""), r.batch, r.precision)
+        ratio = f"{best[key] / best[floor_key]:.3f}" if floor_key in best else ""
+        cpu_ratio = f"{best_cpu[key] / best_cpu[floor_key]:.3f}" if floor_key in best else ""
+        gflop = flops.get(variant_of(r.row), {}).get("floor" if "floor" in r.row else "model")
+        rate = f"{gflop / best[key] / 1e9:.0f}" if gflop else ""
         materialized = by_key.get((f"{base}-materialized", r.batch, r.precision))
         memory = ""
-        if materialized and materialized is not r and r.forward_mib > 0:
+        if materialized and materialized is not r and r.forward_mib and materialized.forward_mib:
             memory = f"{materialized.forward_mib / r.forward_mib:.1f}x"
+        peak = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else ""
+        forward = f"{r.forward_mib:.0f}" if r.forward_mib is not None else ""
         print(
-            f"| {ROW_LABELS[r.row]} | {r.batch} | {r.precision} | {per_image:.3f} "
-            f"| {statistics.median(r.seconds) / r.batch:.3f} | {1 / per_image:.2f} | {ratio} | {rate} "
-            f"| {min(r.cpu_seconds) / r.batch:.2f} | {r.peak_rss_mib:.0f} | {r.forward_mib:.0f} | {memory} |"
+            f"| {ROW_LABELS[r.row]} | {r.batch} | {r.precision} | {len(r.seconds)} | {best[key]:.3f} "
+            f"| {statistics.median(r.seconds) / r.batch:.3f} | {1 / best[key]:.3f} | {ratio} | {rate} "
+            f"| {best_cpu[key]:.2f} | {cpu_ratio} | {peak} | {forward} | {memory} |"
         )
 
 
@@ -413,11 +443,11 @@ def print_profile(row: str, shape: str, batch: int, device: torch.device, limit:
     """torch.profiler: where the time of one call goes, operator by operator (self time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    call, context = workload(row, shape, device)
+    call, context = workload(row, build_model(shape, variant_of(row), device))
     size = SHAPES[shape]["image_size"]
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode(), context:
+    with torch.inference_mode(), context():
         call(pixels[:1])
         with profile(activities=activities, record_shapes=True) as profiler:
             call(pixels)
@@ -431,8 +461,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration and round")
-    parser.add_argument("--rounds", type=int, default=1, help="passes over all configurations (interleaved)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls of each configuration alone")
+    parser.add_argument("--interleave", type=int, default=2, metavar="ROUNDS",
+                        help="then time the floor and Crane rows of each variant alternately in one process, ROUNDS "
+                        "times (materialized rows excluded; 0: skip)")  # fmt: skip
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS[:6]))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16", "float16"], default=None,
@@ -446,7 +478,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(asdict(run_worker(json.loads(args.worker)))))
+        print(json.dumps([asdict(m) for m in run_worker(json.loads(args.worker))]))
         return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -462,18 +494,28 @@ def main() -> None:
         print_profile(row, args.shape, max(args.batch_sizes), device)
     if args.skip_table:
         return
-    print(f"\nTimed: {args.rounds} round(s) x {args.repeats} call(s) per configuration, fresh process each")
+    print(f"\nTimed: each configuration alone in a fresh process ({args.repeats} call(s), peak memory), then "
+          f"{args.interleave} interleaved round(s) of the rows of each variant in one process")  # fmt: skip
     results = []
-    for _ in range(args.rounds):
-        for batch in args.batch_sizes:
-            for precision in precisions:
-                for row in args.rows:
-                    spec = {"row": row, "batch": batch, "precision": precision, "shape": args.shape,
-                            "repeats": args.repeats, "device": args.device}  # fmt: skip
-                    result = measure(spec, args.timeout)
-                    results.append(result)
-                    seconds = ", ".join(f"{s:.2f}" for s in result.seconds)
-                    print(f"  {row} batch {batch} {precision}: {seconds} s per call; {_load()}", flush=True)
+
+    def run(spec: dict[str, Any]) -> None:
+        for result in measure(spec, args.timeout):
+            results.append(result)
+            seconds = ", ".join(f"{s:.2f}" for s in result.seconds)
+            print(f"  {result.row} batch {result.batch} {result.precision}: {seconds} s; {_load()}", flush=True)
+
+    common = {"shape": args.shape, "device": args.device}
+    for batch in args.batch_sizes:
+        for precision in precisions:
+            for row in args.rows:
+                run({**common, "rows": [row], "batch": batch, "precision": precision, "repeats": args.repeats})
+    interleaved = [row for row in args.rows if not row.endswith("materialized")]
+    groups = [[row for row in interleaved if variant_of(row) == variant] for variant in ("crane", "crane+")]
+    for batch in args.batch_sizes:
+        for precision in precisions:
+            for rows in groups:
+                if args.interleave and len(rows) > 1:
+                    run({**common, "rows": rows, "batch": batch, "precision": precision, "repeats": args.interleave})
     results = merge_rounds(results)
     print()
     print_table(results, flops)
