@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import QuickGELUActivation
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -34,9 +35,23 @@ def project_qkv(layer: nn.Module, u: torch.Tensor) -> tuple[torch.Tensor, torch.
     )
 
 
+def clip_mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP, fc2(act(fc1(x))), on x [B, N, C].
+
+    When no gradient is recorded, CLIP's QuickGELU, x * sigmoid(1.702 x), is applied in place: the same values
+    with one [B, N, I] buffer instead of three (a lower memory peak, fewer large allocations).
+    """
+    mlp = layer.mlp
+    hidden = mlp.fc1(x)
+    if hidden.requires_grad or not isinstance(mlp.activation_fn, QuickGELUActivation):
+        return mlp.fc2(mlp.activation_fn(hidden))
+    gate = torch.sigmoid_(1.702 * hidden)
+    return mlp.fc2(hidden.mul_(gate))
+
+
 def clip_block(layer: nn.Module, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
     """One ordinary CLIP encoder block on x [B, N, C]: x + Attn(LN1(x)), then + MLP(LN2(.))."""
     q, k, v = project_qkv(layer, layer.layer_norm1(x))
     attended = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     x = x + layer.self_attn.out_proj(merge_heads(attended))
-    return x + layer.mlp(layer.layer_norm2(x))
+    return x + clip_mlp(layer, layer.layer_norm2(x))

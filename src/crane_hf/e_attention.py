@@ -7,19 +7,23 @@ In each E-Attn layer, with u = LN1(o) and per-head q, k, v of u:
     o <- o + OutProj(a_orig);  o <- o + MLP(LN2(o))
     e <- e + OutProj(a_self)                         (no MLP; e never feeds back into o)
 
-All attentions go through `torch.nn.functional.scaled_dot_product_attention`; a_orig and the self-correlation
-terms share one call (stacked along the batch axis), so no N x N attention matrix is materialized here.
+All attentions go through fused `torch.nn.functional.scaled_dot_product_attention`, one call per softmax term on
+the projections' own strided views, so neither an N x N attention matrix nor a stacked copy of q, k, v is built
+(stacking the terms into one call measured slower on the CPU: the copies cost more than the call saves).
+In the last layer only the class token of o is needed (its patch tokens feed nothing), so `class_token_only`
+computes CLIP's attention and MLP for that token alone.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_layers import merge_heads, project_qkv
+from .clip_layers import clip_mlp, merge_heads, project_qkv
 
 # Each E-Attn type as the (query, key) pairs of its softmax terms; "(q+k+v)^2" is handled separately.
 SELF_CORRELATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -32,45 +36,51 @@ SELF_CORRELATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def dual_stream_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eattn_type: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eattn_type: str, class_token_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP attention and E-Attn self-correlation of per-head q, k, v [B, H, N, d].
 
-    Returns ``(a_orig, a_self)``, both [B, H, N, d].
+    Returns ``(a_orig, a_self)``, both [B, H, N, d] (a_orig [B, H, 1, d] for the first query alone when
+    `class_token_only`).
     """
+    a_orig = F.scaled_dot_product_attention(q[:, :, :1] if class_token_only else q, k, v)
     if eattn_type == "(q+k+v)^2":
-        a_orig = F.scaled_dot_product_attention(q, k, v)
         qkv = torch.cat([q, k, v], dim=-1)
         scale = q.shape[-1] ** -0.5 / math.sqrt(3.0)
         return a_orig, F.scaled_dot_product_attention(qkv, qkv, v, scale=scale)
     if eattn_type not in SELF_CORRELATION_PAIRS:
         raise ValueError(f"Unknown E-Attn type {eattn_type!r}.")
     named = {"q": q, "k": k, "v": v}
-    pairs = (("q", "k"), *SELF_CORRELATION_PAIRS[eattn_type])
-    batch = q.shape[0]
-    queries = torch.cat([named[a] for a, _ in pairs], dim=0)
-    keys = torch.cat([named[b] for _, b in pairs], dim=0)
-    values = v.repeat(len(pairs), 1, 1, 1)
-    attended = F.scaled_dot_product_attention(queries, keys, values)
-    a_orig = attended[:batch]
-    a_self = attended[batch : 2 * batch]
-    for term in range(2, len(pairs)):
-        a_self = a_self + attended[term * batch : (term + 1) * batch]
-    return a_orig, a_self
+    terms = [F.scaled_dot_product_attention(named[a], named[b], v) for a, b in SELF_CORRELATION_PAIRS[eattn_type]]
+    return a_orig, sum(terms[1:], terms[0])
+
+
+class EAttnLayerOutput(NamedTuple):
+    """The streams after one E-Attn layer, and what D-Attn of that layer can reuse.
+
+    o: o stream [B, N, C] ([B, 1, C] with `class_token_only`); e: e stream [B, N, C];
+    o_mid: o + OutProj(a_orig), the o stream between attention and MLP (None with `class_token_only`);
+    values: the value projection of LN1(o_in), all tokens [B, N, C] (a view, heads merged).
+    """
+
+    o: torch.Tensor
+    e: torch.Tensor
+    o_mid: torch.Tensor | None
+    values: torch.Tensor
 
 
 def eattn_block(
-    layer: nn.Module, o: torch.Tensor, e: torch.Tensor, eattn_type: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layer: nn.Module, o: torch.Tensor, e: torch.Tensor, eattn_type: str, class_token_only: bool = False
+) -> EAttnLayerOutput:
     """One E-Attn layer on the o and e streams [B, N, C].
 
-    Returns ``(o_next, e_next, o_mid)`` where ``o_mid = o + OutProj(a_orig)`` is the o stream between the block's
-    attention and its MLP (the published code's D-Attn reads it, see docs/parity.md).
+    ``o_mid = o + OutProj(a_orig)`` is returned because the published code's D-Attn reads it (docs/parity.md).
+    With `class_token_only`, the o stream is computed for the class token alone (for the last layer).
     """
     q, k, v = project_qkv(layer, layer.layer_norm1(o))
-    a_orig, a_self = dual_stream_attention(q, k, v, eattn_type)
+    a_orig, a_self = dual_stream_attention(q, k, v, eattn_type, class_token_only)
     out_proj = layer.self_attn.out_proj
-    o_mid = o + out_proj(merge_heads(a_orig))
-    o_next = o_mid + layer.mlp(layer.layer_norm2(o_mid))
+    o_mid = (o[:, :1] if class_token_only else o) + out_proj(merge_heads(a_orig))
+    o_next = o_mid + clip_mlp(layer, layer.layer_norm2(o_mid))
     e_next = e + out_proj(merge_heads(a_self))
-    return o_next, e_next, o_mid
+    return EAttnLayerOutput(o_next, e_next, None if class_token_only else o_mid, merge_heads(v))

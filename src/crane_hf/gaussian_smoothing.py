@@ -25,17 +25,28 @@ def _reflect_indices(length: int, radius: int, device: torch.device) -> torch.Te
     return torch.where(positions >= length, 2 * length - 1 - positions, positions)
 
 
+def _smooth_rows(rows: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Correlate each row of `rows` [R, L] with `kernel` [2r + 1] under scipy's "reflect" rule: [R, L].
+
+    One depthwise (grouped) 1-D convolution for all rows; far faster on the CPU than a one-channel 2-D convolution.
+    """
+    count, length = rows.shape
+    padded = rows.index_select(-1, _reflect_indices(length, kernel.numel() // 2, rows.device))
+    weight = kernel.view(1, 1, -1).expand(count, 1, -1).contiguous()
+    return F.conv1d(padded.unsqueeze(0), weight, groups=count)[0]
+
+
 def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Smooth maps [..., H, W] with a Gaussian of `sigma` pixels; returns the same shape, float32 or float64."""
+    """Smooth maps [..., H, W] with a Gaussian of `sigma` pixels; returns the same shape, float32 or float64.
+
+    Separable: every row, then every column, of every map in one batched call each (no per-map loop).
+    """
     if sigma <= 0:
         return maps
     dtype = maps.dtype if maps.dtype in (torch.float32, torch.float64) else torch.float32
     shape = maps.shape
-    x = maps.to(dtype).reshape(-1, 1, shape[-2], shape[-1])
+    height, width = shape[-2], shape[-1]
     kernel = gaussian_kernel1d(sigma, truncate, dtype).to(maps.device)
-    radius = kernel.numel() // 2
-    x = x.index_select(-1, _reflect_indices(shape[-1], radius, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = x.index_select(-2, _reflect_indices(shape[-2], radius, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(shape)
+    x = _smooth_rows(maps.to(dtype).reshape(-1, width), kernel).view(-1, height, width)
+    x = _smooth_rows(x.transpose(1, 2).reshape(-1, height), kernel).view(-1, width, height)
+    return x.transpose(1, 2).reshape(shape)

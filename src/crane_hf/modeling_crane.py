@@ -11,6 +11,7 @@ The computation is ``crane-method.md`` sections 2-6; each concept lives in its o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -34,7 +35,7 @@ from .checkpoint_validation import (
 )
 from .clip_layers import clip_block
 from .configuration_crane import CraneConfig, _as_int
-from .d_attention import dattn_features
+from .d_attention import dattn_features, dino_similarity_attention
 from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
 from .prompt_learning import CranePromptLearner, encode_prompts
@@ -68,6 +69,13 @@ def _backbone_source(argument: Any, model: PreTrainedModel | None) -> str | None
     if source and os.path.isdir(source):
         return os.path.abspath(source)
     return source or None
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region that runs in the tensors' own dtypes even inside `torch.autocast` (a no-op outside one)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_backbone_architecture(expected: PreTrainedConfig, actual: PreTrainedConfig, name: str) -> None:
@@ -375,22 +383,35 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             eot,
             self.prompt_learner.deep_prompts,
             round_deep_prompts_to_fp16=self.config.official_code_compat,
+            num_positions=self.prompt_learner.positions_used(conditioned=image_embeds is not None),
         )
 
     def static_text_embeds(self) -> torch.Tensor:
-        """Text features of the static prompts [2, D]; computed once and cached in eval mode."""
+        """Text features of the static prompts [2, D]; computed once and cached in eval mode.
+
+        Under `torch.compile` they are computed inside the graph instead (two short prompts, a few GFLOP): a Python
+        cache keyed on tensor versions cannot be traced without graph breaks, and a graph that reads a cache
+        without checking it would keep stale features after the prompts change.
+        """
         if self.training:
             return self.encode_text()
-        device = self.prompt_learner.ctx_normal.device
-        key = self._text_state_key(device)
+        if torch.compiler.is_compiling():
+            return self._encode_static_text()
+        key = self._text_state_key(self.prompt_learner.ctx_normal.device)
         if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self.encode_text())
+            self._text_cache = (key, self._encode_static_text())
         return self._text_cache[1]
+
+    def _encode_static_text(self) -> torch.Tensor:
+        """`encode_text()` without autograd and outside autocast (full precision of the weights, at no cost)."""
+        with torch.no_grad(), _autocast_disabled(self.prompt_learner.ctx_normal.device):
+            return self.encode_text()
 
     # ------------------------------------------------------------------ vision side
     def _position_embeddings(self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         table = self.clip.vision_model.embeddings.position_embedding.weight
+        if torch.compiler.is_compiling():  # traced: always current, and no cache to guard (see static_text_embeds)
+            return resize_position_embeddings(table, grid).to(dtype)
         key = (grid, dtype, device, id(table), table._version, torch.is_inference_mode_enabled())
         if key not in self._position_cache:
             with torch.no_grad():
@@ -434,38 +455,37 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         o = torch.cat([cls_token, patches], dim=1) + self._position_embeddings(grid, dtype, patches.device)
         o = vision.pre_layrnorm(o)
 
-        if config.use_dattn:
-            dino_tokens, map_grid = self._dino_patch_tokens(pixel_values)
-        else:
-            dino_tokens, map_grid = None, grid
+        dino_tokens, map_grid = self._dino_patch_tokens(pixel_values) if config.use_dattn else (None, grid)
+        dattn_weights = None  # [B, M, M], built at the first D-Attn layer and shared by the later ones
         compat = config.official_code_compat
         first_eattn = len(layers) - config.eattn_layers
         wanted = set(config.feature_layers)
+        # After the last layer only the class token of o is used (the global embedding; the maps come from e and
+        # D-Attn), so an E-Attn last layer runs the o stream for that token alone, unless the published code's
+        # D-Attn reads that layer's o stream (official_code_compat).
+        trim_last = config.eattn_layers > 0 and not (compat and config.use_dattn and len(layers) in wanted)
         maps: list[torch.Tensor | None] = []
         e = o
         for index, layer in enumerate(layers):
             layer_input = o
+            values = None
             if index < first_eattn:
                 o = clip_block(layer, o)
                 e = o
                 compat_dattn_input = layer_input
             else:
-                o, e, o_mid = eattn_block(layer, o, e, config.eattn_type)
+                class_token_only = trim_last and index == len(layers) - 1
+                o, e, o_mid, values = eattn_block(layer, o, e, config.eattn_type, class_token_only)
                 compat_dattn_input = e if index == first_eattn else o_mid
             if index + 1 not in wanted:
                 continue
             if dino_tokens is not None:
-                maps.append(
-                    dattn_features(
-                        layer,
-                        compat_dattn_input if compat else layer_input,
-                        dino_tokens,
-                        grid,
-                        map_grid,
-                        config.dattn_beta,
-                        config.dattn_gamma,
-                    )
-                )
+                if dattn_weights is None:
+                    dattn_weights = dino_similarity_attention(dino_tokens, config.dattn_beta, config.dattn_gamma)
+                if compat:
+                    maps.append(dattn_features(layer, compat_dattn_input, dattn_weights, grid, map_grid))
+                else:
+                    maps.append(dattn_features(layer, layer_input, dattn_weights, grid, map_grid, values=values))
             if dino_tokens is None or config.both_eattn_dattn:
                 # The published code keeps views of one tensor that later layers update in place, so every
                 # E-Attn map it returns is the final e stream; `None` marks the slot (official_code_compat).
@@ -532,8 +552,14 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                     f"pixel_values height and width ({height} x {width}) must be positive multiples of the patch "
                     f"size {patch}."
                 )
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contains NaN or infinite values.")
+        message = "pixel_values contains NaN or infinite values."
+        if not torch.compiler.is_compiling():
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError(message)
+        elif pixel_values.device.type == "cpu":
+            # A data-dependent `if` would break the compiled graph; the assert stays inside it (RuntimeError). On
+            # CUDA a failing device-side assert would poison the context, so compiled CUDA graphs skip the scan.
+            torch._assert_async(torch.isfinite(pixel_values).all(), message)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -587,28 +613,31 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         conditioned = self.training and prob > 0 and (prob >= 1.0 or torch.rand(()).item() < prob)
         text_embeds = self.encode_text(image_embeds) if conditioned else self.static_text_embeds()
 
-        patch_logits = self._logits(patch_features, text_embeds, self.config.logit_temperature)
-        anomaly_maps = self._anomaly_maps(patch_logits, grid, size)
-        if self.config.use_score_based_pooling:
-            image_features = score_based_pooling(patch_features, patch_logits, image_embeds, self.config.pooling_alpha)
-        else:
-            image_features = image_embeds
-        image_logits = self._logits(image_features, text_embeds, self.config.logit_temperature)
-        anomaly_scores = image_logits.float().softmax(dim=-1)[:, 1]
+        # The heads are cheap: they run in float32 whatever precision (or autocast) the backbones ran in.
+        with _autocast_disabled(patch_features.device):
+            features, global_embeds = patch_features.float(), image_embeds.float()
+            patch_logits = self._logits(features, text_embeds, self.config.logit_temperature)
+            anomaly_maps = self._anomaly_maps(patch_logits, grid, size)
+            if self.config.use_score_based_pooling:
+                image_features = score_based_pooling(features, patch_logits, global_embeds, self.config.pooling_alpha)
+            else:
+                image_features = global_embeds
+            image_logits = self._logits(image_features, text_embeds, self.config.logit_temperature)
+            anomaly_scores = image_logits.softmax(dim=-1)[:, 1]
 
-        losses: dict[str, torch.Tensor] = {}
-        if labels is not None:
-            masks = self._check_masks(masks, image_embeds.shape[0], size)
-            losses = crane_loss(
-                list(patch_logits),
-                grid,
-                masks.to(device=patch_logits.device, dtype=torch.float32),
-                self._logits(image_features, text_embeds, self.config.image_loss_temperature),
-                labels.to(patch_logits.device),
-                focal_weight=self.config.focal_loss_weight,
-                dice_weight=self.config.dice_loss_weight,
-                image_weight=self.config.image_loss_weight,
-            )
+            losses: dict[str, torch.Tensor] = {}
+            if labels is not None:
+                masks = self._check_masks(masks, image_embeds.shape[0], size)
+                losses = crane_loss(
+                    list(patch_logits),
+                    grid,
+                    masks.to(device=patch_logits.device, dtype=torch.float32),
+                    self._logits(image_features, text_embeds, self.config.image_loss_temperature),
+                    labels.to(patch_logits.device),
+                    focal_weight=self.config.focal_loss_weight,
+                    dice_weight=self.config.dice_loss_weight,
+                    image_weight=self.config.image_loss_weight,
+                )
         return CraneAnomalyDetectionOutput(
             loss=losses.get("loss"),
             anomaly_scores=anomaly_scores,

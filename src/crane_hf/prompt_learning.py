@@ -47,6 +47,17 @@ class CranePromptLearner(nn.Module):
         ids = torch.tensor(self._token_ids, dtype=torch.long)
         return ids, (ids == self.eos_token_id).int().argmax(dim=-1)
 
+    def positions_used(self, conditioned: bool = False) -> int:
+        """How many leading positions reach the end-of-text tokens (+1 with the image token), deep prompts included.
+
+        The text transformer is causal and only the end-of-text hidden states are read, so later positions (the
+        padding, most of the 77) change nothing and need not be computed.
+        """
+        length = len(self._token_ids[0])
+        last_eot = max(ids.index(self.eos_token_id) if self.eos_token_id in ids else 0 for ids in self._token_ids)
+        used = last_eot + 1 + int(conditioned)
+        return min(length, max(used, 1 + self.deep_prompts.shape[1]))
+
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) prompts, as in the official code, and the token-id buffers."""
         for tensor in (self.ctx_normal, self.ctx_anomalous, self.deep_prompts):
@@ -90,12 +101,17 @@ def encode_prompts(
     eot_positions: torch.Tensor,
     deep_prompts: torch.Tensor,
     round_deep_prompts_to_fp16: bool = False,
+    num_positions: int | None = None,
 ) -> torch.Tensor:
     """L2-normalized text features [..., 2, D] of prompt input embeddings [..., 2, T, W].
 
     Runs CLIP's text transformer (position embeddings, causal blocks, final LayerNorm) with deep prompts written
     into hidden positions 1..len before layers 2..n+1, then projects the hidden state at the end-of-text token.
+    With `num_positions` (`CranePromptLearner.positions_used`), only the leading positions that reach the
+    end-of-text tokens are run: the result is the same (causal attention), at a fraction of the cost.
     """
+    if num_positions is not None:
+        embeddings = embeddings[..., :num_positions, :]
     leading = embeddings.shape[:-2]
     tokens, width = embeddings.shape[-2:]
     x = embeddings.reshape(-1, tokens, width)
