@@ -18,7 +18,7 @@ from crane_hf.evaluate import paper_protocol
 from crane_hf.gaussian_smoothing import gaussian_smooth
 from crane_hf.metrics import compute_metrics
 
-from .tiny_models import save_tiny_model_folder
+from .tiny_models import free_port, save_tiny_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,8 @@ def test_two_processes_equal_one(evaluation_setup):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",

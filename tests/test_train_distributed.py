@@ -13,6 +13,7 @@ import pytest
 import crane_hf
 from crane_hf import CraneForAnomalyDetection
 
+from .tiny_models import free_port
 from .training_fixtures import backbones, synthetic
 
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
@@ -36,6 +37,8 @@ def test_two_processes_write_one_checkpoint(backbones, synthetic, tmp_path):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",

@@ -124,3 +124,12 @@ def populate_hub_cache(hf_home, repo_id: str, model) -> str:
     with open(os.path.join(repo_dir, "refs", "main"), "w") as stream:
         stream.write(commit)
     return snapshot
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for the rendezvous of multi-process tests)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

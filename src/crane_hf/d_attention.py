@@ -7,7 +7,8 @@ With f_i the DINOv2 patch features of the same image:
     A_ij = -inf where A_ij < 0, except on the diagonal;  W = softmax_j(A);  out_i = OutProj(sum_j W_ij v_j)
 
 The weights depend only on DINOv2, so they are computed once per forward and shared by every feature layer and
-every head: the heads' values are attended together in one [B, M, M] x [B, M, C] product.
+every head: the heads' values are attended together in one [M, M] x [M, C] product per image (per image so that
+the result does not depend on the batch, `reproducibility.py`).
 Two required departures from the published code: m is taken per image (not over the batch), and the diagonal is
 never masked, so a uniform image (every A_ij < 0) gives finite features instead of NaN.
 """
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reproducibility import per_sample
+
 
 def dino_similarity_attention(dino_patches: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """Row-stochastic D-Attn weights [B, M, M] (float32) from DINOv2 patch features [B, M, C_dino].
@@ -26,8 +29,8 @@ def dino_similarity_attention(dino_patches: torch.Tensor, beta: float, gamma: fl
     gradient), so the peak is two M x M matrices per image: the logits and the softmax.
     """
     features = F.normalize(dino_patches.float(), dim=-1)
-    logits = features @ features.transpose(1, 2)
-    mean = logits.mean(dim=(1, 2), keepdim=True)
+    logits = per_sample(lambda f: f @ f.transpose(1, 2), features)
+    mean = per_sample(lambda similarity: similarity.mean(dim=(1, 2), keepdim=True), logits)
     logits = logits.sub_(mean * beta).mul_(gamma)
     masked = logits < 0
     masked.diagonal(dim1=1, dim2=2).fill_(False)
@@ -59,4 +62,4 @@ def dattn_features(
         grid = values.transpose(1, 2).reshape(batch, channels, *clip_grid)
         grid = F.interpolate(grid, size=dino_grid, mode="bilinear", align_corners=False)
         values = grid.flatten(2).transpose(1, 2)
-    return layer.self_attn.out_proj(weights.to(values.dtype) @ values)
+    return layer.self_attn.out_proj(per_sample(torch.matmul, weights.to(values.dtype), values))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip_layers import clip_mlp, merge_heads, project_qkv
+from .reproducibility import per_sample
 
 # Each E-Attn type as the (query, key) pairs of its softmax terms; "(q+k+v)^2" is handled separately.
 SELF_CORRELATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -43,7 +44,10 @@ def dual_stream_attention(
     Returns ``(a_orig, a_self)``, both [B, H, N, d] (a_orig [B, H, 1, d] for the first query alone when
     `class_token_only`).
     """
-    a_orig = F.scaled_dot_product_attention(q[:, :, :1] if class_token_only else q, k, v)
+    if class_token_only:  # one query per image: image by image, so the batch cannot change its bits
+        a_orig = per_sample(F.scaled_dot_product_attention, q[:, :, :1], k, v)
+    else:
+        a_orig = F.scaled_dot_product_attention(q, k, v)
     if eattn_type == "(q+k+v)^2":
         qkv = torch.cat([q, k, v], dim=-1)
         scale = q.shape[-1] ** -0.5 / math.sqrt(3.0)
@@ -80,7 +84,15 @@ def eattn_block(
     q, k, v = project_qkv(layer, layer.layer_norm1(o))
     a_orig, a_self = dual_stream_attention(q, k, v, eattn_type, class_token_only)
     out_proj = layer.self_attn.out_proj
-    o_mid = (o[:, :1] if class_token_only else o) + out_proj(merge_heads(a_orig))
-    o_next = o_mid + clip_mlp(layer, layer.layer_norm2(o_mid))
+    if class_token_only:  # one row per image: computed image by image so the batch cannot change its bits
+
+        def class_token_update(token: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+            mid = token + out_proj(merge_heads(attended))
+            return mid + clip_mlp(layer, layer.layer_norm2(mid))
+
+        o_next, o_mid = per_sample(class_token_update, o[:, :1], a_orig), None
+    else:
+        o_mid = o + out_proj(merge_heads(a_orig))
+        o_next = o_mid + clip_mlp(layer, layer.layer_norm2(o_mid))
     e_next = e + out_proj(merge_heads(a_self))
-    return EAttnLayerOutput(o_next, e_next, None if class_token_only else o_mid, merge_heads(v))
+    return EAttnLayerOutput(o_next, e_next, o_mid, merge_heads(v))

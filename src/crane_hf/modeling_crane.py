@@ -39,6 +39,7 @@ from .d_attention import dattn_features, dino_similarity_attention
 from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
 from .prompt_learning import CranePromptLearner, encode_prompts
+from .reproducibility import align_tensors, per_sample
 from .score_pooling import score_based_pooling
 
 PROMPT_PREFIX = "prompt_learner."
@@ -285,6 +286,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches are refused below, with their names
         model, info = super().from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
         check_loading_info(info, f"The checkpoint {path}")
+        align_tensors(model)  # the same bits as a model built in memory (reproducibility.py)
         model._freeze_backbones()
         return (model, info) if wants_info else model
 
@@ -493,7 +495,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         final_e = self._regrid(e[:, 1:], grid, map_grid)
         dense = torch.stack([final_e if m is None else m for m in maps])
         patch_features = F.normalize(self.clip.visual_projection(vision.post_layernorm(dense)), dim=-1)
-        image_embeds = F.normalize(self.clip.visual_projection(vision.post_layernorm(o[:, 0])), dim=-1)
+        global_embeds = per_sample(lambda token: self.clip.visual_projection(vision.post_layernorm(token)), o[:, 0])
+        image_embeds = F.normalize(global_embeds, dim=-1)
         return image_embeds, patch_features, map_grid
 
     @staticmethod
@@ -510,6 +513,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
     def _logits(self, features: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
         """(features . t) / temperature for features [..., B, N, D] or [B, D] and text [2, D] or [B, 2, D]."""
         text = text_embeds.to(features.dtype)
+        if text.dim() == 2 and features.dim() == 2:  # one row per image: image by image (reproducibility.py)
+            return per_sample(lambda rows: rows @ text.T, features) / temperature
         if text.dim() == 2:
             return (features @ text.T) / temperature
         if features.dim() == 2:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reproducibility import per_sample
+
 
 def score_based_pooling(
     patch_features: torch.Tensor, patch_logits: torch.Tensor, global_embeds: torch.Tensor, alpha: float
@@ -25,5 +27,6 @@ def score_based_pooling(
     """
     mean_features = patch_features.mean(dim=0)
     weights = patch_logits.mean(dim=0).softmax(dim=-1)[..., 1:]
-    pooled = F.normalize((mean_features * weights).sum(dim=1), dim=-1)
+    # A sum over the patches of each image, image by image so that the batch cannot change its bits.
+    pooled = F.normalize(per_sample(lambda f, w: (f * w).sum(dim=1), mean_features, weights), dim=-1)
     return F.normalize(alpha * pooled + (1.0 - alpha) * global_embeds, dim=-1)
