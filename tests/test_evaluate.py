@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from crane_hf.evaluate import paper_protocol
 from crane_hf.gaussian_smoothing import gaussian_smooth
 from crane_hf.metrics import compute_metrics
 
-from .tiny_models import free_port, save_tiny_model_folder
+from .tiny_models import free_port, run_process_group, save_tiny_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +129,7 @@ def test_two_processes_equal_one(evaluation_setup):
         "2",
         "--quiet",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = run_process_group(command, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Wrote metrics.md") == 1
     one = json.loads((single / "metrics.json").read_text())

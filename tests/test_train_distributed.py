@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
 import crane_hf
 from crane_hf import CraneForAnomalyDetection
 
-from .tiny_models import free_port
+from .tiny_models import free_port, run_process_group
 from .training_fixtures import backbones, synthetic
 
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
@@ -60,7 +59,7 @@ def test_two_processes_write_one_checkpoint(backbones, synthetic, tmp_path):
         "--num-workers",
         "0",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = run_process_group(command, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Prompts saved in") == 1  # by the main process only
     state = json.loads((output / "trainer_state.json").read_text())

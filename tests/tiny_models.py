@@ -133,3 +133,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_process_group(command: list[str], env: dict, timeout: float, cwd=None):
+    """Run a command (e.g. `accelerate launch` and its workers) in its own process group; on timeout, kill the whole
+    group so no worker outlives the test, then raise `subprocess.TimeoutExpired`."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
