@@ -126,6 +126,16 @@ def test_post_processing_smooths_like_scipy_and_resizes_to_each_original_size():
     assert torch.equal(unsmoothed, maps)
 
 
+def test_post_processing_resizes_maps_of_equal_target_size_together_like_one_at_a_time():
+    processor = CraneImageProcessor(image_size=56)
+    maps = torch.rand(4, 56, 56, generator=torch.Generator().manual_seed(1))
+    sizes = [(40, 60), (56, 56), (40, 60), (17, 90)]
+    resized = processor.post_process_anomaly_maps(maps, sigma=None, target_sizes=torch.tensor(sizes))
+    for anomaly_map, size, result in zip(maps, sizes, resized):
+        alone = torch.nn.functional.interpolate(anomaly_map[None, None], size=size, mode="bilinear")[0, 0]
+        assert result.shape == size and torch.equal(result, alone)
+
+
 def test_save_and_load_through_auto_image_processor(tmp_path):
     processor = CraneImageProcessor.from_crane_config(CraneConfig(image_size=336, smoothing_sigma=2.0))
     processor.save_pretrained(tmp_path)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from transformers import Dinov2WithRegistersModel
@@ -28,12 +29,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 
 
-def readme_script() -> str:
-    """The README's code blocks as one bash script (python blocks as here-documents), in document order."""
+DEVELOPMENT = "\n## Development\n"
+
+
+def readme_sections() -> tuple[str, str]:
+    """The README up to its Development section (a user's commands) and that section (run from the repository)."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as stream:
         readme = stream.read()
+    assert DEVELOPMENT in readme
+    user, development = readme.split(DEVELOPMENT, 1)
+    return user, development.split("\n## ", 1)[0]
+
+
+def readme_script() -> str:
+    """The README's user code blocks as one bash script (python blocks as here-documents), in document order."""
     lines = ["set -euo pipefail"]
-    for language, code in BLOCK.findall(readme):
+    for language, code in BLOCK.findall(readme_sections()[0]):
         if language == "python":
             lines.append(f"python - <<'PYTHON'\n{code}PYTHON")
             continue
@@ -82,3 +93,26 @@ def test_readme_runs_end_to_end(workspace):
     assert json.loads((workspace / "crane-plus-mvtec" / "config.json").read_text())["backbones_in_checkpoint"] is False
     assert (workspace / "crane-plus-mvtec" / "calibration.json").is_file()
     assert {"README.md", "model.safetensors", "config.json"} <= set(os.listdir(workspace / "hub-folder"))
+
+
+def test_readme_development_commands_run_from_the_repository():
+    """The Development section's benchmark command runs, narrowed to one configuration pair at batch 1."""
+    commands = [
+        command.split("  #")[0].strip()
+        for language, code in BLOCK.findall(readme_sections()[1])
+        for command in code.splitlines()
+        if language == "bash" and command.strip()
+    ]
+    assert commands and all(command.startswith("python benchmarks/") for command in commands), commands
+    narrowing = ["--batch-sizes", "1", "--rows", "floor-clip", "crane", "--interleave", "0"]
+    for command in commands:
+        argv = command.split()
+        assert argv[1] == "benchmarks/inference.py", command  # the narrowing flags are the inference benchmark's
+        result = subprocess.run(
+            [sys.executable, *argv[1:], *narrowing], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        table = [line for line in result.stdout.splitlines() if line.startswith("| Crane |")]
+        assert len(table) == 1, result.stdout[-3000:]
+        ratio = float(table[0].split("|")[8])  # "x floor": Crane's time over the CLIP floor's (not asserted)
+        assert ratio > 0, table[0]

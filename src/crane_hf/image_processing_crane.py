@@ -253,17 +253,15 @@ class CraneImageProcessor(BaseImageProcessor):
             return maps
         if len(target_sizes) != maps.shape[0]:
             raise ValueError(f"Got {maps.shape[0]} maps but {len(target_sizes)} target sizes.")
-        resized = []
-        for anomaly_map, target in zip(maps, target_sizes):
-            height, width = (int(v) for v in target)
-            if (height, width) == tuple(anomaly_map.shape):
-                resized.append(anomaly_map)
+        sizes = [tuple(int(v) for v in target) for target in target_sizes]
+        resized: list[torch.Tensor] = [maps[index] for index in range(maps.shape[0])]
+        for size in set(sizes):  # one interpolation per distinct size: batched, on the maps' device
+            if size == tuple(maps.shape[-2:]):
                 continue
-            resized.append(
-                F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[
-                    0, 0
-                ]
-            )
+            indices = [index for index, other in enumerate(sizes) if other == size]
+            batch = F.interpolate(maps[indices].unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+            for index, anomaly_map in zip(indices, batch[:, 0]):
+                resized[index] = anomaly_map
         return resized
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .gaussian_smoothing import gaussian_smooth
 from .image_files import read_image
 from .image_processing_crane import image_to_rgb_array
 from .visualization import render_overlay
@@ -78,6 +77,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         timeout: float | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess: dict[str, Any] = {}
+        forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
         if timeout is not None:
             preprocess["timeout"] = timeout
@@ -92,8 +92,12 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         if smoothing_sigma is not None:
             if float(smoothing_sigma) < 0:
                 raise ValueError(f"smoothing_sigma={smoothing_sigma} must be >= 0.")
-            postprocess["smoothing_sigma"] = float(smoothing_sigma)
-        return preprocess, {}, postprocess
+            forward["smoothing_sigma"] = float(smoothing_sigma)
+        return preprocess, forward, postprocess
+
+    def get_inference_context(self) -> type[torch.inference_mode]:
+        """Inference runs under `torch.inference_mode` (transformers' default is `no_grad`)."""
+        return torch.inference_mode
 
     def __call__(self, inputs: Any, **kwargs: Any) -> Any:
         """Score one image (returns a dict), a list of images (a list), or a dataset column (a lazy iterator)."""
@@ -132,13 +136,14 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             model_inputs["image"] = _as_uint8(rgb)
         return model_inputs
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], smoothing_sigma: float | None = None) -> dict[str, Any]:
+        """Model, then smoothing and resizing of the whole batch on the model's device."""
         outputs = self.model(model_inputs["pixel_values"])
-        result = {
-            "score": outputs.anomaly_scores,
-            "anomaly_map": outputs.anomaly_maps,
-            "original_size": model_inputs["original_size"],
-        }
+        sigma = self.model.config.smoothing_sigma if smoothing_sigma is None else smoothing_sigma
+        maps = self.image_processor.post_process_anomaly_maps(
+            outputs.anomaly_maps, sigma=sigma, target_sizes=model_inputs["original_size"].reshape(-1, 2)
+        )
+        result = {"score": outputs.anomaly_scores, "anomaly_map": maps}
         if "image" in model_inputs:
             result["image"] = model_inputs["image"]
         return result
@@ -148,22 +153,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         model_outputs: dict[str, Any],
         threshold: float | None = None,
         pixel_threshold: float | None = None,
-        smoothing_sigma: float | None = None,
         return_overlay: bool = False,
     ) -> dict[str, Any]:
         config = self.model.config
         threshold = config.image_threshold if threshold is None else threshold
         pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
-        sigma = config.smoothing_sigma if smoothing_sigma is None else smoothing_sigma
-        anomaly_map = model_outputs["anomaly_map"].float()
-        if sigma:
-            anomaly_map = gaussian_smooth(anomaly_map, sigma)
-        height, width = (int(v) for v in model_outputs["original_size"].reshape(-1, 2)[0])
-        if tuple(anomaly_map.shape[-2:]) != (height, width):
-            anomaly_map = torch.nn.functional.interpolate(
-                anomaly_map.reshape(1, 1, *anomaly_map.shape[-2:]), size=(height, width), mode="bilinear"
-            )
-        anomaly_map = anomaly_map.reshape(height, width).cpu().numpy().astype(np.float32)
+        anomaly_map = model_outputs["anomaly_map"]
+        if isinstance(anomaly_map, list):  # batch_size 1: the forward's list of one map
+            (anomaly_map,) = anomaly_map
+        height, width = anomaly_map.shape[-2:]
+        anomaly_map = anomaly_map.reshape(height, width).numpy().astype(np.float32, copy=False)
         score = float(model_outputs["score"].reshape(-1)[0])
         result: dict[str, Any] = {"score": score, "is_anomalous": score >= threshold, "anomaly_map": anomaly_map}
         if return_overlay:
