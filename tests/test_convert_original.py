@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -20,6 +21,7 @@ from .tiny_models import (
     OFFICIAL_DIR,
     OFFICIAL_FILES,
     TINY_SIZE,
+    fingerprint_compatible_clip,
     randomize_,
     tiny_clip_config,
     tiny_config,
@@ -107,6 +109,35 @@ def test_real_official_files_load_and_a_tiny_backbone_is_refused(name, backbones
         convert_original_checkpoint(
             path, clip, dino if variant == "crane+" else None, variant=variant, allow_backbone_mismatch=True
         )
+
+
+@pytest.fixture(scope="module")
+def paper_text_clips():
+    """CLIPs with the paper's 768-wide text tower and OpenAI's Hub special ids (eos 2): one with the token
+    embeddings the official prompts were trained with (their fingerprint), one with those embeddings perturbed."""
+    matching = fingerprint_compatible_clip("crane+/mvtec", openai_hub_ids=True)
+    other = copy.deepcopy(matching)
+    with torch.no_grad():
+        embedding = other.text_model.embeddings.token_embedding.weight
+        embedding.add_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0)) * 1e-2)
+    return matching, other
+
+
+@pytest.mark.parametrize("name", OFFICIAL_FILES)
+def test_real_official_files_convert_on_their_clip_and_the_fingerprint_refuses_another(name, paper_text_clips):
+    matching, other = paper_text_clips
+    path = os.path.join(OFFICIAL_DIR, name)
+    variant = "crane+" if "cranep" in name else "crane"
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=2) if variant == "crane+" else None
+    model = convert_original_checkpoint(path, matching, dino, variant=variant, image_size=TINY_SIZE)
+    state = load_original_checkpoint(path)
+    assert torch.equal(model.prompt_learner.ctx_normal, state["ctx_pos"].reshape(12, 768).float())
+    assert torch.equal(model.prompt_learner.ctx_anomalous, state["ctx_neg"].reshape(12, 768).float())
+    with torch.inference_mode():
+        output = model.eval()(torch.zeros(1, 3, TINY_SIZE, TINY_SIZE))
+    assert torch.isfinite(output.anomaly_maps).all()
+    with pytest.raises(BackboneMismatchError, match="differ from this CLIP's token embeddings"):
+        convert_original_checkpoint(path, other, dino, variant=variant, image_size=TINY_SIZE)
 
 
 def test_real_official_fingerprint_matches_the_bundled_vocabulary_ids():

@@ -417,6 +417,26 @@ def test_from_backbones_keeps_the_pretrained_weights(tmp_path, images):
         CraneForAnomalyDetection.from_backbones(clip, clip)
 
 
+def test_clip_with_the_special_ids_of_openais_hub_configs_gives_the_same_model(tmp_path, images):
+    """openai/clip-vit-large-patch14-336's config says eos_token_id 2 (bos 0, pad 1); end of text is still 49407."""
+    clip = randomize_(CLIPModel(tiny_clip_config()), seed=7)
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=8)
+    text_config = clip.config.text_config
+    assert text_config.eos_token_id == 49407
+    reference = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=TINY_SIZE).eval()
+    text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id = 0, 2, 1
+    clip.save_pretrained(tmp_path / "openai-ids")
+    for source in (clip, str(tmp_path / "openai-ids")):
+        model = CraneForAnomalyDetection.from_backbones(source, dino, image_size=TINY_SIZE).eval()
+        model.prompt_learner.load_state_dict(reference.prompt_learner.state_dict())  # the same (random) prompts
+        assert model.config.clip_config.text_config.eos_token_id == 2
+        assert model.prompt_learner.eos_token_id == 49407
+        with torch.inference_mode():
+            expected, output = reference(images), model(images)
+        assert torch.equal(output.anomaly_scores, expected.anomaly_scores)
+        assert torch.equal(output.anomaly_maps, expected.anomaly_maps)
+
+
 def test_dattn_reads_the_layer_input_of_the_o_stream(images):
     """Crane+ D-Attn map equals the spec formula applied to o_(l-1) of the feature layer."""
     model = tiny_model("crane+", both_eattn_dattn=False)

@@ -25,7 +25,14 @@ from crane_hf.presets import (
 from crane_hf.presets.build import build_preset
 from crane_hf.presets.catalog import PRESET_SOURCES, preset_file_name
 
-from .tiny_models import OFFICIAL_DIR, fingerprint_compatible_clip, randomize_, tiny_clip_config, tiny_dino_config
+from .tiny_models import (
+    OFFICIAL_DIR,
+    fingerprint_compatible_clip,
+    free_port,
+    randomize_,
+    tiny_clip_config,
+    tiny_dino_config,
+)
 
 
 def test_the_five_paper_presets_exist():
@@ -75,7 +82,7 @@ def test_building_presets_again_gives_the_bundled_content(name, tmp_path):
 
 
 def test_from_preset_applies_prompts_and_settings_on_compatible_backbones():
-    clip = fingerprint_compatible_clip("crane+/visa")
+    clip = fingerprint_compatible_clip("crane+/visa", openai_hub_ids=True)  # eos_token_id 2, as on the Hub
     dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=1)
     model = CraneForAnomalyDetection.from_preset("crane+/visa", clip=clip, dino=dino, image_size=56)
     preset = load_preset("crane+/visa")
@@ -118,8 +125,14 @@ OFFLINE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_offline_without_cache_fails_at_once_with_instructions(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "no network, HF_HUB_OFFLINE unset"])
+def test_offline_without_cache_fails_at_once_with_instructions(tmp_path, offline):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home")}
+    if offline == "HF_HUB_OFFLINE=1":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # an endpoint that refuses connections stands for a machine without network
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", OFFLINE_SCRIPT], capture_output=True, text=True, env=env, timeout=120

@@ -58,7 +58,8 @@ def readme_script() -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
-    clip = fingerprint_compatible_clip("crane+/mvtec", patch_size=37)  # 14 x 14 patches at 518 pixels
+    # as on the Hub: the paper CLIP's config carries OpenAI's special ids (eos 2); 14 x 14 patches at 518 pixels
+    clip = fingerprint_compatible_clip("crane+/mvtec", patch_size=37, openai_hub_ids=True)
     dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=4)
     populate_hub_cache(work / "hf-home", "openai/clip-vit-large-patch14-336", clip)
     populate_hub_cache(work / "hf-home", "facebook/dinov2-with-registers-base", dino)

@@ -78,9 +78,16 @@ def write_test_images(folder, count: int = 4, size: tuple[int, int] = (48, 64), 
     return paths
 
 
-def fingerprint_compatible_clip(preset_name: str = "crane+/mvtec", vision_layers: int = 24, patch_size: int = 14):
+# The special ids of OpenAI's own CLIP configs on the Hub (openai/clip-vit-large-patch14-336 among them).
+OPENAI_HUB_SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+def fingerprint_compatible_clip(
+    preset_name: str = "crane+/mvtec", vision_layers: int = 24, patch_size: int = 14, openai_hub_ids: bool = False
+):
     """A small CLIP with the paper's text width and depth and the preset's fixed-token embeddings, so that the
-    preset's fingerprint check accepts it (the vision tower is tiny; `patch_size=37` makes 518-pixel inputs cheap)."""
+    preset's fingerprint check accepts it (the vision tower is tiny; `patch_size=37` makes 518-pixel inputs cheap).
+    `openai_hub_ids`: the special ids of OpenAI's Hub configs (eos_token_id 2) instead of the tokenizer's."""
     from transformers import CLIPModel
 
     from crane_hf.presets import load_preset
@@ -95,6 +102,7 @@ def fingerprint_compatible_clip(preset_name: str = "crane+/mvtec", vision_layers
             "vocab_size": 49408,
             "bos_token_id": 49406,
             "eos_token_id": 49407,
+            **(OPENAI_HUB_SPECIAL_IDS if openai_hub_ids else {}),
         },
         vision_config={
             "hidden_size": 32,

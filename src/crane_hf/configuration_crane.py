@@ -11,6 +11,22 @@ from typing import Any
 
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
+# OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
+# pad 1); transformers' CLIPTextTransformer keeps a special case for them. The real <|endoftext|> is the last id.
+LEGACY_CLIP_EOS_TOKEN_ID = 2
+
+
+def end_of_text_id(text_config: Any) -> int:
+    """The id of CLIP's end-of-text token for a CLIP text config.
+
+    `text_config.eos_token_id`, except in the original OpenAI configs (eos_token_id 2): there, as transformers reads
+    them (end of text = the largest id of the sequence), it is the last id of the vocabulary, 49407 in OpenAI's.
+    """
+    if text_config.eos_token_id == LEGACY_CLIP_EOS_TOKEN_ID:
+        return int(text_config.vocab_size) - 1
+    return int(text_config.eos_token_id)
+
+
 EATTN_TYPES = ("qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2")
 VARIANTS = ("crane", "crane+")
 
@@ -350,9 +366,10 @@ class CraneConfig(PreTrainedConfig):
                     f"prompt_token_ids has ids outside the CLIP vocabulary of {text.vocab_size} tokens; Crane needs "
                     "the OpenAI CLIP vocabulary (49408 tokens)."
                 )
-            if text.eos_token_id not in ids:
-                raise ValueError(f"prompt_token_ids must contain the end-of-text id {text.eos_token_id}.")
-            eot = ids.index(text.eos_token_id)
+            eos = end_of_text_id(text)
+            if eos not in ids:
+                raise ValueError(f"prompt_token_ids must contain the end-of-text id {eos}.")
+            eot = ids.index(eos)
             if eot < self.prompt_length + 2:
                 raise ValueError("prompt_token_ids: the end-of-text token comes before the prompt words.")
             if self.context_conditioning_prob > 0 and eot + 1 >= len(ids):

@@ -22,7 +22,7 @@ import torch
 from transformers import CLIPModel
 
 from .atomic_io import atomic_output_dir, check_can_write
-from .configuration_crane import build_prompt_texts
+from .configuration_crane import build_prompt_texts, end_of_text_id
 from .image_processing_crane import CraneImageProcessor
 from .modeling_crane import CraneForAnomalyDetection
 from .prompt_tokenization import tokenize_prompts
@@ -106,7 +106,7 @@ def check_backbone_fingerprint(
     width = token_embedding.shape[1]
     require_prompt_width(state, width)
     ours = torch.tensor(prompt_token_ids)
-    eos = clip.config.text_config.eos_token_id
+    eos = end_of_text_id(clip.config.text_config)
     problems = []
     for index, name in enumerate(("pos", "neg")):
         stored = state[f"tokenized_prompts_{name}"].reshape(-1).long()

@@ -34,7 +34,7 @@ from .checkpoint_validation import (
     safetensors_header,
 )
 from .clip_layers import clip_block
-from .configuration_crane import CraneConfig, _as_int
+from .configuration_crane import CraneConfig, _as_int, end_of_text_id
 from .d_attention import dattn_features, dino_similarity_attention
 from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
@@ -159,7 +159,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         self.dino = AutoModel.from_config(config.dino_config) if config.use_dattn else None
         self.prompt_learner = CranePromptLearner(
             prompt_token_ids=config.prompt_token_ids,
-            eos_token_id=text_config.eos_token_id,
+            eos_token_id=end_of_text_id(text_config),
             prompt_length=config.prompt_length,
             num_deep_prompts=config.num_deep_prompts,
             deep_prompt_length=config.deep_prompt_length,

@@ -130,7 +130,39 @@ def _unavailable_message(preset: Preset, missing: str, error: Exception) -> str:
     )
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub endpoint cannot be reached (one connection attempt, no retries), or None if it can (or if a
+    proxy decides: then the download itself is the test)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{constants.ENDPOINT} cannot be reached: {error}"
+    return None
+
+
 def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
+    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
+    if not os.path.isdir(source):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json", cache_dir=backbone_kwargs.get("cache_dir"))
+        reason = None if isinstance(cached, str) else _hub_unreachable()
+        if reason:
+            raise BackboneUnavailableError(_unavailable_message(preset, source, OSError(reason)))
     try:
         return loader(source, **backbone_kwargs)
     except OSError as error:
