@@ -32,11 +32,11 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "scikit-learn>=1.3",
-        "scikit-image>=0.22",
         "pillow>=10.0",
         "tqdm>=4.60",
     ],
     extras_require={
+        "synthetic": ["scikit-image>=0.22"],  # the synthetic defect dataset and the offline demo
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
         "tensorboard": ["tensorboard>=2.14"],
     },

@@ -131,6 +131,11 @@ def test_sdpa_eattn_equals_explicit_softmax_attention(eattn_type):
     a_orig, a_self = dual_stream_attention(q, k, v, eattn_type)
     assert torch.allclose(a_orig, _softmax_attention(q, k, v, s), atol=1e-5)
     assert torch.allclose(a_self, explicit_self, atol=1e-5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        dual_stream_attention(q, k, v, eattn_type)
+    operators = {event.key for event in profile.key_averages()}
+    # only fused kernels: SDPA's math fallback (softmax and batched products over N x N) would build the matrix
+    assert not operators & {"aten::_scaled_dot_product_attention_math", "aten::_softmax", "aten::bmm"}, operators
 
 
 def _explicit_crane_patch_features(model: CraneForAnomalyDetection, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -264,6 +269,9 @@ def test_backbones_stay_frozen_and_in_eval_mode(variant):
     assert not model.clip.training and all(not m.training for m in model.clip.modules())
     if variant == "crane+":
         assert not model.dino.training
+    for backbone in model.backbones():  # train() called on a backbone itself
+        backbone.train()
+        assert all(not m.training for m in backbone.modules())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"prompt_learner.ctx_normal", "prompt_learner.ctx_anomalous", "prompt_learner.deep_prompts"}
 
@@ -315,6 +323,11 @@ def test_static_text_features_are_cached_in_eval_and_dropped_when_prompts_change
     with torch.no_grad():
         model(images)
     assert len(calls) == 4
+    model.prompt_learner.ctx_anomalous.data = torch.randn_like(model.prompt_learner.ctx_anomalous)  # new storage
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == 5
+    assert torch.allclose(model.static_text_embeds(), original())
 
 
 @pytest.mark.parametrize("size", [42, 70, 84])

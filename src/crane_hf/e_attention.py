@@ -49,9 +49,12 @@ def dual_stream_attention(
     else:
         a_orig = F.scaled_dot_product_attention(q, k, v)
     if eattn_type == "(q+k+v)^2":
+        # Keys of width 3d against values of width d would send SDPA to its math fallback, which builds the N x N
+        # matrix; values zero-padded to 3d keep the fused kernels, and the padding's outputs are dropped.
         qkv = torch.cat([q, k, v], dim=-1)
         scale = q.shape[-1] ** -0.5 / math.sqrt(3.0)
-        return a_orig, F.scaled_dot_product_attention(qkv, qkv, v, scale=scale)
+        padded = F.pad(v, (0, qkv.shape[-1] - v.shape[-1]))
+        return a_orig, F.scaled_dot_product_attention(qkv, qkv, padded, scale=scale)[..., : v.shape[-1]]
     if eattn_type not in SELF_CORRELATION_PAIRS:
         raise ValueError(f"Unknown E-Attn type {eattn_type!r}.")
     named = {"q": q, "k": k, "v": v}

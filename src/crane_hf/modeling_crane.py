@@ -145,6 +145,16 @@ class CranePreTrainedModel(PreTrainedModel):
             init.copy_(module.eot_positions, eot)
 
 
+class _EvalOnlyTrain:
+    """`train` of a frozen backbone: whatever mode is asked for, the backbone and its submodules stay in eval mode."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> torch.nn.Module:
+        return torch.nn.Module.train(self.module, False)
+
+
 class CraneForAnomalyDetection(CranePreTrainedModel):
     """Crane (CLIP with E-Attn) or Crane+ (plus DINOv2 D-Attn) with learned prompts.
 
@@ -351,6 +361,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         for backbone in self.backbones():
             backbone.requires_grad_(False)
             backbone.eval()
+            backbone.train = _EvalOnlyTrain(backbone)  # `model.clip.train()` keeps it in eval mode too
 
     def backbones(self) -> list[torch.nn.Module]:
         """The frozen pretrained towers: CLIP, and DINOv2 for Crane+."""
@@ -371,7 +382,9 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             *self.clip.text_model.parameters(),
             self.clip.text_projection.weight,
         ]
-        return (tuple((id(t), t._version) for t in tensors), device, torch.is_inference_mode_enabled())
+        # identity, in-place version and storage: `.data = ...` keeps the first two but changes the storage
+        state = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+        return (state, device, torch.is_inference_mode_enabled())
 
     def encode_text(self, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized prompt text features: [2, D], or [B, 2, D] conditioned on normalized image embeddings [B, D]."""
@@ -414,7 +427,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         table = self.clip.vision_model.embeddings.position_embedding.weight
         if torch.compiler.is_compiling():  # traced: always current, and no cache to guard (see static_text_embeds)
             return resize_position_embeddings(table, grid).to(dtype)
-        key = (grid, dtype, device, id(table), table._version, torch.is_inference_mode_enabled())
+        key = (grid, dtype, device, id(table), table._version, table.data_ptr(), torch.is_inference_mode_enabled())
         if key not in self._position_cache:
             with torch.no_grad():
                 resized = resize_position_embeddings(table.detach(), grid)

@@ -29,11 +29,18 @@ import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import skimage.data
 from PIL import Image
 from scipy import ndimage
-from skimage import draw
-from skimage.transform import resize
+
+try:
+    import skimage.data
+    from skimage import draw
+    from skimage.transform import resize
+except ImportError as error:  # an optional dependency: only the synthetic dataset (and the offline demo) need it
+    raise ImportError(
+        "The synthetic defect dataset needs scikit-image (its bundled textures and photos): "
+        'pip install "crane-hf[synthetic]" (or pip install scikit-image).'
+    ) from error
 
 from ..atomic_io import OutputExistsError, atomic_output_dir, atomic_write_text
 from .meta_json import write_meta_json
