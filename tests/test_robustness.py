@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +195,125 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     _png_header_only(tmp_path / "big.png", 5000, 5000)
     with pytest.raises(ValueError, match="exceeds the limit of 1,000,000"):
         read_image(str(tmp_path / "big.png"), max_pixels=1_000_000)
+
+
+# Bad files inside datasets: the loaders, `crane-hf evaluate` and the pipeline given a `datasets` column.
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory) -> str:
+    """One class, 3 normal and 4 anomalous (2 defects) 32 x 32 test images with masks; MVTec layout + meta.json."""
+    return generate_synthetic_dataset(
+        str(tmp_path_factory.mktemp("datasets") / "clean"),
+        classes=["brick"],
+        defects=["spot", "scratch"],
+        image_size=32,
+        train_good=0,
+        test_good=3,
+        test_defective=2,
+    )
+
+
+def _copy(dataset: str, folder, layout: str = "meta.json") -> str:
+    """A copy of `dataset`; `layout` "folders" removes the meta.json so that the class folders are read."""
+    copy = shutil.copytree(dataset, folder / "data")
+    if layout == "folders":
+        os.remove(copy / "meta.json")
+    return str(copy)
+
+
+def _truncate(path: str) -> None:
+    with open(path, "rb") as stream:
+        data = stream.read()
+    with open(path, "wb") as stream:
+        stream.write(data[: len(data) // 2])
+
+
+def _evaluate(model_dir: str, data: str, output) -> int:
+    return main(["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"])
+
+
+def test_evaluate_skips_and_names_truncated_images_and_unmasked_defects_and_keeps_the_rest(
+    tiny_model_dir, clean_dataset, tmp_path, capsys
+):
+    data = _copy(clean_dataset, tmp_path / "bad", layout="folders")
+    truncated = os.path.join(data, "brick", "test", "good", "001.png")
+    unmasked = os.path.join(data, "brick", "test", "spot", "000.png")
+    _truncate(truncated)
+    os.remove(os.path.join(data, "brick", "ground_truth", "spot", "000_mask.png"))
+    assert _evaluate(tiny_model_dir, data, tmp_path / "report") == 3
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    skipped = {item["image_path"]: item["reason"] for item in report["skipped"]}
+    assert set(skipped) == {truncated, unmasked}  # the files themselves, not the dataset root
+    assert "could not be decoded (image file is truncated" in skipped[truncated]
+    assert "anomalous image without a mask" in skipped[unmasked]
+    assert (tmp_path / "report" / "skipped.txt").read_text().count("\n") == 2
+    assert f"skipped {truncated}: could not be decoded" in capsys.readouterr().err
+    # The good images give exactly the metrics of a dataset holding only them.
+    good = _copy(clean_dataset, tmp_path / "good", layout="folders")
+    os.remove(os.path.join(good, "brick", "test", "good", "001.png"))
+    os.remove(os.path.join(good, "brick", "test", "spot", "000.png"))
+    assert _evaluate(tiny_model_dir, good, tmp_path / "reference") == 0
+    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert report["images"] == reference["images"] == 5
+    assert report["metrics"] == reference["metrics"]
+
+
+def test_evaluate_names_unknown_splits_and_classes(tiny_model_dir, clean_dataset, tmp_path, capsys):
+    folders = _copy(clean_dataset, tmp_path / "folders", layout="folders")
+    assert _evaluate(tiny_model_dir, f"{folders}:validation", tmp_path / "out") == 2
+    assert "has no split 'validation'; it has test" in capsys.readouterr().err
+    assert _evaluate(tiny_model_dir, f"{clean_dataset}:validation", tmp_path / "out") == 2
+    assert "no split 'validation'; it has test" in capsys.readouterr().err
+    assert _evaluate(tiny_model_dir, f"{clean_dataset}:test:nosuch", tmp_path / "out") == 2
+    assert "no class 'nosuch'; it has brick" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("width", "height"), [(30000, 30000), (10000, 10000)])  # over 2x PIL's limit, and between
+def test_loaders_refuse_decompression_bombs_from_the_header(clean_dataset, tmp_path, width, height):
+    data = _copy(clean_dataset, tmp_path)
+    bomb = os.path.join(data, "brick", "test", "good", "000.png")
+    _png_header_only(Path(bomb), width, height)
+    started = time.perf_counter()
+    with pytest.raises(DatasetLayoutError, match=rf"{re.escape(bomb)}: refused, .*{width * height}.* exceeds"):
+        load_anomaly_dataset(data, "test")
+    with pytest.warns(InvalidRecordWarning) as caught:
+        kept = load_anomaly_dataset(data, "test", skip_invalid=True)
+    assert time.perf_counter() - started < 5  # never decoded
+    assert [w.message.image_path for w in caught] == [bomb] and "decompression bomb" in str(caught[0].message)
+    assert len(kept) == 6 and "brick/test/good/000.png" not in kept["image_path"]
+
+
+def test_truncated_images_are_found_by_verify_images_and_named_by_the_pipeline(
+    tiny_model_dir, clean_dataset, tmp_path
+):
+    data = _copy(clean_dataset, tmp_path)
+    truncated = os.path.join(data, "brick", "test", "spot", "001.png")
+    _truncate(truncated)
+    assert len(load_anomaly_dataset(data, "test")) == 7  # header checks only (the default): not found
+    with pytest.raises(DatasetLayoutError, match=rf"{re.escape(truncated)}: could not be decoded \(image file is"):
+        load_anomaly_dataset(data, "test", verify_images=True)
+    with pytest.warns(InvalidRecordWarning, match="truncated"):
+        assert len(load_anomaly_dataset(data, "test", skip_invalid=True, verify_images=True)) == 6
+    dataset = load_anomaly_dataset(data, "test")
+    row = dataset["image_path"].index("brick/test/spot/001.png")
+    detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)
+    for source in (dataset, dataset["image"]):
+        with pytest.raises(ValueError) as error:
+            list(detector(source))
+        message = str(error.value)
+        assert (
+            f"dataset row {row} (image_path 'brick/test/spot/001.png'): {truncated}: could not be decoded" in message
+        )
+        assert "image file is truncated" in message
+
+
+def test_symlinked_class_folder_leaving_the_root_is_reported(clean_dataset, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "brick").symlink_to(os.path.join(clean_dataset, "brick"), target_is_directory=True)
+    with pytest.raises(DatasetLayoutError, match=r"img_path 'brick/test/good/000.png' leaves the dataset root"):
+        load_anomaly_dataset(str(root), "test")
+    (tmp_path / "linked root").symlink_to(clean_dataset, target_is_directory=True)  # a linked root is fine
+    assert len(load_anomaly_dataset(str(tmp_path / "linked root"), "test")) == 7

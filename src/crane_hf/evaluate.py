@@ -12,7 +12,9 @@ numbers use); the table shows `--aupro` (legacy under `--protocol paper`).
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
-single-process run. Unreadable images are reported in `skipped.txt` and left out; the rest is evaluated.
+single-process run. Unreadable images (missing, truncated, corrupt, over the decompression-bomb limit), masks of the
+wrong size and anomalous images missing the mask their class's other anomalous images have are reported in
+`skipped.txt` and `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3).
 """
 
 from __future__ import annotations
@@ -69,24 +71,51 @@ def paper_protocol(dataset: str, variant: str = "crane+") -> dict[str, Any]:
     return {"dataset": known, "preset": preset, "soft_mean": soft_mean, "aupro": "legacy"}
 
 
+def undecoded(dataset: Any) -> Any:
+    """`dataset` with its image and mask columns left as `{"path", "bytes"}` values, so that reading a row decodes
+    nothing; `read_encoded_image` then decodes them with the batch commands' checks (named errors, bomb guard)."""
+    import datasets as hf_datasets
+
+    for column in ("image", "mask"):
+        dataset = dataset.cast_column(column, hf_datasets.Image(decode=False))
+    return dataset
+
+
+def image_file(record: dict[str, Any]) -> str:
+    """The image file of an undecoded row (its path, or `image_path` when the image is held as bytes)."""
+    return (record["image"] or {}).get("path") or record["image_path"]
+
+
 class _EvaluationItems(torch.utils.data.Dataset):
-    """Processed rows of an anomaly dataset; a row that cannot be read comes back as its error message."""
+    """Processed rows of an `undecoded` anomaly dataset; a row that cannot be read or processed comes back as its
+    error message, so that one bad file never stops the evaluation."""
 
     def __init__(self, dataset: Any, processor: Any, rows: Sequence[int]):
-        from .training_data import ProcessedImages
-
-        self.images = ProcessedImages(dataset, processor)
+        self.dataset = dataset
+        self.processor = processor
         self.rows = list(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
+        from .image_files import read_encoded_image
+
         row = self.rows[position]
+        record = self.dataset[row]
         try:
-            return self.images[row]
-        except (ValueError, OSError) as error:
-            return {"index": torch.tensor(row), "error": str(error)}
+            image = read_encoded_image(record["image"])
+            mask = None if record["mask"] is None else read_encoded_image(record["mask"])
+            processed = self.processor([image], masks=[mask])
+        except (ValueError, TypeError, OSError) as error:
+            path = image_file(record)
+            return {"index": torch.tensor(row), "error": str(error).removeprefix(f"{path}: ")}
+        return {
+            "pixel_values": processed["pixel_values"][0],
+            "masks": processed["masks"][0],
+            "labels": torch.tensor(int(record["label"])),
+            "index": torch.tensor(row),
+        }
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,10 +137,13 @@ def score_dataset(
     overlay_dir: str | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[tuple[int, str]]]:
-    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason)."""
+    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
+
+    Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
     from .gaussian_smoothing import gaussian_smooth
     from .metrics import AnomalyMetricAccumulator
 
+    dataset = undecoded(dataset)
     loader = torch.utils.data.DataLoader(
         _EvaluationItems(dataset, processor, rows), batch_size=batch_size, collate_fn=_collate
     )
@@ -143,11 +175,12 @@ def score_dataset(
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
     from PIL import Image
 
+    from .image_files import read_encoded_image
     from .visualization import render_overlay
 
     for row, anomaly_map in zip(rows, maps):
-        record = dataset[row]
-        image = record["image"].convert("RGB")
+        record = dataset[row]  # an undecoded row
+        image = read_encoded_image(record["image"]).convert("RGB")
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
@@ -235,8 +268,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InvalidRecordWarning)
-        datasets_ = [load_data_source(spec, skip_invalid=True) for spec in args.data]
-    invalid = [str(w.message) for w in caught if issubclass(w.category, InvalidRecordWarning)]
+        # require_masks=None: an anomalous image without a mask, in a class whose other anomalous images have masks,
+        # is reported and left out instead of counting as all normal pixels.
+        datasets_ = [load_data_source(spec, require_masks=None, skip_invalid=True) for spec in args.data]
+    invalid = [w.message for w in caught if isinstance(w.message, InvalidRecordWarning)]
     import datasets as hf_datasets
 
     dataset = hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0]
@@ -274,6 +309,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 variant: merged[name].compute(aupro_variant=variant, max_fpr=0.3) for variant in ("official", "legacy")
             }
     table = metrics_table(results, aupro)
+    rows = undecoded(dataset)
     info = {
         "model": getattr(model.config, "preset", None) or model_spec,
         "data": list(args.data),
@@ -283,8 +319,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "soft_mean": model.config.soft_mean,
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
-        "skipped": [{"image_path": dataset[row]["image_path"], "reason": reason} for row, reason in all_skipped]
-        + [{"image_path": problem.split(": ", 1)[0], "reason": problem.split(": ", 1)[-1]} for problem in invalid],
+        "skipped": [{"image_path": image_file(rows[row]), "reason": reason} for row, reason in all_skipped]
+        + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid],
     }
     with atomic_output_dir(output, overwrite=args.overwrite) as staging:
         write_report(staging, table, info)

@@ -20,22 +20,51 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .image_files import read_image
+from .image_files import read_encoded_image, read_image
 from .image_processing_crane import image_to_rgb_array
 from .visualization import render_overlay
 
 
 class _SequenceDataset(torch.utils.data.Dataset):
-    """A `datasets` column (or dataset with an "image" column) seen as a torch Dataset, so the pipeline streams."""
+    """A `datasets` column (or dataset with an "image" column) seen as a torch Dataset, so the pipeline streams.
+
+    A `datasets.Image` column is read undecoded and decoded here as image files are (`read_encoded_image`: the
+    decompression-bomb guard, named errors); an image that cannot be decoded raises a `ValueError` naming the row,
+    its `image_path` when the dataset has that column, and the problem.
+    """
 
     def __init__(self, items: Any):
-        self.items = items["image"] if hasattr(items, "column_names") else items
+        import datasets
+
+        dataset, column = (
+            (items, "image") if hasattr(items, "column_names") else (getattr(items, "source", None), None)
+        )
+        column = column or getattr(items, "column_name", None)
+        self.paths = None
+        self.encoded = (
+            isinstance(dataset, datasets.Dataset)
+            and isinstance(dataset.features.get(column), datasets.Image)
+            and dataset.format["type"] is None
+        )
+        if self.encoded:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+            self.items = dataset[column]
+            self.paths = dataset["image_path"] if "image_path" in dataset.column_names else None
+        else:
+            self.items = items["image"] if hasattr(items, "column_names") else items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Any:
-        return self.items[index]
+        from PIL import Image
+
+        try:
+            item = self.items[index]
+            return read_encoded_image(item) if self.encoded and item is not None else item
+        except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+            path = f" (image_path {self.paths[index]!r})" if self.paths is not None else ""
+            raise ValueError(f"dataset row {index}{path}: {error}") from error
 
 
 def _is_datasets_input(inputs: Any) -> bool:
@@ -111,11 +140,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
 
     def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
-            from io import BytesIO
-
-            from PIL import Image as PILImage
-
-            image = PILImage.open(BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
+            image = read_encoded_image(image)
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             from transformers.image_utils import load_image

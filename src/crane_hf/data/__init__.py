@@ -18,7 +18,14 @@ from typing import Any
 
 from .layouts import load_class_folders, load_mvtec, load_visa, scan_class_folders
 from .meta_json import load_meta_json, read_meta_json, write_meta_json
-from .records import AnomalyRecord, DatasetLayoutError, InvalidRecordWarning, records_to_dataset, validate_records
+from .records import (
+    AnomalyRecord,
+    DatasetLayoutError,
+    InvalidRecordWarning,
+    UnknownSelectionError,
+    records_to_dataset,
+    validate_records,
+)
 from .sources import DataSource, detect_layout, load_anomaly_dataset, load_data_source
 
 # The two command-line modules are imported on first use, so that `python -m crane_hf.data.<module>` runs them
@@ -47,6 +54,7 @@ __all__ = [
     "DataSource",
     "DatasetLayoutError",
     "InvalidRecordWarning",
+    "UnknownSelectionError",
     "dataset_records",
     "detect_layout",
     "generate_synthetic_dataset",

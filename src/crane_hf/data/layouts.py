@@ -26,6 +26,7 @@ from .meta_json import select_records
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
+    UnknownSelectionError,
     list_images,
     records_to_dataset,
     validate_records,
@@ -71,6 +72,11 @@ def scan_class_folders(
     reports it).
     """
     found = find_class_folders(root, splits)
+    if not found and find_class_folders(root):
+        present = [s for s in SPLITS if any(os.path.isdir(os.path.join(root, c, s)) for c in find_class_folders(root))]
+        raise UnknownSelectionError(
+            f"{root} has no split {', '.join(map(repr, splits))}; it has {', '.join(present)}."
+        )
     classes = list(classes) if classes is not None else found
     unknown = [name for name in classes if name not in found]
     if unknown or not classes:
@@ -112,19 +118,29 @@ def load_class_folders(
     classes: Sequence[str] | None = None,
     normal_names: Sequence[str] = ("good",),
     mask_suffixes: Sequence[str] = ("_mask", ""),
-    require_masks: bool = True,
+    require_masks: bool | None = True,
     check_files: bool = True,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """The generic layout (module docstring) as a `datasets.Dataset` (columns: `crane_hf.data.records`).
+
+    Options as in `load_meta_json`.
 
     Raises:
         DatasetLayoutError: no class folders, an anomalous image without a mask (unless `require_masks=False`),
             unreadable files or masks whose size differs from their image's, each named.
+        UnknownSelectionError: no class folder has the split.
     """
     records = scan_class_folders(root, classes, (split,), normal_names, mask_suffixes)[split]
     records = validate_records(
-        root, records, str(root), check_files=check_files, require_masks=require_masks, skip_invalid=skip_invalid
+        root,
+        records,
+        str(root),
+        check_files=check_files,
+        require_masks=require_masks,
+        skip_invalid=skip_invalid,
+        verify_images=verify_images,
     )
     return records_to_dataset(root, records)
 
@@ -135,6 +151,7 @@ def load_mvtec(
     classes: Sequence[str] | None = None,
     check_files: bool = True,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """MVTec-AD (and datasets in its exact layout, e.g. MPDD) from its folders; masks named `<stem>_mask.png`."""
     return load_class_folders(
@@ -146,6 +163,7 @@ def load_mvtec(
         require_masks=True,
         check_files=check_files,
         skip_invalid=skip_invalid,
+        verify_images=verify_images,
     )
 
 
@@ -191,12 +209,19 @@ def load_visa(
     csv_path: str | None = None,
     check_files: bool = True,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """VisA from its split CSV as a `datasets.Dataset` (columns: `crane_hf.data.records`)."""
     csv_path = csv_path or os.path.join(root, VISA_SPLIT_CSV)
     records = select_records(read_visa_csv(root, csv_path), split, classes, csv_path)
     records = validate_records(
-        root, records, csv_path, check_files=check_files, require_masks=True, skip_invalid=skip_invalid
+        root,
+        records,
+        csv_path,
+        check_files=check_files,
+        require_masks=True,
+        skip_invalid=skip_invalid,
+        verify_images=verify_images,
     )
     return records_to_dataset(root, records)
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import datasets
 
 from ..atomic_io import atomic_write_text
-from .records import AnomalyRecord, DatasetLayoutError, records_to_dataset, validate_records
+from .records import AnomalyRecord, DatasetLayoutError, UnknownSelectionError, records_to_dataset, validate_records
 
 META_FILENAME = "meta.json"
 REQUIRED_FIELDS = {"img_path": str, "mask_path": str, "cls_name": str, "anomaly": int}
@@ -91,16 +91,17 @@ def read_meta_json(root: str, meta_path: str | None = None) -> dict[str, list[An
 def select_records(
     splits: Mapping[str, Sequence[AnomalyRecord]], split: str, classes: Sequence[str] | None, source: str
 ) -> list[AnomalyRecord]:
-    """The records of one split, optionally of some classes only (in the order given); unknown names raise."""
+    """The records of one split, optionally of some classes only (in the order given); unknown names raise
+    `UnknownSelectionError`."""
     if split not in splits:
-        raise KeyError(f"{source} has no split {split!r}; it has {', '.join(sorted(splits)) or 'none'}.")
+        raise UnknownSelectionError(f"{source} has no split {split!r}; it has {', '.join(sorted(splits)) or 'none'}.")
     records = list(splits[split])
     if classes is None:
         return records
     known = list(dict.fromkeys(r.class_name for r in records))
     unknown = [name for name in classes if name not in known]
     if unknown:
-        raise KeyError(
+        raise UnknownSelectionError(
             f"{source} split {split!r} has no class {', '.join(map(repr, unknown))}; it has {', '.join(known)}."
         )
     return [r for name in classes for r in records if r.class_name == name]
@@ -112,8 +113,9 @@ def load_meta_json(
     classes: Sequence[str] | None = None,
     meta_path: str | None = None,
     check_files: bool = True,
-    require_masks: bool = False,
+    require_masks: bool | None = False,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """A dataset described by a meta.json, as a `datasets.Dataset` (columns: `crane_hf.data.records`).
 
@@ -124,16 +126,25 @@ def load_meta_json(
         meta_path: the index file, if not `<root>/meta.json`.
         check_files: check that every image and mask exists, lies inside the root and that masks have their
             image's size (reads file headers only).
-        require_masks: refuse anomalous images without a mask.
+        require_masks: refuse anomalous images without a mask (None: only in classes where other anomalous
+            images have one, see `validate_records`).
         skip_invalid: leave offending entries out, with an `InvalidRecordWarning` each, instead of raising.
+        verify_images: decode each image and mask once to find truncated or corrupt files (a full decode).
 
     Raises:
         DatasetLayoutError: listing each offending entry (split, class, index, paths and the problem).
+        UnknownSelectionError: an unknown split or class, naming the available ones.
     """
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     records = select_records(read_meta_json(root, meta_path), split, classes, meta_path)
     records = validate_records(
-        root, records, meta_path, check_files=check_files, require_masks=require_masks, skip_invalid=skip_invalid
+        root,
+        records,
+        meta_path,
+        check_files=check_files,
+        require_masks=require_masks,
+        skip_invalid=skip_invalid,
+        verify_images=verify_images,
     )
     return records_to_dataset(root, records)
 

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import datasets
-from PIL import Image, UnidentifiedImageError
+
+from ..image_files import image_file_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_NAMES = ["normal", "anomalous"]
@@ -49,6 +50,14 @@ class DatasetLayoutError(ValueError):
         if more:
             lines.append(f"  ... and {more} more")
         super().__init__("\n".join(lines))
+
+
+class UnknownSelectionError(ValueError, KeyError):
+    """A split or class that the dataset does not have; the message names it and the available ones.
+
+    A `ValueError` for command lines and a `KeyError` for code that looks names up."""
+
+    __str__ = BaseException.__str__  # the message as written, not quoted like a KeyError's
 
 
 @dataclass(frozen=True)
@@ -91,24 +100,27 @@ def list_images(folder: str) -> list[str]:
 def relative_to_root(root: str, path: str) -> str | None:
     """`path` (relative to `root`, or absolute) as a normalized path relative to `root`; None if it leaves root.
 
-    The check is lexical ("..", absolute paths), so a root reached through a symbolic link is fine.
+    A path leaves the root lexically ("..", absolute paths elsewhere) or through a symbolic link (a linked class
+    folder or file whose real location is outside the root's real location); a root reached through a symbolic
+    link is fine.
     """
     root = os.path.abspath(root)
     full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
-    if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+    if not _is_inside(root, full) or not _is_inside(os.path.realpath(root), os.path.realpath(full)):
         return None
     return os.path.relpath(full, root).replace(os.sep, "/")
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    with Image.open(path) as image:
-        return image.size
+def _is_inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def record_problems(root: str, record: AnomalyRecord, check_files: bool = True) -> list[str]:
-    """Everything wrong with one record: bad label, paths that leave the root, missing or unreadable files, masks
-    whose size differs from their image's."""
+def record_problems(
+    root: str, record: AnomalyRecord, check_files: bool = True, verify_images: bool = False
+) -> list[str]:
+    """Everything wrong with one record: bad label, paths that leave the root, missing or unreadable files (images
+    over `Image.MAX_IMAGE_PIXELS` are refused from their header, never decoded), masks whose size differs from their
+    image's. With `verify_images`, each image and mask is also decoded once, which finds truncated or corrupt data."""
     problems = []
     if record.label not in (0, 1):
         problems.append(f"{record.describe()}: field 'anomaly' must be 0 or 1, got {record.label!r}")
@@ -127,14 +139,14 @@ def record_problems(root: str, record: AnomalyRecord, check_files: bool = True) 
         if not path:
             continue
         full = os.path.join(root, path)
+        kind = "image" if field == "img_path" else "mask"
         if not os.path.isfile(full):
-            kind = "image" if field == "img_path" else "mask"
             problems.append(f"{record.describe()}: {kind} file not found: {full}")
             continue
         try:
-            sizes[field] = _image_size(full)
-        except (UnidentifiedImageError, OSError) as error:
-            problems.append(f"{record.describe()}: cannot read {full} as an image ({error})")
+            sizes[field] = image_file_size(full, verify=verify_images)
+        except ValueError as error:
+            problems.append(f"{record.describe()}: {kind} {error}")
     if len(sizes) == 2 and sizes["img_path"] != sizes["mask_path"]:
         (iw, ih), (mw, mh) = sizes["img_path"], sizes["mask_path"]
         problems.append(f"{record.describe()}: mask is {mw}x{mh} but its image is {iw}x{ih}")
@@ -142,7 +154,17 @@ def record_problems(root: str, record: AnomalyRecord, check_files: bool = True) 
 
 
 class InvalidRecordWarning(UserWarning):
-    """A dataset entry was left out (`skip_invalid=True`); the message names the entry and the problem."""
+    """A dataset entry was left out (`skip_invalid=True`); the message names the entry and the problem.
+
+    Attributes:
+        image_path: the entry's image file (joined to the dataset root) or "" when the entry has none.
+        reason: the problem, without the entry's description.
+    """
+
+    def __init__(self, message: str, image_path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.image_path = image_path
+        self.reason = reason or message
 
 
 def validate_records(
@@ -150,28 +172,40 @@ def validate_records(
     records: Iterable[AnomalyRecord],
     what: str,
     check_files: bool = True,
-    require_masks: bool = False,
+    require_masks: bool | None = False,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> list[AnomalyRecord]:
     """Check every record (see `record_problems`) and raise one `DatasetLayoutError` listing all problems.
 
     Args:
-        require_masks: also refuse anomalous images without a mask (pixel-level training needs them).
+        require_masks: also refuse anomalous images without a mask (pixel-level training needs them). None: refuse
+            them in the classes where other anomalous images have a mask (a segmentation dataset with missing
+            masks, whose pixel metrics would count those images as all normal), accept them elsewhere
+            (image-level datasets).
         skip_invalid: instead of raising, leave the offending records out and issue one `InvalidRecordWarning`
             per problem (batch commands use this to finish on the good records and report the bad ones).
+        verify_images: decode every image and mask once (finds truncated files; costs a full decode), instead of
+            reading file headers only.
     """
+    records = list(records)
+    masked_classes = {r.class_name for r in records if r.label == 1 and r.mask_path}
     kept, problems = [], []
     for record in records:
-        found = record_problems(root, record, check_files)
-        if require_masks and record.label == 1 and not record.mask_path:
-            found.append(f"{record.describe()}: anomalous image without a mask")
-        problems.extend(found)
+        found = record_problems(root, record, check_files, verify_images)
+        required = record.class_name in masked_classes if require_masks is None else require_masks
+        if required and record.label == 1 and not record.mask_path:
+            why = "" if require_masks else f" (other anomalous images of class {record.class_name!r} have masks)"
+            found.append(f"{record.describe()}: anomalous image without a mask{why}")
+        problems.extend((record, problem) for problem in found)
         if not found:
             kept.append(record)
     if problems and not skip_invalid:
-        raise DatasetLayoutError(what, problems)
-    for problem in problems:
-        warnings.warn(problem, InvalidRecordWarning, stacklevel=2)
+        raise DatasetLayoutError(what, [problem for _, problem in problems])
+    for record, problem in problems:
+        image_path = os.path.normpath(os.path.join(root, record.image_path)) if record.image_path else ""
+        reason = problem.removeprefix(f"{record.describe()}: ")
+        warnings.warn(InvalidRecordWarning(problem, image_path, reason), stacklevel=2)
     return kept
 
 
@@ -200,6 +234,7 @@ __all__ = [
     "AnomalyRecord",
     "DatasetLayoutError",
     "InvalidRecordWarning",
+    "UnknownSelectionError",
     "is_image_file",
     "list_images",
     "records_to_dataset",

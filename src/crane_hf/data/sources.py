@@ -65,15 +65,18 @@ def load_anomaly_dataset(
     root: str,
     split: str = "test",
     classes: Sequence[str] | None = None,
-    require_masks: bool = False,
+    require_masks: bool | None = None,
     check_files: bool = True,
     skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """Open a dataset whatever its layout (`detect_layout`) as a `datasets.Dataset` (columns:
     `crane_hf.data.records`). With `skip_invalid`, offending entries are left out with an `InvalidRecordWarning`
-    each instead of raising."""
+    each instead of raising. `require_masks` None (the default) refuses anomalous images without a mask in the
+    classes where other anomalous images have one (see `validate_records`); VisA always requires masks.
+    `verify_images` decodes every image and mask once (finds truncated files)."""
     layout = detect_layout(root)
-    options = {"check_files": check_files, "skip_invalid": skip_invalid}
+    options = {"check_files": check_files, "skip_invalid": skip_invalid, "verify_images": verify_images}
     if layout == "meta.json":
         return load_meta_json(root, split, classes, require_masks=require_masks, **options)
     if layout == "visa":
@@ -82,12 +85,20 @@ def load_anomaly_dataset(
 
 
 def load_data_source(
-    source: DataSource | str, require_masks: bool = False, skip_invalid: bool = False
+    source: DataSource | str,
+    require_masks: bool | None = None,
+    skip_invalid: bool = False,
+    verify_images: bool = False,
 ) -> datasets.Dataset:
     """`load_anomaly_dataset` for a `DataSource` or its string form."""
     source = DataSource.parse(source) if isinstance(source, str) else source
     return load_anomaly_dataset(
-        source.root, source.split, source.classes, require_masks=require_masks, skip_invalid=skip_invalid
+        source.root,
+        source.split,
+        source.classes,
+        require_masks=require_masks,
+        skip_invalid=skip_invalid,
+        verify_images=verify_images,
     )
 
 
