@@ -5,6 +5,8 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +106,19 @@ def test_command_line(tmp_path, capsys):
     assert "Wrote 4 images of 1 classes" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(out, "gravel/test"))) == ["good", "hole", "spot"]
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_without_scikit_image_the_module_names_the_extra_to_install():
+    """scikit-image is the optional `synthetic` extra; `import crane_hf` itself never needs it."""
+    script = (
+        "import sys\n"
+        "sys.modules['skimage'] = None  # as if scikit-image were not installed\n"
+        "import crane_hf, crane_hf.data\n"
+        "try:\n"
+        "    import crane_hf.data.synthetic\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'pip install "crane-hf[synthetic]"' in result.stdout
