@@ -11,7 +11,9 @@ Rows (random weights; each configuration runs in a fresh subprocess so that its 
     ... materialized      the same model with E-Attn / D-Attn attention matrices materialized as the published
                           code does (`benchmarks/materialized_attention.py`)
 
-Time is the median over `--repeats` timed calls after one warm-up call at batch 1. Memory: "peak RSS" is the
+Each configuration runs alone in a fresh process (one warm-up call at batch 1, then `--repeats` timed calls), then
+the floor and Crane rows of a variant alternate in one process (`--interleave` rounds). The table's ratios use the
+best (minimum) time over all timed calls; the median is shown beside it. Memory: "peak RSS" is the
 process's peak resident set (weights included); "forward MiB" is the peak above the resident set just before the
 first forward (VmHWM reset through /proc/self/clear_refs), i.e. what inference itself needs. On CUDA the same is
 taken from torch.cuda's allocator statistics, and bf16 / fp16 autocast rows are added.

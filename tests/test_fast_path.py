@@ -44,6 +44,29 @@ def _dattn(layer, u, dino_tokens, beta, gamma):
     return layer.self_attn.out_proj(weights @ layer.self_attn.v_proj(u)[:, 1:])
 
 
+def _straightforward_text(model):
+    """Static text features [2, D], spec section 4 on transformers' CLIP text layers: all 77 positions, context
+    vectors at positions 1..12, deep prompts overwriting positions 1..len before layers 2..n+1, causal mask only,
+    final LayerNorm at the first end-of-text token, projection, L2-normalization."""
+    clip, text_model, learner = model.clip, model.clip.text_model, model.prompt_learner
+    ids = torch.tensor(model.config.prompt_token_ids)
+    tokens = text_model.embeddings.token_embedding(ids).clone()
+    context = learner.ctx_normal.shape[0]
+    tokens[0, 1 : 1 + context] = learner.ctx_normal
+    tokens[1, 1 : 1 + context] = learner.ctx_anomalous
+    hidden = tokens + text_model.embeddings.position_embedding.weight[: ids.shape[1]]
+    causal_mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+    deep = learner.deep_prompts
+    for index, layer in enumerate(text_model.encoder.layers):
+        if 1 <= index <= deep.shape[0]:
+            hidden = hidden.clone()
+            hidden[:, 1 : 1 + deep.shape[1]] = deep[index - 1]
+        hidden = layer(hidden, causal_mask)
+    hidden = text_model.final_layer_norm(hidden)
+    end_of_text = (ids == 49407).int().argmax(dim=-1)
+    return F.normalize(clip.text_projection(hidden[torch.arange(ids.shape[0]), end_of_text]), dim=-1)
+
+
 def _straightforward_forward(model, pixels):
     """Scores, maps [B, H, W], patch logits [M, B, N, 2] and global embeddings, literally as the spec says."""
     config = model.config
@@ -87,9 +110,7 @@ def _straightforward_forward(model, pixels):
     features = [F.normalize(clip.visual_projection(vision.post_layernorm(m)), dim=-1) for m in maps]
     global_embeds = F.normalize(clip.visual_projection(vision.post_layernorm(o[:, 0])), dim=-1)
 
-    embeddings, eot = model.prompt_learner.prompt_embeddings(clip.text_model.embeddings.token_embedding)
-    assert embeddings.shape[1] == 77
-    text = encode_prompts(clip.text_model, clip.text_projection, embeddings, eot, model.prompt_learner.deep_prompts)
+    text = _straightforward_text(model)
     tau = config.logit_temperature
     logits = [f @ text.T / tau for f in features]
     size = tuple(pixels.shape[-2:])

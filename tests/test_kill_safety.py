@@ -1,5 +1,5 @@
 """No data lost: a training run killed with SIGKILL at random moments leaves only complete, loadable checkpoints,
-and `--resume-from-checkpoint latest` continues from the newest one."""
+and `--resume-from-checkpoint latest` continues from the newest one to the prompts of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import torch
 
 import crane_hf
 from crane_hf import CraneForAnomalyDetection
@@ -90,4 +92,16 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert _assert_checkpoints_complete(output) == 8
-    CraneForAnomalyDetection.from_pretrained(str(output))
+    resumed = CraneForAnomalyDetection.from_pretrained(str(output))
+    uninterrupted_output = tmp_path / "uninterrupted"
+    uninterrupted_run = subprocess.run(
+        _train_command(backbones, synthetic, uninterrupted_output, epochs=8),
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert uninterrupted_run.returncode == 0, uninterrupted_run.stderr[-3000:]
+    uninterrupted = CraneForAnomalyDetection.from_pretrained(str(uninterrupted_output))
+    for name, tensor in uninterrupted.prompt_learner.state_dict().items():  # killed 3 times, resumed: same prompts
+        assert torch.equal(resumed.prompt_learner.state_dict()[name], tensor), name
