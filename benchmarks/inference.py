@@ -124,7 +124,8 @@ def analytic_flops(config: CraneConfig, size: int) -> dict[str, float]:
     per_layer = 8 * t * c * c + 4 * t * c * inner + 4 * t * t * c
     flops = {"clip": 2 * n * 3 * patch * patch * c + layers * per_layer + 2 * c * projection}
     pairs = {"qq+kk+vv": 3, "qq+kk": 2, "qq": 1, "kk": 1, "vv": 1}.get(config.eattn_type)
-    self_attention = pairs * 4 * t * t * c if pairs else 8 * t * t * c  # "(q+k+v)^2": 3C-wide keys, then v
+    # "(q+k+v)^2": q k^T over 3C-wide keys, then the values zero-padded to 3C (fused kernel): 6T^2C + 6T^2C
+    self_attention = pairs * 4 * t * t * c if pairs else 12 * t * t * c
     flops["eattn"] = config.eattn_layers * (self_attention + 2 * t * c * c)
     trimmed = config.eattn_layers > 0 and not (config.official_code_compat and config.use_dattn)
     flops["last_layer"] = -n * (4 * t * c + 2 * c * c + 4 * c * inner) if trimmed else 0
