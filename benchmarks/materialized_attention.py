@@ -20,6 +20,7 @@ from torch import nn
 import crane_hf.e_attention
 import crane_hf.modeling_crane
 from crane_hf.clip_layers import merge_heads, split_heads
+from crane_hf.d_attention import dattn_values
 from crane_hf.e_attention import SELF_CORRELATION_PAIRS
 
 
@@ -68,15 +69,9 @@ def materialized_dattn_features(
     values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D-Attn as the published code runs it: the logits repeated for every head, softmaxed, one bmm per head."""
-    if values is None:
-        values = layer.self_attn.v_proj(layer.layer_norm1(layer_input))
-    values = values[:, 1:]
-    batch, _, channels = values.shape
+    values = dattn_values(layer, layer_input, clip_grid, dino_grid, values)
+    batch, tokens, _ = values.shape
     heads = layer.self_attn.num_heads
-    if clip_grid != dino_grid:
-        grid = values.transpose(1, 2).reshape(batch, channels, *clip_grid)
-        values = F.interpolate(grid, size=dino_grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    tokens = values.shape[1]
     per_head = split_heads(values, heads).reshape(batch * heads, tokens, -1)
     weights = logits.to(values.dtype).unsqueeze(1).repeat(1, heads, 1, 1).reshape(batch * heads, tokens, tokens)
     attended = torch.bmm(weights.softmax(dim=-1), per_head)

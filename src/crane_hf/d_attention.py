@@ -54,6 +54,19 @@ def dattn_features(
 
     The CLIP values are bilinearly resized from `clip_grid` to `dino_grid` when the two grids differ.
     """
+    values = dattn_values(layer, layer_input, clip_grid, dino_grid, values)
+    return layer.self_attn.out_proj(per_sample(torch.matmul, weights.to(values.dtype), values))
+
+
+def dattn_values(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    clip_grid: tuple[int, int],
+    dino_grid: tuple[int, int],
+    values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The patch values [B, M, C] D-Attn attends over: the layer's value projection of LN1(o_(l-1)) (or `values`
+    [B, 1+N, C] when given), class token dropped, bilinearly resized from `clip_grid` to `dino_grid` if they differ."""
     if values is None:
         values = layer.self_attn.v_proj(layer.layer_norm1(layer_input))
     values = values[:, 1:]
@@ -62,4 +75,4 @@ def dattn_features(
         grid = values.transpose(1, 2).reshape(batch, channels, *clip_grid)
         grid = F.interpolate(grid, size=dino_grid, mode="bilinear", align_corners=False)
         values = grid.flatten(2).transpose(1, 2)
-    return layer.self_attn.out_proj(per_sample(torch.matmul, weights.to(values.dtype), values))
+    return values

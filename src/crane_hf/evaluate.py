@@ -71,51 +71,25 @@ def paper_protocol(dataset: str, variant: str = "crane+") -> dict[str, Any]:
     return {"dataset": known, "preset": preset, "soft_mean": soft_mean, "aupro": "legacy"}
 
 
-def undecoded(dataset: Any) -> Any:
-    """`dataset` with its image and mask columns left as `{"path", "bytes"}` values, so that reading a row decodes
-    nothing; `read_encoded_image` then decodes them with the batch commands' checks (named errors, bomb guard)."""
-    import datasets as hf_datasets
-
-    for column in ("image", "mask"):
-        dataset = dataset.cast_column(column, hf_datasets.Image(decode=False))
-    return dataset
-
-
-def image_file(record: dict[str, Any]) -> str:
-    """The image file of an undecoded row (its path, or `image_path` when the image is held as bytes)."""
-    return (record["image"] or {}).get("path") or record["image_path"]
-
-
 class _EvaluationItems(torch.utils.data.Dataset):
-    """Processed rows of an `undecoded` anomaly dataset; a row that cannot be read or processed comes back as its
-    error message, so that one bad file never stops the evaluation."""
+    """`ProcessedImages` of some rows; a row that cannot be read or processed comes back as its error message, so
+    that one bad file never stops the evaluation."""
 
-    def __init__(self, dataset: Any, processor: Any, rows: Sequence[int]):
-        self.dataset = dataset
-        self.processor = processor
+    def __init__(self, images: Any, rows: Sequence[int]):
+        self.images = images
         self.rows = list(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        from .image_files import read_encoded_image
+        from .training_data import UnreadableRowError
 
         row = self.rows[position]
-        record = self.dataset[row]
         try:
-            image = read_encoded_image(record["image"])
-            mask = None if record["mask"] is None else read_encoded_image(record["mask"])
-            processed = self.processor([image], masks=[mask])
-        except (ValueError, TypeError, OSError) as error:
-            path = image_file(record)
-            return {"index": torch.tensor(row), "error": str(error).removeprefix(f"{path}: ")}
-        return {
-            "pixel_values": processed["pixel_values"][0],
-            "masks": processed["masks"][0],
-            "labels": torch.tensor(int(record["label"])),
-            "index": torch.tensor(row),
-        }
+            return self.images[row]
+        except UnreadableRowError as error:
+            return {"index": torch.tensor(row), "error": error.reason}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,11 +116,11 @@ def score_dataset(
     Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
     from .gaussian_smoothing import gaussian_smooth
     from .metrics import AnomalyMetricAccumulator
+    from .training_data import ProcessedImages
 
-    dataset = undecoded(dataset)
-    loader = torch.utils.data.DataLoader(
-        _EvaluationItems(dataset, processor, rows), batch_size=batch_size, collate_fn=_collate
-    )
+    images = ProcessedImages(dataset, processor)
+    dataset = images.dataset  # undecoded: reading a row decodes nothing
+    loader = torch.utils.data.DataLoader(_EvaluationItems(images, rows), batch_size=batch_size, collate_fn=_collate)
     class_names = list(dataset["class_name"])
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
@@ -246,6 +220,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from .data import DataSource, InvalidRecordWarning, load_data_source
     from .metrics import AnomalyMetricAccumulator
     from .model_loading import load_model
+    from .training_data import image_file, undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}
@@ -274,7 +249,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     invalid = [w.message for w in caught if isinstance(w.message, InvalidRecordWarning)]
     import datasets as hf_datasets
 
-    dataset = hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0]
+    dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
     output = os.path.abspath(args.output)
     overlay_dir = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.overlays-tmp")
     if args.save_overlays and state.is_main_process:
@@ -309,7 +284,6 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 variant: merged[name].compute(aupro_variant=variant, max_fpr=0.3) for variant in ("official", "legacy")
             }
     table = metrics_table(results, aupro)
-    rows = undecoded(dataset)
     info = {
         "model": getattr(model.config, "preset", None) or model_spec,
         "data": list(args.data),
@@ -319,7 +293,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "soft_mean": model.config.soft_mean,
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
-        "skipped": [{"image_path": image_file(rows[row]), "reason": reason} for row, reason in all_skipped]
+        "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
         + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid],
     }
     with atomic_output_dir(output, overwrite=args.overwrite) as staging:
