@@ -12,7 +12,7 @@ from transformers import pipeline
 from crane_hf.train import main as train_main
 
 from .tiny_models import tiny_model, write_test_images
-from .training_fixtures import backbones, synthetic
+from .training_fixtures import backbones, synthetic, tiny_training_args
 
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
 
@@ -56,25 +56,7 @@ def test_training_with_a_seed_is_reproducible(backbones, synthetic, tmp_path):
     runs = []
     for name in ("first", "second"):
         output = tmp_path / name
-        argv = [
-            "--data",
-            f"{synthetic}:test",
-            "--clip",
-            backbones["clip"],
-            "--output-dir",
-            str(output),
-            "--image-size",
-            "56",
-            "--batch-size",
-            "2",
-            "--epochs",
-            "1",
-            "--num-workers",
-            "0",
-            "--cpu",
-            "--seed",
-            "5",
-        ]
+        argv = tiny_training_args(backbones, synthetic, output, "--cpu", "--seed", "5")
         assert train_main(argv) == 0
         runs.append(load_file(str(output / "model.safetensors")))
     assert runs[0].keys() == runs[1].keys()

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import crane_hf
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.cli import main
 from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
@@ -17,7 +16,7 @@ from crane_hf.evaluate import paper_protocol
 from crane_hf.gaussian_smoothing import gaussian_smooth
 from crane_hf.metrics import compute_metrics
 
-from .tiny_models import free_port, run_process_group, save_tiny_model_folder
+from .tiny_models import launch_two_processes, run_process_group, save_tiny_model_folder, subprocess_environment
 
 
 @pytest.fixture(scope="module")
@@ -101,24 +100,8 @@ def test_two_processes_equal_one(evaluation_setup):
     work, model_dir, data = evaluation_setup
     single = work / "one-process"
     assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(single), "--quiet"]) == 0
-    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
-    env = {**os.environ, "PYTHONPATH": source_root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "crane_hf.evaluate",
+        *launch_two_processes("crane_hf.evaluate"),
         "--model",
         model_dir,
         "--data",
@@ -129,7 +112,7 @@ def test_two_processes_equal_one(evaluation_setup):
         "2",
         "--quiet",
     ]
-    result = run_process_group(command, env=env, timeout=300)
+    result = run_process_group(command, env=subprocess_environment(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Wrote metrics.md") == 1
     one = json.loads((single / "metrics.json").read_text())

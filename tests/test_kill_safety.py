@@ -12,42 +12,20 @@ import time
 
 import torch
 
-import crane_hf
 from crane_hf import CraneForAnomalyDetection
 from crane_hf.training_checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
 
-from .training_fixtures import backbones, synthetic
+from .tiny_models import subprocess_environment
+from .training_fixtures import backbones, synthetic, tiny_training_args
 
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
 
 
 def _train_command(backbones, synthetic, output, epochs: int, resume: bool = False) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "crane_hf.train",
-        "--data",
-        f"{synthetic}:test",
-        "--clip",
-        backbones["clip"],
-        "--output-dir",
-        str(output),
-        "--image-size",
-        "56",
-        "--batch-size",
-        "2",
-        "--epochs",
-        str(epochs),
-        "--num-workers",
-        "0",
-        "--cpu",
-    ]
-    return [*command, "--resume-from-checkpoint", "latest"] if resume else command
-
-
-def _environment() -> dict[str, str]:
-    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
-    return {**os.environ, "PYTHONPATH": source_root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = tiny_training_args(backbones, synthetic, output, "--cpu", epochs=epochs)
+    if resume:
+        args += ["--resume-from-checkpoint", "latest"]
+    return [sys.executable, "-m", "crane_hf.train", *args]
 
 
 def _assert_checkpoints_complete(output) -> int:
@@ -68,7 +46,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
     for attempt in range(3):
         process = subprocess.Popen(
             _train_command(backbones, synthetic, output, epochs=8, resume=newest > 0),
-            env=_environment(),
+            env=subprocess_environment(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -85,7 +63,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
         assert newest >= 1, f"attempt {attempt}: no checkpoint was written before the kill"
     finished = subprocess.run(
         _train_command(backbones, synthetic, output, epochs=8, resume=True),
-        env=_environment(),
+        env=subprocess_environment(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -96,7 +74,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
     uninterrupted_output = tmp_path / "uninterrupted"
     uninterrupted_run = subprocess.run(
         _train_command(backbones, synthetic, uninterrupted_output, epochs=8),
-        env=_environment(),
+        env=subprocess_environment(),
         capture_output=True,
         text=True,
         timeout=300,

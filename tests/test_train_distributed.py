@@ -9,11 +9,10 @@ import shutil
 
 import pytest
 
-import crane_hf
 from crane_hf import CraneForAnomalyDetection
 
-from .tiny_models import free_port, run_process_group
-from .training_fixtures import backbones, synthetic
+from .tiny_models import launch_two_processes, run_process_group, subprocess_environment
+from .training_fixtures import backbones, synthetic, tiny_training_args
 
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
 
@@ -21,45 +20,11 @@ __all__ = ["backbones", "synthetic"]  # fixtures used by name
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not installed")
 def test_two_processes_write_one_checkpoint(backbones, synthetic, tmp_path):
     output = tmp_path / "ddp"
-    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
     command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "crane_hf.train",
-        "--data",
-        f"{synthetic}:test",
-        "--clip",
-        backbones["clip"],
-        "--output-dir",
-        str(output),
-        "--image-size",
-        "56",
-        "--batch-size",
-        "2",
-        "--epochs",
-        "1",
-        "--num-workers",
-        "0",
+        *launch_two_processes("crane_hf.train"),
+        *tiny_training_args(backbones, synthetic, output),
     ]
-    result = run_process_group(command, env=env, timeout=300)
+    result = run_process_group(command, env=subprocess_environment(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Prompts saved in") == 1  # by the main process only
     state = json.loads((output / "trainer_state.json").read_text())

@@ -17,30 +17,14 @@ from crane_hf.train import main
 from crane_hf.training_checkpoints import prompt_tensors
 from crane_hf.training_data import ProcessedImages
 
-from .training_fixtures import backbones, one_thread, synthetic
+from .training_fixtures import backbones, one_thread, synthetic, tiny_training_args
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 __all__ = ["backbones", "synthetic"]  # fixtures used by name
 
 
 def _args(backbones, synthetic, output_dir, *extra):
-    return [
-        "--data",
-        f"{synthetic}:test",
-        "--clip",
-        backbones["clip"],
-        "--output-dir",
-        str(output_dir),
-        "--image-size",
-        "56",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--num-workers",
-        "0",
-        *extra,
-    ]
+    return tiny_training_args(backbones, synthetic, output_dir, *extra, batch_size=4, epochs=2)
 
 
 def _prompts(folder):

@@ -143,6 +143,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def subprocess_environment() -> dict[str, str]:
+    """Environment of a child Python process: this checkout's crane_hf first, one thread, no Hub."""
+    import crane_hf
+
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(crane_hf.__file__)))
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def launch_two_processes(module: str) -> list[str]:
+    """`accelerate launch` of `python -m module` on 2 processes (gloo on a machine without a GPU), free port."""
+    return [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        module,
+    ]
+
+
 def run_process_group(command: list[str], env: dict, timeout: float, cwd=None):
     """Run a command (e.g. `accelerate launch` and its workers) in its own process group; on timeout, kill the whole
     group so no worker outlives the test, then raise `subprocess.TimeoutExpired`."""

@@ -11,6 +11,28 @@ from crane_hf.data.synthetic import generate_synthetic_dataset
 from .tiny_models import randomize_, tiny_clip_config, tiny_dino_config
 
 
+def tiny_training_args(backbones, synthetic, output_dir, *extra, batch_size: int = 2, epochs: int = 1) -> list[str]:
+    """`crane_hf.train` arguments for the tiny backbones and the synthetic test split at 56 pixels (later `extra`
+    arguments override earlier ones)."""
+    return [
+        "--data",
+        f"{synthetic}:test",
+        "--clip",
+        backbones["clip"],
+        "--output-dir",
+        str(output_dir),
+        "--image-size",
+        "56",
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(epochs),
+        "--num-workers",
+        "0",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread (and do not stall on a shared, busy machine)."""
