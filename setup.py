@@ -37,7 +37,14 @@ setup(
     ],
     extras_require={
         "synthetic": ["scikit-image>=0.22"],  # the synthetic defect dataset and the offline demo
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "scikit-image>=0.22",
+            "ruff>=0.5",
+            "tensorboard>=2.14",
+        ],
         "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["crane-hf=crane_hf.cli:main"]},
