@@ -20,7 +20,9 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"crane_hf": ["resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]},
+    package_data={
+        "crane_hf": ["models/crane/resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]
+    },
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
@@ -40,7 +42,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
         "tensorboard": ["tensorboard>=2.14"],
     },
-    entry_points={"console_scripts": ["crane-hf=crane_hf.cli:main"]},
+    entry_points={"console_scripts": ["crane-hf=crane_hf.commands.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

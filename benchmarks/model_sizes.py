@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from crane_hf import CraneConfig, CraneForAnomalyDetection, CraneImageProcessor
-from crane_hf.hub_publishing import build_model_card
+from crane_hf.commands.push import build_model_card
 
 
 def safetensors_size(model: torch.nn.Module) -> int:

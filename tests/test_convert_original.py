@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.convert_original import (
+from crane_hf.models.crane.convert_original import (
     BackboneMismatchError,
     convert_original_checkpoint,
     load_original_checkpoint,

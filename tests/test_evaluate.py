@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
-from crane_hf.cli import main
+from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
-from crane_hf.evaluate import paper_protocol
-from crane_hf.gaussian_smoothing import gaussian_smooth
+from crane_hf.evaluation.evaluate import paper_protocol
 from crane_hf.metrics import compute_metrics
+from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
 
 from .tiny_models import launch_two_processes, run_process_group, save_tiny_model_folder, subprocess_environment
 
@@ -101,7 +101,7 @@ def test_two_processes_equal_one(evaluation_setup):
     single = work / "one-process"
     assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(single), "--quiet"]) == 0
     command = [
-        *launch_two_processes("crane_hf.evaluate"),
+        *launch_two_processes("crane_hf.evaluation.evaluate"),
         "--model",
         model_dir,
         "--data",

@@ -13,7 +13,7 @@ import time
 import torch
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.training_checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
+from crane_hf.training.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
 
 from .tiny_models import subprocess_environment
 from .training_fixtures import backbones, synthetic, tiny_training_args
@@ -25,7 +25,7 @@ def _train_command(backbones, synthetic, output, epochs: int, resume: bool = Fal
     args = tiny_training_args(backbones, synthetic, output, "--cpu", epochs=epochs)
     if resume:
         args += ["--resume-from-checkpoint", "latest"]
-    return [sys.executable, "-m", "crane_hf.train", *args]
+    return [sys.executable, "-m", "crane_hf.training.train", *args]
 
 
 def _assert_checkpoints_complete(output) -> int:

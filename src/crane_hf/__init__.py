@@ -9,11 +9,11 @@ classes and the task "zero-shot-anomaly-detection" with transformers' pipeline r
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_crane import CraneConfig
-from .image_processing_crane import CraneImageProcessor
 from .model_loading import load_detector
-from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection, CranePreTrainedModel
-from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
+from .models.crane.configuration_crane import CraneConfig
+from .models.crane.image_processing_crane import CraneImageProcessor
+from .models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection, CranePreTrainedModel
+from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 __version__ = "0.1.0"
 

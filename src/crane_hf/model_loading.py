@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .image_processing_crane import CraneImageProcessor
-from .modeling_crane import CraneForAnomalyDetection
+from .models.crane.image_processing_crane import CraneImageProcessor
+from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .presets import is_preset_name, model_from_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +74,6 @@ def load_detector(
     Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).
     """
-    from .predict import make_pipeline
+    from .commands.predict import make_pipeline
 
     return make_pipeline(*load_model(model, clip=clip, dino=dino, device=device, dtype=dtype, **config_overrides))

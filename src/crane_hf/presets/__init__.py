@@ -190,7 +190,7 @@ def model_from_preset(
     """
     from transformers import AutoModel, CLIPModel
 
-    from ..modeling_crane import CraneForAnomalyDetection
+    from ..models.crane.modeling_crane import CraneForAnomalyDetection
 
     preset = load_preset(name)
     backbone_kwargs = backbone_kwargs or {}

@@ -11,13 +11,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "predict": ("crane_hf.predict", "score images: CSV/JSON table and heatmap overlays"),
-    "calibrate": ("crane_hf.calibrate", "set a model folder's thresholds from normal images"),
-    "convert": ("crane_hf.convert_original", "convert an official Crane checkpoint (.pth)"),
-    "push": ("crane_hf.hub_publishing", "publish a model folder to the Hub (or --dry-run to a folder)"),
-    "train": ("crane_hf.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
-    "evaluate": ("crane_hf.evaluate", "per-class metrics in the paper's layout on a dataset"),
-    "demo": ("crane_hf.demo", "the main job: score example images (offline: a small demo model)"),
+    "predict": ("crane_hf.commands.predict", "score images: CSV/JSON table and heatmap overlays"),
+    "calibrate": ("crane_hf.commands.calibrate", "set a model folder's thresholds from normal images"),
+    "convert": ("crane_hf.models.crane.convert_original", "convert an official Crane checkpoint (.pth)"),
+    "push": ("crane_hf.commands.push", "publish a model folder to the Hub (or --dry-run to a folder)"),
+    "train": ("crane_hf.training.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
+    "evaluate": ("crane_hf.evaluation.evaluate", "per-class metrics in the paper's layout on a dataset"),
+    "demo": ("crane_hf.commands.demo", "the main job: score example images (offline: a small demo model)"),
 }
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_output_dir, check_can_write
-from .image_files import SkippedFile, collect_image_paths, read_image
-from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
+from ..io.atomic import atomic_output_dir, check_can_write
+from ..models.crane.image_reading import SkippedFile, collect_image_paths, read_image
+from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
 
@@ -169,7 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_loading import load_model
+    from ..model_loading import load_model
 
     if args.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)

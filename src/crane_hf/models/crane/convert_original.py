@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import CLIPModel
 
-from .atomic_io import atomic_output_dir, check_can_write
+from ...io.atomic import atomic_output_dir, check_can_write
 from .configuration_crane import build_prompt_texts, end_of_text_id
 from .image_processing_crane import CraneImageProcessor
 from .modeling_crane import CraneForAnomalyDetection

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir, check_can_write
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -83,7 +83,7 @@ class _EvaluationItems(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        from .training_data import UnreadableRowError
+        from ..training.data_loading import UnreadableRowError
 
         row = self.rows[position]
         try:
@@ -114,9 +114,9 @@ def score_dataset(
     """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
 
     Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
-    from .gaussian_smoothing import gaussian_smooth
-    from .metrics import AnomalyMetricAccumulator
-    from .training_data import ProcessedImages
+    from ..metrics import AnomalyMetricAccumulator
+    from ..models.crane.gaussian_smoothing import gaussian_smooth
+    from ..training.data_loading import ProcessedImages
 
     images = ProcessedImages(dataset, processor)
     dataset = images.dataset  # undecoded: reading a row decodes nothing
@@ -149,8 +149,8 @@ def score_dataset(
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
     from PIL import Image
 
-    from .image_files import read_encoded_image
-    from .visualization import render_overlay
+    from ..models.crane.image_reading import read_encoded_image
+    from ..models.crane.visualization import render_overlay
 
     for row, anomaly_map in zip(rows, maps):
         record = dataset[row]  # an undecoded row
@@ -217,10 +217,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .data import DataSource, InvalidRecordWarning, load_data_source
-    from .metrics import AnomalyMetricAccumulator
-    from .model_loading import load_model
-    from .training_data import image_file, undecoded
+    from ..data import DataSource, InvalidRecordWarning, load_data_source
+    from ..metrics import AnomalyMetricAccumulator
+    from ..model_loading import load_model
+    from ..training.data_loading import image_file, undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}

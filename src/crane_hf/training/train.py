@@ -36,19 +36,11 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .atomic_io import OutputExistsError, check_can_write
-from .data import DatasetLayoutError, DataSource, load_data_source
-from .feature_cache import (
-    CachedFeatures,
-    FeatureCache,
-    FeatureCacheMismatchError,
-    cache_fingerprint,
-    feature_grid,
-    fill_feature_cache,
-)
-from .image_processing_crane import CraneImageProcessor
-from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
-from .training_checkpoints import (
+from ..data import DatasetLayoutError, DataSource, load_data_source
+from ..io.atomic import OutputExistsError, check_can_write
+from ..models.crane.image_processing_crane import CraneImageProcessor
+from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
+from .checkpoints import (
     CHECKPOINT_PREFIX,
     TRAINING_STATE,
     checkpoint_path,
@@ -58,7 +50,15 @@ from .training_checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .training_data import EpochShuffleSampler, ProcessedImages
+from .data_loading import EpochShuffleSampler, ProcessedImages
+from .feature_cache import (
+    CachedFeatures,
+    FeatureCache,
+    FeatureCacheMismatchError,
+    cache_fingerprint,
+    feature_grid,
+    fill_feature_cache,
+)
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_DINO = "facebook/dinov2-with-registers-base"

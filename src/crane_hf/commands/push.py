@@ -16,7 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .atomic_io import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir, check_can_write
 
 PIPELINE_TAG = "image-segmentation"  # the Hub has no anomaly-detection task; maps are per-pixel segmentations
 TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "crane", "clip", "industrial-inspection"]
@@ -28,7 +28,7 @@ def known_results(model: Any) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     preset_name = getattr(model.config, "preset", None)
     if preset_name:
-        from .presets import load_preset
+        from ..presets import load_preset
 
         for item in load_preset(preset_name).published_results:
             results.append(
@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_loading import load_model
+    from ..model_loading import load_model
 
     try:
         if args.dry_run:

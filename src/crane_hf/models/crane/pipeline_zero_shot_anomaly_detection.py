@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .image_files import read_encoded_image, read_image
 from .image_processing_crane import image_to_rgb_array
+from .image_reading import read_encoded_image, read_image
 from .visualization import render_overlay
 
 

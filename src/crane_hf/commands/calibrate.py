@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write_text
-from .image_files import collect_image_paths, read_image
+from ..io.atomic import atomic_write_text
+from ..models.crane.image_reading import collect_image_paths, read_image
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -53,7 +53,7 @@ def calibrate_folder(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from .model_loading import load_model
+    from ..model_loading import load_model
     from .predict import make_pipeline
 
     config_path = os.path.join(model_dir, "config.json")
