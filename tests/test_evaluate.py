@@ -101,7 +101,7 @@ def test_two_processes_equal_one(evaluation_setup):
     single = work / "one-process"
     assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(single), "--quiet"]) == 0
     command = [
-        *launch_two_processes("crane_hf.evaluation.evaluate"),
+        *launch_two_processes("crane_hf.evaluate"),
         "--model",
         model_dir,
         "--data",

@@ -25,7 +25,7 @@ def _train_command(backbones, synthetic, output, epochs: int, resume: bool = Fal
     args = tiny_training_args(backbones, synthetic, output, "--cpu", epochs=epochs)
     if resume:
         args += ["--resume-from-checkpoint", "latest"]
-    return [sys.executable, "-m", "crane_hf.training.train", *args]
+    return [sys.executable, "-m", "crane_hf.train", *args]
 
 
 def _assert_checkpoints_complete(output) -> int:

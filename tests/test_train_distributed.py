@@ -21,7 +21,7 @@ __all__ = ["backbones", "synthetic"]  # fixtures used by name
 def test_two_processes_write_one_checkpoint(backbones, synthetic, tmp_path):
     output = tmp_path / "ddp"
     command = [
-        *launch_two_processes("crane_hf.training.train"),
+        *launch_two_processes("crane_hf.train"),
         *tiny_training_args(backbones, synthetic, output),
     ]
     result = run_process_group(command, env=subprocess_environment(), timeout=300)

@@ -17,11 +17,8 @@ import sys
 import time
 from typing import Any
 
-import torch
-
 from ..io.atomic import atomic_output_dir, check_can_write
 from ..presets import DEFAULT_PRESET, BackboneUnavailableError
-from ..small_backbones import small_random_backbones
 
 DEMO_TRAIN_CLASSES = ("brick", "grass", "gravel", "tissue")
 DEMO_EXAMPLE_CLASSES = ("coins", "moon")
@@ -36,6 +33,8 @@ OFFLINE_BANNER = (
 
 def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int, seed: int = 0) -> list[float]:
     """A few Adam steps (the paper's optimizer settings) on the synthetic defects; returns the losses."""
+    import torch
+
     from ..data import load_anomaly_dataset
 
     dataset = load_anomaly_dataset(dataset_root, split="test")
@@ -77,6 +76,7 @@ def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> t
     from ..data import generate_synthetic_dataset
     from ..models.crane.image_processing_crane import CraneImageProcessor
     from ..models.crane.modeling_crane import CraneForAnomalyDetection
+    from ..small_backbones import small_random_backbones
     from .calibrate import calibrate_folder
 
     training_data = os.path.join(folder, "training-data")
@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id (online mode)")
     parser.add_argument("--offline", action="store_true", help="skip the Hub: run the small offline demo model")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the offline demo prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example images and the offline demo model")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

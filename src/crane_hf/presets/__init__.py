@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from .catalog import PRESET_SOURCES, preset_file_name
+
+if TYPE_CHECKING:  # tensors come from safe_open; the module imports no torch, so `crane-hf --help` starts fast
+    import torch
 
 PRESETS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PRESET = "crane+/mvtec"
