@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="python -m crane_hf.train", description=__doc__, formatter_class=HelpFormatter)
-    )
+    parser = add_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
     return run(parser.parse_args(argv))
 
 
