@@ -396,6 +396,7 @@ def test_old_module_path_warns_and_keeps_every_name(old):
         assert [attribute for attribute in OLD_API[old] if not hasattr(module, attribute)] == []
         if old in MOVED_WHOLE:  # the new module itself, so that monkeypatching the old path reaches the code
             assert module is importlib.import_module(MOVED_WHOLE[old])
+            assert module.__spec__.name == MOVED_WHOLE[old]
     finally:
         if saved is not None:
             sys.modules[name] = saved

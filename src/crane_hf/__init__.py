@@ -14,7 +14,9 @@ The package, one wing per concern (docs/architecture.md is the map):
 - `model_loading.py`: what a user types as a model (preset, folder, Hub id) into a model and processor;
 - `presets/`: the paper's official prompts, bundled;
 - `data/`, `metrics/`, `training/`, `evaluation/`: datasets, metrics, prompt training, evaluation runs;
-- `commands/`: the `crane-hf` command line; `io/`: atomic outputs and the image files a user names.
+- `commands/`: the `crane-hf` command line; `io/`: atomic outputs and the image files a user names;
+- the module paths of crane_hf 0.1.0 (`crane_hf.modeling_crane`, `crane_hf.train`, ...) still import, with a
+  `DeprecationWarning` (`_deprecated.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._deprecated import install as _install_old_module_paths
 from .registration import PIPELINE_TASK, register_when_transformers_is_imported
 
 __version__ = "0.1.0"
@@ -61,6 +64,7 @@ def __dir__() -> list[str]:
 
 
 register_when_transformers_is_imported()
+_install_old_module_paths()  # crane_hf.modeling_crane, crane_hf.train, ...: deprecated, see _deprecated.py
 
 __all__ = [
     "PIPELINE_TASK",
