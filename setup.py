@@ -20,7 +20,9 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=True,
-    package_data={"crane_hf": ["resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]},
+    package_data={
+        "crane_hf": ["models/crane/resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]
+    },
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
@@ -47,7 +49,7 @@ setup(
         ],
         "tensorboard": ["tensorboard>=2.14"],
     },
-    entry_points={"console_scripts": ["crane-hf=crane_hf.cli:main"]},
+    entry_points={"console_scripts": ["crane-hf=crane_hf.commands.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

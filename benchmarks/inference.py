@@ -44,8 +44,8 @@ if HERE not in sys.path:
 from materialized_attention import materialized_attention  # noqa: E402
 
 from crane_hf import CraneConfig, CraneForAnomalyDetection  # noqa: E402
-from crane_hf.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14  # noqa: E402
-from crane_hf.gaussian_smoothing import gaussian_smooth  # noqa: E402
+from crane_hf.models.crane.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14  # noqa: E402
+from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth  # noqa: E402
 
 # The paper's backbones at S = 518, and a narrower pair for quick runs (ViT-B/14 width CLIP, DINOv2-S/14-reg).
 SMALL_CLIP = {

@@ -28,10 +28,10 @@ from random_backbones import save_random_backbones, small_clip_config
 from sklearn.metrics import roc_auc_score
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
+from crane_hf.commands.train import main as train_main
 from crane_hf.data import load_meta_json
 from crane_hf.data.synthetic import generate_synthetic_dataset
-from crane_hf.train import main as train_main
-from crane_hf.training_data import ProcessedImages
+from crane_hf.training.data_loading import ProcessedImages
 
 
 def pixel_auroc_per_class(model: CraneForAnomalyDetection, dataset_root: str, classes: list[str]) -> dict[str, float]:

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import crane_hf.e_attention
-import crane_hf.modeling_crane
-from crane_hf.clip_layers import merge_heads, split_heads
-from crane_hf.d_attention import dattn_values
-from crane_hf.e_attention import SELF_CORRELATION_PAIRS
+import crane_hf.models.crane.e_attention
+import crane_hf.models.crane.modeling_crane
+from crane_hf.models.crane.clip_layers import merge_heads, split_heads
+from crane_hf.models.crane.d_attention import dattn_values
+from crane_hf.models.crane.e_attention import SELF_CORRELATION_PAIRS
 
 
 def attention_weights(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -32,7 +32,7 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, scale: float) -> t
 def materialized_dual_stream_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eattn_type: str, class_token_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`crane_hf.e_attention.dual_stream_attention` with explicit [B, H, N, N] weight matrices.
+    """`crane_hf.models.crane.e_attention.dual_stream_attention` with explicit [B, H, N, N] weight matrices.
 
     The published code has no class-token shortcut: it always computes CLIP's attention for every token.
     """
@@ -81,17 +81,17 @@ def materialized_dattn_features(
 @contextlib.contextmanager
 def materialized_attention() -> Iterator[None]:
     """Within the block, every `CraneForAnomalyDetection` runs E-Attn and D-Attn with materialized matrices."""
-    modeling = crane_hf.modeling_crane
+    modeling = crane_hf.models.crane.modeling_crane
     saved = (
-        crane_hf.e_attention.dual_stream_attention,
+        crane_hf.models.crane.e_attention.dual_stream_attention,
         modeling.dino_similarity_attention,
         modeling.dattn_features,
     )
-    crane_hf.e_attention.dual_stream_attention = materialized_dual_stream_attention
+    crane_hf.models.crane.e_attention.dual_stream_attention = materialized_dual_stream_attention
     modeling.dino_similarity_attention = materialized_dattn_logits
     modeling.dattn_features = materialized_dattn_features
     try:
         yield
     finally:
-        crane_hf.e_attention.dual_stream_attention = saved[0]
+        crane_hf.models.crane.e_attention.dual_stream_attention = saved[0]
         modeling.dino_similarity_attention, modeling.dattn_features = saved[1:]

@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from crane_hf import CraneConfig, CraneForAnomalyDetection, CraneImageProcessor
-from crane_hf.hub_publishing import build_model_card
+from crane_hf.commands.push import build_model_card
 
 
 def safetensors_size(model: torch.nn.Module) -> int:
@@ -49,7 +49,7 @@ def main() -> int:
             CraneImageProcessor.from_crane_config(config).save_pretrained(folder)
             build_model_card(model, f"my-org/{variant.replace('+', '-plus')}").save(os.path.join(folder, "README.md"))
             small_files = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
-        code_dir = os.path.dirname(os.path.abspath(sys.modules["crane_hf"].__file__))
+        code_dir = os.path.dirname(os.path.abspath(sys.modules["crane_hf.models.crane"].__file__))
         code_files = [
             "anomaly_losses.py",
             "clip_layers.py",

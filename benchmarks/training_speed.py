@@ -19,8 +19,8 @@ import tempfile
 import torch
 from random_backbones import paper_backbone_configs, save_random_backbones
 
+from crane_hf.commands.train import main as train_main
 from crane_hf.data.synthetic import generate_synthetic_dataset
-from crane_hf.train import main as train_main
 
 
 def measure(backbones: dict[str, str], data: str, variant: str, cached: bool, image_size: int, work: str) -> dict:

@@ -1,4 +1,4 @@
-"""Train Crane's prompts: a thin wrapper around `crane_hf.train` (same options).
+"""Train Crane's prompts: a thin wrapper around `crane-hf train` (same options).
 
     accelerate launch examples/train_crane.py --data /data/mvtec:test --output-dir runs/mvtec
     accelerate launch --multi_gpu --num_processes 4 examples/train_crane.py --data /data/visa:test \
@@ -11,7 +11,7 @@ Try it offline on the synthetic defect dataset and small random backbones (meani
     python benchmarks/learnability.py --help
 """
 
-from crane_hf.train import main
+from crane_hf.commands.train import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.checkpoint_validation import CheckpointMismatchError
+from crane_hf.models.crane.checkpoint_validation import CheckpointMismatchError
 
 from .tiny_models import save_tiny_model_folder
 

@@ -17,8 +17,8 @@ from PIL import Image
 from transformers import pipeline
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.calibrate import threshold_for_fpr
-from crane_hf.cli import COMMANDS, main
+from crane_hf.commands.calibrate import threshold_for_fpr
+from crane_hf.commands.cli import COMMANDS, main
 
 from .tiny_models import write_test_images
 
@@ -236,7 +236,7 @@ def test_push_dry_run_writes_a_complete_repository_that_loads_back(tiny_model_di
 
 
 def test_model_card_lists_the_published_results_of_a_preset(tiny_model_dir):
-    from crane_hf.hub_publishing import build_model_card
+    from crane_hf.commands.push import build_model_card
 
     model = CraneForAnomalyDetection.from_pretrained(tiny_model_dir)
     model.config.preset = "crane+/visa"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crane_hf import CraneConfig
-from crane_hf.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14
+from crane_hf.models.crane.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14
 
 from .tiny_models import OFFICIAL_DIR, OFFICIAL_FILES, tiny_clip_config, tiny_config, tiny_dino_config
 

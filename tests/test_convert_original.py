@@ -10,11 +10,11 @@ import torch
 from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.convert_original import (
+from crane_hf.commands.convert import main
+from crane_hf.models.crane.convert_original import (
     BackboneMismatchError,
     convert_original_checkpoint,
     load_original_checkpoint,
-    main,
 )
 
 from .tiny_models import (

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crane_hf.atomic_io import OutputExistsError
 from crane_hf.data import AnomalyRecord, DatasetLayoutError, load_meta_json, read_meta_json, write_meta_json
+from crane_hf.io.atomic import OutputExistsError
 
 from .image_files import write_image, write_mask
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crane_hf.atomic_io import OutputExistsError
 from crane_hf.data import load_meta_json, load_mvtec
 from crane_hf.data.synthetic import (
     DEFECTS,
@@ -22,6 +21,7 @@ from crane_hf.data.synthetic import (
     normal_image,
     sample_rng,
 )
+from crane_hf.io.atomic import OutputExistsError
 
 SMALL = {"classes": ["brick", "coins"], "image_size": 64, "train_good": 2, "test_good": 2, "test_defective": 1}
 

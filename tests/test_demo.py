@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from crane_hf.cli import main
+from crane_hf.commands.cli import main
 
 
 def test_offline_demo_runs_end_to_end(tmp_path, capsys):

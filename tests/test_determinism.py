@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from crane_hf.train import main as train_main
+from crane_hf.commands.train import main as train_main
 
 from .tiny_models import tiny_model, write_test_images
 from .training_fixtures import backbones, synthetic, tiny_training_args

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
-from crane_hf.cli import main
+from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
-from crane_hf.evaluate import paper_protocol
-from crane_hf.gaussian_smoothing import gaussian_smooth
+from crane_hf.evaluation.evaluate import paper_protocol
 from crane_hf.metrics import compute_metrics
+from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
 
 from .tiny_models import launch_two_processes, run_process_group, save_tiny_model_folder, subprocess_environment
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from benchmarks.materialized_attention import materialized_attention
-from crane_hf.clip_layers import clip_mlp
-from crane_hf.gaussian_smoothing import gaussian_smooth
-from crane_hf.prompt_learning import encode_prompts
+from crane_hf.models.crane.clip_layers import clip_mlp
+from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
+from crane_hf.models.crane.prompt_learning import encode_prompts
 
 from .tiny_models import TINY_SIZE, tiny_model
 

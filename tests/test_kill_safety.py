@@ -13,7 +13,7 @@ import time
 import torch
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.training_checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
+from crane_hf.training.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
 
 from .tiny_models import subprocess_environment
 from .training_fixtures import backbones, synthetic, tiny_training_args

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModel, CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.d_attention import dino_similarity_attention
-from crane_hf.e_attention import dual_stream_attention
+from crane_hf.models.crane.d_attention import dino_similarity_attention
+from crane_hf.models.crane.e_attention import dual_stream_attention
 
 from .tiny_models import TINY_SIZE, randomize_, tiny_clip_config, tiny_config, tiny_dino_config, tiny_model
 

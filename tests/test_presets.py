@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
-from crane_hf.convert_original import deep_prompt_keys, load_original_checkpoint
+from crane_hf.models.crane.convert_original import deep_prompt_keys, load_original_checkpoint
 from crane_hf.presets import (
     PRESETS_DIR,
     BackboneUnavailableError,

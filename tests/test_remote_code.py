@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy
 import torch
 
 from crane_hf import CraneImageProcessor
@@ -71,3 +72,109 @@ def test_saved_folder_loads_with_remote_code_without_crane_hf(tmp_path, variant)
     assert torch.equal(remote["scores"], local.anomaly_scores)
     assert torch.equal(remote["maps"], local.anomaly_maps)
     assert remote["size"] == TINY_SIZE
+
+
+# The child process's import system cannot find these packages, nor their distributions' metadata (so transformers
+# takes them for not installed): remote code must run with what transformers needs and nothing else.
+WITHOUT_PACKAGES = textwrap.dedent(
+    """
+    import importlib.metadata, importlib.util, re, sys
+
+    HIDDEN = {"crane_hf", "datasets", "scipy", "sklearn", "accelerate"}
+    HIDDEN_DISTRIBUTIONS = {"crane-hf", "datasets", "scipy", "scikit-learn", "accelerate"}
+
+
+    class Hidden:
+        def __init__(self, finder):
+            self.finder = finder
+
+        def find_spec(self, name, path=None, target=None):
+            find = getattr(self.finder, "find_spec", None)
+            return None if name.partition(".")[0] in HIDDEN or find is None else find(name, path, target)
+
+        def find_distributions(self, *args, **kwargs):
+            find = getattr(self.finder, "find_distributions", None)
+            found = find(*args, **kwargs) if find else []
+            return [d for d in found if re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "").lower())
+                    not in HIDDEN_DISTRIBUTIONS]
+
+        def invalidate_caches(self):
+            getattr(self.finder, "invalidate_caches", lambda: None)()
+
+
+    sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
+    for name in HIDDEN:
+        assert importlib.util.find_spec(name) is None, name
+    for name in HIDDEN_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+            raise SystemExit(f"{name} is still visible")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+
+    import json
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoModel, pipeline
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    mode, folder, pipeline_code, out = sys.argv[1:5]
+    images = sys.argv[5:]
+    if mode == "pipeline":  # a pushed folder: everything through transformers' pipeline()
+        detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True)
+    else:  # a save_pretrained folder: its model and processor code, with the pipeline class a pushed folder ships
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        pipeline_class = get_class_from_dynamic_module(
+            "pipeline_zero_shot_anomaly_detection.ZeroShotAnomalyDetectionPipeline", pipeline_code
+        )
+        detector = pipeline_class(model=model, image_processor=processor)
+    results = detector(images, batch_size=2, return_overlay=True)
+    assert "crane_hf" not in type(detector).__module__ and "crane_hf" not in type(detector.model).__module__
+    loaded = sorted(name for name in sys.modules if name.partition(".")[0] in HIDDEN)
+    assert not loaded, loaded
+    np.savez(out, scores=np.array([r["score"] for r in results]), maps=np.stack([r["anomaly_map"] for r in results]))
+    print(json.dumps([r["overlay"].size for r in results]))
+    """
+)
+
+
+def run_without_packages(tmp_path, mode: str, folder: str, pipeline_code: str, images: list[str]) -> dict:
+    script = tmp_path / "without_packages.py"
+    script.write_text(WITHOUT_PACKAGES)
+    out = tmp_path / f"{mode}.npz"
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / f"modules-{mode}"), "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script), mode, folder, pipeline_code, str(out), *images],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with numpy.load(out) as arrays:
+        return {"scores": arrays["scores"], "maps": arrays["maps"], "overlay_sizes": json.loads(result.stdout)}
+
+
+def test_pushed_and_saved_folders_run_with_only_what_transformers_needs(tiny_model_dir, tmp_path):
+    from crane_hf.commands.cli import main
+    from crane_hf.model_loading import load_model, make_pipeline
+
+    from .tiny_models import write_test_images
+
+    pushed = tmp_path / "pushed"
+    assert main(["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(pushed)]) == 0
+    shipped = sorted(path.name for path in pushed.glob("*.py"))
+    assert "pipeline_zero_shot_anomaly_detection.py" in shipped and "modeling_crane.py" in shipped
+    assert json.loads((pushed / "config.json").read_text())["custom_pipelines"]
+    images = write_test_images(tmp_path / "images", count=3, size=(40, 52))
+    local = make_pipeline(*load_model(tiny_model_dir, device="cpu"))(images, batch_size=2)
+    expected_scores = numpy.array([r["score"] for r in local])
+    expected_maps = numpy.stack([r["anomaly_map"] for r in local])
+
+    for mode, folder in (("pipeline", str(pushed)), ("parts", tiny_model_dir)):
+        remote = run_without_packages(tmp_path, mode, folder, str(pushed), images)
+        numpy.testing.assert_array_equal(remote["scores"], expected_scores)
+        numpy.testing.assert_array_equal(remote["maps"], expected_maps)
+        assert remote["overlay_sizes"] == [[52, 40]] * 3

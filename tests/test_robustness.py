@@ -18,9 +18,9 @@ from PIL import Image
 from transformers import pipeline
 
 from crane_hf import CraneImageProcessor
-from crane_hf.cli import main
+from crane_hf.commands.cli import main
 from crane_hf.data import DatasetLayoutError, InvalidRecordWarning, generate_synthetic_dataset, load_anomaly_dataset
-from crane_hf.image_files import read_image
+from crane_hf.models.crane.image_reading import read_image
 
 
 def _png_header_only(path, width: int, height: int) -> None:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-import crane_hf.train as train_module
+import crane_hf.training.train as train_module
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
+from crane_hf.commands.train import main
 from crane_hf.data import load_data_source
-from crane_hf.train import main
-from crane_hf.training_checkpoints import prompt_tensors
-from crane_hf.training_data import ProcessedImages
+from crane_hf.training.checkpoints import prompt_tensors
+from crane_hf.training.data_loading import ProcessedImages
 
 from .training_fixtures import backbones, one_thread, synthetic, tiny_training_args
 

@@ -12,8 +12,8 @@ from .tiny_models import randomize_, tiny_clip_config, tiny_dino_config
 
 
 def tiny_training_args(backbones, synthetic, output_dir, *extra, batch_size: int = 2, epochs: int = 1) -> list[str]:
-    """`crane_hf.train` arguments for the tiny backbones and the synthetic test split at 56 pixels (later `extra`
-    arguments override earlier ones)."""
+    """`crane_hf.training.train` arguments for the tiny backbones and the synthetic test split at 56 pixels (later
+    `extra` arguments override earlier ones)."""
     return [
         "--data",
         f"{synthetic}:test",

@@ -1,4 +1,14 @@
-"""Resolve what users type as `--model`: a preset name, a local model folder or a Hub id."""
+"""What a user types as a model, resolved into a model and its image processor: the one path that
+`load_detector`, the pipeline helper `make_pipeline` and every `crane-hf` command (`--model`) take.
+
+- a preset name ("crane+/mvtec", "crane/visa", ...), kind `preset`: `crane_hf.presets.model_from_preset`, backbones
+  from the Hub cache, the Hub, or `clip=` / `dino=` local folders;
+- a folder written by `save_pretrained`, `crane-hf convert`, `train` or `push --dry-run`, kind `folder`, and
+- a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
+
+A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
+`load_model`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .image_processing_crane import CraneImageProcessor
-from .modeling_crane import CraneForAnomalyDetection
+from .models.crane.image_processing_crane import CraneImageProcessor
+from .models.crane.modeling_crane import CraneForAnomalyDetection
+from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 from .presets import is_preset_name, model_from_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,6 +30,13 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def model_kind(spec: str) -> str:
+    """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring)."""
+    if is_preset_name(spec):
+        return "preset"
+    return "folder" if os.path.isdir(spec) else "hub"
 
 
 def load_model(
@@ -36,10 +54,16 @@ def load_model(
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
+        **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
+
+    Raises:
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones).
+        OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
+            when a backbone is neither cached nor downloadable.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if is_preset_name(spec):
+    if model_kind(spec) == "preset":
         model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
         processor = CraneImageProcessor.from_crane_config(model.config)
     else:
@@ -61,6 +85,11 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
     return CraneImageProcessor.from_crane_config(model.config)
 
 
+def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
+    """The anomaly-detection pipeline around an already loaded model and processor."""
+    return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
+
+
 def load_detector(
     model: str = "crane+/mvtec",
     clip: str | None = None,
@@ -68,12 +97,10 @@ def load_detector(
     device: str | None = "auto",
     dtype: str | torch.dtype | None = None,
     **config_overrides: Any,
-):
+) -> ZeroShotAnomalyDetectionPipeline:
     """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder or a Hub id.
 
     Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).
     """
-    from .predict import make_pipeline
-
     return make_pipeline(*load_model(model, clip=clip, dino=dino, device=device, dtype=dtype, **config_overrides))

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 
-from ..atomic_io import atomic_write_text
+from ..io.atomic import atomic_write_text
 from .records import AnomalyRecord, DatasetLayoutError, UnknownSelectionError, records_to_dataset, validate_records
 
 META_FILENAME = "meta.json"

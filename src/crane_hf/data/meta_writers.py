@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..atomic_io import OutputExistsError
+from ..io.atomic import OutputExistsError
 from .layouts import read_visa_csv, scan_class_folders
 from .meta_json import write_meta_json
 from .records import AnomalyRecord, DatasetLayoutError, validate_records

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from ..image_files import image_file_size
+from ..models.crane.image_reading import image_file_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_NAMES = ["normal", "anomalous"]

@@ -42,7 +42,7 @@ except ImportError as error:  # an optional dependency: only the synthetic datas
         'pip install "crane-hf[synthetic]" (or pip install scikit-image).'
     ) from error
 
-from ..atomic_io import OutputExistsError, atomic_output_dir, atomic_write_text
+from ..io.atomic import OutputExistsError, atomic_output_dir, atomic_write_text
 from .meta_json import write_meta_json
 from .records import AnomalyRecord
 

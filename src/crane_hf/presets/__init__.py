@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from .catalog import PRESET_SOURCES, preset_file_name
+
+if TYPE_CHECKING:  # tensors come from safe_open; the module imports no torch, so `crane-hf --help` starts fast
+    import torch
 
 PRESETS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PRESET = "crane+/mvtec"
@@ -190,7 +192,7 @@ def model_from_preset(
     """
     from transformers import AutoModel, CLIPModel
 
-    from ..modeling_crane import CraneForAnomalyDetection
+    from ..models.crane.modeling_crane import CraneForAnomalyDetection
 
     preset = load_preset(name)
     backbone_kwargs = backbone_kwargs or {}

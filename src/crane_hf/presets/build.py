@@ -19,8 +19,8 @@ import sys
 import torch
 from safetensors.torch import save as save_safetensors
 
-from ..atomic_io import atomic_write_bytes
-from ..convert_original import deep_prompt_keys, load_original_checkpoint
+from ..io.atomic import atomic_write_bytes
+from ..models.crane.convert_original import deep_prompt_keys, load_original_checkpoint
 from .catalog import CLIP_BACKBONE, DINO_BACKBONE, PRESET_SOURCES, preset_file_name
 
 

@@ -17,11 +17,8 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from .atomic_io import atomic_output_dir, check_can_write
-from .presets import DEFAULT_PRESET, BackboneUnavailableError
-from .small_backbones import small_random_backbones
+from ..io.atomic import atomic_output_dir, check_can_write
+from ..presets import DEFAULT_PRESET, BackboneUnavailableError
 
 DEMO_TRAIN_CLASSES = ("brick", "grass", "gravel", "tissue")
 DEMO_EXAMPLE_CLASSES = ("coins", "moon")
@@ -36,7 +33,9 @@ OFFLINE_BANNER = (
 
 def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int, seed: int = 0) -> list[float]:
     """A few Adam steps (the paper's optimizer settings) on the synthetic defects; returns the losses."""
-    from .data import load_anomaly_dataset
+    import torch
+
+    from ..data import load_anomaly_dataset
 
     dataset = load_anomaly_dataset(dataset_root, split="test")
     generator = torch.Generator().manual_seed(seed)
@@ -57,7 +56,7 @@ def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int
 
 def _write_examples(folder: str, seed: int) -> None:
     """Synthetic example images (normal and defective) of classes the demo model never trained on."""
-    from .data import generate_synthetic_dataset
+    from ..data import generate_synthetic_dataset
 
     generate_synthetic_dataset(
         folder,
@@ -74,10 +73,11 @@ def _write_examples(folder: str, seed: int) -> None:
 def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> tuple[Any, Any]:
     """Small random backbones with prompts trained on synthetic defects, saved to `folder`/demo-model with
     thresholds calibrated on the normal training images (`crane-hf calibrate`)."""
+    from ..data import generate_synthetic_dataset
+    from ..models.crane.image_processing_crane import CraneImageProcessor
+    from ..models.crane.modeling_crane import CraneForAnomalyDetection
+    from ..small_backbones import small_random_backbones
     from .calibrate import calibrate_folder
-    from .data import generate_synthetic_dataset
-    from .image_processing_crane import CraneImageProcessor
-    from .modeling_crane import CraneForAnomalyDetection
 
     training_data = os.path.join(folder, "training-data")
     generate_synthetic_dataset(
@@ -121,8 +121,8 @@ def run_demo(
     `output` holds `images/` (the examples, MVTec layout), `predictions/` (as `crane-hf predict` writes it) and,
     for the offline demo, `training-data/` and `demo-model/`.
     """
-    from .data import load_anomaly_dataset
-    from .model_loading import load_model
+    from ..data import load_anomaly_dataset
+    from ..model_loading import load_model
     from .predict import predict_images
 
     check_can_write(output, overwrite)
@@ -136,7 +136,7 @@ def run_demo(
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         _write_examples(os.path.join(staging, "images"), seed)
         if model is None:
-            from .presets import load_preset
+            from ..presets import load_preset
 
             preset = load_preset(DEFAULT_PRESET)
             print(OFFLINE_BANNER.format(clip=preset.clip_backbone, dino=preset.dino_backbone), file=sys.stderr)
@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id (online mode)")
     parser.add_argument("--offline", action="store_true", help="skip the Hub: run the small offline demo model")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the offline demo prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example images and the offline demo model")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -1,56 +1,16 @@
-"""Finding and reading image files for batch commands: unreadable files are reported, never fatal."""
+"""Reading image files and encoded images with a decompression-bomb guard; every problem is a `ValueError` that
+names the file (the pipeline, the commands and the dataset loaders all read images through here)."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
-
-
-@dataclass
-class SkippedFile:
-    path: str
-    reason: str
-
-
-def _images_in(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(root, name)
-        for root, _, files in os.walk(folder)
-        for name in files
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
-
-
-def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedFile]]:
-    """Expand files, folders (recursively, image extensions only) and glob patterns, in a stable order.
-
-    Returns the image paths (each once) and the inputs that matched nothing.
-    """
-    paths: list[str] = []
-    missing: list[SkippedFile] = []
-    for entry in inputs:
-        matches = [entry] if os.path.exists(entry) else sorted(glob.glob(entry, recursive=True))
-        found = []
-        for match in matches:
-            found.extend(_images_in(match) if os.path.isdir(match) else [match] if os.path.isfile(match) else [])
-        if not found:
-            reason = (
-                "folder holds no image files" if os.path.isdir(entry) else "no such file, folder or matching pattern"
-            )
-            missing.append(SkippedFile(entry, reason))
-        paths.extend(found)
-    unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
-    return unique, missing
 
 
 def read_image(path: str, max_pixels: int | None = None) -> Image.Image:

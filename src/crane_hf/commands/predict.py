@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_output_dir, check_can_write
-from .image_files import SkippedFile, collect_image_paths, read_image
-from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
+from ..io.atomic import atomic_output_dir, check_can_write
+from ..io.image_files import SkippedFile, collect_image_paths
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
 
@@ -31,11 +30,6 @@ class PredictionReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     output_dir: str | None = None
-
-
-def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
-    """The anomaly-detection pipeline around an already loaded model and processor."""
-    return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
 
 
 def _overlay_name(index: int, path: str) -> str:
@@ -77,6 +71,9 @@ def predict_images(
     Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (heatmap and
     threshold contour), optionally `maps/*.npy` (float32 smoothed maps) and `skipped.txt` (unreadable inputs).
     """
+    from ..model_loading import make_pipeline
+    from ..models.crane.image_reading import read_image
+
     check_can_write(output_dir, overwrite)
     paths, skipped = collect_image_paths(inputs)
     report = PredictionReport(skipped=list(skipped), output_dir=output_dir)
@@ -157,9 +154,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as loaded)"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="image-score threshold (default: the model's)")
     parser.add_argument("--pixel-threshold", type=float, default=None, help="contour threshold (default: the model's)")
     parser.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
@@ -169,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_loading import load_model
+    from ..model_loading import load_model
 
     if args.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,10 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
     in eval mode whatever `train()` is called with.
     """
 
+    # `from_preset`'s loader, set by the crane_hf package (crane_hf/registration.py): this model folder ships as remote
+    # code and imports nothing of crane_hf, whose bundled presets are not part of it.
+    preset_loader: Callable[..., PreTrainedModel] | None = None
+
     def __init__(self, config: CraneConfig):
         super().__init__(config)
         text_config = config.clip_config.text_config
@@ -253,13 +257,18 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         "crane/mvtec" or "crane/visa" (see `crane_hf.presets`).
 
         The backbones are loaded from the Hugging Face cache or the Hub, or from `clip=` / `dino=` (local folders
-        or loaded models); other keyword arguments are `CraneConfig` overrides. Needs the crane_hf package.
+        or loaded models); other keyword arguments are `CraneConfig` overrides.
+
+        Raises:
+            ImportError: in this class as loaded from a model folder's remote code: the presets are part of the
+                crane_hf package (which sets `preset_loader` when imported), not of the model folder.
         """
-        try:
-            presets = importlib.import_module("crane_hf.presets")
-        except ImportError as error:
-            raise ImportError("from_preset needs the crane_hf package: pip install crane-hf") from error
-        return presets.model_from_preset(name, **kwargs)
+        if cls.preset_loader is None:
+            raise ImportError(
+                "from_preset needs the crane_hf package, which holds the presets: install crane_hf and use "
+                "crane_hf.CraneForAnomalyDetection.from_preset (this class was loaded from a model folder's code)."
+            )
+        return cls.preset_loader(name, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):

@@ -21,7 +21,7 @@ import datasets
 import torch
 from safetensors.torch import load_file, save
 
-from .atomic_io import atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_write_bytes, atomic_write_text
 
 CACHE_INFO = "cache_info.json"
 # CraneConfig fields that change what `encode_image` computes.
@@ -151,7 +151,7 @@ class CachedFeatures(torch.utils.data.Dataset):
 
 def feature_grid(config: Any) -> tuple[int, int]:
     """The patch grid of the maps `encode_image` returns: S / 14 for both backbones (the DINOv2 grid for Crane+)."""
-    from .configuration_crane import _as_int
+    from ..models.crane.configuration_crane import _as_int
 
     patch_config = config.dino_config if config.use_dattn else config.clip_config.vision_config
     side = config.image_size // _as_int(patch_config.patch_size)

@@ -12,11 +12,12 @@ import argparse
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from ..io.atomic import atomic_output_dir, check_can_write
 
-from .atomic_io import atomic_output_dir, check_can_write
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 PIPELINE_TAG = "image-segmentation"  # the Hub has no anomaly-detection task; maps are per-pixel segmentations
 TAGS = ["anomaly-detection", "zero-shot-anomaly-detection", "crane", "clip", "industrial-inspection"]
@@ -28,7 +29,7 @@ def known_results(model: Any) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     preset_name = getattr(model.config, "preset", None)
     if preset_name:
-        from .presets import load_preset
+        from ..presets import load_preset
 
         for item in load_preset(preset_name).published_results:
             results.append(
@@ -40,6 +41,8 @@ def known_results(model: Any) -> list[dict[str, Any]]:
 
 def build_model_card(model: Any, repo_id: str) -> ModelCard:
     """A model card with license, pipeline tag, tags, known metrics and a usage snippet."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     config = model.config
     eval_results = [
         EvalResult(
@@ -120,7 +123,7 @@ def build_model_card(model: Any, repo_id: str) -> ModelCard:
 
 def write_repository_folder(model: Any, processor: Any, folder: str, repo_id: str) -> None:
     """Write everything the Hub repository holds into `folder` (which must exist and be empty)."""
-    from .predict import make_pipeline
+    from ..model_loading import make_pipeline
 
     make_pipeline(model, processor).save_pretrained(folder)
     build_model_card(model, repo_id).save(os.path.join(folder, "README.md"))
@@ -140,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_loading import load_model
+    from ..model_loading import load_model
 
     try:
         if args.dry_run:

@@ -1,20 +1,12 @@
-"""`crane-hf evaluate`: the paper's metrics per class and their mean, on any dataset, on one process or many.
-
-    crane-hf evaluate --model crane+/visa --data /data/mvtec --output eval-mvtec
-    crane-hf evaluate --protocol paper --data /data/visa --output eval-visa
-    accelerate launch --multi_gpu --num_processes 2 -m crane_hf.evaluate --model DIR --data ROOT --output OUT
-
-For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigma 4, spec section 7) pixel
-AUROC, AUPRO and F1-max (pixel AP too, in the CSV and JSON), then the mean over classes, written as
-`metrics.md` (the paper's layout, in percent), `metrics.csv` and `metrics.json`. Both AUPRO definitions are
-computed: "official" (MVTec-AD's, exact) and "legacy" (the official Crane code's 200 thresholds, which the paper's
-numbers use); the table shows `--aupro` (legacy under `--protocol paper`).
+"""Evaluating a model on annotated datasets, on one process or many: the per-class metrics of the paper and their
+mean, the paper's protocol per dataset, and the report files. The command line is `crane-hf evaluate` /
+`python -m crane_hf.evaluate` (`crane_hf/commands/evaluate.py`).
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
 single-process run. Unreadable images (missing, truncated, corrupt, over the decompression-bomb limit), masks of the
 wrong size and anomalous images missing the mask their class's other anomalous images have are reported in
-`skipped.txt` and `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3).
+`skipped.txt` and `metrics.json` (file and reason) and left out.
 """
 
 from __future__ import annotations
@@ -25,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -83,7 +74,7 @@ class _EvaluationItems(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        from .training_data import UnreadableRowError
+        from ..training.data_loading import UnreadableRowError
 
         row = self.rows[position]
         try:
@@ -114,9 +105,9 @@ def score_dataset(
     """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
 
     Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
-    from .gaussian_smoothing import gaussian_smooth
-    from .metrics import AnomalyMetricAccumulator
-    from .training_data import ProcessedImages
+    from ..metrics import AnomalyMetricAccumulator
+    from ..models.crane.gaussian_smoothing import gaussian_smooth
+    from ..training.data_loading import ProcessedImages
 
     images = ProcessedImages(dataset, processor)
     dataset = images.dataset  # undecoded: reading a row decodes nothing
@@ -149,8 +140,8 @@ def score_dataset(
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
     from PIL import Image
 
-    from .image_files import read_encoded_image
-    from .visualization import render_overlay
+    from ..models.crane.image_reading import read_encoded_image
+    from ..models.crane.visualization import render_overlay
 
     for row, anomaly_map in zip(rows, maps):
         record = dataset[row]  # an undecoded row
@@ -217,10 +208,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .data import DataSource, InvalidRecordWarning, load_data_source
-    from .metrics import AnomalyMetricAccumulator
-    from .model_loading import load_model
-    from .training_data import image_file, undecoded
+    from ..data import DataSource, InvalidRecordWarning, load_data_source
+    from ..metrics import AnomalyMetricAccumulator
+    from ..model_loading import load_model
+    from ..training.data_loading import image_file, undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}
@@ -301,53 +292,3 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_overlays and os.path.isdir(overlay_dir):
             os.rename(overlay_dir, os.path.join(staging, "overlays"))
     return {"table": table, "info": info}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="preset name, model folder or Hub id")
-    parser.add_argument(
-        "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
-    )
-    parser.add_argument("--output", default="crane-hf-evaluation", help="folder to write (default: %(default)s)")
-    parser.add_argument("--protocol", choices=["paper"], default=None, help="the published setting for the dataset")
-    parser.add_argument("--dataset", default=None, help="dataset name for --protocol paper (default: the folder name)")
-    parser.add_argument("--variant", choices=["crane", "crane+"], default="crane+", help="model for --protocol paper")
-    parser.add_argument("--aupro", choices=["official", "legacy"], default="official", help="AUPRO shown in the table")
-    parser.add_argument("--soft-mean", choices=["true", "false"], default=None, help="override the model's soft_mean")
-    parser.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the maps (spec: 4)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
-    parser.add_argument("--save-overlays", action="store_true", help="also write a heatmap overlay per image")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--quiet", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        check_can_write(args.output, args.overwrite)
-        report = evaluate_model(args)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if not report:
-        return 0
-    print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
-    print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
-    for item in report["info"]["skipped"]:
-        print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
-    return 3 if report["info"]["skipped"] else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

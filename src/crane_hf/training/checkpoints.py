@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .atomic_io import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_PREFIX = "checkpoint-epoch-"
 TRAINING_STATE = "training_state"

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_write_text
-from .image_files import collect_image_paths, read_image
+from ..io.atomic import atomic_write_text
+from ..io.image_files import collect_image_paths
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -53,8 +53,8 @@ def calibrate_folder(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from .model_loading import load_model
-    from .predict import make_pipeline
+    from ..model_loading import load_model, make_pipeline
+    from ..models.crane.image_reading import read_image
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -105,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="normal (defect-free) images: files, folders or globs")
     parser.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate (default 0.01)")
     parser.add_argument("--pixel-fpr", type=float, default=0.01, help="target pixel false-positive rate")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

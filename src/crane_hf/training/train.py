@@ -1,15 +1,11 @@
-"""Train Crane's prompts on annotated anomaly datasets, on one process or many (accelerate).
+"""The training loop of Crane's prompts, on one process or many (accelerate); the command line that runs it is
+`crane-hf train` / `python -m crane_hf.train` (`crane_hf/commands/train.py`, options in `options.py`).
 
-    accelerate launch -m crane_hf.train --data /data/mvtec:test --output-dir runs/mvtec
-    python -m crane_hf.train --data /data/visa:test --variant crane+ --output-dir runs/visa --cache-features
-
-Defaults are the paper's (spec section 6): Adam, lr 1e-3, betas (0.6, 0.999), batch 8, 5 epochs, S = 518,
-seed 111, trained on the *test* split (the zero-shot protocol trains on one dataset's test split and evaluates on
-the others). Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
 
 - Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
   at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
-- Checkpoints: every epoch, `<output-dir>/checkpoint-epoch-N/` (`training_checkpoints.py`), written by the main
+- Checkpoints: every epoch, `<output-dir>/checkpoint-epoch-N/` (`checkpoints.py`), written by the main
   process only, atomically; the last one is copied to `<output-dir>/`, loadable with
   `CraneForAnomalyDetection.from_pretrained(<output-dir>)`. `--resume-from-checkpoint PATH|latest` continues.
 - `--cache-features`: each image's backbone outputs are computed once and stored on disk (`feature_cache.py`);
@@ -24,31 +20,21 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .atomic_io import OutputExistsError, check_can_write
-from .data import DatasetLayoutError, DataSource, load_data_source
-from .feature_cache import (
-    CachedFeatures,
-    FeatureCache,
-    FeatureCacheMismatchError,
-    cache_fingerprint,
-    feature_grid,
-    fill_feature_cache,
-)
-from .image_processing_crane import CraneImageProcessor
-from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
-from .training_checkpoints import (
+from ..data import DataSource, load_data_source
+from ..io.atomic import OutputExistsError, check_can_write
+from ..models.crane.image_processing_crane import CraneImageProcessor
+from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
+from .checkpoints import (
     CHECKPOINT_PREFIX,
     TRAINING_STATE,
     checkpoint_path,
@@ -58,13 +44,18 @@ from .training_checkpoints import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .training_data import EpochShuffleSampler, ProcessedImages
+from .data_loading import EpochShuffleSampler, ProcessedImages
+from .feature_cache import (
+    CachedFeatures,
+    FeatureCache,
+    cache_fingerprint,
+    feature_grid,
+    fill_feature_cache,
+)
+from .options import DEFAULT_DINO, FEATURE_CACHE
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
-DEFAULT_DINO = "facebook/dinov2-with-registers-base"
 LOSS_NAMES = ("loss", "focal_loss", "dice_loss", "image_loss")
 TRAINING_LOG = "training_log.jsonl"
-FEATURE_CACHE = "feature_cache"
 # Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter).
 RESUME_SETTINGS = (
     "data",
@@ -80,48 +71,6 @@ RESUME_SETTINGS = (
     "num_processes",
     "mixed_precision",
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options (for `crane-hf train` and `python -m crane_hf.train`)."""
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="ROOT[:SPLIT[:CLASSES]]",
-        help="one or more datasets (meta.json, MVTec-AD, VisA or generic layout), each with a split (default test, "
-        "as the zero-shot protocol) and optionally comma-separated classes",
-    )
-    parser.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP backbone: Hub id or local folder")
-    parser.add_argument("--dino", default=None, help=f"DINOv2 backbone for crane+ (default {DEFAULT_DINO})")
-    parser.add_argument("--variant", choices=("crane", "crane+"), default="crane", help="Crane or Crane+ (D-Attn)")
-    parser.add_argument("--output-dir", required=True, help="checkpoints and the final prompts go here")
-    parser.add_argument("--epochs", type=int, default=5, help="paper: 5")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per process and step; paper: 8")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate; paper: 1e-3")
-    parser.add_argument("--adam-betas", type=float, nargs=2, default=(0.6, 0.999), help="paper: 0.6 0.999")
-    parser.add_argument("--image-size", type=int, default=518, help="input side S; paper: 518")
-    parser.add_argument("--seed", type=int, default=111, help="paper: 111")
-    parser.add_argument(
-        "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        default=None,
-        help="autocast for the forward pass (default: accelerate's configuration, else no)",
-    )
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument(
-        "--cache-features", action="store_true", help="compute each image's backbone outputs once, on disk"
-    )
-    parser.add_argument("--feature-cache-dir", help=f"where to cache them (default <output-dir>/{FEATURE_CACHE})")
-    parser.add_argument(
-        "--keep-feature-cache", action="store_true", help="keep the default cache folder after a successful run"
-    )
-    parser.add_argument("--resume-from-checkpoint", metavar="PATH|latest", help="continue from a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is available")
-    parser.add_argument("--report-to", choices=("none", "tensorboard"), default="none")
-    return parser
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -388,42 +337,10 @@ def _train_epoch(
     return {"epoch": epoch, "steps": steps, "seconds": round(seconds, 3), "steps_per_second": steps / seconds, **means}
 
 
-def run(args: argparse.Namespace) -> int:
-    """`train`, with errors reported on stderr; the exit code of `crane-hf train` (0 success, 2 error)."""
-    try:
-        output_dir = train(args)
-    except (
-        DatasetLayoutError,
-        FeatureCacheMismatchError,
-        FileNotFoundError,
-        KeyError,
-        OutputExistsError,
-        ValueError,
-    ) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        print(f"Prompts saved in {output_dir} (checkpoints: {CHECKPOINT_PREFIX}N/, log: {TRAINING_LOG}).")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    return run(parser.parse_args(argv))
-
-
 __all__ = [
     "CraneTrainingStep",
-    "add_arguments",
     "build_model",
     "epoch_seed",
     "load_training_data",
-    "main",
-    "run",
     "train",
 ]
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,6 +13,7 @@ datasets with an "image" column (streamed lazily, like transformers' KeyDataset)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .image_files import read_encoded_image, read_image
 from .image_processing_crane import image_to_rgb_array
+from .image_reading import read_encoded_image, read_image
 from .visualization import render_overlay
 
 
@@ -34,15 +35,18 @@ class _SequenceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Any):
-        import datasets
-
+        # `datasets` is not imported here (remote code may import only what transformers needs, and transformers'
+        # import check reads every import of this file): an object of `datasets` exists only where `datasets` is
+        # already imported, so its classes are taken from `sys.modules`.
+        datasets = sys.modules.get("datasets")
         dataset, column = (
             (items, "image") if hasattr(items, "column_names") else (getattr(items, "source", None), None)
         )
         column = column or getattr(items, "column_name", None)
         self.paths = None
         self.encoded = (
-            isinstance(dataset, datasets.Dataset)
+            datasets is not None
+            and isinstance(dataset, datasets.Dataset)
             and isinstance(dataset.features.get(column), datasets.Image)
             and dataset.format["type"] is None
         )

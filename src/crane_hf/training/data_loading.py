@@ -14,8 +14,8 @@ import datasets
 import numpy as np
 import torch
 
-from .image_files import read_encoded_image
-from .image_processing_crane import CraneImageProcessor
+from ..models.crane.image_processing_crane import CraneImageProcessor
+from ..models.crane.image_reading import read_encoded_image
 
 
 def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:

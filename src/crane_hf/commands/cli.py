@@ -1,0 +1,59 @@
+"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate.
+
+Each command lives in its own module of this folder with `add_arguments(parser)` and `run(args) -> exit code`; this
+module only dispatches. The command modules import nothing heavy at module level (torch, transformers, datasets and
+accelerate are imported by `run`), so `crane-hf --help` and `crane-hf COMMAND --help` answer at once.
+Exit codes: 0 success, 2 usage or input error, 3 finished but some inputs were skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "predict": ("crane_hf.commands.predict", "score images: CSV/JSON table and heatmap overlays"),
+    "calibrate": ("crane_hf.commands.calibrate", "set a model folder's thresholds from normal images"),
+    "convert": ("crane_hf.commands.convert", "convert an official Crane checkpoint (.pth)"),
+    "push": ("crane_hf.commands.push", "publish a model folder to the Hub (or --dry-run to a folder)"),
+    "train": ("crane_hf.commands.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
+    "evaluate": ("crane_hf.commands.evaluate", "per-class metrics in the paper's layout on a dataset"),
+    "demo": ("crane_hf.commands.demo", "the main job: score example images (offline: a small demo model)"),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default to its help, where it has one that the
+    help does not already state (None and off switches have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = "%(default)" in text or "default" in text.lower()
+        if shown or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crane-hf", description="Crane / Crane+ zero-shot anomaly detection: scores and heatmaps for images."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(
+            name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=HelpFormatter
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._module.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluating a model on annotated datasets: the paper's per-class metrics and protocol."""

@@ -1,0 +1,5 @@
+"""Files on disk for the commands: atomic outputs (`atomic.py`) and the image files a user named (`image_files.py`).
+
+Decoding an image with the decompression-bomb guard is part of the model folder (`models/crane/image_reading.py`),
+because the pipeline, which ships as remote code, reads images through it.
+"""

@@ -1,0 +1,1 @@
+"""Training Crane's prompts: the loop, its data loading, checkpoints and feature cache."""
