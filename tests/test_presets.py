@@ -140,7 +140,9 @@ def test_offline_without_cache_fails_at_once_with_instructions(tmp_path, offline
     assert result.returncode == 0, result.stderr[-2000:]
     seconds, message = result.stdout.split("\n", 1)
     assert float(seconds) < 5.0 and time.perf_counter() - started < 60
-    assert "hf download openai/clip-vit-large-patch14-336 facebook/dinov2-with-registers-base" in message
-    assert 'clip="/path/to/clip-vit-large-patch14-336"' in message
-    assert "--clip /path/to/clip --dino /path/to/dino" in message
+    # one download per backbone, into the folders the next lines point at
+    assert "hf download openai/clip-vit-large-patch14-336 --local-dir clip-vit-large-patch14-336\n" in message
+    assert "hf download facebook/dinov2-with-registers-base --local-dir dinov2-with-registers-base\n" in message
+    assert 'clip="clip-vit-large-patch14-336", dino="dinov2-with-registers-base"' in message
+    assert "--clip clip-vit-large-patch14-336 --dino dinov2-with-registers-base" in message
     assert issubclass(BackboneUnavailableError, OSError)

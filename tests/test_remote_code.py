@@ -114,20 +114,12 @@ WITHOUT_PACKAGES = textwrap.dedent(
 
     import json
     import numpy as np
-    from transformers import AutoImageProcessor, AutoModel, pipeline
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers import pipeline
 
-    mode, folder, pipeline_code, out = sys.argv[1:5]
-    images = sys.argv[5:]
-    if mode == "pipeline":  # a pushed folder: everything through transformers' pipeline()
-        detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True)
-    else:  # a save_pretrained folder: its model and processor code, with the pipeline class a pushed folder ships
-        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-        pipeline_class = get_class_from_dynamic_module(
-            "pipeline_zero_shot_anomaly_detection.ZeroShotAnomalyDetectionPipeline", pipeline_code
-        )
-        detector = pipeline_class(model=model, image_processor=processor)
+    folder, out = sys.argv[1:3]
+    images = sys.argv[3:]
+    detector = pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True)
+    assert detector.task == "zero-shot-anomaly-detection", detector.task
     results = detector(images, batch_size=2, return_overlay=True)
     assert "crane_hf" not in type(detector).__module__ and "crane_hf" not in type(detector.model).__module__
     loaded = sorted(name for name in sys.modules if name.partition(".")[0] in HIDDEN)
@@ -138,14 +130,16 @@ WITHOUT_PACKAGES = textwrap.dedent(
 )
 
 
-def run_without_packages(tmp_path, mode: str, folder: str, pipeline_code: str, images: list[str]) -> dict:
+def run_without_packages(tmp_path, name: str, folder: str, images: list[str]) -> dict:
+    """`pipeline("zero-shot-anomaly-detection", model=folder, trust_remote_code=True)` on `images`, in a process
+    without crane_hf, datasets, scipy, scikit-learn and accelerate."""
     script = tmp_path / "without_packages.py"
     script.write_text(WITHOUT_PACKAGES)
-    out = tmp_path / f"{mode}.npz"
+    out = tmp_path / f"{name}.npz"
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / f"modules-{mode}"), "OMP_NUM_THREADS": "1"})
+    env.update({"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / f"modules-{name}"), "OMP_NUM_THREADS": "1"})
     result = subprocess.run(
-        [sys.executable, str(script), mode, folder, pipeline_code, str(out), *images],
+        [sys.executable, str(script), folder, str(out), *images],
         capture_output=True,
         text=True,
         env=env,
@@ -157,24 +151,40 @@ def run_without_packages(tmp_path, mode: str, folder: str, pipeline_code: str, i
         return {"scores": arrays["scores"], "maps": arrays["maps"], "overlay_sizes": json.loads(result.stdout)}
 
 
-def test_pushed_and_saved_folders_run_with_only_what_transformers_needs(tiny_model_dir, tmp_path):
+def test_pushed_and_saved_folders_run_with_only_what_transformers_needs(tmp_path):
+    """A `crane-hf push --dry-run` folder and a folder written by `save_pretrained` alone run through transformers'
+    pipeline() with remote code, giving the scores and maps of the installed code."""
     from crane_hf.commands.cli import main
-    from crane_hf.model_loading import load_model, make_pipeline
+    from crane_hf.model_loading import make_pipeline
 
     from .tiny_models import write_test_images
 
+    model = tiny_model("crane+")
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)  # nothing else: the folder must carry what pipeline() needs
+    assert {"pipeline_zero_shot_anomaly_detection.py", "preprocessor_config.json"} <= set(os.listdir(saved))
+    assert json.loads((saved / "config.json").read_text())["custom_pipelines"] == {
+        "zero-shot-anomaly-detection": {
+            "impl": "pipeline_zero_shot_anomaly_detection.ZeroShotAnomalyDetectionPipeline",
+            "pt": ["AutoModel"],
+            "type": "image",
+        }
+    }
     pushed = tmp_path / "pushed"
-    assert main(["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(pushed)]) == 0
+    assert main(["push", str(saved), "--repo-id", "acme/crane-tiny", "--dry-run", str(pushed)]) == 0
     shipped = sorted(path.name for path in pushed.glob("*.py"))
     assert "pipeline_zero_shot_anomaly_detection.py" in shipped and "modeling_crane.py" in shipped
-    assert json.loads((pushed / "config.json").read_text())["custom_pipelines"]
+    assert (
+        json.loads((pushed / "config.json").read_text())["custom_pipelines"]
+        == json.loads((saved / "config.json").read_text())["custom_pipelines"]
+    )
     images = write_test_images(tmp_path / "images", count=3, size=(40, 52))
-    local = make_pipeline(*load_model(tiny_model_dir, device="cpu"))(images, batch_size=2)
+    local = make_pipeline(model, CraneImageProcessor.from_crane_config(model.config))(images, batch_size=2)
     expected_scores = numpy.array([r["score"] for r in local])
     expected_maps = numpy.stack([r["anomaly_map"] for r in local])
 
-    for mode, folder in (("pipeline", str(pushed)), ("parts", tiny_model_dir)):
-        remote = run_without_packages(tmp_path, mode, folder, str(pushed), images)
+    for name, folder in (("pushed", pushed), ("saved", saved)):
+        remote = run_without_packages(tmp_path, name, str(folder), images)
         numpy.testing.assert_array_equal(remote["scores"], expected_scores)
         numpy.testing.assert_array_equal(remote["maps"], expected_maps)
         assert remote["overlay_sizes"] == [[52, 40]] * 3

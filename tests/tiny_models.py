@@ -51,12 +51,9 @@ def tiny_model(variant: str = "crane", seed: int = 0, **overrides) -> CraneForAn
 
 
 def save_tiny_model_folder(folder, variant: str = "crane+", **overrides) -> str:
-    """A complete model folder (weights, config, image processor) of a tiny random model."""
-    from crane_hf import CraneImageProcessor
-
-    model = tiny_model(variant, **overrides)
-    model.save_pretrained(folder)
-    CraneImageProcessor.from_crane_config(model.config).save_pretrained(folder)
+    """A complete model folder (weights, config, image processor, code) of a tiny random model: `save_pretrained`
+    writes all of it."""
+    tiny_model(variant, **overrides).save_pretrained(folder)
     return str(folder)
 
 

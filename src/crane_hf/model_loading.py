@@ -6,21 +6,35 @@
 - a folder written by `save_pretrained`, `crane-hf convert`, `train` or `push --dry-run`, kind `folder`, and
 - a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
 
+A name that is none of these fails at once, with the presets listed and the closest one suggested: a name that is
+not a valid Hub id ("crane+/mvtc", "./missing-folder"), or a Hub id that is not in the Hugging Face cache where the
+Hub cannot be reached (no download retries: `hub_availability.py`).
+
+`transformers.pipeline("zero-shot-anomaly-detection", model=...)` takes this path too for presets and for no model
+(the default preset): see `pipeline_with_presets`, which crane_hf's registration puts in place of
+`transformers.pipeline`.
+
 A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
 `load_model`.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .hub_availability import is_cached, unavailable_reason
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
-from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
-from .presets import is_preset_name, model_from_preset
+from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, ZeroShotAnomalyDetectionPipeline
+from .presets import is_preset_name, list_presets, model_from_preset
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,11 +46,57 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def _presets_hint(spec: str) -> str:
+    close = difflib.get_close_matches(spec, list_presets(), n=1, cutoff=0.6)
+    suggestion = f"Did you mean {close[0]}? " if close else ""
+    return f"{suggestion}Presets: {', '.join(list_presets())}."
+
+
+def _is_valid_hub_id(spec: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return not spec.startswith(("./", "../", "~"))
+
+
 def model_kind(spec: str) -> str:
-    """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring)."""
+    """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
+
+    Raises:
+        ValueError: `spec` is no preset, no folder here, and not a valid Hub id (the message lists the presets).
+    """
     if is_preset_name(spec):
         return "preset"
-    return "folder" if os.path.isdir(spec) else "hub"
+    if os.path.isdir(spec):
+        return "folder"
+    if not _is_valid_hub_id(spec):
+        raise ValueError(
+            f"Unknown model {spec!r}: not a preset, no folder of that name here, and not a valid Hub id. "
+            + _presets_hint(spec)
+        )
+    return "hub"
+
+
+def check_model_available(spec: str) -> str:
+    """`model_kind(spec)`, and for a Hub id that is not in the Hugging Face cache, that the Hub can be reached
+    (one connection attempt, no download retries).
+
+    Raises:
+        ValueError: see `model_kind`.
+        OSError: a Hub id that is neither cached nor downloadable here (the message lists the presets).
+    """
+    kind = model_kind(spec)
+    if kind == "hub":
+        reason = unavailable_reason(spec)
+        if reason:
+            raise OSError(
+                f"Model {spec!r} is not a preset, there is no folder of that name here, and as a Hub id it is neither "
+                f"in the Hugging Face cache nor downloadable here ({reason}). " + _presets_hint(spec)
+            )
+    return kind
 
 
 def load_model(
@@ -57,20 +117,28 @@ def load_model(
         **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
 
     Raises:
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones).
-        OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
-            when a backbone is neither cached nor downloadable.
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); a name that is no
+            preset, no folder and no valid Hub id.
+        OSError: a folder or Hub id that cannot be loaded (a Hub id neither cached nor downloadable here fails at
+            once); for presets, `BackboneUnavailableError` (an `OSError`) when a backbone is neither cached nor
+            downloadable.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if model_kind(spec) == "preset":
+    kind = check_model_available(spec)
+    if kind == "preset":
         model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
         processor = CraneImageProcessor.from_crane_config(model.config)
     else:
         if clip or dino:
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
+        try:
+            model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
+        except OSError as error:
+            if kind == "hub" and not is_cached(spec):  # not on the Hub either (or not a Crane model there)
+                raise OSError(f"{error}\n{_presets_hint(spec)}") from error
+            raise
         for key, value in config_overrides.items():
             setattr(model.config, key, value)
         processor = _processor_for(spec, model)
@@ -87,7 +155,9 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
 
 def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
     """The anomaly-detection pipeline around an already loaded model and processor."""
-    return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
+    return ZeroShotAnomalyDetectionPipeline(
+        model=model, image_processor=processor, device=model.device, task=PIPELINE_TASK
+    )
 
 
 def load_detector(
@@ -104,3 +174,43 @@ def load_detector(
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).
     """
     return make_pipeline(*load_model(model, clip=clip, dino=dino, device=device, dtype=dtype, **config_overrides))
+
+
+def default_model() -> str:
+    """The task's default model, as registered with transformers (`PIPELINE_REGISTRY`, registration.py)."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    name, _revision = PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK]["default"]["model"]
+    return name
+
+
+def pipeline_with_presets(
+    pipeline: Callable[..., Any], task: str | None = None, model: Any = None, *args: Any, **kwargs: Any
+):
+    """`pipeline(task, model, ...)` (transformers' function), also taking crane_hf's presets as `model=` for
+    "zero-shot-anomaly-detection"; crane_hf's registration puts it in place of `transformers.pipeline`.
+
+    transformers reads a string `model` as a local folder or a Hub id only: `pipeline()` loads its config before any
+    code of a task or a model class runs, and huggingface_hub refuses "crane+/mvtec" as a repository id, so no hook of
+    transformers' can give a name another meaning. For this task, a preset name (and no model: the registered default,
+    `default_model()`) is loaded by `load_model`, as `load_detector` does (backbones failing at once with
+    `BackboneUnavailableError`), and transformers gets the loaded model and processor; `model_kwargs` then go to
+    `load_model` (`clip`, `dino`, `CraneConfig` fields) and `dtype` to the backbones. Any other model name of this task
+    is checked first (`check_model_available`: a typo fails at once, listing the presets); every other call is
+    transformers' own.
+    """
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    ours = task == PIPELINE_TASK or (task is None and name is not None and is_preset_name(name))
+    if not ours or args or kwargs.get("config") is not None or (model is not None and name is None):
+        return pipeline(task, model, *args, **kwargs)
+    if name is None:
+        name = default_model()
+        logger.warning("No model was supplied, defaulted to %s (crane_hf's default preset).", name)
+    if check_model_available(name) != "preset":
+        return pipeline(PIPELINE_TASK, name, **kwargs)
+    dtype = kwargs.pop("dtype", None)
+    loaded, processor = load_model(
+        name, device="cpu", dtype=None if dtype == "auto" else dtype, **(kwargs.pop("model_kwargs", None) or {})
+    )
+    kwargs.setdefault("image_processor", processor)
+    return pipeline(PIPELINE_TASK, loaded, **kwargs)

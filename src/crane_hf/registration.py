@@ -3,11 +3,26 @@
 `register()` makes transformers know Crane:
 
 - `AutoConfig` model type "crane" -> `CraneConfig`; `AutoModel` and `AutoImageProcessor` for `CraneConfig`;
-- the task "zero-shot-anomaly-detection" (`PIPELINE_REGISTRY`, model class `AutoModel`);
+- the task "zero-shot-anomaly-detection" (`PIPELINE_REGISTRY`, model class `AutoModel`), with the default preset
+  "crane+/mvtec" as its default model (see below);
 - `register_for_auto_class` on the three classes, so that `save_pretrained` copies the model folder's code
   (`models/crane/`) and writes `auto_map`, and saved folders load with `trust_remote_code=True` without crane_hf;
 - the preset loader behind `CraneForAnomalyDetection.from_preset`: the bundled presets live in `crane_hf.presets`,
-  which the model folder cannot import (it ships as remote code), so the package hands the loader to the model.
+  which the model folder cannot import (it ships as remote code), so the package hands the loader to the model;
+- presets as `model=` of `transformers.pipeline`: transformers reads a string model as a folder or a Hub id only, and
+  huggingface_hub refuses "crane+/mvtec" as a repository id before any code of the task runs, so transformers offers
+  no hook for it. `transformers.pipeline` is replaced by a thin wrapper that calls
+  `model_loading.pipeline_with_presets(<transformers' pipeline>, ...)`, which for this task loads presets (and the
+  default, when no model is given) through `load_model`, as `load_detector` does, and leaves every other call to
+  transformers. A `pipeline` name bound before crane_hf was
+  imported (`from transformers import pipeline; import crane_hf`) is transformers' own function: import crane_hf
+  first, or call `transformers.pipeline`.
+
+The default model is the preset `crane+/mvtec`, not a Hub repository: it is the paper's model with its official
+prompts, bundled with the package, the default of `load_detector` and of `crane-hf predict`; its backbones are the
+Hub's `openai/clip-vit-large-patch14-336` and `facebook/dinov2-with-registers-base`, and where they are neither cached
+nor downloadable `pipeline("zero-shot-anomaly-detection")` fails at once with `BackboneUnavailableError`, which gives
+the download commands. A Hub repository as default would duplicate the bundled prompts and add one more download.
 
 `import crane_hf` calls `register_when_transformers_is_imported()`. Registering imports torch and transformers
 (seconds), which `crane-hf --help` must not wait for, and nothing can use the registration before transformers is
@@ -20,6 +35,7 @@ half-imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import sys
 from typing import Any
@@ -43,7 +59,7 @@ def register() -> None:
         CraneImageProcessor,
         ZeroShotAnomalyDetectionPipeline,
     )
-    from .presets import model_from_preset
+    from .presets import DEFAULT_PRESET, model_from_preset
 
     AutoConfig.register("crane", CraneConfig, exist_ok=True)
     AutoModel.register(CraneConfig, CraneForAnomalyDetection, exist_ok=True)
@@ -52,10 +68,37 @@ def register() -> None:
     CraneForAnomalyDetection.register_for_auto_class("AutoModel")
     CraneImageProcessor.register_for_auto_class("AutoImageProcessor")
     PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=ZeroShotAnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+        PIPELINE_TASK,
+        pipeline_class=ZeroShotAnomalyDetectionPipeline,
+        pt_model=AutoModel,
+        default={"model": (DEFAULT_PRESET, None)},
+        type="image",
     )
     CraneForAnomalyDetection.preset_loader = staticmethod(model_from_preset)
+    _install_pipeline_with_presets()
     _registered = True
+
+
+def _install_pipeline_with_presets() -> None:
+    """`transformers.pipeline` (and `transformers.pipelines.pipeline`) becomes a wrapper calling
+    `model_loading.pipeline_with_presets` with transformers' function (imported on the first call: `model_loading`
+    itself may be what is importing transformers now)."""
+    import transformers
+    import transformers.pipelines
+
+    original = transformers.pipelines.pipeline
+    if getattr(original, "crane_hf_presets", False):
+        return
+
+    @functools.wraps(original)
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        from .model_loading import pipeline_with_presets
+
+        return pipeline_with_presets(original, *args, **kwargs)
+
+    pipeline.crane_hf_presets = True
+    transformers.pipelines.pipeline = pipeline
+    transformers.pipeline = pipeline  # transformers' lazy module keeps an attribute that is set
 
 
 def register_when_transformers_is_imported() -> None:

@@ -22,6 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from ..hub_availability import (
+    BackboneUnavailableError,
+    backbone_unavailable_message,
+    local_dir_name,
+    unavailable_reason,
+)
 from .catalog import PRESET_SOURCES, preset_file_name
 
 if TYPE_CHECKING:  # tensors come from safe_open; the module imports no torch, so `crane-hf --help` starts fast
@@ -30,10 +36,6 @@ if TYPE_CHECKING:  # tensors come from safe_open; the module imports no torch, s
 PRESETS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PRESET = "crane+/mvtec"
 FINGERPRINT_RTOL = 1e-3
-
-
-class BackboneUnavailableError(OSError):
-    """A preset's backbone is neither cached nor downloadable here."""
 
 
 class PresetBackboneMismatchError(ValueError):
@@ -116,61 +118,31 @@ def check_fingerprint(preset: Preset, token_embedding: torch.Tensor) -> None:
         )
 
 
-def _unavailable_message(preset: Preset, missing: str, error: Exception) -> str:
-    dino = f" {preset.dino_backbone}" if preset.dino_backbone else ""
-    local = 'clip="/path/to/clip-vit-large-patch14-336"'
-    if preset.dino_backbone:
-        local += ', dino="/path/to/dinov2-with-registers-base"'
-    return (
-        f"Preset {preset.name} needs the backbone {missing}, which is neither in the Hugging Face cache nor "
-        f"downloadable here ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}).\n"
-        f"Where the Hub is reachable, download the backbones once: hf download {preset.clip_backbone}{dino}\n"
-        "(then copy the Hugging Face cache, ~/.cache/huggingface/hub, to this machine), or point at local copies:\n"
-        f'  CraneForAnomalyDetection.from_preset("{preset.name}", {local})\n'
-        f"  crane-hf predict IMAGES --model {preset.name} --clip /path/to/clip"
-        + (" --dino /path/to/dino" if preset.dino_backbone else "")
+def _unavailable_message(preset: Preset, missing: str, reason: str) -> str:
+    backbones = [preset.clip_backbone, *([preset.dino_backbone] if preset.dino_backbone else [])]
+    folders = [local_dir_name(backbone) for backbone in backbones]
+    python_args = f'clip="{folders[0]}"' + (f', dino="{folders[1]}"' if preset.dino_backbone else "")
+    cli_args = f"--clip {folders[0]}" + (f" --dino {folders[1]}" if preset.dino_backbone else "")
+    usage = (
+        f'  CraneForAnomalyDetection.from_preset("{preset.name}", {python_args})\n'
+        f"  crane-hf predict IMAGES --model {preset.name} {cli_args}"
     )
-
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def _hub_unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hub endpoint cannot be reached (one connection attempt, no retries), or None if it can (or if a
-    proxy decides: then the download itself is the test)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return None
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        return f"{constants.ENDPOINT} cannot be reached: {error}"
-    return None
+    return backbone_unavailable_message(f"Preset {preset.name}", missing, reason, backbones, usage)
 
 
 def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
     """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
     if not os.path.isdir(source):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source, "config.json", cache_dir=backbone_kwargs.get("cache_dir"))
-        reason = None if isinstance(cached, str) else _hub_unreachable()
+        reason = unavailable_reason(source, cache_dir=backbone_kwargs.get("cache_dir"))
         if reason:
-            raise BackboneUnavailableError(_unavailable_message(preset, source, OSError(reason)))
+            raise BackboneUnavailableError(_unavailable_message(preset, source, reason))
     try:
         return loader(source, **backbone_kwargs)
     except OSError as error:
         if os.path.isdir(source):
             raise
-        raise BackboneUnavailableError(_unavailable_message(preset, source, error)) from error
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
+        raise BackboneUnavailableError(_unavailable_message(preset, source, detail)) from error
 
 
 def model_from_preset(

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModel, CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import (
+    IMAGE_PROCESSOR_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+)
 
 from .anomaly_losses import crane_loss
 from .checkpoint_validation import (
@@ -337,8 +344,17 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         A prompts-only folder is a few hundred kilobytes and loads with `from_pretrained` by fetching the backbones
         named in its config (`clip_backbone`, `dino_backbone`).
+
+        Every folder also carries what `pipeline("zero-shot-anomaly-detection", model=folder)` needs:
+        `custom_pipelines` in config.json and, with the model code (`auto_map`), the pipeline code, so that it runs
+        with `trust_remote_code=True` where crane_hf is not installed; and `preprocessor_config.json` matching the
+        config (`CraneImageProcessor.from_crane_config`) unless the folder already has one.
+
+        Raises:
+            ValueError: prompts only, but the config does not say where the backbones come from.
         """
         if include_backbones:
+            self._save_pipeline_files(save_directory, kwargs.get("is_main_process", True))
             return super().save_pretrained(save_directory, *args, **kwargs)
         needed = ["clip_backbone", "dino_backbone"] if self.config.use_dattn else ["clip_backbone"]
         unknown = [name for name in needed if not getattr(self.config, name)]
@@ -348,6 +364,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 f"({', '.join(unknown)}). Build the model with from_backbones(<Hub id or folder>), set the config "
                 "field, or save with include_backbones=True."
             )
+        self._save_pipeline_files(save_directory, kwargs.get("is_main_process", True))
         state = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(PROMPT_PREFIX)}
         previous = self.config.backbones_in_checkpoint
         self.config.backbones_in_checkpoint = False
@@ -355,6 +372,24 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
         finally:
             self.config.backbones_in_checkpoint = previous
+
+    def _save_pipeline_files(self, save_directory: str | os.PathLike, is_main_process: bool) -> None:
+        """`custom_pipelines` in the config; the pipeline code and a processor config in the folder (see
+        `save_pretrained`). Written before the model, so that `save_pretrained(push_to_hub=True)` uploads them."""
+        from .image_processing_crane import CraneImageProcessor
+        from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline, custom_pipelines
+
+        self.config.custom_pipelines = custom_pipelines()
+        if not is_main_process or os.path.isfile(save_directory):
+            return  # transformers' save_pretrained reports a file in the folder's place
+        os.makedirs(save_directory, exist_ok=True)
+        if self._auto_class is not None:
+            custom_object_save(ZeroShotAnomalyDetectionPipeline, save_directory)
+        if not os.path.isfile(os.path.join(save_directory, IMAGE_PROCESSOR_NAME)):
+            processor = CraneImageProcessor.from_crane_config(self.config)
+            if self._auto_class is not None:  # the processor's code and auto_map, as the model's
+                processor._auto_class = "AutoImageProcessor"
+            processor.save_pretrained(save_directory)
 
     def load_prompt_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Load the prompt tensors (`prompt_learner.*`), refusing missing, unexpected or mis-shaped tensors."""

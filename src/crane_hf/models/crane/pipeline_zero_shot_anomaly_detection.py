@@ -25,6 +25,8 @@ from .image_processing_crane import image_to_rgb_array
 from .image_reading import read_encoded_image, read_image
 from .visualization import render_overlay
 
+PIPELINE_TASK = "zero-shot-anomaly-detection"
+
 
 class _SequenceDataset(torch.utils.data.Dataset):
     """A `datasets` column (or dataset with an "image" column) seen as a torch Dataset, so the pipeline streams.
@@ -100,6 +102,9 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
     _load_tokenizer = False
+
+    def __init__(self, *args: Any, task: str = PIPELINE_TASK, **kwargs: Any):
+        super().__init__(*args, task=task or PIPELINE_TASK, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -198,3 +203,12 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = np.asarray(model_outputs["image"]).reshape(height, width, 3)
             result["overlay"] = render_overlay(image, anomaly_map, threshold=pixel_threshold)
         return result
+
+
+def custom_pipelines() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` entry of a saved folder's config.json: the task, this module's pipeline class and its
+    model class, so that `pipeline(PIPELINE_TASK, model=folder, trust_remote_code=True)` runs the folder's copy of
+    this file where crane_hf is not installed (transformers' `clean_custom_task` reads it)."""
+    module = __name__.rsplit(".", 1)[-1]
+    impl = f"{module}.{ZeroShotAnomalyDetectionPipeline.__name__}"
+    return {PIPELINE_TASK: {"impl": impl, "pt": ["AutoModel"], "type": "image"}}

@@ -1,0 +1,147 @@
+"""What a user types as a model: presets and the task's default in transformers' pipeline(), and names that cannot be
+loaded here, which fail at once (no Hub retries) listing the presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from huggingface_hub import constants
+from transformers import Dinov2WithRegistersModel, pipeline
+
+from crane_hf import load_detector
+
+from .tiny_models import (
+    fingerprint_compatible_clip,
+    free_port,
+    populate_hub_cache,
+    randomize_,
+    tiny_dino_config,
+    tiny_model,
+    write_test_images,
+)
+
+TASK = "zero-shot-anomaly-detection"
+PRESETS = "Presets: crane/mvtec, crane/visa, crane+/mvtec, crane+/visa, crane+/mvtec-epoch1."
+
+PRESET_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import crane_hf  # before transformers' pipeline is taken: the registration wraps it
+    from transformers import pipeline
+
+    image, clip_folder, dino_folder = sys.argv[1:4]
+    detectors = {
+        "default": pipeline("zero-shot-anomaly-detection"),
+        "named": pipeline("zero-shot-anomaly-detection", model="crane+/mvtec"),
+        "no task": pipeline(model="crane+/mvtec"),
+        "folders": pipeline(
+            "zero-shot-anomaly-detection",
+            model="crane+/mvtec",
+            model_kwargs={"clip": clip_folder, "dino": dino_folder},
+        ),
+        "cached hub id": pipeline("zero-shot-anomaly-detection", model="acme/crane-tiny"),
+        "load_detector": crane_hf.load_detector("crane+/mvtec", device="cpu"),
+    }
+    report = {
+        name: {
+            "class": type(detector).__name__,
+            "task": detector.task,
+            "preset": getattr(detector.model.config, "preset", None),
+            "clip_backbone": detector.model.config.clip_backbone,
+            "score": detector(image)["score"],
+        }
+        for name, detector in detectors.items()
+    }
+    print(json.dumps(report))
+    """
+)
+
+
+def test_presets_and_the_default_work_in_transformers_pipeline(tmp_path):
+    """`pipeline(TASK)` (the registered default), `pipeline(TASK, model=preset)` and `pipeline(model=preset)` give the
+    model `load_detector(preset)` gives; `model_kwargs` reach the preset's backbones; Hub ids still load as usual."""
+    hf_home = tmp_path / "hf-home"
+    clip = fingerprint_compatible_clip("crane+/mvtec", patch_size=37, openai_hub_ids=True)
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=4)
+    populate_hub_cache(hf_home, "openai/clip-vit-large-patch14-336", clip)
+    populate_hub_cache(hf_home, "facebook/dinov2-with-registers-base", dino)
+    populate_hub_cache(hf_home, "acme/crane-tiny", tiny_model("crane+"))
+    clip.save_pretrained(tmp_path / "clip")
+    dino.save_pretrained(tmp_path / "dino")
+    (image,) = write_test_images(tmp_path / "images", count=1, size=(50, 60))
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
+    result = subprocess.run(
+        [sys.executable, "-c", PRESET_SCRIPT, image, str(tmp_path / "clip"), str(tmp_path / "dino")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "No model was supplied, defaulted to crane+/mvtec" in result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    for name, detector in report.items():
+        assert detector["class"] == "ZeroShotAnomalyDetectionPipeline", name
+        assert detector["task"] == TASK, name
+    presets = ("default", "named", "no task", "folders", "load_detector")
+    assert {report[name]["preset"] for name in presets} == {"crane+/mvtec"}
+    assert report["cached hub id"]["preset"] is None
+    assert report["folders"]["clip_backbone"] == str(tmp_path / "clip")
+    assert report["default"]["clip_backbone"] == "openai/clip-vit-large-patch14-336"
+    # the same weights from the cache and from the folders: one score, the one load_detector gives
+    assert len({report[name]["score"] for name in presets}) == 1
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """No HF_HUB_OFFLINE, and an endpoint that refuses connections: a machine without network."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("load", ["pipeline", "load_detector"])
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("crane+/mvtc", ValueError, "not a valid Hub id. Did you mean crane+/mvtec? " + PRESETS),
+        ("./no-such-folder", ValueError, "no folder of that name here, and not a valid Hub id. " + PRESETS),
+        ("crane/visaa", OSError, "Did you mean crane/visa? " + PRESETS),
+        ("does-not-exist", OSError, "neither in the Hugging Face cache nor downloadable here (http://127.0.0.1:"),
+    ],
+)
+def test_unknown_model_names_fail_at_once_listing_the_presets(hub_unreachable, load, name, error, message):
+    started = time.perf_counter()
+    with pytest.raises(error) as raised:
+        pipeline(TASK, model=name) if load == "pipeline" else load_detector(name)
+    assert time.perf_counter() - started < 5.0
+    assert message in str(raised.value)
+    assert PRESETS in str(raised.value)
+    if error is OSError:  # a valid Hub id: one connection attempt told that the Hub cannot be reached
+        assert f"{constants.ENDPOINT} cannot be reached" in str(raised.value)
+
+
+def test_the_command_line_refuses_an_unknown_model_before_any_work(tmp_path):
+    images = write_test_images(tmp_path / "images", count=1)
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    for name, expected in (("does-not-exist", "cannot be reached"), ("crane+/mvtc", "Did you mean crane+/mvtec?")):
+        result = subprocess.run(
+            [sys.executable, "-m", "crane_hf.cli", "predict", *images, "--model", name, "--output", "out"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()  # one line, no retries, no traceback
+        assert line.startswith("error: ") and expected in line and PRESETS in line
+        assert not (tmp_path / "out").exists()
