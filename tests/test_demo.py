@@ -14,6 +14,10 @@ def test_offline_demo_runs_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "OFFLINE DEMO" in captured.err and "SMALL RANDOM backbones" in captured.err
     assert "crane-hf predict IMAGES --model crane+/mvtec" in captured.out
+    # one download per backbone, into the folders the next command points at
+    assert "  hf download openai/clip-vit-large-patch14-336 --local-dir clip-vit-large-patch14-336\n" in captured.out
+    assert "  hf download facebook/dinov2-with-registers-base --local-dir dinov2-with-registers-base\n" in captured.out
+    assert "--clip clip-vit-large-patch14-336 --dino dinov2-with-registers-base" in captured.out
     summary = json.loads((output / "predictions" / "predictions.json").read_text())
     assert len(summary["predictions"]) == 10  # 2 held-out classes x (2 normal + 3 defective)
     assert all(0.0 <= row["score"] <= 1.0 for row in summary["predictions"])

@@ -168,3 +168,67 @@ def test_anomalous_image_without_mask_is_named(backbones, synthetic, tmp_path, c
     (root / "meta.json").write_text(json.dumps({"test": {"brick": meta["test"]["brick"]}}))
     assert main(_args(backbones, str(root), tmp_path / "x")) == 2
     assert "test/brick[6]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["crane", "crane+"])
+def test_a_missing_backbone_is_refused_before_any_output(synthetic, tmp_path, capsys, monkeypatch, variant):
+    """Offline, with the default Hub backbones not cached: one message with the download commands, the folders to
+    point at and the offline trial, and no output folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    output = tmp_path / "my-prompts"
+    assert main(["--data", f"{synthetic}:test", "--output-dir", str(output), "--variant", variant]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(
+        "error: Training needs the backbone openai/clip-vit-large-patch14-336, which is neither in the Hugging Face "
+        "cache nor downloadable here (HF_HUB_OFFLINE is set)."
+    )
+    assert "  hf download openai/clip-vit-large-patch14-336 --local-dir clip-vit-large-patch14-336\n" in message
+    if variant == "crane+":
+        assert "  hf download facebook/dinov2-with-registers-base --local-dir dinov2-with-registers-base\n" in message
+        assert "--clip clip-vit-large-patch14-336 --dino dinov2-with-registers-base ..." in message
+        assert "then --clip small-backbones/clip --dino small-backbones/dinov2" in message
+    else:
+        assert "dinov2" not in message
+    assert "python -m crane_hf.small_backbones --output small-backbones" in message
+    assert "Traceback" not in message
+    assert not output.exists()
+
+
+def test_a_backbone_that_is_no_folder_and_no_hub_id_is_named(synthetic, tmp_path, capsys):
+    output = tmp_path / "my-prompts"
+    assert main(["--data", f"{synthetic}:test", "--output-dir", str(output), "--clip", "./no-such-clip"]) == 2
+    assert capsys.readouterr().err == "error: --clip ./no-such-clip: no such folder, and not a valid Hub id.\n"
+    assert not output.exists()
+
+
+def test_tensorboard_missing_is_refused_before_any_work(backbones, synthetic, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "is_tensorboard_available", lambda: False)
+    output = tmp_path / "logged"
+    assert main(_args(backbones, synthetic, output, "--report-to", "tensorboard")) == 2
+    assert capsys.readouterr().err == (
+        "error: --report-to tensorboard needs TensorBoard, which is not installed (pip install tensorboard).\n"
+    )
+    assert not output.exists()
+
+
+def test_small_random_backbones_are_written_as_model_folders(tmp_path, capsys):
+    """`python -m crane_hf.small_backbones --output DIR`: the folders `--clip` / `--dino` point at, said random."""
+    from transformers import AutoModel, CLIPModel
+
+    from crane_hf.small_backbones import main as write_backbones
+    from crane_hf.small_backbones import small_random_backbones
+
+    assert write_backbones(["--output", str(tmp_path / "small"), "--image-size", "112"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    clip, dino = small_random_backbones(0, image_size=112)
+    for name, model, loader in (("clip", clip, CLIPModel), ("dinov2", dino, AutoModel)):
+        loaded = loader.from_pretrained(str(tmp_path / "small" / name))
+        assert type(loaded) is type(model)
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], tensor), key
+        assert "MEANINGLESS" in (tmp_path / "small" / name / "README.md").read_text()
+    assert write_backbones(["--output", str(tmp_path / "small")]) == 2  # never replaced unless asked
+    assert "already exists" in capsys.readouterr().err

@@ -45,6 +45,18 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
+def is_valid_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hub repository id ("org/name" or "name"; huggingface_hub's rules), and is not written
+    as a relative path ("./name", "../name", "~/name")."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith(("./", "../", "~"))
+
+
 def is_cached(repo_id: str, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether the Hugging Face cache holds the `config.json` of the model repository `repo_id`."""
     from huggingface_hub import try_to_load_from_cache
@@ -68,7 +80,7 @@ def download_commands(repo_ids: Sequence[str]) -> list[str]:
 
 
 def backbone_unavailable_message(
-    needed_by: str, missing: str, reason: str, backbones: Sequence[str], usage: str
+    needed_by: str, missing: str, reason: str, backbones: Sequence[str], usage: str, offline_trial: str = ""
 ) -> str:
     """The text of `BackboneUnavailableError`.
 
@@ -78,6 +90,7 @@ def backbone_unavailable_message(
         reason: why (HF_HUB_OFFLINE is set, the endpoint cannot be reached, the download's error).
         backbones: every backbone Hub id the work needs (each gets its download command).
         usage: how to point at the downloaded folders (lines, already indented).
+        offline_trial: a last paragraph (e.g. how to try the work offline without the backbones).
     """
     lines = [
         f"{needed_by} needs the backbone {missing}, which is neither in the Hugging Face cache nor downloadable "
@@ -88,7 +101,7 @@ def backbone_unavailable_message(
         usage,
         f"(or download without --local-dir and copy the Hugging Face cache, {HUB_CACHE_HINT}, to this machine).",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + ([offline_trial] if offline_trial else []))
 
 
 __all__ = [
@@ -97,6 +110,7 @@ __all__ = [
     "download_commands",
     "hub_unreachable",
     "is_cached",
+    "is_valid_hub_id",
     "local_dir_name",
     "unavailable_reason",
 ]

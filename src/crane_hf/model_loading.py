@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .hub_availability import is_cached, unavailable_reason
+from .hub_availability import is_cached, is_valid_hub_id, unavailable_reason
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, ZeroShotAnomalyDetectionPipeline
@@ -52,16 +52,6 @@ def _presets_hint(spec: str) -> str:
     return f"{suggestion}Presets: {', '.join(list_presets())}."
 
 
-def _is_valid_hub_id(spec: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return not spec.startswith(("./", "../", "~"))
-
-
 def model_kind(spec: str) -> str:
     """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
 
@@ -72,7 +62,7 @@ def model_kind(spec: str) -> str:
         return "preset"
     if os.path.isdir(spec):
         return "folder"
-    if not _is_valid_hub_id(spec):
+    if not is_valid_hub_id(spec):
         raise ValueError(
             f"Unknown model {spec!r}: not a preset, no folder of that name here, and not a valid Hub id. "
             + _presets_hint(spec)

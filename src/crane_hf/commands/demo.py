@@ -163,13 +163,20 @@ def _print_summary(result: dict[str, Any]) -> None:
         "(predictions.csv, predictions.json, overlays/*.png)."
     )
     if result["mode"] == "offline-demo":
+        from ..hub_availability import download_commands, local_dir_name
+        from ..presets import load_preset
+
+        preset = load_preset(DEFAULT_PRESET)
+        backbones = [preset.clip_backbone, preset.dino_backbone]
+        clip, dino = (local_dir_name(backbone) for backbone in backbones)
+        downloads = "".join(f"  {command}\n" for command in download_commands(backbones))
         print(
             f"This was the OFFLINE DEMO model (small random backbones), saved in {output}/demo-model.\n"
             "To run the real Crane+ model, on a machine that reaches the Hugging Face Hub:\n"
-            "  crane-hf predict IMAGES --model crane+/mvtec\n"
-            "or download the backbones once (hf download openai/clip-vit-large-patch14-336 "
-            "facebook/dinov2-with-registers-base) and point at local copies:\n"
-            "  crane-hf predict IMAGES --model crane+/mvtec --clip /path/to/clip --dino /path/to/dino"
+            f"  crane-hf predict IMAGES --model {DEFAULT_PRESET}\n"
+            f"or download the backbones into folders where the Hub is reachable, copy them here and point at them:\n"
+            f"{downloads}"
+            f"  crane-hf predict IMAGES --model {DEFAULT_PRESET} --clip {clip} --dino {dino}"
         )
 
 

@@ -99,7 +99,9 @@ def build_model_card(model: Any, repo_id: str) -> ModelCard:
         'result["overlay"].save("part-heatmap.png")',
         "```",
         "",
-        "With `pip install crane-hf`, `trust_remote_code` is not needed, and the command line works too:",
+        "The `crane-hf` command line comes with the crane_hf package, which no package index serves: install it from "
+        "a clone of its source repository (`pip install -e .` in the clone). With it installed, `trust_remote_code` "
+        "is not needed, and:",
         "",
         "```bash",
         f"crane-hf predict images/ --model {repo_id} --output results/",

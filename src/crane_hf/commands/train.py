@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..data import DatasetLayoutError
+    from ..hub_availability import BackboneUnavailableError
     from ..io.atomic import OutputExistsError
     from ..training.checkpoints import CHECKPOINT_PREFIX
     from ..training.feature_cache import FeatureCacheMismatchError
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         output_dir = train(args)
     except (
+        BackboneUnavailableError,
         DatasetLayoutError,
         FeatureCacheMismatchError,
         FileNotFoundError,

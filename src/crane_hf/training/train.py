@@ -27,10 +27,17 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from ..data import DataSource, load_data_source
+from ..hub_availability import (
+    BackboneUnavailableError,
+    backbone_unavailable_message,
+    is_valid_hub_id,
+    local_dir_name,
+    unavailable_reason,
+)
 from ..io.atomic import OutputExistsError, check_can_write
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
@@ -84,8 +91,41 @@ def _check_arguments(args: argparse.Namespace) -> None:
         problems.append("--num-workers must be >= 0")
     if args.variant == "crane" and args.dino:
         problems.append("--dino is used by --variant crane+ only")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        problems.append("--report-to tensorboard needs TensorBoard, which is not installed (pip install tensorboard)")
     if problems:
         raise ValueError("; ".join(problems) + ".")
+
+
+def check_backbones_available(args: argparse.Namespace) -> None:
+    """Fail before any work where a backbone given as a Hub id is neither in the Hugging Face cache nor downloadable
+    here (one connection attempt, no retries), with the commands that get it.
+
+    Raises:
+        ValueError: a `--clip` / `--dino` that is neither a folder nor a valid Hub id.
+        BackboneUnavailableError: the message names the backbone, how to download it into a folder, the `--clip` /
+            `--dino` options that point at the folders, and the small random backbones to try training offline.
+    """
+    sources = {"--clip": args.clip, "--dino": _dino_source(args)}
+    hub_ids = {option: source for option, source in sources.items() if source and not os.path.isdir(source)}
+    for option, source in hub_ids.items():
+        if not is_valid_hub_id(source):
+            raise ValueError(f"{option} {source}: no such folder, and not a valid Hub id.")
+    for source in hub_ids.values():
+        reason = unavailable_reason(source)
+        if reason:
+            folders = " ".join(f"{option} {local_dir_name(hub_id)}" for option, hub_id in hub_ids.items())
+            small = "--clip small-backbones/clip"
+            if args.variant == "crane+":
+                small += " --dino small-backbones/dinov2"
+            usage = f"  accelerate launch -m crane_hf.train {folders} ..."
+            trial = (
+                "To try training offline: small backbones with RANDOM weights (everything runs, the prompts are "
+                f"meaningless): python -m crane_hf.small_backbones --output small-backbones, then {small}"
+            )
+            raise BackboneUnavailableError(
+                backbone_unavailable_message("Training", source, reason, list(hub_ids.values()), usage, trial)
+            )
 
 
 def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
@@ -235,6 +275,7 @@ def train(args: argparse.Namespace) -> str:
     _check_arguments(args)
     for spec in args.data:
         DataSource.parse(spec)  # fail on a wrong path before loading backbones
+    check_backbones_available(args)  # before any output is created
     output_dir = os.path.abspath(args.output_dir)
     accelerator = _make_accelerator(args, output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
@@ -340,6 +381,7 @@ def _train_epoch(
 __all__ = [
     "CraneTrainingStep",
     "build_model",
+    "check_backbones_available",
     "epoch_seed",
     "load_training_data",
     "train",
