@@ -3,7 +3,7 @@
 With small random frozen backbones (no pretrained knowledge at all), train the prompts with the real training
 command on some synthetic classes, then compare the pixel AUROC of the trained and the untrained model on held-out
 synthetic classes (and on the training classes). Pixel AUROC is computed per class on the smoothed S x S maps
-(sigma 4, spec section 7) with scikit-learn, then averaged over classes.
+(sigma 4, as in the paper's evaluation) with scikit-learn, then averaged over classes.
 
     python benchmarks/learnability.py                    # defaults below: 5 seeds, about 4 minutes on 2 CPU cores
     python benchmarks/learnability.py --heldout-classes grass,moon,tissue --seeds 0
@@ -24,13 +24,14 @@ import tempfile
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from random_backbones import save_random_backbones, small_clip_config
+from random_backbones import save_random_backbones
 from sklearn.metrics import roc_auc_score
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.commands.train import main as train_main
 from crane_hf.data import load_meta_json
 from crane_hf.data.synthetic import generate_synthetic_dataset
+from crane_hf.small_backbones import small_clip_config
 from crane_hf.training.data_loading import ProcessedImages
 
 

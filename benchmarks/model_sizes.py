@@ -9,6 +9,7 @@ from the tensor names and shapes), the JSON configs, the code files and the mode
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -33,7 +34,9 @@ def safetensors_size(model: torch.nn.Module) -> int:
     return len(struct.pack("<Q", 0)) + len(encoded) + offset
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)  # no options: --help describes the table
     rows = []
     for variant in ("crane", "crane+"):
         config = CraneConfig.for_variant(variant)

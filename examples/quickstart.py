@@ -2,14 +2,15 @@
 
     python examples/quickstart.py
 
-Real use starts from the paper's backbones instead:
-    CraneForAnomalyDetection.from_backbones("openai/clip-vit-large-patch14-336",
-                                            "facebook/dinov2-with-registers-base")
-and the official prompts (python -m crane_hf.convert_original ...). With random weights the scores are
-meaningless; this script shows the API end to end.
+With random weights the scores are meaningless; this script shows the API end to end. Real use takes the paper's
+model with its official prompts, which crane_hf bundles as presets (the backbones come from the Hugging Face Hub or
+its cache):
+    CraneForAnomalyDetection.from_preset("crane+/mvtec")
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from crane_hf.small_backbones import small_random_backbones
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     clip, dino = small_random_backbones(image_size=112)
     model = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=112)
     processor = CraneImageProcessor.from_crane_config(model.config)

@@ -121,4 +121,4 @@ def test_without_scikit_image_the_module_names_the_extra_to_install():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'pip install "crane-hf[synthetic]"' in result.stdout
+    assert 'pip install scikit-image (in a clone of crane_hf: pip install -e ".[synthetic]"' in result.stdout

@@ -39,7 +39,7 @@ try:
 except ImportError as error:  # an optional dependency: only the synthetic dataset (and the offline demo) need it
     raise ImportError(
         "The synthetic defect dataset needs scikit-image (its bundled textures and photos): "
-        'pip install "crane-hf[synthetic]" (or pip install scikit-image).'
+        'pip install scikit-image (in a clone of crane_hf: pip install -e ".[synthetic]", the synthetic extra).'
     ) from error
 
 from ..io.atomic import OutputExistsError, atomic_output_dir, atomic_write_text
