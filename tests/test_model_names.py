@@ -15,6 +15,7 @@ from huggingface_hub import constants
 from transformers import Dinov2WithRegistersModel, pipeline
 
 from crane_hf import load_detector
+from crane_hf.presets import BackboneUnavailableError
 
 from .tiny_models import (
     fingerprint_compatible_clip,
@@ -145,3 +146,20 @@ def test_the_command_line_refuses_an_unknown_model_before_any_work(tmp_path):
         (line,) = result.stderr.strip().splitlines()  # one line, no retries, no traceback
         assert line.startswith("error: ") and expected in line and PRESETS in line
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("load", ["pipeline", "load_detector"])
+def test_a_prompts_only_folder_whose_backbones_are_missing_fails_at_once(hub_unreachable, tmp_path, load):
+    model = tiny_model("crane+")
+    model.config.clip_backbone = "openai/clip-vit-large-patch14-336"
+    model.config.dino_backbone = "facebook/dinov2-with-registers-base"
+    folder = str(tmp_path / "my-prompts")
+    model.save_pretrained(folder, include_backbones=False)
+    started = time.perf_counter()
+    with pytest.raises(BackboneUnavailableError) as raised:
+        pipeline(TASK, model=folder) if load == "pipeline" else load_detector(folder)
+    assert time.perf_counter() - started < 5.0
+    message = str(raised.value)
+    assert message.startswith(f"Model {folder} needs the backbone openai/clip-vit-large-patch14-336, which is ")
+    assert "  hf download facebook/dinov2-with-registers-base --local-dir dinov2-with-registers-base\n" in message
+    assert '"dino_backbone": "/path/to/dinov2-with-registers-base"' in message

@@ -469,7 +469,9 @@ def test_download_commands_are_what_hf_download_accepts():
     assert "--local-dir" in help_text.stdout
     found = 0
     for where, text in messages_with_download_commands().items():
-        for command in re.findall(r"hf download [^\n`)]*", text):
+        commands = re.findall(r"hf download [^\n`)]*", text)
+        assert len(commands) == text.count("hf download"), where  # none broken over two lines
+        for command in commands:
             params = hf_download(command.strip())
             assert params["repo_id"] in BACKBONES and not params["filenames"], (where, command)
             assert params["local_dir"] == params["repo_id"].split("/")[-1], (where, command)

@@ -7,8 +7,9 @@ where the Hub endpoint answers one connection attempt (`hub_unreachable`: no ret
 the download itself is the test).
 
 `BackboneUnavailableError` is the one error for a backbone (CLIP, DINOv2) that cannot be had here, raised by the
-presets (`crane_hf.presets`) and by training (`crane_hf.training.train`) before any work, with the commands that
-download each backbone into the folder the next command points at (`backbone_unavailable_message`).
+presets (`crane_hf.presets`), by loading a prompts-only model folder (`crane_hf.model_loading`) and by training
+(`crane_hf.training.train`) before any work, with the commands that download each backbone into the folder the next
+command points at (`backbone_unavailable_message`).
 """
 
 from __future__ import annotations

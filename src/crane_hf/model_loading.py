@@ -21,6 +21,7 @@ A new kind of model source (an exported file, for example) is one more kind in `
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,7 +29,14 @@ from typing import Any
 
 import torch
 
-from .hub_availability import is_cached, is_valid_hub_id, unavailable_reason
+from .hub_availability import (
+    BackboneUnavailableError,
+    backbone_unavailable_message,
+    is_cached,
+    is_valid_hub_id,
+    local_dir_name,
+    unavailable_reason,
+)
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, ZeroShotAnomalyDetectionPipeline
@@ -89,6 +97,37 @@ def check_model_available(spec: str) -> str:
     return kind
 
 
+def check_folder_backbones(folder: str) -> None:
+    """For a prompts-only folder (`save_pretrained(include_backbones=False)`, training outputs), that the backbones
+    its config names as Hub ids are cached or downloadable here (one connection attempt, no retries).
+
+    Raises:
+        BackboneUnavailableError: a backbone neither cached nor downloadable, with the commands that get it.
+    """
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as stream:
+            config = json.load(stream)
+    except (OSError, ValueError):
+        return  # from_pretrained names the problem
+    if not isinstance(config, dict) or config.get("backbones_in_checkpoint", True):
+        return
+    fields = ["clip_backbone", *(["dino_backbone"] if config.get("dino_config") else [])]
+    sources = {field: config.get(field) for field in fields}
+    hub_ids = {
+        field: source
+        for field, source in sources.items()
+        if isinstance(source, str) and not os.path.isdir(source) and is_valid_hub_id(source)
+    }
+    for source in hub_ids.values():
+        reason = unavailable_reason(source)
+        if reason:
+            settings = ", ".join(f'"{field}": "/path/to/{local_dir_name(repo)}"' for field, repo in hub_ids.items())
+            usage = f"  set {settings} in {os.path.join(folder, 'config.json')}"
+            raise BackboneUnavailableError(
+                backbone_unavailable_message(f"Model {folder}", source, reason, list(hub_ids.values()), usage)
+            )
+
+
 def load_model(
     spec: str,
     clip: str | None = None,
@@ -110,8 +149,8 @@ def load_model(
         ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); a name that is no
             preset, no folder and no valid Hub id.
         OSError: a folder or Hub id that cannot be loaded (a Hub id neither cached nor downloadable here fails at
-            once); for presets, `BackboneUnavailableError` (an `OSError`) when a backbone is neither cached nor
-            downloadable.
+            once); `BackboneUnavailableError` (an `OSError`) when a backbone of a preset or of a prompts-only folder
+            is neither cached nor downloadable.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -122,6 +161,8 @@ def load_model(
     else:
         if clip or dino:
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
+        if kind == "folder":
+            check_folder_backbones(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         try:
             model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
@@ -186,8 +227,8 @@ def pipeline_with_presets(
     `default_model()`) is loaded by `load_model`, as `load_detector` does (backbones failing at once with
     `BackboneUnavailableError`), and transformers gets the loaded model and processor; `model_kwargs` then go to
     `load_model` (`clip`, `dino`, `CraneConfig` fields) and `dtype` to the backbones. Any other model name of this task
-    is checked first (`check_model_available`: a typo fails at once, listing the presets); every other call is
-    transformers' own.
+    is checked first (`check_model_available`: a typo fails at once, listing the presets; `check_folder_backbones`);
+    every other call is transformers' own.
     """
     name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     ours = task == PIPELINE_TASK or (task is None and name is not None and is_preset_name(name))
@@ -196,7 +237,10 @@ def pipeline_with_presets(
     if name is None:
         name = default_model()
         logger.warning("No model was supplied, defaulted to %s (crane_hf's default preset).", name)
-    if check_model_available(name) != "preset":
+    kind = check_model_available(name)
+    if kind == "folder":
+        check_folder_backbones(name)
+    if kind != "preset":
         return pipeline(PIPELINE_TASK, name, **kwargs)
     dtype = kwargs.pop("dtype", None)
     loaded, processor = load_model(
