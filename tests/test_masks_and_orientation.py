@@ -8,6 +8,7 @@ import functools
 import http.server
 import io
 import json
+import shutil
 import threading
 import warnings
 
@@ -72,6 +73,7 @@ MASKS = {  # name: (PIL image to save as PNG, or an array with its PIL mode)
     "sixteen_bit.png": lambda: Image.fromarray(_defect(1, None).astype(np.uint16)),
     "one_bit.png": lambda: Image.fromarray(_defect(255, None)).convert("1"),
     "tiff_rgb.tif": lambda: Image.fromarray(_defect((0, 1, 0), 3)),
+    "cmyk_ink.tif": lambda: Image.fromarray(_defect((0, 0, 0, 255), 4), "CMYK"),  # white paper, black ink
 }
 
 
@@ -210,30 +212,40 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_the_same_picture_gives_the_same_map_by_path_bytes_url_and_pil(tmp_path, tiny_model_dir):
-    path = tmp_path / "photo.jpg"
-    _rotated_jpeg(path, orientation=6)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tmp_path))
-    )
+@pytest.fixture
+def served(tmp_path):
+    """(folder, base URL) of a local HTTP server serving `folder`."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)
-        url = f"http://127.0.0.1:{server.server_address[1]}/photo.jpg"
-        results = [
-            detector(str(path)),
-            detector(path.read_bytes()),
-            detector(url),
-            detector(Image.open(path)),
-            detector(read_image(str(path))),
-        ]
-    finally:
-        server.shutdown()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_same_picture_gives_the_same_map_by_path_bytes_url_and_pil(served, tiny_model_dir):
+    folder, url = served
+    path = folder / "photo.jpg"
+    _rotated_jpeg(path, orientation=6)
+    deep = folder / "deep.png"
+    Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16)).save(deep)  # 16-bit
+    detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)
+    results = [
+        detector(str(path)),
+        detector(path.read_bytes()),
+        detector(f"{url}/photo.jpg"),
+        detector(Image.open(path)),
+        detector(read_image(str(path))),
+    ]
     reference = results[0]
     assert reference["anomaly_map"].shape == (48, 48)
     for other in results[1:]:
         assert np.array_equal(other["anomaly_map"], reference["anomaly_map"]) and other["score"] == reference["score"]
+    by_path, by_url = detector(str(deep)), detector(f"{url}/deep.png")
+    assert np.array_equal(by_path["anomaly_map"], by_url["anomaly_map"]) and by_path["score"] == by_url["score"]
+    with pytest.raises(ValueError, match="could not be downloaded"):
+        detector(f"{url}/missing.png")
 
 
 # ------------------------------------------------------------------ multi-frame images
@@ -250,7 +262,7 @@ def _multipage_tiff(path, pages: int = 3) -> None:
 
 
 @pytest.mark.parametrize(("name", "make"), [("anim.gif", _animated_gif), ("pages.tif", _multipage_tiff)])
-def test_multi_frame_images_are_refused_by_name(tmp_path, tiny_model_dir, capsys, name, make):
+def test_multi_frame_images_are_refused_by_name(tmp_path, tiny_model_dir, served, name, make):
     path = tmp_path / "imgs" / name
     path.parent.mkdir()
     make(path)
@@ -262,6 +274,11 @@ def test_multi_frame_images_are_refused_by_name(tmp_path, tiny_model_dir, capsys
         detector(str(path))
     with pytest.raises(ValueError, match="multi-frame"), Image.open(path) as opened:
         detector(opened)
+    with pytest.raises(ValueError, match="multi-frame"):
+        detector(path.read_bytes())
+    shutil.copy(path, served[0] / name)
+    with pytest.raises(ValueError, match=rf"{served[1]}/{name}: refused, a multi-frame image"):
+        detector(f"{served[1]}/{name}")
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "imgs"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 3
     summary = json.loads((out / "predictions.json").read_text())

@@ -7,8 +7,8 @@ Every image file is read by one rule, whichever way it arrives (path, bytes, `da
   be a silent choice. MPO files (JPEG with attached thumbnails or views, as some cameras write) are read as their
   primary image, as every JPEG reader does;
 - the EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a photo is scored upright, its mask is
-  rotated with it, and the same picture gives the same map by path, bytes, URL (transformers' `load_image`
-  applies it too) or PIL object (`CraneImageProcessor` applies it);
+  rotated with it, and the same picture gives the same map by path, bytes, URL (the pipeline decodes downloaded
+  bytes with `read_image_bytes`) or PIL object (`CraneImageProcessor` applies it);
 - the decoded image keeps its file `format` ("JPEG", "PNG", ...), so that a lossy mask can be recognised.
 """
 

@@ -141,13 +141,13 @@ def _mask_channels(mask: Image.Image) -> tuple[np.ndarray, bool]:
     mode = mask.mode
     if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
         return np.asarray(mask), False
-    if mode in ("LA", "RGBA", "RGB"):
-        return np.asarray(mask), mode != "RGB"
+    if mode in ("LA", "RGBA", "RGB", "CMYK"):  # CMYK: its ink channels (no ink, white, is normal)
+        return np.asarray(mask), mode in ("LA", "RGBA")
     if mode == "P" and "transparency" not in mask.info:
         return np.asarray(mask.convert("RGB")), False
     if mode in ("P", "PA", "La", "RGBa"):
         return np.asarray(mask.convert("RGBA")), True
-    return np.asarray(mask.convert("RGB")), False  # CMYK, YCbCr, LAB, HSV: their colours
+    return np.asarray(mask.convert("RGB")), False  # YCbCr, LAB, HSV: their colours (black is normal)
 
 
 def mask_to_binary(mask: ImageLike, lossy: bool | None = None, name: str = "mask") -> np.ndarray:

@@ -148,9 +148,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = read_image_bytes(bytes(image), "image bytes")
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
+            # Downloaded as transformers' load_image does, decoded as files are (multi-frame refused, EXIF
+            # orientation, 16-bit kept): the same picture gives the same map by URL and by path.
+            from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
 
-            image = load_image(image, timeout=timeout)
+            try:
+                response = httpx.get(image, timeout=timeout, follow_redirects=True)
+                response.raise_for_status()
+            except httpx.HTTPError as error:
+                raise ValueError(f"{image}: could not be downloaded ({error})") from error
+            image = read_image_bytes(response.content, image)
         elif isinstance(image, str):
             image = read_image(image)
         try:
