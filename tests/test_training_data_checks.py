@@ -149,3 +149,11 @@ def test_a_truncated_optimizer_state_is_named(first_epoch, backbones, synthetic,
     assert main(_args(backbones, synthetic, output, "--resume-from-checkpoint", "latest", epochs=2)) == 2
     err = capsys.readouterr().err
     assert f"{optimizer}: truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_strict_training_refuses_unused_files(backbones, tmp_path, capsys):
+    data = _folder_dataset(tmp_path / "data")
+    write_image(os.path.join(data, "part", "test", "scratch", "later", "2.png"), (40, 40))
+    assert main(_args(backbones, data, tmp_path / "run", "--strict")) == 2
+    assert "part/test/scratch/later/2.png: in a subfolder of part/test/scratch/" in capsys.readouterr().err
+    assert main(_args(backbones, data, tmp_path / "run2")) == 0  # without --strict: trained, the file reported
