@@ -201,3 +201,6 @@ def test_pipeline_refuses_a_boolean_threshold(tiny_model_dir):
     detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)
     with pytest.raises(ValueError, match="threshold must be a number"):
         detector(np.zeros((8, 8, 3), dtype=np.uint8), threshold=True)
+    with pytest.raises(ValueError, match="pixel_threshold must be a number"):
+        detector.model.config.pixel_threshold = None
+    assert detector.model.config.pixel_threshold == 0.5

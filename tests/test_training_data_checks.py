@@ -157,3 +157,13 @@ def test_strict_training_refuses_unused_files(backbones, tmp_path, capsys):
     assert main(_args(backbones, data, tmp_path / "run", "--strict")) == 2
     assert "part/test/scratch/later/2.png: in a subfolder of part/test/scratch/" in capsys.readouterr().err
     assert main(_args(backbones, data, tmp_path / "run2")) == 0  # without --strict: trained, the file reported
+
+
+def test_a_trainer_state_that_is_not_json_is_named(first_epoch, backbones, synthetic, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(first_epoch, output)
+    state = output / "checkpoint-epoch-1" / "trainer_state.json"
+    state.write_text('{"epoch": 1, "settings": ')
+    assert main(_args(backbones, synthetic, output, "--resume-from-checkpoint", "latest", epochs=2)) == 2
+    err = capsys.readouterr().err
+    assert f"{state}: not a readable trainer state" in err and "Traceback" not in err
