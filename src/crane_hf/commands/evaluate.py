@@ -12,9 +12,12 @@ numbers use); the table shows `--aupro` (legacy under `--protocol paper`).
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
-single-process run. Unreadable images (missing, truncated, corrupt, over the decompression-bomb limit), masks of the
-wrong size and anomalous images missing the mask their class's other anomalous images have are reported in
-`skipped.txt` and `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3).
+single-process run. Unreadable images (missing, truncated, corrupt, multi-frame, over the decompression-bomb
+limit), masks of the wrong size, anomalous images missing the mask their class's other anomalous images (or their
+ground-truth folder) have, images whose score or map is not finite, and every file under a class folder that no
+entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
+`metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3). `--strict` refuses such a
+dataset instead (exit 2). Masks in a lossy format (JPEG) are binarised at mid-range and listed (`lossy_masks`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
     parser.add_argument("--save-overlays", action="store_true", help="also write a heatmap overlay per image")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the dataset (exit 2) if any file under a class is unused or any entry is invalid, instead of "
+        "reporting and leaving them out",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

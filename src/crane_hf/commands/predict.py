@@ -13,14 +13,18 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_output_dir, check_can_write
 from ..io.image_files import SkippedFile, collect_image_paths
+
+if TYPE_CHECKING:
+    from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
 
@@ -53,6 +57,27 @@ def _score_chunk(pipe, images, batch_size, params):
         return results
 
 
+def score_image_files(
+    pipe: ZeroShotAnomalyDetectionPipeline, paths: list[str], batch_size: int, params: dict[str, Any], chunk_size: int
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Read and score `chunk_size` image files at a time (memory does not grow with their number); yields, for
+    each path, (path, pipeline output, None) or (path, None, the reason it was skipped)."""
+    from ..models.crane.image_reading import read_image
+
+    for start in range(0, len(paths), chunk_size):
+        loaded = []
+        for path in paths[start : start + chunk_size]:
+            try:
+                loaded.append((path, read_image(path)))
+            except ValueError as error:
+                yield path, None, str(error).removeprefix(f"{path}: ")
+        names = [path for path, _ in loaded]
+        results = _score_chunk(pipe, [image for _, image in loaded], batch_size, params) if loaded else []
+        loaded.clear()  # the decoded images of this chunk are not kept
+        for path, (output, error) in zip(names, results):
+            yield (path, output, None) if output is not None else (path, None, f"could not be scored ({error})")
+
+
 def predict_images(
     model: Any,
     processor: Any,
@@ -72,9 +97,12 @@ def predict_images(
     threshold contour), optionally `maps/*.npy` (float32 smoothed maps) and `skipped.txt` (unreadable inputs).
     """
     from ..model_loading import make_pipeline
-    from ..models.crane.image_reading import read_image
+    from ..models.crane.thresholds import at_or_above, check_threshold
 
     check_can_write(output_dir, overwrite)
+    for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+        if value is not None:
+            check_threshold(value, name)
     paths, skipped = collect_image_paths(inputs)
     report = PredictionReport(skipped=list(skipped), output_dir=output_dir)
     pipe = make_pipeline(model, processor)
@@ -91,43 +119,34 @@ def predict_images(
         if save_maps:
             os.makedirs(os.path.join(staging, "maps"))
         bar = tqdm(total=len(paths), desc="Scoring", unit="image", disable=not progress)
-        for start in range(0, len(paths), chunk_size):
-            loaded = []
-            for path in paths[start : start + chunk_size]:
-                try:
-                    loaded.append((path, read_image(path)))
-                except ValueError as error:
-                    report.skipped.append(SkippedFile(path, str(error).removeprefix(f"{path}: ")))
-                    bar.update(1)
-            results = _score_chunk(pipe, [image for _, image in loaded], batch_size, params) if loaded else []
-            for (path, _), (output, error) in zip(loaded, results):
-                bar.update(1)
-                if output is None:
-                    report.skipped.append(SkippedFile(path, f"could not be scored ({error})"))
-                    continue
-                index = len(report.rows)
-                row = {
-                    "path": path,
-                    "score": round(float(output["score"]), 6),
-                    "is_anomalous": bool(output["is_anomalous"]),
-                    "max_pixel_score": round(float(output["anomaly_map"].max()), 6),
-                    "anomalous_pixel_fraction": round(float((output["anomaly_map"] >= decision).mean()), 6),
-                    "overlay": "",
-                }
-                if write_overlays:
-                    row["overlay"] = os.path.join("overlays", _overlay_name(index, path))
-                    output["overlay"].save(os.path.join(staging, row["overlay"]))
-                if save_maps:
-                    np.save(
-                        os.path.join(staging, "maps", _overlay_name(index, path)[:-4] + ".npy"), output["anomaly_map"]
-                    )
-                report.rows.append(row)
+        for path, output, reason in score_image_files(pipe, paths, batch_size, params, chunk_size):
+            bar.update(1)
+            if output is None:
+                report.skipped.append(SkippedFile(path, reason))
+                continue
+            index = len(report.rows)
+            row = {
+                "path": path,
+                "score": float(output["score"]),  # unrounded: the decision is made on this value
+                "is_anomalous": bool(output["is_anomalous"]),
+                "max_pixel_score": round(float(output["anomaly_map"].max()), 6),
+                "anomalous_pixel_fraction": round(float(at_or_above(output["anomaly_map"], decision).mean()), 6),
+                "overlay": "",
+            }
+            if write_overlays:
+                row["overlay"] = os.path.join("overlays", _overlay_name(index, path))
+                output["overlay"].save(os.path.join(staging, row["overlay"]))
+            if save_maps:
+                np.save(os.path.join(staging, "maps", _overlay_name(index, path)[:-4] + ".npy"), output["anomaly_map"])
+            report.rows.append(row)
         bar.close()
-        _write_tables(staging, report, model, threshold)
+        _write_tables(staging, report, model, threshold, decision)
     return report
 
 
-def _write_tables(folder: str, report: PredictionReport, model: Any, threshold: float | None) -> None:
+def _write_tables(
+    folder: str, report: PredictionReport, model: Any, threshold: float | None, pixel_threshold: float
+) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -137,7 +156,7 @@ def _write_tables(folder: str, report: PredictionReport, model: Any, threshold: 
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
-        "pixel_threshold": model.config.pixel_threshold,
+        "pixel_threshold": pixel_threshold,
         "predictions": report.rows,
         "skipped": [asdict(item) for item in report.skipped],
     }

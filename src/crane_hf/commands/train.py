@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.atomic import OutputExistsError
     from ..training.checkpoints import CHECKPOINT_PREFIX
     from ..training.feature_cache import FeatureCacheMismatchError
-    from ..training.train import TRAINING_LOG, train
+    from ..training.train import TRAINING_LOG, NonFiniteTrainingError, train
 
     try:
         output_dir = train(args)
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         FeatureCacheMismatchError,
         FileNotFoundError,
         KeyError,
+        NonFiniteTrainingError,
         OutputExistsError,
         ValueError,
     ) as error:

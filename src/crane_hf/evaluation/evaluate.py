@@ -4,9 +4,12 @@ mean, the paper's protocol per dataset, and the report files. The command line i
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
-single-process run. Unreadable images (missing, truncated, corrupt, over the decompression-bomb limit), masks of the
-wrong size and anomalous images missing the mask their class's other anomalous images have are reported in
-`skipped.txt` and `metrics.json` (file and reason) and left out.
+single-process run. Unreadable images (missing, truncated, corrupt, multi-frame, over the decompression-bomb
+limit), masks of the wrong size, anomalous images missing the mask their class's other anomalous images (or their
+ground-truth folder) have, images whose score or map is not finite, and every file under a class folder that no
+entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
+`metrics.json` (file and reason) and left out; `--strict` refuses such a dataset instead. Masks in a lossy format
+(JPEG) are binarised at mid-range and listed (`lossy_masks`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -125,13 +129,21 @@ def score_dataset(
             maps = gaussian_smooth(output.anomaly_maps.float(), sigma).cpu().numpy()
             scores = output.anomaly_scores.float().cpu().numpy()
             indices = batch["index"].tolist()
+            finite = np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+            skipped.extend(
+                (row, "the model gave a non-finite score or map (no decision made)")
+                for row, ok in zip(indices, finite)
+                if not ok
+            )
             names = np.array([class_names[row] for row in indices])
             masks = batch["masks"].numpy().astype(bool)
-            for name in dict.fromkeys(names):
-                selected = names == name
+            labels = batch["labels"].numpy()
+            for name in dict.fromkeys(names[finite]):
+                selected = (names == name) & finite
                 accumulators.setdefault(name, AnomalyMetricAccumulator()).update(
-                    batch["labels"].numpy()[selected], scores[selected], masks=masks[selected], maps=maps[selected]
+                    labels[selected], scores[selected], masks=masks[selected], maps=maps[selected]
                 )
+            indices, maps = [row for row, ok in zip(indices, finite) if ok], maps[finite]
             if overlay_dir is not None:
                 _save_overlays(dataset, indices, maps, model.config.pixel_threshold, overlay_dir)
     return accumulators, skipped
@@ -208,7 +220,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from ..data import DataSource, InvalidRecordWarning, load_data_source
+    from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
     from ..metrics import AnomalyMetricAccumulator
     from ..model_loading import load_model
     from ..training.data_loading import image_file, undecoded
@@ -233,11 +245,19 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
     )
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", InvalidRecordWarning)
+        for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
+            warnings.simplefilter("always", category)
         # require_masks=None: an anomalous image without a mask, in a class whose other anomalous images have masks,
-        # is reported and left out instead of counting as all normal pixels.
-        datasets_ = [load_data_source(spec, require_masks=None, skip_invalid=True) for spec in args.data]
+        # is reported and left out instead of counting as all normal pixels. --strict refuses instead.
+        datasets_ = [
+            load_data_source(spec, require_masks=None, skip_invalid=not args.strict, strict=args.strict)
+            for spec in args.data
+        ]
     invalid = [w.message for w in caught if isinstance(w.message, InvalidRecordWarning)]
+    unused = [w.message for w in caught if isinstance(w.message, UnusedFileWarning)]
+    lossy = [path for w in caught if isinstance(w.message, LossyMaskWarning) for path in w.message.files]
+    for message in (w.message for w in caught if isinstance(w.message, LossyMaskWarning)):
+        print(f"warning: {message}", file=sys.stderr)
     import datasets as hf_datasets
 
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
@@ -285,7 +305,9 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
-        + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid],
+        + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid]
+        + [{"image_path": item.path, "reason": f"not used: {item.reason}"} for item in unused],
+        "lossy_masks": lossy,
     }
     with atomic_output_dir(output, overwrite=args.overwrite) as staging:
         write_report(staging, table, info)

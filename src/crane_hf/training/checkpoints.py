@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from typing import Any
 
 import torch
@@ -62,8 +64,49 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
 
 
 def read_trainer_state(checkpoint: str) -> dict[str, Any]:
-    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as stream:
-        return json.load(stream)
+    """The checkpoint's trainer_state.json; `ValueError` naming the file when it is not a JSON object."""
+    path = os.path.join(checkpoint, TRAINER_STATE)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            state = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: not a readable trainer state ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+        raise ValueError(f"{path}: not a trainer state (no 'settings' object)")
+    return state
+
+
+def check_training_state(checkpoint: str) -> None:
+    """Refuse a checkpoint whose training state files are truncated or corrupt, naming the file.
+
+    accelerate writes them with `torch.save`, as zip archives: each archive's directory and the CRC of every member
+    are checked (reading the files once, a few hundred kilobytes for the prompts' optimizer state).
+    """
+    folder = os.path.join(checkpoint, TRAINING_STATE)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: missing; {checkpoint} cannot be resumed")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or not name.endswith((".bin", ".pkl", ".pt", ".pth")):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            raise ValueError(f"{path}: truncated or corrupt ({error}); {checkpoint} cannot be resumed") from None
+        if broken is not None:
+            raise ValueError(f"{path}: corrupt (bad CRC in {broken}); {checkpoint} cannot be resumed")
+
+
+def load_training_state(accelerator: Any, checkpoint: str) -> None:
+    """`accelerator.load_state` of the checkpoint's training state, after `check_training_state`; a failure names
+    the checkpoint instead of ending in a bare OSError."""
+    check_training_state(checkpoint)
+    folder = os.path.join(checkpoint, TRAINING_STATE)
+    try:
+        accelerator.load_state(folder)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{folder}: the training state cannot be loaded ({error})") from error
 
 
 def register_prompt_state_hooks(accelerator: Any, model: Any) -> None:
@@ -118,8 +161,10 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE",
     "TRAINING_STATE",
+    "check_training_state",
     "checkpoint_path",
     "list_checkpoints",
+    "load_training_state",
     "prompt_tensors",
     "publish_model",
     "read_trainer_state",

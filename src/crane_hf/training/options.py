@@ -52,4 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-to", choices=("none", "tensorboard"), default="none", help="TensorBoard logs in <output-dir>/logs"
     )
+    parser.add_argument(
+        "--allow-no-anomalies",
+        action="store_true",
+        help="train even when the data has no anomalous image, or no anomalous pixel in any mask (the prompts "
+        "would learn that everything is normal; refused without this flag)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="refuse the data if any file under a class folder is not used"
+    )
     return parser

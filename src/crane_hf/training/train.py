@@ -20,7 +20,9 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -36,15 +38,15 @@ from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
 from .checkpoints import (
     CHECKPOINT_PREFIX,
-    TRAINING_STATE,
     checkpoint_path,
+    load_training_state,
     publish_model,
     read_trainer_state,
     register_prompt_state_hooks,
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data_loading import EpochShuffleSampler, ProcessedImages
+from .data_loading import EpochShuffleSampler, ProcessedImages, RowCheck, check_rows
 from .feature_cache import (
     CachedFeatures,
     FeatureCache,
@@ -52,15 +54,14 @@ from .feature_cache import (
     feature_grid,
     fill_feature_cache,
 )
+from .fingerprints import combine_digests, module_fingerprint
 from .options import DEFAULT_DINO, FEATURE_CACHE
 
 LOSS_NAMES = ("loss", "focal_loss", "dice_loss", "image_loss")
 TRAINING_LOG = "training_log.jsonl"
-# Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter).
+# Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter). The data
+# and the backbones are recognised by the fingerprints of their content (CONTENT_SETTINGS), not by their paths.
 RESUME_SETTINGS = (
-    "data",
-    "clip",
-    "dino",
     "variant",
     "image_size",
     "seed",
@@ -71,6 +72,11 @@ RESUME_SETTINGS = (
     "num_processes",
     "mixed_precision",
 )
+CONTENT_SETTINGS = ("data_sha256", "backbones_sha256")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the prompts became NaN or infinite: training stops and nothing more is saved or published."""
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -160,24 +166,76 @@ def _prepare_output_dir(args: argparse.Namespace, resume: str | None, accelerato
     accelerator.wait_for_everyone()
 
 
-def _check_resume_settings(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
+def _check_resume_settings(
+    saved: dict[str, Any], current: dict[str, Any], checkpoint: str, names: Sequence[str] = RESUME_SETTINGS
+) -> None:
     different = [
         f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-        for name in RESUME_SETTINGS
+        for name in names
         if saved.get(name) != current[name]
     ]
     if different:
+        what = {"data_sha256": "the data's content", "backbones_sha256": "the backbones' weights"}
+        changed = [what[name] for name in names if name in what and saved.get(name) != current[name]]
         raise ValueError(
             f"Cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
             + "; ".join(different)
+            + (f" ({' and '.join(changed)} changed, whatever the paths)" if changed else "")
             + "."
         )
 
 
 def load_training_data(args: argparse.Namespace) -> datasets.Dataset:
     """The `--data` datasets, concatenated; anomalous images must have masks (the pixel losses need them)."""
-    parts = [load_data_source(spec, require_masks=True) for spec in args.data]
+    strict = getattr(args, "strict", False)
+    parts = [load_data_source(spec, require_masks=True, strict=strict) for spec in args.data]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def check_training_data(images: ProcessedImages, args: argparse.Namespace, accelerator: Accelerator) -> str:
+    """Prepare every row once before the first step (each process its share); returns the data's content
+    fingerprint (`data_loading.dataset_fingerprint`).
+
+    Raises:
+        ValueError: rows that cannot be read (all of them named); data with no anomalous image, or no anomalous
+            pixel in any mask, unless `--allow-no-anomalies`. Anomalous images whose mask is empty at the input size
+            are warned about by name.
+    """
+    from accelerate.utils import gather_object
+
+    rows = range(accelerator.process_index, len(images), accelerator.num_processes)
+    found = check_rows(images, rows, args.num_workers, args.batch_size)
+    merged = RowCheck()
+    for part in gather_object([found]) if accelerator.num_processes > 1 else [found]:
+        merged.merge(part)
+    if merged.unreadable:
+        lines = [f"{path} (row {row}): {reason}" for row, path, reason in sorted(merged.unreadable)]
+        raise ValueError(
+            f"{len(lines)} training image(s) cannot be prepared, found before the first step:\n  "
+            + "\n  ".join(lines[:50])
+            + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
+        )
+    with_pixels = len(merged.anomalous) - len(merged.empty_masks)
+    if not args.allow_no_anomalies and (not merged.anomalous or with_pixels == 0):
+        problem = (
+            f"has no anomalous image ({len(images)} normal images)"
+            if not merged.anomalous
+            else f"has no anomalous pixel in any mask ({len(merged.anomalous)} anomalous images, every mask empty "
+            f"at {args.image_size} x {args.image_size})"
+        )
+        raise ValueError(
+            f"The training data {' '.join(args.data)} {problem}: the prompts would learn that everything is normal. "
+            "Train on annotated defects (the zero-shot protocol trains on a dataset's test split), or pass "
+            "--allow-no-anomalies to train anyway."
+        )
+    if merged.empty_masks and accelerator.is_main_process:
+        names = ", ".join(sorted(merged.empty_masks)[:20]) + (" ..." if len(merged.empty_masks) > 20 else "")
+        print(
+            f"warning: {len(merged.empty_masks)} anomalous image(s) have no anomalous pixel in their mask at "
+            f"{args.image_size} x {args.image_size}; the pixel losses treat them as normal: {names}",
+            file=sys.stderr,
+        )
+    return combine_digests([merged.digests[row] for row in range(len(images))])
 
 
 def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
@@ -218,13 +276,14 @@ def _training_items(
     images: ProcessedImages,
     accelerator: Accelerator,
     cache_dir: str,
+    data_sha256: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, float]:
     """The images themselves, or with `--cache-features` their cached backbone outputs (filled first; the
-    seconds that took are returned)."""
+    seconds that took are returned). The cache is keyed by the data's content fingerprint when given."""
     if not args.cache_features:
         return images, 0.0
     start = time.perf_counter()
-    fingerprint = cache_fingerprint(model.config, images.dataset, accelerator.mixed_precision)
+    fingerprint = cache_fingerprint(model.config, images.dataset, accelerator.mixed_precision, data_sha256)
     cache = FeatureCache(cache_dir, fingerprint)
     fill_feature_cache(cache, model, images, accelerator, args.batch_size, args.num_workers)
     return CachedFeatures(cache, images.dataset["label"]), time.perf_counter() - start
@@ -244,11 +303,16 @@ def train(args: argparse.Namespace) -> str:
     _prepare_output_dir(args, resume, accelerator)
 
     set_seed(args.seed)
-    model = build_model(args).to(accelerator.device)
+    model = build_model(args)
+    settings["backbones_sha256"] = module_fingerprint([model.clip, model.dino])
+    model = model.to(accelerator.device)
     processor = CraneImageProcessor.from_crane_config(model.config)
     images = ProcessedImages(load_training_data(args), processor)
+    settings["data_sha256"] = check_training_data(images, args, accelerator)  # before the first step
+    if resume:
+        _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume, CONTENT_SETTINGS)
     cache_dir = args.feature_cache_dir or os.path.join(output_dir, FEATURE_CACHE)
-    items, cache_seconds = _training_items(args, model, images, accelerator, cache_dir)
+    items, cache_seconds = _training_items(args, model, images, accelerator, cache_dir, settings["data_sha256"])
 
     sampler = EpochShuffleSampler(len(items), args.seed)
     loader = torch.utils.data.DataLoader(
@@ -261,7 +325,7 @@ def train(args: argparse.Namespace) -> str:
 
     state: dict[str, Any] = {"epoch": 0, "global_step": 0, "settings": settings, "history": []}
     if resume:
-        accelerator.load_state(os.path.join(resume, TRAINING_STATE))
+        load_training_state(accelerator, resume)
         state = read_trainer_state(resume)
         state["settings"] = settings
     state["cache_fill_seconds"] = cache_seconds
@@ -310,10 +374,20 @@ def _train_epoch(
         for batch in loader:
             with accelerator.accumulate(step_module):
                 output = step_module(batch)
+                values = accelerator.reduce(_loss_values(output), reduction="mean").cpu()  # every process's
+                if not torch.isfinite(values).all():
+                    raise NonFiniteTrainingError(
+                        f"Training stopped at epoch {epoch}, step {state['global_step'] + 1}: the loss is not finite "
+                        f"({', '.join(f'{n} {float(v)}' for n, v in zip(LOSS_NAMES, values))}; rows "
+                        f"{batch['index'].tolist()} on this process). Nothing of this epoch is saved or published. "
+                        f"Lower --lr (now {args.lr}) or check the data."
+                    )
                 accelerator.backward(output.loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            step_sum += accelerator.reduce(_loss_values(output), reduction="mean").cpu()
+                if accelerator.sync_gradients:
+                    _check_finite_prompts(step_module, epoch, state["global_step"] + 1, args.lr)
+            step_sum += values
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
@@ -337,9 +411,25 @@ def _train_epoch(
     return {"epoch": epoch, "steps": steps, "seconds": round(seconds, 3), "steps_per_second": steps / seconds, **means}
 
 
+def _check_finite_prompts(step_module: torch.nn.Module, epoch: int, step: int, lr: float) -> None:
+    """Raise `NonFiniteTrainingError` if an optimizer step made a prompt tensor NaN or infinite."""
+    bad = [
+        name
+        for name, parameter in step_module.named_parameters()
+        if parameter.requires_grad and not bool(torch.isfinite(parameter).all())
+    ]
+    if bad:
+        raise NonFiniteTrainingError(
+            f"Training stopped at epoch {epoch}, step {step}: the optimizer step made {', '.join(bad)} NaN or "
+            f"infinite. Nothing of this epoch is saved or published. Lower --lr (now {lr})."
+        )
+
+
 __all__ = [
     "CraneTrainingStep",
+    "NonFiniteTrainingError",
     "build_model",
+    "check_training_data",
     "epoch_seed",
     "load_training_data",
     "train",

@@ -73,6 +73,24 @@ def check_floating_point(found: dict[str, tuple[tuple[int, ...], str]], source: 
         raise CheckpointMismatchError(f"{source} has tensors that are not floating point: {'; '.join(wrong)}.")
 
 
+class NonFiniteWeightsError(CheckpointMismatchError):
+    """A checkpoint holds NaN or infinite values (e.g. prompts of a diverged training run)."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors holding NaN or infinite values, naming each and `source` (`NonFiniteWeightsError`)."""
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for name, t in sorted(tensors.items())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{source} holds NaN or infinite values in {'; '.join(bad)}: it cannot give meaningful scores "
+            "(was it written by a diverged training run?)."
+        )
+
+
 def check_loading_info(info: dict, source: str) -> None:
     """Refuse what transformers' `output_loading_info` reports as missing, unexpected or mis-shaped."""
     problems = []

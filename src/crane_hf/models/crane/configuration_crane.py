@@ -7,9 +7,12 @@ builds the published Crane and Crane+ settings around any pair of backbone confi
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
+
+from .thresholds import THRESHOLD_FIELDS, check_threshold
 
 # OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
 # pad 1); transformers' CLIPTextTransformer keeps a special case for them. The real <|endoftext|> is the last id.
@@ -218,8 +221,8 @@ class CraneConfig(PreTrainedConfig):
         self.clip_image_std = [float(x) for x in clip_image_std]
         self.dino_image_mean = [float(x) for x in dino_image_mean]
         self.dino_image_std = [float(x) for x in dino_image_std]
-        self.image_threshold = float(image_threshold)
-        self.pixel_threshold = float(pixel_threshold)
+        self.image_threshold = check_threshold(image_threshold, "image_threshold")  # true, null, NaN: refused
+        self.pixel_threshold = check_threshold(pixel_threshold, "pixel_threshold")
         self.official_code_compat = bool(official_code_compat)
         self.clip_backbone = clip_backbone
         self.dino_backbone = dino_backbone
@@ -234,6 +237,22 @@ class CraneConfig(PreTrainedConfig):
         self.prompt_token_ids = [[int(i) for i in ids] for ids in prompt_token_ids]
         self._validate_token_ids()
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> CraneConfig:
+        """`PreTrainedConfig.from_pretrained`; a value this config refuses is reported with the file it came from."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (TypeError, ValueError) as error:
+            name = f"{os.fspath(pretrained_model_name_or_path)}/config.json"
+            if str(error).startswith(name):
+                raise
+            raise ValueError(f"{name}: {error}") from error
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in THRESHOLD_FIELDS:  # also `model.config.image_threshold = ...` and overrides at loading
+            value = check_threshold(value, name)
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ published pipeline code
     @property

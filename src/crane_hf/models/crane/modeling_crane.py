@@ -28,6 +28,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Model
 from .anomaly_losses import crane_loss
 from .checkpoint_validation import (
     check_checkpoint,
+    check_finite,
     check_floating_point,
     check_loading_info,
     resolve_safetensors_files,
@@ -305,6 +306,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches are refused below, with their names
         model, info = super().from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
         check_loading_info(info, f"The checkpoint {path}")
+        prompts = {name: t for name, t in model.state_dict().items() if name.startswith(PROMPT_PREFIX)}
+        check_finite(prompts, f"The checkpoint {path}")
         align_tensors(model)  # the same bits as a model built in memory (reproducibility.py)
         model._freeze_backbones()
         return (model, info) if wants_info else model
@@ -361,6 +364,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         expected = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(PROMPT_PREFIX)}
         found = {name: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for name, t in state.items()}
         check_checkpoint(found, expected, source)
+        check_finite({name: state[name] for name in expected}, source)
         with torch.no_grad():
             for name, tensor in expected.items():
                 tensor.copy_(state[name].to(tensor.dtype))

@@ -7,8 +7,12 @@
     result = detector("part.png")
     result["score"], result["is_anomalous"], result["anomaly_map"]   # float, bool, float32 [H, W]
 
-Inputs: PIL images, local paths, URLs, numpy arrays, torch tensors, lists of these, and `datasets` columns or
-datasets with an "image" column (streamed lazily, like transformers' KeyDataset).
+Inputs: PIL images, local paths, URLs, encoded image bytes, numpy arrays, torch tensors, lists of these, and
+`datasets` columns or datasets with an "image" column (streamed lazily, like transformers' KeyDataset). The EXIF
+orientation is applied whichever way an image arrives; multi-frame images are refused.
+
+A score or map that is not finite (a corrupt or diverged model) raises `ValueError` for that image: it is never
+reported as `is_anomalous: False`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from transformers import Pipeline
 
 from .image_processing_crane import image_to_rgb_array
-from .image_reading import read_encoded_image, read_image
+from .image_reading import read_encoded_image, read_image, read_image_bytes
+from .thresholds import at_or_above, check_threshold
 from .visualization import render_overlay
 
 
@@ -119,9 +124,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             postprocess["return_overlay"] = bool(return_overlay)
         for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
             if value is not None:
-                if not 0.0 <= float(value) <= 1.0:
-                    raise ValueError(f"{name}={value} must be in [0, 1].")
-                postprocess[name] = float(value)
+                postprocess[name] = check_threshold(value, name)
         if smoothing_sigma is not None:
             if float(smoothing_sigma) < 0:
                 raise ValueError(f"smoothing_sigma={smoothing_sigma} must be >= 0.")
@@ -145,11 +148,20 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
             image = read_encoded_image(image)
+        elif isinstance(image, (bytes, bytearray)):  # an encoded image file held in memory
+            image = read_image_bytes(bytes(image), "image bytes")
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
+            # Downloaded as transformers' load_image does, decoded as files are (multi-frame refused, EXIF
+            # orientation, 16-bit kept): the same picture gives the same map by URL and by path.
+            from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
 
-            image = load_image(image, timeout=timeout)
+            try:
+                response = httpx.get(image, timeout=timeout, follow_redirects=True)
+                response.raise_for_status()
+            except httpx.HTTPError as error:
+                raise ValueError(f"{image}: could not be downloaded ({error})") from error
+            image = read_image_bytes(response.content, image)
         elif isinstance(image, str):
             image = read_image(image)
         try:
@@ -193,7 +205,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         height, width = anomaly_map.shape[-2:]
         anomaly_map = anomaly_map.reshape(height, width).numpy().astype(np.float32, copy=False)
         score = float(model_outputs["score"].reshape(-1)[0])
-        result: dict[str, Any] = {"score": score, "is_anomalous": score >= threshold, "anomaly_map": anomaly_map}
+        if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
+            raise ValueError(
+                f"the model gave a non-finite {'score' if not np.isfinite(score) else 'anomaly map'} (score {score}) "
+                "for this image; no decision is made (is the model folder corrupt or diverged?)"
+            )
+        result: dict[str, Any] = {
+            "score": score,
+            "is_anomalous": at_or_above(score, threshold),
+            "anomaly_map": anomaly_map,
+        }
         if return_overlay:
             image = np.asarray(model_outputs["image"]).reshape(height, width, 3)
             result["overlay"] = render_overlay(image, anomaly_map, threshold=pixel_threshold)
