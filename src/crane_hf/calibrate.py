@@ -9,10 +9,12 @@ pixel threshold does the same over every pixel of the smoothed maps (at each ima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,7 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic_io import atomic_write_text
-from .image_files import collect_image_paths, read_image
+from .cli_support import one_line, require_positive, require_range
+from .image_files import find_image_inputs, read_image
+from .output_safety import check_writable, clean_stale_temporaries, output_lock
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -52,14 +56,52 @@ def calibrate_folder(
     device: str | None = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
+
+    The rates, the device and the writability of the folder are checked before any image is read; the run holds
+    the folder's lock (a concurrent calibration of it is refused). The model folder and crane-hf output folders
+    among the inputs are left out (`image_files.find_image_inputs`).
+    """
+    from .model_loading import resolve_device
+
+    require_range("fpr", fpr, 0.0, 1.0, high_open=True)
+    require_range("pixel_fpr", pixel_fpr, 0.0, 1.0, high_open=True)
+    require_positive("batch_size", batch_size)
+    resolve_device(device)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
+    with calibration_lock(model_dir):
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress)
+
+
+@contextlib.contextmanager
+def calibration_lock(model_dir: str) -> Iterator[None]:
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    config_path = os.path.join(model_dir, "config.json")
+    check_writable(config_path)
+    with output_lock(config_path):
+        for name in ("config.json", "calibration.json"):
+            clean_stale_temporaries(os.path.join(model_dir, name))
+        yield
+
+
+def _calibrate(
+    model_dir: str,
+    inputs: list[str],
+    fpr: float,
+    pixel_fpr: float,
+    batch_size: int,
+    device: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """`calibrate_folder` once its arguments are checked and the folder is locked."""
     from .model_loading import load_model
     from .predict import make_pipeline
 
     config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
-    paths, missing = collect_image_paths(inputs)
+    found = find_image_inputs(inputs, exclude=[model_dir])
+    paths, missing = found.paths, found.skipped
     images, skipped = [], [f"{item.path}: {item.reason}" for item in missing]
     for path in paths:
         try:
@@ -86,6 +128,7 @@ def calibrate_folder(
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "normal_images": len(images),
         "skipped": skipped,
+        "left_out": found.left_out,
         "image": {"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
         "pixel": {"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
         "previous": {
@@ -116,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
         )
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):
         item = record[kind]
@@ -124,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
             f"{kind} threshold {item['threshold']:.6f} (target FPR {item['target_fpr']}, "
             f"{item['fpr_on_calibration_set']:.4f} on the {record['normal_images']} normal images)"
         )
+    for folder in record["left_out"]:
+        print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for line in record["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"Saved into {args.model_dir}/config.json (details in calibration.json)")

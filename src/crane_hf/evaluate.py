@@ -20,11 +20,11 @@ wrong size and anomalous images missing the mask their class's other anomalous i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import atomic_output_dir, check_can_write
+from .atomic_io import atomic_output_dir
+from .cli_support import one_line, require_positive, require_range, run_command
+from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
+from .output_safety import check_output_dir, on_main_process, protected_paths
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -147,9 +150,12 @@ def score_dataset(
 
 
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
+    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data
+    (`output_names`: no separator or "..", extension kept, shortened) and checked to stay inside `folder`."""
     from PIL import Image
 
     from .image_files import read_encoded_image
+    from .output_names import path_inside, safe_file_name, source_file_name
     from .visualization import render_overlay
 
     for row, anomaly_map in zip(rows, maps):
@@ -158,8 +164,8 @@ def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: f
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
-        name = record["image_path"].replace("/", "__").rsplit(".", 1)[0] + ".png"
-        path = os.path.join(folder, record["class_name"], name)
+        class_folder = safe_file_name(str(record["class_name"]))
+        path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         render_overlay(image, resized, threshold=threshold).save(path)
 
@@ -218,9 +224,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from .data import DataSource, InvalidRecordWarning, load_data_source
-    from .metrics import AnomalyMetricAccumulator
     from .model_loading import load_model
-    from .training_data import image_file, undecoded
+    from .training_data import undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}
@@ -250,25 +255,65 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     import datasets as hf_datasets
 
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
-    output = os.path.abspath(args.output)
-    overlay_dir = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.overlays-tmp")
-    if args.save_overlays and state.is_main_process:
-        shutil.rmtree(overlay_dir, ignore_errors=True)
-    state.wait_for_everyone()
-    with state.split_between_processes(list(range(len(dataset)))) as shard:
-        accumulators, skipped = score_dataset(
-            model,
-            processor,
-            dataset,
-            shard,
-            args.batch_size,
-            args.sigma,
-            overlay_dir if args.save_overlays else None,
-            state.is_main_process and not args.quiet,
-        )
-    gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
-    if not state.is_main_process:
-        return {}
+    with contextlib.ExitStack() as claim:
+        # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
+        # the others write their overlays into the same temporary folder.
+        staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        with state.split_between_processes(list(range(len(dataset)))) as shard:
+            accumulators, skipped = score_dataset(
+                model,
+                processor,
+                dataset,
+                shard,
+                args.batch_size,
+                args.sigma,
+                os.path.join(staging, "overlays") if args.save_overlays else None,
+                state.is_main_process and not args.quiet,
+            )
+        gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+        if not state.is_main_process:
+            return {}
+        return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, invalid)
+
+
+def _claim_output(claim: contextlib.ExitStack, state: Any, args: argparse.Namespace, protected: list) -> str:
+    """The temporary output folder, opened by the main process and shared with the others (or its error)."""
+    output = atomic_output_dir(args.output, overwrite=args.overwrite, protected=protected, command="evaluate")
+    return on_main_process(state, lambda: claim.enter_context(output))
+
+
+def evaluation_protections(args: argparse.Namespace, model_spec: str | None) -> list[tuple[str, str]]:
+    """What the output of `evaluate` may not be or contain: the dataset roots, the model and backbone folders."""
+    from .data import DataSource
+
+    roots = []
+    for spec in args.data:
+        try:
+            roots.append(DataSource.parse(spec).root)
+        except (OSError, ValueError):
+            continue
+    return [
+        *protected_paths("the dataset root", roots),
+        *protected_paths("the model folder", [model_spec]),
+        *protected_paths("a backbone", [args.clip, args.dino]),
+    ]
+
+
+def _report(
+    staging: str,
+    gathered: list,
+    dataset: Any,
+    args: argparse.Namespace,
+    model: Any,
+    model_spec: str,
+    aupro: str,
+    state: Any,
+    invalid: list,
+) -> dict[str, Any]:
+    """Merge the processes' metric states and write the report into `staging` (main process)."""
+    from .metrics import AnomalyMetricAccumulator
+    from .training_data import image_file
+
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
     for states, shard_skipped in gathered:
@@ -296,10 +341,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
         + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid],
     }
-    with atomic_output_dir(output, overwrite=args.overwrite) as staging:
-        write_report(staging, table, info)
-        if args.save_overlays and os.path.isdir(overlay_dir):
-            os.rename(overlay_dir, os.path.join(staging, "overlays"))
+    write_report(staging, table, info)
     return {"table": table, "info": info}
 
 
@@ -325,12 +367,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
+    from .model_loading import resolve_device
+
+    require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
+    require_positive("--batch-size", args.batch_size)
+    if args.device != "auto":
+        resolve_device(args.device)
+    check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        check_can_write(args.output, args.overwrite)
+        check_arguments(args)
         report = evaluate_model(args)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if not report:
         return 0
@@ -346,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import io
 import os
@@ -13,6 +14,8 @@ from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .output_names import MARKER_NAME
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
 
 
@@ -22,35 +25,154 @@ class SkippedFile:
     reason: str
 
 
-def _images_in(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(root, name)
-        for root, _, files in os.walk(folder)
-        for name in files
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+@dataclass
+class ImageInputs:
+    """What `find_image_inputs` found: image paths, inputs it could not use (with the reason), folders left out."""
+
+    paths: list[str]
+    skipped: list[SkippedFile]
+    left_out: list[str]
 
 
-def collect_image_paths(inputs: Iterable[str]) -> tuple[list[str], list[SkippedFile]]:
-    """Expand files, folders (recursively, image extensions only) and glob patterns, in a stable order.
+class _Search:
+    """One search of files, folders and glob patterns (see `find_image_inputs`)."""
 
-    Returns the image paths (each once) and the inputs that matched nothing.
-    """
-    paths: list[str] = []
-    missing: list[SkippedFile] = []
-    for entry in inputs:
-        matches = [entry] if os.path.exists(entry) else sorted(glob.glob(entry, recursive=True))
+    def __init__(self, exclude: Iterable[str]):
+        self.exclude = {os.path.realpath(path) for path in exclude}
+        self.skipped: list[SkippedFile] = []
+        self.left_out: list[str] = []
+
+    def leave_out(self, folder: str) -> bool:
+        """Whether `folder` is an output (excluded, or any folder holding a crane-hf marker): noted, not searched."""
+        if os.path.realpath(folder) in self.exclude or os.path.isfile(os.path.join(folder, MARKER_NAME)):
+            self.left_out.append(folder)
+            return True
+        return False
+
+    def keep_file(self, path: str, root: str) -> bool:
+        """A file of a search under `root`: symbolic links that lead outside `root` are reported, not followed."""
+        real_root = os.path.realpath(root)
+        if os.path.islink(path) and not _inside(real_root, os.path.realpath(path)):
+            self.skipped.append(SkippedFile(path, f"symbolic link leading outside {root}: not followed"))
+            return False
+        return not any(_inside(folder, os.path.realpath(path)) for folder in self.exclude)
+
+    def real_subfolder(self, path: str) -> bool:
+        """Whether to descend into `path`: a folder, not a symbolic link (reported), not an output (left out)."""
+        if os.path.islink(path):
+            if os.path.isdir(path):
+                self.skipped.append(SkippedFile(path, "symbolic link to a folder: not followed"))
+            return False
+        return os.path.isdir(path) and not self.leave_out(path)
+
+    def images_in(self, folder: str, root: str) -> list[str]:
+        """Image files under `folder`, recursively, without following symbolic links to folders."""
+        found = []
+        for parent, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if self.real_subfolder(os.path.join(parent, d)))
+            for name in sorted(files):
+                path = os.path.join(parent, name)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and self.keep_file(path, root):
+                    found.append(path)
+        return found
+
+    def expand(self, directory: str, parts: list[str]) -> Iterator[str]:
+        """Paths under `directory` matching the pattern components `parts` (glob's rules, links not followed)."""
+        if not parts:
+            yield directory
+            return
+        head, tail = parts[0], parts[1:]
+        if head == "**":
+            for parent, dirs, _ in os.walk(directory):
+                yield from self.expand(parent, tail)
+                dirs[:] = sorted(
+                    d for d in dirs if not d.startswith(".") and self.real_subfolder(os.path.join(parent, d))
+                )
+            return
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for name in names:
+            if (name.startswith(".") and not head.startswith(".")) or not fnmatch.fnmatchcase(name, head):
+                continue
+            path = os.path.join(directory, name)
+            if not tail:
+                yield path
+            elif self.real_subfolder(path):
+                yield from self.expand(path, tail)
+
+    def glob(self, pattern: str) -> tuple[str, list[str]]:
+        """(root, matches) of a glob pattern; the root is its part before the first wildcard."""
+        parts = pattern.split(os.sep)
+        fixed = []
+        while parts and not glob.has_magic(parts[0]):
+            fixed.append(parts.pop(0))
+        root = os.sep.join(fixed) or (os.sep if pattern.startswith(os.sep) else ".")
+        if not os.path.isdir(root):
+            return root, []
+        matches = self.expand(root, [part for part in parts if part])
+        if root == "." and not pattern.startswith("."):
+            return root, [os.path.relpath(match) if match != "." else match for match in matches]
+        return root, list(matches)
+
+    def entry(self, entry: str) -> list[str]:
+        """The image files of one input (file, folder or pattern)."""
+        if os.path.realpath(entry) in self.exclude:  # the run's own output, even named
+            self.left_out.append(entry)
+            return []
+        if os.path.isdir(entry):  # named: searched even if it is a crane-hf output
+            return self.images_in(entry, entry)
+        if os.path.lexists(entry) or not glob.has_magic(entry):
+            inside_output = any(_inside(folder, os.path.realpath(entry)) for folder in self.exclude)
+            if inside_output:
+                self.left_out.append(entry)
+            return [entry] if os.path.isfile(entry) and not inside_output else []
+        root, matches = self.glob(entry)
         found = []
         for match in matches:
-            found.extend(_images_in(match) if os.path.isdir(match) else [match] if os.path.isfile(match) else [])
-        if not found:
+            if os.path.isdir(match) and not os.path.islink(match):
+                found.extend([] if self.leave_out(match) else self.images_in(match, root))
+            elif os.path.islink(match) and os.path.isdir(match):
+                self.skipped.append(SkippedFile(match, "symbolic link to a folder: not followed"))
+            elif os.path.isfile(match) and self.keep_file(match, root):
+                found.append(match)
+        return found
+
+
+def _inside(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
+
+
+def find_image_inputs(inputs: Iterable[str], exclude: Iterable[str] = ()) -> ImageInputs:
+    """Expand files, folders (recursively, image extensions only) and glob patterns, in a stable order.
+
+    Symbolic links to folders are never followed (so a link to "/" or a link loop is not walked; each is reported),
+    and symbolic links to files outside the folder or pattern root they were found under are reported, not read.
+    Folders holding a crane-hf output marker and the `exclude` folders (the run's own output) are left out of
+    folders and patterns (listed in `left_out`), so a run never reads what crane-hf wrote; a folder given by name
+    is searched unless it is excluded.
+    """
+    search = _Search(exclude)
+    paths: list[str] = []
+    for entry in inputs:
+        before = len(search.skipped) + len(search.left_out)
+        found = search.entry(entry)
+        if not found and len(search.skipped) + len(search.left_out) == before:
             reason = (
                 "folder holds no image files" if os.path.isdir(entry) else "no such file, folder or matching pattern"
             )
-            missing.append(SkippedFile(entry, reason))
+            search.skipped.append(SkippedFile(entry, reason))
         paths.extend(found)
     unique = list(dict.fromkeys(os.path.normpath(p) for p in paths))
-    return unique, missing
+    skipped = list({item.path: item for item in search.skipped}.values())
+    return ImageInputs(unique, skipped, list(dict.fromkeys(search.left_out)))
+
+
+def collect_image_paths(inputs: Iterable[str], exclude: Iterable[str] = ()) -> tuple[list[str], list[SkippedFile]]:
+    """`find_image_inputs` as (image paths, inputs that matched nothing or were refused)."""
+    found = find_image_inputs(inputs, exclude)
+    return found.paths, found.skipped
 
 
 def read_image(path: str, max_pixels: int | None = None) -> Image.Image:
@@ -67,6 +189,59 @@ def read_image(path: str, max_pixels: int | None = None) -> Image.Image:
 def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """`read_image` for an encoded image held in memory; `name` (e.g. a dataset row) stands for the file in errors."""
     return _decode(io.BytesIO(data), name, max_pixels)
+
+
+DEFAULT_URL_TIMEOUT = 10.0  # seconds without an answer before a URL is given up
+DEFAULT_URL_MAX_BYTES = 64 * 2**20  # largest image body read from a URL
+
+
+def read_image_url(
+    url: str, timeout: float | None = None, max_bytes: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Download and decode an http(s) image as `read_image` decodes files (same decompression-bomb guard).
+
+    `timeout` (default `DEFAULT_URL_TIMEOUT` seconds) bounds the connection, each read and the whole download;
+    bodies over `max_bytes` (default `DEFAULT_URL_MAX_BYTES`) are refused, from Content-Length when the server
+    sends it. Raises `ValueError` naming the URL and the problem.
+    """
+    import http.client
+    import time
+    import urllib.error
+    import urllib.request
+
+    timeout = DEFAULT_URL_TIMEOUT if timeout is None else float(timeout)
+    max_bytes = DEFAULT_URL_MAX_BYTES if max_bytes is None else int(max_bytes)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url}: only http:// and https:// URLs are read")
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "crane-hf"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"{url}: refused, {int(declared):,} bytes exceeds the limit of {max_bytes:,}")
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk = response.read(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"{url}: refused, the body exceeds the limit of {max_bytes:,} bytes")
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{url}: HTTP error {error.code} ({error.reason})") from error
+    except TimeoutError as error:
+        raise ValueError(f"{url}: no complete answer within {timeout:g} s") from error
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, TimeoutError):
+            raise ValueError(f"{url}: no complete answer within {timeout:g} s") from error
+        raise ValueError(f"{url}: could not be fetched ({error.reason})") from error
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"{url}: could not be fetched ({error})") from error
+    return read_image_bytes(b"".join(chunks), url, max_pixels)
 
 
 def read_encoded_image(value: Mapping[str, Any], max_pixels: int | None = None) -> Image.Image:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .image_files import read_encoded_image, read_image
+from .image_files import read_encoded_image, read_image, read_image_url
 from .image_processing_crane import image_to_rgb_array
 from .visualization import render_overlay
 
@@ -85,7 +85,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         pixel_threshold (`float`): threshold of the overlay contour; default `model.config.pixel_threshold`.
         smoothing_sigma (`float`): Gaussian sigma of the returned maps; default `model.config.smoothing_sigma`.
         return_overlay (`bool`): also return `overlay`, a PIL heatmap blended on the image with the contour.
-        timeout (`float`): seconds to wait for URLs.
+        timeout (`float`): seconds to wait for URLs (default 10; bodies over 64 MiB and decompression bombs are
+            refused, as for files: `image_files.read_image_url`).
 
     Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
     array at the image's original size, smoothed) and, on request, `overlay`.
@@ -143,9 +144,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = read_encoded_image(image)
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
-
-            image = load_image(image, timeout=timeout)
+            image = read_image_url(image, timeout=timeout)
         elif isinstance(image, str):
             image = read_image(image)
         try:
