@@ -59,10 +59,9 @@ def default_protected() -> list[tuple[str, str]]:
 def check_not_protected(output: str, protected: Iterable[tuple[str, str]] = ()) -> None:
     """Refuse `output` if it is, or contains, one of the `protected` (what, path) pairs or a default one."""
     target = _real(output)
-    for what, path in [*default_protected(), *protected]:
-        if not path:
-            continue
-        real = _real(path)
+    candidates = [(what, path, _real(path)) for what, path in [*default_protected(), *protected] if path]
+    candidates.sort(key=lambda item: item[2] != target)  # "is" before "contains"
+    for what, path, real in candidates:
         if _contains(target, real):
             relation = "is" if target == real else "contains"
             named = what if what == "/" else f"{what} ({path})"
