@@ -108,10 +108,15 @@ def atomic_write_files(sources: dict[str, str], folder: str) -> None:
         for name, source in sources.items():
             handle, staging = tempfile.mkstemp(prefix=f".{name}{TEMP_TAG}", dir=folder)
             staged.append((staging, os.path.join(folder, name)))
-            with os.fdopen(handle, "wb") as stream, open(source, "rb") as original:
-                shutil.copyfileobj(original, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
+            try:
+                with os.fdopen(handle, "wb") as stream, open(source, "rb") as original:
+                    shutil.copyfileobj(original, stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            except OSError as error:
+                if error.filename or error.errno is None:
+                    raise
+                raise OSError(error.errno, error.strerror, os.path.join(folder, name)) from error
             shutil.copymode(source, staging)
         for staging, target in staged:
             os.replace(staging, target)

@@ -155,6 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_range("--fpr", args.fpr, 0.0, 1.0, high_open=True)
+        require_range("--pixel-fpr", args.pixel_fpr, 0.0, 1.0, high_open=True)
+        require_positive("--batch-size", args.batch_size)
         record = calibrate_folder(
             args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
         )
