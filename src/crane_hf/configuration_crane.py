@@ -472,6 +472,9 @@ def _check_size_fields(prefix: str, config: dict) -> None:
             _check_size_fields(f"{prefix}.{name}", value)
         elif name in SIZE_FIELDS and not isinstance(value, (list, tuple)):
             _integer(f"{prefix}.{name}", value)
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise ValueError(f"{prefix}.hidden_size={width} is not a multiple of num_attention_heads={heads}.")
 
 
 def _square(name: str, value: Any) -> int:
