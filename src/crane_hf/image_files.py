@@ -220,11 +220,11 @@ def read_image_url(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise ValueError(f"{url}: refused, {int(declared):,} bytes exceeds the limit of {max_bytes:,}")
+                raise ValueError(f"{url}: refused, {int(declared):,} bytes exceeds the limit of {max_bytes:,} bytes")
             while True:
                 if time.monotonic() > deadline:
                     raise TimeoutError
-                chunk = response.read(min(1 << 16, max_bytes + 1 - size))
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # what has arrived: deadline checked
                 if not chunk:
                     break
                 chunks.append(chunk)
