@@ -1,6 +1,6 @@
-"""Network inputs and globs (docs/robustness.md, "Network inputs and globs"): URLs get a default timeout, a byte
-limit and the decompression-bomb guard of files (served here by a local http.server on 127.0.0.1); globs and folder
-walks do not follow symbolic links out of their root and do not loop."""
+"""Network inputs and globs (docs/robustness.md, "Untrusted files" and the cases table): URLs get a default
+timeout, a byte limit and the decompression-bomb guard of files (served here by a local http.server on 127.0.0.1);
+globs and folder walks do not follow symbolic links out of their root and do not loop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Outputs never lose a user's files (docs/robustness.md, "Outputs"): crane-hf replaces only what it wrote, refuses
-outputs that are or contain what a run reads, one run per output, never reads its own outputs as inputs, and every
-file name built from data stays inside the output folder."""
+"""Outputs never lose a user's files (docs/robustness.md, "Outputs: never lose a user's files"): crane-hf replaces
+only what it wrote, refuses outputs that are or contain what a run reads, one run per output, never reads its own
+outputs as inputs, and every file name built from data stays inside the output folder."""
 
 from __future__ import annotations
 

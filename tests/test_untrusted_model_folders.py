@@ -1,4 +1,4 @@
-"""Model folders from strangers (docs/robustness.md, "Untrusted model folders"): sizes in config.json are refused
+"""Model folders from strangers (docs/robustness.md, "Untrusted files"): sizes in config.json are refused
 before anything is allocated, shards stay inside the folder, damaged safetensors files and bad preprocessor values
 are named with their file and field, and a missing config.json is named as missing."""
 
