@@ -49,13 +49,20 @@ class _Search:
             return True
         return False
 
-    def keep_file(self, path: str, root: str) -> bool:
-        """A file of a search under `root`: symbolic links that lead outside `root` are reported, not followed."""
-        real_root = os.path.realpath(root)
-        if os.path.islink(path) and not _inside(real_root, os.path.realpath(path)):
+    def keep_file(self, path: str, root: str, real_root: str) -> bool:
+        """A file of a search under `root` (real path `real_root`): symbolic links that lead outside `root` are
+        reported, not followed; links into an excluded folder are left out. Plain files need no check: excluded
+        folders are never entered."""
+        if not os.path.islink(path):
+            return True
+        real = os.path.realpath(path)
+        if not _inside(real_root, real):
             self.skipped.append(SkippedFile(path, f"symbolic link leading outside {root}: not followed"))
             return False
-        return not any(_inside(folder, os.path.realpath(path)) for folder in self.exclude)
+        return not self.in_excluded(real)
+
+    def in_excluded(self, real_path: str) -> bool:
+        return any(_inside(folder, real_path) for folder in self.exclude)
 
     def real_subfolder(self, path: str) -> bool:
         """Whether to descend into `path`: a folder, not a symbolic link (reported), not an output (left out)."""
@@ -68,11 +75,12 @@ class _Search:
     def images_in(self, folder: str, root: str) -> list[str]:
         """Image files under `folder`, recursively, without following symbolic links to folders."""
         found = []
+        real_root = os.path.realpath(root)
         for parent, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if self.real_subfolder(os.path.join(parent, d)))
             for name in sorted(files):
                 path = os.path.join(parent, name)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and self.keep_file(path, root):
+                if name.lower().endswith(IMAGE_EXTENSIONS) and self.keep_file(path, root, real_root):
                     found.append(path)
         return found
 
@@ -118,24 +126,22 @@ class _Search:
 
     def entry(self, entry: str) -> list[str]:
         """The image files of one input (file, folder or pattern)."""
-        if os.path.realpath(entry) in self.exclude:  # the run's own output, even named
+        if os.path.lexists(entry) and self.in_excluded(os.path.realpath(entry)):  # in the run's own output
             self.left_out.append(entry)
             return []
         if os.path.isdir(entry):  # named: searched even if it is a crane-hf output
             return self.images_in(entry, entry)
         if os.path.lexists(entry) or not glob.has_magic(entry):
-            inside_output = any(_inside(folder, os.path.realpath(entry)) for folder in self.exclude)
-            if inside_output:
-                self.left_out.append(entry)
-            return [entry] if os.path.isfile(entry) and not inside_output else []
+            return [entry] if os.path.isfile(entry) else []
         root, matches = self.glob(entry)
+        real_root = os.path.realpath(root)
         found = []
         for match in matches:
             if os.path.isdir(match) and not os.path.islink(match):
                 found.extend([] if self.leave_out(match) else self.images_in(match, root))
             elif os.path.islink(match) and os.path.isdir(match):
                 self.skipped.append(SkippedFile(match, "symbolic link to a folder: not followed"))
-            elif os.path.isfile(match) and self.keep_file(match, root):
+            elif os.path.isfile(match) and self.keep_file(match, root, real_root):
                 found.append(match)
         return found
 
