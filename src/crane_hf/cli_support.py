@@ -79,10 +79,14 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     try:
         return run(args)
     except KeyboardInterrupt:
-        print("crane-hf: interrupted (SIGINT); temporary files removed, nothing published.", file=sys.stderr)
+        print(
+            "crane-hf: interrupted (SIGINT); temporary files removed, nothing half-written published.", file=sys.stderr
+        )
         return EXIT_SIGINT
     except Terminated:
-        print("crane-hf: terminated (SIGTERM); temporary files removed, nothing published.", file=sys.stderr)
+        print(
+            "crane-hf: terminated (SIGTERM); temporary files removed, nothing half-written published.", file=sys.stderr
+        )
         return EXIT_SIGTERM
     except (OSError, ValueError, MemoryError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
