@@ -261,3 +261,20 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert now == published  # every published file as it was: none of epoch 2's
     assert [name for name in os.listdir(output) if ".crane-hf-tmp-" in name] == []
     assert (output / "checkpoint-epoch-2").is_dir()  # the complete checkpoint stays, to resume or publish
+
+
+def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    write_test_images(tmp_path / "photos", count=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "photos"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
+    assert sorted(os.listdir(tmp_path)) == ["photos"]

@@ -332,3 +332,17 @@ def test_a_normal_run_writes_one_overlay_per_image(project, tiny_model_dir):
     overlays = sorted(os.listdir("results/overlays"))
     assert len(overlays) == 3
     assert np.asarray(Image.open(os.path.join("results/overlays", overlays[0]))).shape == (48, 64, 3)
+
+
+def test_evaluate_overlays_of_rows_with_one_safe_name_are_both_kept(tmp_path):
+    from crane_hf.evaluate import _save_overlays
+
+    write_test_images(tmp_path / "images", count=2)
+    rows = [
+        {"image": {"path": str(tmp_path / "images" / f"part_{i}.png"), "bytes": None}, "class_name": "a/b"}
+        for i in range(2)
+    ]
+    rows[0]["image_path"], rows[1]["image_path"] = "x/y.png", "x__y.png"  # both become x__y.png.png
+    rows[1]["class_name"] = "a_b"  # and both classes become a_b
+    _save_overlays(rows, [0, 1], np.zeros((2, 8, 8), np.float32), 0.5, str(tmp_path / "overlays"))
+    assert sorted(os.listdir(tmp_path / "overlays" / "a_b")) == ["x__y.png.png", "x__y.png~1.png"]

@@ -75,6 +75,11 @@ def atomic_output_dir(
             os.chmod(staging, 0o777 & ~_current_umask())
             check_output_dir(path, overwrite, protected)  # an output that appeared meanwhile is not replaced
             retire_and_replace(staging, path)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if error.filename is None and error.errno is not None:  # e.g. a full disk: name the output
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -166,6 +166,8 @@ def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: f
         )
         class_folder = safe_file_name(str(record["class_name"]))
         path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}")
+        if os.path.exists(path):  # two rows with one safe name (a repeated entry, or "a/b" and "a__b"): keep both
+            path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         render_overlay(image, resized, threshold=threshold).save(path)
 
