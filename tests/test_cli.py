@@ -92,11 +92,16 @@ def test_predict_never_overwrites_without_asking(tiny_model_dir, image_folder, t
     (output / "keep.txt").write_text("precious")
     argv = ["predict", str(image_folder / "part_0.png"), "--model", tiny_model_dir, "--output", str(output), "--quiet"]
     assert main(argv) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists and was not written by crane-hf" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 2  # a folder crane-hf did not write is never replaced
+    assert "not written by crane-hf" in capsys.readouterr().err
     assert (output / "keep.txt").read_text() == "precious"
-    assert main([*argv, "--overwrite"]) == 0
-    assert not (output / "keep.txt").exists() and (output / "predictions.csv").is_file()
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging left behind
+    os.remove(output / "keep.txt")
+    assert main(argv) == 0  # an empty folder is used
+    assert main(argv) == 2 and "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0  # its own output is replaced
+    assert (output / "predictions.csv").is_file()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging or lock left behind
 
 
 def test_predict_globs_missing_inputs_and_maps(tiny_model_dir, image_folder, tmp_path):

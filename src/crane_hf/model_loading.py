@@ -25,11 +25,37 @@ from .presets import is_preset_name, model_from_preset
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device, which must exist here.
+
+    Raises `ValueError` naming the device for an unknown name ("foo"), a device type this machine or this torch
+    build does not have ("cuda" without a GPU, "mps" off Apple silicon) and an index past the last device
+    ("cuda:7" on a 2-GPU machine), before anything is loaded.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, parsed.type, None)
+        available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available:
+        raise ValueError(
+            f"device {device!r}: this machine (torch {torch.__version__}) has no {parsed.type} device; "
+            "use --device cpu or auto."
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"device {device!r}: this machine has {count} {parsed.type} device(s), numbered 0 to {count - 1}."
+        )
+    return parsed
 
 
 def model_kind(spec: str) -> str:
@@ -61,6 +87,7 @@ def load_model(
         OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
             when a backbone is neither cached nor downloadable.
     """
+    target = resolve_device(device)  # an unusable device is refused before anything is loaded
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if model_kind(spec) == "preset":
@@ -69,13 +96,26 @@ def load_model(
     else:
         if clip or dino:
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
+        check_model_source(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
         for key, value in config_overrides.items():
             setattr(model.config, key, value)
         processor = _processor_for(spec, model)
-    model.to(resolve_device(device))
+    model.to(target)
     return model.eval(), processor
+
+
+def check_model_source(spec: str) -> None:
+    """Refuse a model folder that does not exist or has no config.json, naming it (Hub ids pass through)."""
+    looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1  # else a Hub id
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
+    elif os.path.exists(spec):
+        raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
+    elif looks_local:
+        raise FileNotFoundError(f"no such model folder: {spec}")
 
 
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:

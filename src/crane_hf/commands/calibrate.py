@@ -16,9 +16,11 @@ score or map is not finite is skipped and reported; no threshold is ever written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,7 +28,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_write_text
-from ..io.image_files import collect_image_paths
+from ..io.image_files import find_image_inputs
+from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
+from .cli_support import one_line, require_positive, require_range
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -49,18 +53,55 @@ def calibrate_folder(
     device: str | None = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
+
+    The rates, the device and the writability of the folder are checked before any image is read; the run holds
+    the folder's lock (a concurrent calibration of it is refused). The model folder and crane-hf output folders
+    among the inputs are left out (`io.image_files.find_image_inputs`).
+    """
+    from ..model_loading import resolve_device
+
+    threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
+    threshold_for_fpr(np.zeros(1), pixel_fpr)
+    require_positive("batch_size", batch_size)
+    resolve_device(device)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
+    with calibration_lock(model_dir):
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress)
+
+
+@contextlib.contextmanager
+def calibration_lock(model_dir: str) -> Iterator[None]:
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    config_path = os.path.join(model_dir, "config.json")
+    check_writable(config_path)
+    with output_lock(config_path):
+        for name in ("config.json", "calibration.json"):
+            clean_stale_temporaries(os.path.join(model_dir, name))
+        yield
+
+
+def _calibrate(
+    model_dir: str,
+    inputs: list[str],
+    fpr: float,
+    pixel_fpr: float,
+    batch_size: int,
+    device: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
+    at a time, keeping their scores and a fixed-size histogram of their pixel values."""
     from ..model_loading import load_model, make_pipeline
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
     config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
-    threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
-    threshold_for_fpr(np.zeros(1), pixel_fpr)
-    paths, missing = collect_image_paths(inputs)
-    skipped = [f"{item.path}: {item.reason}" for item in missing]
+    found = find_image_inputs(inputs, exclude=[model_dir])
+    paths = found.paths
+    skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
     model, processor = load_model(model_dir, device=device)
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
@@ -86,6 +127,7 @@ def calibrate_folder(
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "normal_images": len(scores),
         "skipped": skipped,
+        "left_out": found.left_out,
         "image": {"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
         "pixel": {"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
         "previous": {
@@ -112,11 +154,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_range("--fpr", args.fpr, 0.0, 1.0, high_open=True)
+        require_range("--pixel-fpr", args.pixel_fpr, 0.0, 1.0, high_open=True)
+        require_positive("--batch-size", args.batch_size)
         record = calibrate_folder(
             args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
         )
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):
         item = record[kind]
@@ -130,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{item['fpr_on_calibration_set']:.4f} of the normal {kind} values score 1.0, the highest threshold",
                 file=sys.stderr,
             )
+    for folder in record["left_out"]:
+        print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for line in record["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"Saved into {args.model_dir}/config.json (details in calibration.json)")

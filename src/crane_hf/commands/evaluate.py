@@ -26,8 +26,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..io.atomic import check_can_write
+from ..io.output_safety import check_output_dir
 from .cli import HelpFormatter
+from .cli_support import one_line, require_positive, require_range, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +61,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
+    from ..evaluation.evaluate import evaluation_protections
+    from ..model_loading import resolve_device
+    from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
+
+    require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
+    require_positive("--batch-size", args.batch_size)
+    if args.device != "auto":
+        resolve_device(args.device)
+    check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import _markdown, evaluate_model
 
     try:
-        check_can_write(args.output, args.overwrite)
+        check_arguments(args)
         report = evaluate_model(args)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if not report:
         return 0
@@ -83,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=HelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

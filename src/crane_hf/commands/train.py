@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from ..training.options import add_arguments
 from .cli import HelpFormatter
+from .cli_support import one_line, run_command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..data import DatasetLayoutError
-    from ..io.atomic import OutputExistsError
     from ..training.checkpoints import CHECKPOINT_PREFIX
     from ..training.feature_cache import FeatureCacheMismatchError
     from ..training.train import TRAINING_LOG, NonFiniteTrainingError, train
@@ -35,13 +35,12 @@ def run(args: argparse.Namespace) -> int:
     except (
         DatasetLayoutError,
         FeatureCacheMismatchError,
-        FileNotFoundError,
         KeyError,
         NonFiniteTrainingError,
-        OutputExistsError,
+        OSError,  # OutputExistsError, an unwritable output, a full disk, a missing file
         ValueError,
     ) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
         print(f"Prompts saved in {output_dir} (checkpoints: {CHECKPOINT_PREFIX}N/, log: {TRAINING_LOG}).")
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 __all__ = ["add_arguments", "main", "run"]

@@ -15,11 +15,11 @@ entry uses (with the reason: a subfolder too deep, a mask matching no image, ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_output_dir
+from ..io.output_safety import on_main_process, protected_paths
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -150,8 +151,11 @@ def score_dataset(
 
 
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
+    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data
+    (`io/output_names.py`: no separator or "..", extension kept, shortened) and checked to stay inside `folder`."""
     from PIL import Image
 
+    from ..io.output_names import path_inside, safe_file_name, source_file_name
     from ..models.crane.image_reading import read_encoded_image
     from ..models.crane.visualization import render_overlay
 
@@ -161,8 +165,10 @@ def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: f
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
-        name = record["image_path"].replace("/", "__").rsplit(".", 1)[0] + ".png"
-        path = os.path.join(folder, record["class_name"], name)
+        class_folder = safe_file_name(str(record["class_name"]))
+        path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}")
+        if os.path.exists(path):  # two rows with one safe name (a repeated entry, or "a/b" and "a__b"): keep both
+            path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         render_overlay(image, resized, threshold=threshold).save(path)
 
@@ -221,9 +227,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
-    from ..metrics import AnomalyMetricAccumulator
     from ..model_loading import load_model
-    from ..training.data_loading import image_file, undecoded
+    from ..training.data_loading import undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}
@@ -255,31 +260,75 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         ]
     invalid = [w.message for w in caught if isinstance(w.message, InvalidRecordWarning)]
     unused = [w.message for w in caught if isinstance(w.message, UnusedFileWarning)]
+    left_out = [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid]
+    left_out += [{"image_path": item.path, "reason": f"not used: {item.reason}"} for item in unused]
     lossy = [path for w in caught if isinstance(w.message, LossyMaskWarning) for path in w.message.files]
     for message in (w.message for w in caught if isinstance(w.message, LossyMaskWarning)):
         print(f"warning: {message}", file=sys.stderr)
     import datasets as hf_datasets
 
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
-    output = os.path.abspath(args.output)
-    overlay_dir = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.overlays-tmp")
-    if args.save_overlays and state.is_main_process:
-        shutil.rmtree(overlay_dir, ignore_errors=True)
-    state.wait_for_everyone()
-    with state.split_between_processes(list(range(len(dataset)))) as shard:
-        accumulators, skipped = score_dataset(
-            model,
-            processor,
-            dataset,
-            shard,
-            args.batch_size,
-            args.sigma,
-            overlay_dir if args.save_overlays else None,
-            state.is_main_process and not args.quiet,
-        )
-    gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
-    if not state.is_main_process:
-        return {}
+    with contextlib.ExitStack() as claim:
+        # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
+        # the others write their overlays into the same temporary folder.
+        staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        with state.split_between_processes(list(range(len(dataset)))) as shard:
+            accumulators, skipped = score_dataset(
+                model,
+                processor,
+                dataset,
+                shard,
+                args.batch_size,
+                args.sigma,
+                os.path.join(staging, "overlays") if args.save_overlays else None,
+                state.is_main_process and not args.quiet,
+            )
+        gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+        if not state.is_main_process:
+            return {}
+        return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, left_out, lossy)
+
+
+def _claim_output(claim: contextlib.ExitStack, state: Any, args: argparse.Namespace, protected: list) -> str:
+    """The temporary output folder, opened by the main process and shared with the others (or its error)."""
+    output = atomic_output_dir(args.output, overwrite=args.overwrite, protected=protected, command="evaluate")
+    return on_main_process(state, lambda: claim.enter_context(output))
+
+
+def evaluation_protections(args: argparse.Namespace, model_spec: str | None) -> list[tuple[str, str]]:
+    """What the output of `evaluate` may not be or contain: the dataset roots, the model and backbone folders."""
+    from ..data import DataSource
+
+    roots = []
+    for spec in args.data:
+        try:
+            roots.append(DataSource.parse(spec).root)
+        except (OSError, ValueError):
+            continue
+    return [
+        *protected_paths("the dataset root", roots),
+        *protected_paths("the model folder", [model_spec]),
+        *protected_paths("a backbone", [args.clip, args.dino]),
+    ]
+
+
+def _report(
+    staging: str,
+    gathered: list,
+    dataset: Any,
+    args: argparse.Namespace,
+    model: Any,
+    model_spec: str,
+    aupro: str,
+    state: Any,
+    left_out: list[dict[str, str]],
+    lossy: list[str],
+) -> dict[str, Any]:
+    """Merge the processes' metric states and write the report into `staging` (main process); `left_out`: the
+    dataset's invalid entries and unused files (file and reason), `lossy`: masks binarised at mid-range."""
+    from ..metrics import AnomalyMetricAccumulator
+    from ..training.data_loading import image_file
+
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
     for states, shard_skipped in gathered:
@@ -305,12 +354,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
-        + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid]
-        + [{"image_path": item.path, "reason": f"not used: {item.reason}"} for item in unused],
+        + left_out,
         "lossy_masks": lossy,
     }
-    with atomic_output_dir(output, overwrite=args.overwrite) as staging:
-        write_report(staging, table, info)
-        if args.save_overlays and os.path.isdir(overlay_dir):
-            os.rename(overlay_dir, os.path.join(staging, "overlays"))
+    write_report(staging, table, info)
     return {"table": table, "info": info}

@@ -6,12 +6,16 @@ builds the published Crane and Crane+ settings around any pair of backbone confi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import numbers
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
+from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
 from .thresholds import THRESHOLD_FIELDS, check_threshold
 
 # OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
@@ -189,21 +193,28 @@ class CraneConfig(PreTrainedConfig):
         if clip_config is None:
             clip_config = copy.deepcopy(CLIP_VIT_L14_336)
         if isinstance(clip_config, dict):
-            clip_config = CLIPConfig(**{k: v for k, v in clip_config.items() if k != "model_type"})
+            _check_size_fields("clip_config", clip_config)
+            with _field_errors("clip_config"):
+                clip_config = CLIPConfig(**{k: v for k, v in clip_config.items() if k != "model_type"})
         if not isinstance(clip_config, CLIPConfig):
             raise TypeError(f"clip_config must be a CLIPConfig or a dict, got {type(clip_config).__name__}.")
         self.clip_config = clip_config
-        self.dino_config = _as_config(dino_config)
+        if isinstance(dino_config, dict):
+            _check_size_fields("dino_config", dino_config)
+        with _field_errors("dino_config"):
+            self.dino_config = _as_config(dino_config)
 
-        self.image_size = int(image_size)
-        self.prompt_length = int(prompt_length)
+        self.image_size = _integer("image_size", image_size)
+        self.prompt_length = _integer("prompt_length", prompt_length)
         self.normal_prompt_words = normal_prompt_words
         self.anomalous_prompt_words = anomalous_prompt_words
-        self.num_deep_prompts = int(num_deep_prompts)
-        self.deep_prompt_length = int(deep_prompt_length)
-        self.eattn_layers = int(eattn_layers)
+        self.num_deep_prompts = _integer("num_deep_prompts", num_deep_prompts, minimum=0)
+        self.deep_prompt_length = _integer("deep_prompt_length", deep_prompt_length, minimum=0)
+        self.eattn_layers = _integer("eattn_layers", eattn_layers, minimum=0)
         self.eattn_type = eattn_type
-        self.feature_layers = [int(layer) for layer in feature_layers]
+        if not isinstance(feature_layers, (list, tuple)):
+            raise TypeError(f"feature_layers must be a list of layer numbers, got {feature_layers!r}.")
+        self.feature_layers = [_integer("feature_layers", layer) for layer in feature_layers]
         self.dattn_beta = float(dattn_beta)
         self.dattn_gamma = float(dattn_gamma)
         self.both_eattn_dattn = bool(both_eattn_dattn)
@@ -304,6 +315,7 @@ class CraneConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ validation
     def _validate_hyperparameters(self) -> None:
+        _validate_backbone_sizes(self.clip_config, self.dino_config, self.image_size)
         vision = self.clip_config.vision_config
         text = self.clip_config.text_config
         num_layers = vision.num_hidden_layers
@@ -361,6 +373,8 @@ class CraneConfig(PreTrainedConfig):
         for name in ("logit_temperature", "image_loss_temperature", "smoothing_sigma", "dattn_gamma", "dattn_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        if not self.smoothing_sigma <= MAX_SMOOTHING_SIGMA:
+            raise ValueError(f"smoothing_sigma={self.smoothing_sigma} exceeds the limit of {MAX_SMOOTHING_SIGMA:g}.")
         for name in ("clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
             values = getattr(self, name)
             if len(values) != 3:
@@ -424,6 +438,118 @@ class CraneConfig(PreTrainedConfig):
         settings["num_deep_prompts"] = min(8, clip_config.text_config.num_hidden_layers - 1)
         settings.update(overrides)
         return cls(clip_config=clip_config, dino_config=dino_config, **settings)
+
+
+MAX_IMAGE_SIZE = 2048  # largest input side S: the maps are [batch, S, S] and each tower sees (S / patch)^2 tokens
+MAX_BACKBONE_PARAMETERS = 3_000_000_000  # 12 GB in float32; CLIP ViT-L/14@336 + DINOv2-B/14 have 0.5e9
+
+
+@contextlib.contextmanager
+def _field_errors(prefix: str) -> Iterator[None]:
+    """Backbone config errors (transformers' strict type checks among them) as one `ValueError` naming the field."""
+    try:
+        yield
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise ValueError(f"{prefix}: {_one_line(error)}") from error
+    except Exception as error:
+        if not type(error).__name__.startswith("StrictDataclass"):  # huggingface_hub's validation errors
+            raise
+        raise ValueError(f"{prefix}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _integer(name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum`; `TypeError` / `ValueError` naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}.")
+    return int(value)
+
+
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "image_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "projection_dim",
+)
+
+
+def _check_size_fields(prefix: str, config: dict) -> None:
+    """The size fields present in a backbone config dict (and its text/vision sub-dicts) are positive integers."""
+    for name, value in config.items():
+        if name in ("text_config", "vision_config") and isinstance(value, dict):
+            _check_size_fields(f"{prefix}.{name}", value)
+        elif name in SIZE_FIELDS and not isinstance(value, (list, tuple)):
+            _integer(f"{prefix}.{name}", value)
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise ValueError(f"{prefix}.hidden_size={width} is not a multiple of num_attention_heads={heads}.")
+
+
+def _square(name: str, value: Any) -> int:
+    """A square size given as an int or as equal (height, width) values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}={list(value)} must be square (one value, or two equal values).")
+        value = value[0]
+    return _integer(name, value)
+
+
+def _validate_backbone_sizes(clip: CLIPConfig, dino: PreTrainedConfig | None, image_size: int) -> None:
+    """Refuse backbone sizes that are not positive integers, or imply more than `MAX_BACKBONE_PARAMETERS` weights,
+    and inputs larger than `MAX_IMAGE_SIZE`, before any tensor is allocated; errors name the config field."""
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size} exceeds the largest supported input side {MAX_IMAGE_SIZE}.")
+    towers = [("clip_config.text_config", clip.text_config), ("clip_config.vision_config", clip.vision_config)]
+    if dino is not None:
+        towers.append(("dino_config", dino))
+    _integer("clip_config.projection_dim", clip.projection_dim)
+    parameters = 0
+    for prefix, tower in towers:
+        sizes = {
+            name: _integer(f"{prefix}.{name}", getattr(tower, name, None))
+            for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        }
+        width = sizes["hidden_size"]
+        if width % sizes["num_attention_heads"]:
+            heads = sizes["num_attention_heads"]
+            raise ValueError(f"{prefix}.hidden_size={width} is not a multiple of num_attention_heads={heads}.")
+        if prefix == "dino_config":
+            ratio = getattr(tower, "mlp_ratio", 4)
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 64:
+                raise ValueError(f"{prefix}.mlp_ratio={ratio!r} must be a number in (0, 64].")
+            hidden = int(width * ratio)
+            _integer(f"{prefix}.num_register_tokens", getattr(tower, "num_register_tokens", 0), minimum=0)
+        else:
+            hidden = _integer(f"{prefix}.intermediate_size", getattr(tower, "intermediate_size", None))
+        if prefix.endswith("text_config"):
+            positions = _integer(f"{prefix}.max_position_embeddings", tower.max_position_embeddings)
+            positions += _integer(f"{prefix}.vocab_size", tower.vocab_size)
+            patch_inputs = 0
+        else:
+            patch = _square(f"{prefix}.patch_size", tower.patch_size)
+            side = _square(f"{prefix}.image_size", tower.image_size)
+            if patch > side:
+                raise ValueError(f"{prefix}.patch_size={patch} is larger than its image_size={side}.")
+            positions = (side // patch) ** 2 + 1 + getattr(tower, "num_register_tokens", 0)
+            patch_inputs = 3 * patch * patch * width
+        per_layer = 4 * width * width + 2 * width * hidden
+        parameters += sizes["num_hidden_layers"] * per_layer + positions * width + patch_inputs
+    if parameters > MAX_BACKBONE_PARAMETERS:
+        raise ValueError(
+            f"the backbone sizes imply about {parameters / 1e9:.3g} billion weights ({4 * parameters / 2**30:.0f} GiB "
+            f"in float32), more than the limit of {MAX_BACKBONE_PARAMETERS / 1e9:g} billion: refused before "
+            "allocating (check hidden_size, intermediate_size, num_hidden_layers, vocab_size and image_size)."
+        )
 
 
 def build_prompt_texts(prompt_length: int, normal_words: str, anomalous_words: str) -> list[str]:

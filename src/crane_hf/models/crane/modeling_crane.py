@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModel, CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
@@ -31,6 +30,7 @@ from .checkpoint_validation import (
     check_finite,
     check_floating_point,
     check_loading_info,
+    read_safetensors,
     resolve_safetensors_files,
     safetensors_header,
 )
@@ -281,6 +281,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         config = kwargs.pop("config", None)
         if not isinstance(config, CraneConfig):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            # An untrusted config.json: a refused value is named with the file and the field (CraneConfig).
             config = CraneConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if config.backbones_in_checkpoint:
             return cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
@@ -332,7 +333,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             config=config,
             backbone_kwargs=backbone_kwargs,
         )
-        model.load_prompt_state(load_safetensors(weights), source=weights)
+        model.load_prompt_state(read_safetensors(weights), source=weights)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, include_backbones: bool = True, **kwargs):
