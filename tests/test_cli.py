@@ -174,6 +174,72 @@ def test_calibrate_saves_thresholds_into_the_model_folder(tiny_model_dir, tmp_pa
     assert (pixels >= model.config.pixel_threshold).mean() <= 0.05 + 1e-3  # float rounding across batch sizes
 
 
+def test_predict_applies_computation_options(tiny_model_dir, tmp_path, capsys):
+    images = write_test_images(tmp_path / "images", count=3)
+    common = ["predict", str(tmp_path / "images"), "--model", tiny_model_dir, "--no-overlays", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "default")]) == 0
+    options = [
+        "--soft-mean",
+        "--dattn-input",
+        "layer_input",
+        "--deep-prompt-rounding",
+        "none",
+        "--eattn-maps",
+        "per_layer",
+    ]
+    assert main([*common, "--output", str(tmp_path / "changed"), *options]) == 0
+    default = json.loads((tmp_path / "default" / "predictions.json").read_text())
+    changed = json.loads((tmp_path / "changed" / "predictions.json").read_text())
+    changes = {
+        "soft_mean": True,
+        "dattn_input": "layer_input",
+        "deep_prompt_rounding_dtype": None,
+        "eattn_map_source": "per_layer",
+    }
+    assert default["computation"]["published_computation"] is True
+    assert {name: changed["computation"][name] for name in changes} == changes
+    detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir, model_kwargs=changes)  # transformers' way
+    assert detector.model.config.computation == {name: changes[name] for name in detector.model.config.computation}
+    expected = {os.path.basename(path): result["score"] for path, result in zip(images, detector(images))}
+    scores = {os.path.basename(row["path"]): row["score"] for row in changed["predictions"]}
+    assert scores == pytest.approx(expected, abs=1e-6)
+    assert any(abs(a["score"] - b["score"]) > 1e-4 for a, b in zip(default["predictions"], changed["predictions"]))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--output", str(tmp_path / "bad"), "--eattn-maps", "every_layer"])
+    assert exit_info.value.code == 2 and "invalid choice: 'every_layer'" in capsys.readouterr().err
+
+
+def test_calibrate_saves_the_computation_its_thresholds_hold_for(tiny_model_dir, tmp_path):
+    write_test_images(tmp_path / "normal", count=4, seed=3)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    assert main(["calibrate", str(model_dir), str(tmp_path / "normal"), "--soft-mean", "--quiet"]) == 0
+    saved = json.loads((model_dir / "config.json").read_text())
+    record = json.loads((model_dir / "calibration.json").read_text())
+    assert saved["soft_mean"] is True and record["overrides"] == {"soft_mean": True}
+    assert record["computation"]["soft_mean"] is True
+    # A folder saved with the old switch: a changed computation field replaces it with the three new fields.
+    legacy_dir = tmp_path / "legacy"
+    shutil.copytree(tiny_model_dir, legacy_dir)
+    config = json.loads((legacy_dir / "config.json").read_text())
+    for name in ("eattn_map_source", "dattn_input", "deep_prompt_rounding_dtype"):
+        del config[name]
+    (legacy_dir / "config.json").write_text(json.dumps({**config, "official_code_compat": True}))
+    assert main(["calibrate", str(legacy_dir), str(tmp_path / "normal"), "--quiet"]) == 0
+    assert json.loads((legacy_dir / "config.json").read_text())["official_code_compat"] is True  # left as it was
+    assert (
+        main(["calibrate", str(legacy_dir), str(tmp_path / "normal"), "--dattn-input", "layer_input", "--quiet"]) == 0
+    )
+    saved = json.loads((legacy_dir / "config.json").read_text())
+    assert "official_code_compat" not in saved
+    assert (saved["eattn_map_source"], saved["dattn_input"], saved["deep_prompt_rounding_dtype"]) == (
+        "last_layer",
+        "layer_input",
+        "float16",
+    )
+    assert CraneForAnomalyDetection.from_pretrained(legacy_dir).config.dattn_input == "layer_input"
+
+
 def test_calibrate_needs_a_model_folder_and_images(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path), str(tmp_path), "--quiet"]) == 2
     assert "not a model folder" in capsys.readouterr().err

@@ -8,7 +8,9 @@ For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigm
 AUROC, AUPRO and F1-max (pixel AP too, in the CSV and JSON), then the mean over classes, written as
 `metrics.md` (the paper's layout, in percent), `metrics.csv` and `metrics.json`. Both AUPRO definitions are
 computed: "official" (MVTec-AD's, exact) and "legacy" (the official Crane code's 200 thresholds, which the paper's
-numbers use); the table shows `--aupro` (legacy under `--protocol paper`).
+numbers use); the table shows `--aupro` (legacy under `--protocol paper`). What was computed (variant, E-Attn map
+source, D-Attn input, deep-prompt rounding, soft_mean, input size, smoothing, AUPRO variant and where the prompts
+come from) heads `metrics.md` and is stored under "computation" in `metrics.json`.
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
@@ -192,11 +194,57 @@ def _markdown(table: dict[str, dict[str, float | None]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def computation_record(model: Any, spec: str, aupro: str, sigma: float) -> dict[str, Any]:
+    """What an evaluation computed, so that a table can be traced to its settings: the variant, the three
+    computation fields (and whether they are the published code's), soft_mean, the feature layers, the input size,
+    the smoothing, the AUPRO variant and where the prompts come from (`model_loading.prompts_origin`)."""
+    from .model_loading import computation_summary, prompts_origin
+
+    config = model.config
+    return {
+        **computation_summary(model),
+        "feature_layers": list(config.feature_layers),
+        "image_size": config.image_size,
+        "smoothing_sigma": sigma,
+        "aupro": aupro,
+        "prompts": prompts_origin(spec, model),
+    }
+
+
+def _computation_lines(record: dict[str, Any]) -> list[str]:
+    """The head of metrics.md: `computation_record` in words, one line per item."""
+    prompts = record["prompts"]
+    origin = {
+        "preset": f"preset {prompts.get('preset')}",
+        "folder": f"folder {prompts.get('path')}",
+        "hub": f"Hub repository {prompts.get('repo_id')}",
+    }[prompts["kind"]]
+    if prompts["kind"] != "preset" and prompts.get("preset"):
+        origin += f" (saved from preset {prompts['preset']})"
+    if prompts.get("converted_from"):
+        source = prompts["converted_from"]
+        origin += f" (converted from {source.get('checkpoint')}, sha256 {source.get('sha256')})"
+    published = "the published code's" if record["published_computation"] else "differs from the published code's"
+    rounding = record["deep_prompt_rounding_dtype"] or "not rounded"
+    return [
+        f"- model: {record['variant']}, feature layers {record['feature_layers']}, prompts from {origin}",
+        f"- computation ({published}): E-Attn maps {record['eattn_map_source']}, D-Attn input "
+        f"{record['dattn_input']}, deep prompts {rounding}",
+        f"- soft_mean {record['soft_mean']}, image size {record['image_size']}, smoothing sigma "
+        f"{record['smoothing_sigma']}, AUPRO {record['aupro']}",
+    ]
+
+
 def write_report(folder: str, table: dict[str, dict[str, float | None]], info: dict[str, Any]) -> None:
-    """metrics.md, metrics.csv and metrics.json in `folder` (which the caller writes atomically)."""
+    """metrics.md (headed by the computation that ran), metrics.csv and metrics.json in `folder` (which the
+    caller writes atomically)."""
     title = f"{info['model']} on {', '.join(info['data'])} (AUPRO: {info['aupro']})"
+    markdown = _markdown(table, title)
+    if info.get("computation"):
+        head, _, rest = markdown.partition("\n\n")
+        markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
     with open(os.path.join(folder, "metrics.md"), "w", encoding="utf-8") as stream:
-        stream.write(_markdown(table, title))
+        stream.write(markdown)
     columns = sorted({key for row in table.values() for key in row})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -219,7 +267,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
 
     from .data import DataSource, InvalidRecordWarning, load_data_source
     from .metrics import AnomalyMetricAccumulator
-    from .model_loading import load_model
+    from .model_loading import computation_overrides, load_model
     from .training_data import image_file, undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
@@ -235,8 +283,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             "Name the model with --model (a preset, a model folder or a Hub id), or use --protocol paper."
         )
-    if args.soft_mean is not None:
-        overrides["soft_mean"] = args.soft_mean == "true"
+    overrides.update(computation_overrides(args))
     device = str(state.device) if args.device == "auto" else args.device
     model, processor = load_model(
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
@@ -291,6 +338,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "smoothing_sigma": args.sigma,
         "image_size": model.config.image_size,
         "soft_mean": model.config.soft_mean,
+        "computation": computation_record(model, model_spec, aupro, args.sigma),
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
@@ -313,7 +361,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset name for --protocol paper (default: the folder name)")
     parser.add_argument("--variant", choices=["crane", "crane+"], default="crane+", help="model for --protocol paper")
     parser.add_argument("--aupro", choices=["official", "legacy"], default="official", help="AUPRO shown in the table")
-    parser.add_argument("--soft-mean", choices=["true", "false"], default=None, help="override the model's soft_mean")
     parser.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the maps (spec: 4)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -323,18 +370,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-overlays", action="store_true", help="also write a heatmap overlay per image")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true")
+    from .model_loading import add_computation_arguments
+
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         check_can_write(args.output, args.overwrite)
         report = evaluate_model(args)
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not report:
         return 0
     print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
+    print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)

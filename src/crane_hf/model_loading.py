@@ -1,12 +1,15 @@
-"""Resolve what users type as `--model`: a preset name, a local model folder or a Hub id."""
+"""Resolve what users type as `--model` (a preset name, a local model folder or a Hub id) and the computation
+options they give with it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
 import torch
 
+from .configuration_crane import DATTN_INPUTS, EATTN_MAP_SOURCES, CraneConfig
 from .image_processing_crane import CraneImageProcessor
 from .modeling_crane import CraneForAnomalyDetection
 from .presets import is_preset_name, model_from_preset
@@ -36,7 +39,11 @@ def load_model(
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
+            when the model is built, validated as a new config is (`CraneConfig.with_overrides`); an unknown name
+            raises `TypeError` before anything is loaded.
     """
+    CraneConfig.check_field_names(config_overrides, "load_model")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if is_preset_name(spec):
@@ -46,9 +53,7 @@ def load_model(
         if clip or dino:
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
-        for key, value in config_overrides.items():
-            setattr(model.config, key, value)
+        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs, **config_overrides)
         processor = _processor_for(spec, model)
     model.to(resolve_device(device))
     return model.eval(), processor
@@ -59,6 +64,85 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
     if os.path.isfile(os.path.join(spec, "preprocessor_config.json")):
         return CraneImageProcessor.from_pretrained(spec)
     return CraneImageProcessor.from_crane_config(model.config)
+
+
+def add_computation_arguments(
+    parser: argparse.ArgumentParser,
+    title: str = "computation (default: the model's config; presets and converted official checkpoints: the "
+    "published code's)",
+) -> None:
+    """Options that override what the model computes (`computation_overrides` reads them back)."""
+    group = parser.add_argument_group(title)
+    group.add_argument(
+        "--soft-mean",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the maps' anomaly probabilities (--soft-mean) or softmax their averaged logits (--no-soft-mean)",
+    )
+    group.add_argument(
+        "--eattn-maps",
+        dest="eattn_map_source",
+        choices=EATTN_MAP_SOURCES,
+        default=None,
+        help="E-Attn maps from the e stream after the last layer (last_layer, the published code) or after each "
+        "feature layer (per_layer)",
+    )
+    group.add_argument(
+        "--dattn-input",
+        choices=DATTN_INPUTS,
+        default=None,
+        help="o stream point D-Attn reads: after the layer's attention (after_attention, the published code) or the "
+        "layer input (layer_input)",
+    )
+    group.add_argument(
+        "--deep-prompt-rounding",
+        dest="deep_prompt_rounding_dtype",
+        choices=["float16", "bfloat16", "none"],
+        default=None,
+        help="dtype the deep prompts are rounded through (float16: the published code; none: no rounding)",
+    )
+
+
+def computation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `CraneConfig` overrides given with `add_computation_arguments`'s options (only those given)."""
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("soft_mean", "eattn_map_source", "dattn_input", "deep_prompt_rounding_dtype")
+        if getattr(args, name, None) is not None
+    }
+    if overrides.get("deep_prompt_rounding_dtype") == "none":
+        overrides["deep_prompt_rounding_dtype"] = None
+    return overrides
+
+
+def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """The variant, the three computation fields (`CraneConfig.computation`), whether they are the published
+    code's, and soft_mean: what decides the numbers a model gives, for the records the commands write."""
+    config = model.config
+    return {
+        "variant": config.variant,
+        **config.computation,
+        "published_computation": config.computes_published_code,
+        "soft_mean": config.soft_mean,
+    }
+
+
+def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """Where the model's prompts come from: a bundled preset, a local folder (and the official checkpoint it was
+    converted from, or the preset it was saved from, when its config records one) or a Hub id."""
+    preset = getattr(model.config, "preset", None)
+    converted = getattr(model.config, "converted_from", None)
+    if is_preset_name(spec):
+        origin: dict[str, Any] = {"kind": "preset", "preset": spec}
+    elif os.path.isdir(spec):
+        origin = {"kind": "folder", "path": os.path.abspath(spec)}
+    else:
+        origin = {"kind": "hub", "repo_id": spec}
+    if origin["kind"] != "preset" and preset:
+        origin["preset"] = preset
+    if converted:
+        origin["converted_from"] = converted
+    return origin
 
 
 def load_detector(

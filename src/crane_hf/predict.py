@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .atomic_io import atomic_output_dir, check_can_write
 from .image_files import SkippedFile, collect_image_paths, read_image
+from .model_loading import add_computation_arguments, computation_overrides, computation_summary, load_model
 from .pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
@@ -139,6 +140,7 @@ def _write_tables(folder: str, report: PredictionReport, model: Any, threshold: 
         stream.write(buffer.getvalue())
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
+        "computation": computation_summary(model),
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
         "pixel_threshold": model.config.pixel_threshold,
         "predictions": report.rows,
@@ -166,17 +168,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-maps", action="store_true", help="also write each smoothed map as .npy")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_loading import load_model
-
     if args.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
         check_can_write(args.output, args.overwrite)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device=args.device, dtype=args.dtype)
+        model, processor = load_model(
+            args.model,
+            clip=args.clip,
+            dino=args.dino,
+            device=args.device,
+            dtype=args.dtype,
+            **computation_overrides(args),
+        )
         report = predict_images(
             model,
             processor,
@@ -190,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     anomalous = sum(row["is_anomalous"] for row in report.rows)

@@ -5,7 +5,9 @@
 
 Defaults are the paper's (spec section 6): Adam, lr 1e-3, betas (0.6, 0.999), batch 8, 5 epochs, S = 518,
 seed 111, trained on the *test* split (the zero-shot protocol trains on one dataset's test split and evaluates on
-the others). Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+the others). Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the
+published code computes (the computation the official prompts were trained with); `--eattn-maps per_layer
+--dattn-input layer_input --deep-prompt-rounding none` trains the per-layer variant instead.
 
 - Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
   at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
@@ -37,6 +39,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from .atomic_io import OutputExistsError, check_can_write
+from .configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from .data import DatasetLayoutError, DataSource, load_data_source
 from .feature_cache import (
     CachedFeatures,
@@ -47,6 +50,7 @@ from .feature_cache import (
     fill_feature_cache,
 )
 from .image_processing_crane import CraneImageProcessor
+from .model_loading import add_computation_arguments, computation_overrides
 from .modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
 from .training_checkpoints import (
     CHECKPOINT_PREFIX,
@@ -79,7 +83,12 @@ RESUME_SETTINGS = (
     "adam_betas",
     "num_processes",
     "mixed_precision",
+    "eattn_map_source",
+    "dattn_input",
+    "deep_prompt_rounding_dtype",
 )
+# What checkpoints written before these settings were recorded ran with: the per-layer computation of that time.
+UNRECORDED_SETTINGS = PER_LAYER_COMPUTATION
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -121,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is available")
     parser.add_argument("--report-to", choices=("none", "tensorboard"), default="none")
+    add_computation_arguments(parser, "computation the prompts are trained with (default: the published code's)")
     return parser
 
 
@@ -155,7 +165,14 @@ def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, A
         "mixed_precision": accelerator.mixed_precision,
         "epochs": args.epochs,
         "cache_features": args.cache_features,
+        **_computation(args),
     }
+
+
+def _computation(args: argparse.Namespace) -> dict[str, Any]:
+    """The three computation fields the prompts are trained with: the published code's unless the options say
+    otherwise (`CraneConfig` defaults)."""
+    return {**PUBLISHED_COMPUTATION, **computation_overrides(args)}
 
 
 def _dino_source(args: argparse.Namespace) -> str | None:
@@ -212,10 +229,11 @@ def _prepare_output_dir(args: argparse.Namespace, resume: str | None, accelerato
 
 
 def _check_resume_settings(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
+    recorded = {**UNRECORDED_SETTINGS, **saved}
     different = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        f"{name}: checkpoint {recorded.get(name)!r}, now {current[name]!r}"
         for name in RESUME_SETTINGS
-        if saved.get(name) != current[name]
+        if recorded.get(name) != current[name]
     ]
     if different:
         raise ValueError(
@@ -232,8 +250,11 @@ def load_training_data(args: argparse.Namespace) -> datasets.Dataset:
 
 
 def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
-    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`."""
-    return CraneForAnomalyDetection.from_backbones(args.clip, _dino_source(args), image_size=args.image_size)
+    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`, computing
+    what the published code computes unless the computation options (`--eattn-maps per_layer`, ...) say otherwise."""
+    return CraneForAnomalyDetection.from_backbones(
+        args.clip, _dino_source(args), image_size=args.image_size, **computation_overrides(args)
+    )
 
 
 def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
