@@ -278,6 +278,9 @@ def test_push_dry_run_writes_a_complete_repository_that_loads_back(tiny_model_di
     front = card.split("---")[1]
     assert "license: mit" in front and "pipeline_tag: image-segmentation" in front and "anomaly-detection" in front
     assert 'pipeline("zero-shot-anomaly-detection", model="acme/crane-tiny", trust_remote_code=True)' in card
+    assert (
+        "- Computation (the published Crane code's): E-Attn maps `last_layer`, D-Attn input `after_attention`" in card
+    )
     loaded = CraneForAnomalyDetection.from_pretrained(out)
     original = CraneForAnomalyDetection.from_pretrained(tiny_model_dir)
     pixels = torch.randn(1, 3, 56, 56)
