@@ -4,6 +4,8 @@ The image threshold is the lowest value at which at most `--fpr` of the normal i
 pixel threshold does the same over every pixel of the smoothed maps (at each image's original size) with
 `--pixel-fpr`. Both go into the folder's config.json (`image_threshold`, `pixel_threshold`), which the pipeline and
 `crane-hf predict` use by default; `calibration.json` records how they were obtained and the previous values.
+Thresholds hold for one computation: options that change it (`--soft-mean`, `--eattn-maps`, ...) are saved into
+config.json together with the thresholds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_write_text
 from ..io.image_files import collect_image_paths
 
@@ -51,10 +54,19 @@ def calibrate_folder(
     batch_size: int = 8,
     device: str | None = "auto",
     progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from ..model_loading import load_model, make_pipeline
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
+
+    `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
+    thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
+    """
+    from ..model_loading import computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION, CraneConfig
     from ..models.crane.image_reading import read_image
+
+    config_overrides = dict(config_overrides or {})
+    CraneConfig.check_field_names(config_overrides, "calibrate")
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -70,7 +82,7 @@ def calibrate_folder(
         raise ValueError(
             "No readable normal images to calibrate on." + (f" Skipped: {'; '.join(skipped)}" if skipped else "")
         )
-    model, processor = load_model(model_dir, device=device)
+    model, processor = load_model(model_dir, device=device, **config_overrides)
     pipe = make_pipeline(model, processor)
     scores, pixels = [], []
     for output in tqdm(
@@ -92,9 +104,18 @@ def calibrate_folder(
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
         },
+        "computation": computation_summary(model),
+        "overrides": config_overrides,
     }
     config["image_threshold"] = image_threshold
     config["pixel_threshold"] = pixel_threshold
+    saved = set(config_overrides)
+    if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
+        # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
+        config.pop(LEGACY_COMPUTATION_SWITCH, None)
+        saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    for name in sorted(saved):
+        config[name] = getattr(model.config, name)
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return record
@@ -108,14 +129,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         record = calibrate_folder(
-            args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
+            args.model_dir,
+            args.inputs,
+            args.fpr,
+            args.pixel_fpr,
+            args.batch_size,
+            args.device,
+            not args.quiet,
+            computation_overrides(args),
         )
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):

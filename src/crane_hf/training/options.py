@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..computation_options import add_computation_arguments
+
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_DINO = "facebook/dinov2-with-registers-base"
 FEATURE_CACHE = "feature_cache"
@@ -52,4 +54,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-to", choices=("none", "tensorboard"), default="none", help="TensorBoard logs in <output-dir>/logs"
     )
+    add_computation_arguments(parser, "computation the prompts are trained with (default: the published code's)")
     return parser
