@@ -6,7 +6,8 @@ with `--pixel-fpr`. Both are picked among the float32 values themselves and hold
 pipeline and `crane-hf predict` make (`at_or_above` in `crane_hf/models/crane/thresholds.py`), so the rates reported
 are the rates `predict` gives on the same images. Both go into the folder's config.json (`image_threshold`,
 `pixel_threshold`), which the pipeline and `crane-hf predict` use by default; `calibration.json` records how they
-were obtained and the previous values.
+were obtained and the previous values. Thresholds hold for one computation: options that change it (`--soft-mean`,
+`--eattn-maps`, ...) are saved into config.json together with the thresholds.
 
 Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
 and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_write_text
 from ..io.image_files import collect_image_paths
 
@@ -48,11 +50,20 @@ def calibrate_folder(
     batch_size: int = 8,
     device: str | None = "auto",
     progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from ..model_loading import load_model, make_pipeline
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
+
+    `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
+    thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
+    """
+    from ..model_loading import computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION, CraneConfig
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
+
+    config_overrides = dict(config_overrides or {})
+    CraneConfig.check_field_names(config_overrides, "calibrate")
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -61,7 +72,7 @@ def calibrate_folder(
     threshold_for_fpr(np.zeros(1), pixel_fpr)
     paths, missing = collect_image_paths(inputs)
     skipped = [f"{item.path}: {item.reason}" for item in missing]
-    model, processor = load_model(model_dir, device=device)
+    model, processor = load_model(model_dir, device=device, **config_overrides)
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
@@ -92,8 +103,17 @@ def calibrate_folder(
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
         },
+        "computation": computation_summary(model),
+        "overrides": config_overrides,
     }
-    config["image_threshold"] = image_threshold
+    saved = set(config_overrides)
+    if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
+        # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
+        config.pop(LEGACY_COMPUTATION_SWITCH, None)
+        saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    for name in sorted(saved):
+        config[name] = getattr(model.config, name)
+    config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -108,14 +128,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         record = calibrate_folder(
-            args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
+            args.model_dir,
+            args.inputs,
+            args.fpr,
+            args.pixel_fpr,
+            args.batch_size,
+            args.device,
+            not args.quiet,
+            computation_overrides(args),
         )
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):
