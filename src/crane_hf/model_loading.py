@@ -6,6 +6,10 @@
 - a folder written by `save_pretrained`, `crane-hf convert`, `train` or `push --dry-run`, kind `folder`, and
 - a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
 
+The computation options given with it (`--soft-mean`, `--eattn-maps`, ...: `computation_options.py`) arrive here as
+`CraneConfig` overrides and are validated before anything is loaded; `computation_summary` and `prompts_origin` say
+what ran, for the records the commands write.
+
 A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
 `load_model`.
 """
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .models.crane.configuration_crane import CraneConfig
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
@@ -80,13 +85,17 @@ def load_model(
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
-        **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
+            when the model is built, validated as a new config is (`CraneConfig.with_overrides`).
 
     Raises:
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones).
+        TypeError: an override that is not a `CraneConfig` field (named), before anything is loaded.
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); an override value
+            the field does not accept.
         OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
             when a backbone is neither cached nor downloadable.
     """
+    CraneConfig.check_field_names(config_overrides, "load_model")
     target = resolve_device(device)  # an unusable device is refused before anything is loaded
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -98,9 +107,7 @@ def load_model(
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
         check_model_source(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
-        for key, value in config_overrides.items():
-            setattr(model.config, key, value)
+        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs, **config_overrides)
         processor = _processor_for(spec, model)
     model.to(target)
     return model.eval(), processor
@@ -128,6 +135,37 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
 def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
     """The anomaly-detection pipeline around an already loaded model and processor."""
     return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
+
+
+def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """The variant, the three computation fields (`CraneConfig.computation`), whether they are the published
+    code's, and soft_mean: what decides the numbers a model gives, for the records the commands write."""
+    config = model.config
+    return {
+        "variant": config.variant,
+        **config.computation,
+        "published_computation": config.computes_published_code,
+        "soft_mean": config.soft_mean,
+    }
+
+
+def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """Where the model's prompts come from: a bundled preset, a local folder (and the official checkpoint it was
+    converted from, or the preset it was saved from, when its config records one) or a Hub id."""
+    preset = getattr(model.config, "preset", None)
+    converted = getattr(model.config, "converted_from", None)
+    kind = model_kind(spec)
+    if kind == "preset":
+        origin: dict[str, Any] = {"kind": kind, "preset": spec}
+    elif kind == "folder":
+        origin = {"kind": kind, "path": os.path.abspath(spec)}
+    else:
+        origin = {"kind": kind, "repo_id": spec}
+    if origin["kind"] != "preset" and preset:
+        origin["preset"] = preset
+    if converted:
+        origin["converted_from"] = converted
+    return origin
 
 
 def load_detector(

@@ -6,7 +6,8 @@ with `--pixel-fpr`. Both are picked among the float32 values themselves and hold
 pipeline and `crane-hf predict` make (`at_or_above` in `crane_hf/models/crane/thresholds.py`), so the rates reported
 are the rates `predict` gives on the same images. Both go into the folder's config.json (`image_threshold`,
 `pixel_threshold`), which the pipeline and `crane-hf predict` use by default; `calibration.json` records how they
-were obtained and the previous values.
+were obtained and the previous values. Thresholds hold for one computation: options that change it (`--soft-mean`,
+`--eattn-maps`, ...) are saved into config.json together with the thresholds.
 
 Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
 and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_write_text
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
@@ -52,14 +54,22 @@ def calibrate_folder(
     batch_size: int = 8,
     device: str | None = "auto",
     progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
 
     The rates, the device and the writability of the folder are checked before any image is read; the run holds
     the folder's lock (a concurrent calibration of it is refused). The model folder and crane-hf output folders
     among the inputs are left out (`io.image_files.find_image_inputs`).
+
+    `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
+    thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
     """
     from ..model_loading import resolve_device
+    from ..models.crane.configuration_crane import CraneConfig
+
+    config_overrides = dict(config_overrides or {})
+    CraneConfig.check_field_names(config_overrides, "calibrate")
 
     threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
     threshold_for_fpr(np.zeros(1), pixel_fpr)
@@ -69,7 +79,7 @@ def calibrate_folder(
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
     with calibration_lock(model_dir):
-        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress)
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
 
 
 @contextlib.contextmanager
@@ -91,10 +101,12 @@ def _calibrate(
     batch_size: int,
     device: str | None,
     progress: bool,
+    config_overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
-    from ..model_loading import load_model, make_pipeline
+    from ..model_loading import computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
@@ -102,7 +114,7 @@ def _calibrate(
     found = find_image_inputs(inputs, exclude=[model_dir])
     paths = found.paths
     skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
-    model, processor = load_model(model_dir, device=device)
+    model, processor = load_model(model_dir, device=device, **config_overrides)
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
@@ -134,8 +146,17 @@ def _calibrate(
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
         },
+        "computation": computation_summary(model),
+        "overrides": config_overrides,
     }
-    config["image_threshold"] = image_threshold
+    saved = set(config_overrides)
+    if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
+        # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
+        config.pop(LEGACY_COMPUTATION_SWITCH, None)
+        saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    for name in sorted(saved):
+        config[name] = getattr(model.config, name)
+    config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -150,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,9 +180,16 @@ def run(args: argparse.Namespace) -> int:
         require_range("--pixel-fpr", args.pixel_fpr, 0.0, 1.0, high_open=True)
         require_positive("--batch-size", args.batch_size)
         record = calibrate_folder(
-            args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
+            args.model_dir,
+            args.inputs,
+            args.fpr,
+            args.pixel_fpr,
+            args.batch_size,
+            args.device,
+            not args.quiet,
+            computation_overrides(args),
         )
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):

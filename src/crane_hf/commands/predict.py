@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_output_dir
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
@@ -166,6 +167,8 @@ def prediction_protections(inputs: list[str], model_source: str | None) -> list[
 def _write_tables(
     folder: str, report: PredictionReport, model: Any, threshold: float | None, pixel_threshold: float
 ) -> None:
+    from ..model_loading import computation_summary
+
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -174,6 +177,7 @@ def _write_tables(
         stream.write(buffer.getvalue())
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
+        "computation": computation_summary(model),
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
         "pixel_threshold": pixel_threshold,
         "predictions": report.rows,
@@ -204,6 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-maps", action="store_true", help="also write each smoothed map as .npy")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,7 +224,14 @@ def run(args: argparse.Namespace) -> int:
             *protected_paths("a backbone", [args.clip, args.dino]),
         ]
         check_output_dir(args.output, args.overwrite, protected)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device=args.device, dtype=args.dtype)
+        model, processor = load_model(
+            args.model,
+            clip=args.clip,
+            dino=args.dino,
+            device=args.device,
+            dtype=args.dtype,
+            **computation_overrides(args),
+        )
         report = predict_images(
             model,
             processor,
@@ -234,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             protected=protected,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     anomalous = sum(row["is_anomalous"] for row in report.rows)

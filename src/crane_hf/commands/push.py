@@ -85,6 +85,11 @@ def build_model_card(model: Any, repo_id: str) -> ModelCard:
         f"- Input size {config.image_size} x {config.image_size}; feature layers {config.feature_layers}; "
         f"soft_mean {config.soft_mean}; thresholds: image {config.image_threshold}, pixel {config.pixel_threshold}",
     ]
+    published = "the published Crane code's" if config.computes_published_code else "differs from the published code's"
+    lines.append(
+        f"- Computation ({published}): E-Attn maps `{config.eattn_map_source}`, D-Attn input `{config.dattn_input}`, "
+        f"deep prompts rounded to `{config.deep_prompt_rounding_dtype}`"
+    )
     if preset:
         lines.append(f"- Prompts: the official Crane prompts, preset `{preset}`")
     lines += [

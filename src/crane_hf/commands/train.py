@@ -5,7 +5,9 @@
 
 Defaults are the paper's: Adam, lr 1e-3, betas (0.6, 0.999), batch 8, 5 epochs, S = 518, seed 111, trained on the
 *test* split (the zero-shot protocol trains on one dataset's test split and evaluates on the others). Only the
-prompts are trained; the CLIP (and DINOv2) backbones stay frozen. Every epoch writes a prompts-only checkpoint,
+prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the published code
+computes (the computation the official prompts were trained with); `--eattn-maps per_layer --dattn-input layer_input
+--deep-prompt-rounding none` trains the per-layer variant instead. Every epoch writes a prompts-only checkpoint,
 `<output-dir>/checkpoint-epoch-N/`; the last one is copied to `<output-dir>/`. A run resumed at an epoch boundary
 (`--resume-from-checkpoint latest`) ends exactly as an uninterrupted one.
 """

@@ -1,6 +1,8 @@
 """Evaluating a model on annotated datasets, on one process or many: the per-class metrics of the paper and their
 mean, the paper's protocol per dataset, and the report files. The command line is `crane-hf evaluate` /
-`python -m crane_hf.evaluate` (`crane_hf/commands/evaluate.py`).
+`python -m crane_hf.evaluate` (`crane_hf/commands/evaluate.py`). What was computed (variant, E-Attn map source,
+D-Attn input, deep-prompt rounding, soft_mean, input size, smoothing, AUPRO variant and where the prompts come from:
+`computation_record`) heads `metrics.md` and is stored under "computation" in `metrics.json`.
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
@@ -201,11 +203,57 @@ def _markdown(table: dict[str, dict[str, float | None]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def computation_record(model: Any, spec: str, aupro: str, sigma: float) -> dict[str, Any]:
+    """What an evaluation computed, so that a table can be traced to its settings: the variant, the three
+    computation fields (and whether they are the published code's), soft_mean, the feature layers, the input size,
+    the smoothing, the AUPRO variant and where the prompts come from (`model_loading.prompts_origin`)."""
+    from ..model_loading import computation_summary, prompts_origin
+
+    config = model.config
+    return {
+        **computation_summary(model),
+        "feature_layers": list(config.feature_layers),
+        "image_size": config.image_size,
+        "smoothing_sigma": sigma,
+        "aupro": aupro,
+        "prompts": prompts_origin(spec, model),
+    }
+
+
+def _computation_lines(record: dict[str, Any]) -> list[str]:
+    """The head of metrics.md: `computation_record` in words, one line per item."""
+    prompts = record["prompts"]
+    origin = {
+        "preset": f"preset {prompts.get('preset')}",
+        "folder": f"folder {prompts.get('path')}",
+        "hub": f"Hub repository {prompts.get('repo_id')}",
+    }[prompts["kind"]]
+    if prompts["kind"] != "preset" and prompts.get("preset"):
+        origin += f" (saved from preset {prompts['preset']})"
+    if prompts.get("converted_from"):
+        source = prompts["converted_from"]
+        origin += f" (converted from {source.get('checkpoint')}, sha256 {source.get('sha256')})"
+    published = "the published code's" if record["published_computation"] else "differs from the published code's"
+    rounding = record["deep_prompt_rounding_dtype"] or "not rounded"
+    return [
+        f"- model: {record['variant']}, feature layers {record['feature_layers']}, prompts from {origin}",
+        f"- computation ({published}): E-Attn maps {record['eattn_map_source']}, D-Attn input "
+        f"{record['dattn_input']}, deep prompts {rounding}",
+        f"- soft_mean {record['soft_mean']}, image size {record['image_size']}, smoothing sigma "
+        f"{record['smoothing_sigma']}, AUPRO {record['aupro']}",
+    ]
+
+
 def write_report(folder: str, table: dict[str, dict[str, float | None]], info: dict[str, Any]) -> None:
-    """metrics.md, metrics.csv and metrics.json in `folder` (which the caller writes atomically)."""
+    """metrics.md (headed by the computation that ran), metrics.csv and metrics.json in `folder` (which the
+    caller writes atomically)."""
     title = f"{info['model']} on {', '.join(info['data'])} (AUPRO: {info['aupro']})"
+    markdown = _markdown(table, title)
+    if info.get("computation"):
+        head, _, rest = markdown.partition("\n\n")
+        markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
     with open(os.path.join(folder, "metrics.md"), "w", encoding="utf-8") as stream:
-        stream.write(_markdown(table, title))
+        stream.write(markdown)
     columns = sorted({key for row in table.values() for key in row})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -226,6 +274,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from ..computation_options import computation_overrides
     from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
     from ..model_loading import load_model
     from ..training.data_loading import undecoded
@@ -243,8 +292,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             "Name the model with --model (a preset, a model folder or a Hub id), or use --protocol paper."
         )
-    if args.soft_mean is not None:
-        overrides["soft_mean"] = args.soft_mean == "true"
+    overrides.update(computation_overrides(args))
     device = str(state.device) if args.device == "auto" else args.device
     model, processor = load_model(
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
@@ -351,6 +399,7 @@ def _report(
         "smoothing_sigma": args.sigma,
         "image_size": model.config.image_size,
         "soft_mean": model.config.soft_mean,
+        "computation": computation_record(model, model_spec, aupro, args.sigma),
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]

@@ -1,7 +1,10 @@
 """The training loop of Crane's prompts, on one process or many (accelerate); the command line that runs it is
 `crane-hf train` / `python -m crane_hf.train` (`crane_hf/commands/train.py`, options in `options.py`).
 
-Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the published
+code computes (the computation the official prompts were trained with) unless the computation options
+(`crane_hf/computation_options.py`: `--eattn-maps per_layer --dattn-input layer_input --deep-prompt-rounding none`
+trains the per-layer variant) say otherwise.
 
 - Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
   at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
@@ -33,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from ..computation_options import computation_overrides
 from ..data import DataSource, load_data_source
 from ..io.atomic import OutputExistsError
 from ..io.output_safety import (
@@ -48,6 +52,7 @@ from ..io.output_safety import (
     protected_paths,
     unowned_entries,
 )
+from ..models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
 from .checkpoints import (
@@ -86,8 +91,14 @@ RESUME_SETTINGS = (
     "adam_betas",
     "num_processes",
     "mixed_precision",
+    "eattn_map_source",
+    "dattn_input",
+    "deep_prompt_rounding_dtype",
 )
 CONTENT_SETTINGS = ("data_sha256", "backbones_sha256")
+# What checkpoints written before the computation settings were recorded ran with: the per-layer computation of
+# that time.
+UNRECORDED_SETTINGS = PER_LAYER_COMPUTATION
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -125,7 +136,14 @@ def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, A
         "mixed_precision": accelerator.mixed_precision,
         "epochs": args.epochs,
         "cache_features": args.cache_features,
+        **_computation(args),
     }
+
+
+def _computation(args: argparse.Namespace) -> dict[str, Any]:
+    """The three computation fields the prompts are trained with: the published code's unless the options say
+    otherwise (`CraneConfig` defaults)."""
+    return {**PUBLISHED_COMPUTATION, **computation_overrides(args)}
 
 
 def _dino_source(args: argparse.Namespace) -> str | None:
@@ -218,14 +236,15 @@ def _remove_unfinished_output(output_dir: str) -> None:
 def _check_resume_settings(
     saved: dict[str, Any], current: dict[str, Any], checkpoint: str, names: Sequence[str] = RESUME_SETTINGS
 ) -> None:
+    recorded = {**UNRECORDED_SETTINGS, **saved}
     different = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        f"{name}: checkpoint {recorded.get(name)!r}, now {current[name]!r}"
         for name in names
-        if saved.get(name) != current[name]
+        if recorded.get(name) != current[name]
     ]
     if different:
         what = {"data_sha256": "the data's content", "backbones_sha256": "the backbones' weights"}
-        changed = [what[name] for name in names if name in what and saved.get(name) != current[name]]
+        changed = [what[name] for name in names if name in what and recorded.get(name) != current[name]]
         raise ValueError(
             f"Cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
             + "; ".join(different)
@@ -288,8 +307,11 @@ def check_training_data(images: ProcessedImages, args: argparse.Namespace, accel
 
 
 def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
-    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`."""
-    return CraneForAnomalyDetection.from_backbones(args.clip, _dino_source(args), image_size=args.image_size)
+    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`, computing
+    what the published code computes unless the computation options (`--eattn-maps per_layer`, ...) say otherwise."""
+    return CraneForAnomalyDetection.from_backbones(
+        args.clip, _dino_source(args), image_size=args.image_size, **computation_overrides(args)
+    )
 
 
 def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
