@@ -113,7 +113,7 @@ def hub_unreachable(monkeypatch):
     ("name", "error", "message"),
     [
         ("crane+/mvtc", ValueError, "not a valid Hub id. Did you mean crane+/mvtec? " + PRESETS),
-        ("./no-such-folder", ValueError, "no folder of that name here, and not a valid Hub id. " + PRESETS),
+        ("./no-such-folder", FileNotFoundError, "no such model folder: ./no-such-folder. " + PRESETS),
         ("crane/visaa", OSError, "Did you mean crane/visa? " + PRESETS),
         ("does-not-exist", OSError, "neither in the Hugging Face cache nor downloadable here (http://127.0.0.1:"),
     ],

@@ -253,6 +253,7 @@ def test_evaluate_skips_and_names_truncated_images_and_unmasked_defects_and_keep
     good = _copy(clean_dataset, tmp_path / "good", layout="folders")
     os.remove(os.path.join(good, "brick", "test", "good", "001.png"))
     os.remove(os.path.join(good, "brick", "test", "spot", "000.png"))
+    os.remove(os.path.join(good, "brick", "ground_truth", "spot", "000_mask.png"))  # else reported as unused
     assert _evaluate(tiny_model_dir, good, tmp_path / "reference") == 0
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     assert report["images"] == reference["images"] == 5

@@ -7,12 +7,17 @@
 - a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
 
 A name that is none of these fails at once, with the presets listed and the closest one suggested: a name that is
-not a valid Hub id ("crane+/mvtc", "./missing-folder"), or a Hub id that is not in the Hugging Face cache where the
-Hub cannot be reached (no download retries: `hub_availability.py`).
+not a valid Hub id ("crane+/mvtc"), a path that does not exist ("./missing-folder"), or a Hub id that is not in the
+Hugging Face cache where the Hub cannot be reached (no download retries: `hub_availability.py`). A folder without
+config.json and a file are named as such (`check_model_source`).
 
 `transformers.pipeline("zero-shot-anomaly-detection", model=...)` takes this path too for presets and for no model
 (the default preset): see `pipeline_with_presets`, which crane_hf's registration puts in place of
 `transformers.pipeline`.
+
+The computation options given with it (`--soft-mean`, `--eattn-maps`, ...: `computation_options.py`) arrive here as
+`CraneConfig` overrides and are validated before anything is loaded; `computation_summary` and `prompts_origin` say
+what ran, for the records the commands write.
 
 A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
 `load_model`.
@@ -37,6 +42,7 @@ from .hub_availability import (
     local_dir_name,
     unavailable_reason,
 )
+from .models.crane.configuration_crane import CraneConfig
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, ZeroShotAnomalyDetectionPipeline
@@ -47,11 +53,37 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device, which must exist here.
+
+    Raises `ValueError` naming the device for an unknown name ("foo"), a device type this machine or this torch
+    build does not have ("cuda" without a GPU, "mps" off Apple silicon) and an index past the last device
+    ("cuda:7" on a 2-GPU machine), before anything is loaded.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, parsed.type, None)
+        available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available:
+        raise ValueError(
+            f"device {device!r}: this machine (torch {torch.__version__}) has no {parsed.type} device; "
+            "use --device cpu or auto."
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"device {device!r}: this machine has {count} {parsed.type} device(s), numbered 0 to {count - 1}."
+        )
+    return parsed
 
 
 def _presets_hint(spec: str) -> str:
@@ -64,10 +96,13 @@ def model_kind(spec: str) -> str:
     """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
 
     Raises:
+        FileNotFoundError / NotADirectoryError: see `check_model_source` (a folder without config.json, a path that
+            does not exist, a file).
         ValueError: `spec` is no preset, no folder here, and not a valid Hub id (the message lists the presets).
     """
     if is_preset_name(spec):
         return "preset"
+    check_model_source(spec)
     if os.path.isdir(spec):
         return "folder"
     if not is_valid_hub_id(spec):
@@ -143,15 +178,20 @@ def load_model(
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
-        **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
+            when the model is built, validated as a new config is (`CraneConfig.with_overrides`).
 
     Raises:
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); a name that is no
-            preset, no folder and no valid Hub id.
-        OSError: a folder or Hub id that cannot be loaded (a Hub id neither cached nor downloadable here fails at
-            once); `BackboneUnavailableError` (an `OSError`) when a backbone of a preset or of a prompts-only folder
-            is neither cached nor downloadable.
+        TypeError: an override that is not a `CraneConfig` field (named), before anything is loaded.
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); an override value
+            the field does not accept; a name that is no preset, no folder and no valid Hub id.
+        OSError: a folder or Hub id that cannot be loaded (`FileNotFoundError` / `NotADirectoryError` for a folder
+            without config.json, a path that does not exist or a file; a Hub id neither cached nor downloadable here
+            fails at once); `BackboneUnavailableError` (an `OSError`) when a backbone of a preset or of a
+            prompts-only folder is neither cached nor downloadable.
     """
+    CraneConfig.check_field_names(config_overrides, "load_model")
+    target = resolve_device(device)  # an unusable device is refused before anything is loaded
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     kind = check_model_available(spec)
@@ -165,16 +205,27 @@ def load_model(
             check_folder_backbones(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         try:
-            model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
+            model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs, **config_overrides)
         except OSError as error:
             if kind == "hub" and not is_cached(spec):  # not on the Hub either (or not a Crane model there)
                 raise OSError(f"{error}\n{_presets_hint(spec)}") from error
             raise
-        for key, value in config_overrides.items():
-            setattr(model.config, key, value)
         processor = _processor_for(spec, model)
-    model.to(resolve_device(device))
+    model.to(target)
     return model.eval(), processor
+
+
+def check_model_source(spec: str) -> None:
+    """Refuse a model folder that does not exist (listing the presets) or has no config.json, and a file, naming
+    them (Hub ids pass through)."""
+    looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1  # else a Hub id
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
+    elif os.path.exists(spec):
+        raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
+    elif looks_local:
+        raise FileNotFoundError(f"no such model folder: {spec}. " + _presets_hint(spec))
 
 
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:
@@ -189,6 +240,37 @@ def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipelin
     return ZeroShotAnomalyDetectionPipeline(
         model=model, image_processor=processor, device=model.device, task=PIPELINE_TASK
     )
+
+
+def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """The variant, the three computation fields (`CraneConfig.computation`), whether they are the published
+    code's, and soft_mean: what decides the numbers a model gives, for the records the commands write."""
+    config = model.config
+    return {
+        "variant": config.variant,
+        **config.computation,
+        "published_computation": config.computes_published_code,
+        "soft_mean": config.soft_mean,
+    }
+
+
+def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """Where the model's prompts come from: a bundled preset, a local folder (and the official checkpoint it was
+    converted from, or the preset it was saved from, when its config records one) or a Hub id."""
+    preset = getattr(model.config, "preset", None)
+    converted = getattr(model.config, "converted_from", None)
+    kind = model_kind(spec)
+    if kind == "preset":
+        origin: dict[str, Any] = {"kind": kind, "preset": spec}
+    elif kind == "folder":
+        origin = {"kind": kind, "path": os.path.abspath(spec)}
+    else:
+        origin = {"kind": kind, "repo_id": spec}
+    if origin["kind"] != "preset" and preset:
+        origin["preset"] = preset
+    if converted:
+        origin["converted_from"] = converted
+    return origin
 
 
 def load_detector(

@@ -1,46 +1,49 @@
 """`crane-hf calibrate`: decision thresholds from normal images, saved into the model folder.
 
-The image threshold is the lowest value at which at most `--fpr` of the normal images score at or above it; the
-pixel threshold does the same over every pixel of the smoothed maps (at each image's original size) with
-`--pixel-fpr`. Both go into the folder's config.json (`image_threshold`, `pixel_threshold`), which the pipeline and
-`crane-hf predict` use by default; `calibration.json` records how they were obtained and the previous values.
+The image threshold is the lowest image score of the normal images at which at most `--fpr` of them score at or
+above it; the pixel threshold does the same over every pixel of the smoothed maps (at each image's original size)
+with `--pixel-fpr`. Both are picked among the float32 values themselves and hold under the exact comparison the
+pipeline and `crane-hf predict` make (`at_or_above` in `crane_hf/models/crane/thresholds.py`), so the rates reported
+are the rates `predict` gives on the same images. Both go into the folder's config.json (`image_threshold`,
+`pixel_threshold`), which the pipeline and `crane-hf predict` use by default; `calibration.json` records how they
+were obtained and the previous values. Thresholds hold for one computation: options that change it (`--soft-mean`,
+`--eattn-maps`, ...) are saved into config.json together with the thresholds.
+
+Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
+and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
+score or map is not finite is skipped and reported; no threshold is ever written from NaN.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_write_text
-from ..io.image_files import collect_image_paths
+from ..io.image_files import find_image_inputs
+from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
+from .cli_support import one_line, require_positive, require_range
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
-    """Lowest threshold t with mean(values >= t) <= fpr (ties kept below t); returns (t, achieved rate).
+    """Lowest threshold t among `values` with mean(values >= t) <= fpr (exact comparison); returns (t, rate).
 
     Thresholds live in [0, 1]: if even t = 1 flags more than `fpr` of the values, 1.0 is returned with its rate.
+    See `models/crane/thresholds.py`: `lowest_threshold`.
     """
-    if not 0.0 <= fpr < 1.0:
-        raise ValueError(f"fpr={fpr} must be in [0, 1).")
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("No values to calibrate on.")
-    allowed = math.floor(fpr * values.size)
-    if allowed >= values.size:
-        threshold = float(values.min())
-    else:
-        boundary = np.partition(values, values.size - allowed - 1)[values.size - allowed - 1]
-        threshold = float(np.nextafter(boundary, np.inf))
-    threshold = min(max(threshold, 0.0), 1.0)
-    return threshold, float((values >= threshold).mean())
+    from ..models.crane.thresholds import lowest_threshold
+
+    return lowest_threshold(values, fpr)
 
 
 def calibrate_folder(
@@ -51,49 +54,109 @@ def calibrate_folder(
     batch_size: int = 8,
     device: str | None = "auto",
     progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from ..model_loading import load_model, make_pipeline
-    from ..models.crane.image_reading import read_image
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
 
+    The rates, the device and the writability of the folder are checked before any image is read; the run holds
+    the folder's lock (a concurrent calibration of it is refused). The model folder and crane-hf output folders
+    among the inputs are left out (`io.image_files.find_image_inputs`).
+
+    `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
+    thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
+    """
+    from ..model_loading import resolve_device
+    from ..models.crane.configuration_crane import CraneConfig
+
+    config_overrides = dict(config_overrides or {})
+    CraneConfig.check_field_names(config_overrides, "calibrate")
+
+    threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
+    threshold_for_fpr(np.zeros(1), pixel_fpr)
+    require_positive("batch_size", batch_size)
+    resolve_device(device)
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
-    paths, missing = collect_image_paths(inputs)
-    images, skipped = [], [f"{item.path}: {item.reason}" for item in missing]
-    for path in paths:
-        try:
-            images.append(read_image(path))
-        except ValueError as error:
-            skipped.append(str(error))
-    if not images:
+    with calibration_lock(model_dir):
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
+
+
+@contextlib.contextmanager
+def calibration_lock(model_dir: str) -> Iterator[None]:
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    config_path = os.path.join(model_dir, "config.json")
+    check_writable(config_path)
+    with output_lock(config_path):
+        for name in ("config.json", "calibration.json"):
+            clean_stale_temporaries(os.path.join(model_dir, name))
+        yield
+
+
+def _calibrate(
+    model_dir: str,
+    inputs: list[str],
+    fpr: float,
+    pixel_fpr: float,
+    batch_size: int,
+    device: str | None,
+    progress: bool,
+    config_overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
+    at a time, keeping their scores and a fixed-size histogram of their pixel values."""
+    from ..model_loading import computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION
+    from ..models.crane.thresholds import ValueHistogram
+    from .predict import score_image_files
+
+    config_path = os.path.join(model_dir, "config.json")
+    found = find_image_inputs(inputs, exclude=[model_dir])
+    paths = found.paths
+    skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
+    model, processor = load_model(model_dir, device=device, **config_overrides)
+    pipe = make_pipeline(model, processor)
+    scores: list[float] = []
+    pixels = ValueHistogram()
+    chunk_size = max(1, batch_size)  # images (and maps) held at a time
+    with tqdm(total=len(paths), desc="Calibrating", unit="image", disable=not progress) as bar:
+        for path, output, reason in score_image_files(pipe, paths, batch_size, {}, chunk_size):
+            bar.update(1)
+            if output is None:
+                skipped.append(f"{path}: {reason}")
+                continue
+            scores.append(output["score"])
+            pixels.update(output["anomaly_map"])
+    if not scores:
         raise ValueError(
             "No readable normal images to calibrate on." + (f" Skipped: {'; '.join(skipped)}" if skipped else "")
         )
-    model, processor = load_model(model_dir, device=device)
-    pipe = make_pipeline(model, processor)
-    scores, pixels = [], []
-    for output in tqdm(
-        pipe(images, batch_size=batch_size), total=len(images), desc="Calibrating", disable=not progress
-    ):
-        scores.append(output["score"])
-        pixels.append(output["anomaly_map"].ravel())
-    image_threshold, image_rate = threshold_for_fpr(np.asarray(scores), fpr)
-    pixel_threshold, pixel_rate = threshold_for_fpr(np.concatenate(pixels), pixel_fpr)
+    image_threshold, image_rate = threshold_for_fpr(np.asarray(scores, dtype=np.float32), fpr)
+    pixel_threshold, pixel_rate = pixels.threshold(pixel_fpr)
     with open(config_path, encoding="utf-8") as stream:
         config = json.load(stream)
     record = {
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "normal_images": len(images),
+        "normal_images": len(scores),
         "skipped": skipped,
+        "left_out": found.left_out,
         "image": {"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
         "pixel": {"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
         "previous": {
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
         },
+        "computation": computation_summary(model),
+        "overrides": config_overrides,
     }
-    config["image_threshold"] = image_threshold
+    saved = set(config_overrides)
+    if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
+        # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
+        config.pop(LEGACY_COMPUTATION_SWITCH, None)
+        saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    for name in sorted(saved):
+        config[name] = getattr(model.config, name)
+    config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -108,22 +171,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_range("--fpr", args.fpr, 0.0, 1.0, high_open=True)
+        require_range("--pixel-fpr", args.pixel_fpr, 0.0, 1.0, high_open=True)
+        require_positive("--batch-size", args.batch_size)
         record = calibrate_folder(
-            args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
+            args.model_dir,
+            args.inputs,
+            args.fpr,
+            args.pixel_fpr,
+            args.batch_size,
+            args.device,
+            not args.quiet,
+            computation_overrides(args),
         )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):
         item = record[kind]
         print(
-            f"{kind} threshold {item['threshold']:.6f} (target FPR {item['target_fpr']}, "
+            f"{kind} threshold {item['threshold']!r} (target FPR {item['target_fpr']}, "
             f"{item['fpr_on_calibration_set']:.4f} on the {record['normal_images']} normal images)"
         )
+        if item["fpr_on_calibration_set"] > item["target_fpr"]:
+            print(
+                f"warning: the {kind} target FPR {item['target_fpr']} cannot be met: "
+                f"{item['fpr_on_calibration_set']:.4f} of the normal {kind} values score 1.0, the highest threshold",
+                file=sys.stderr,
+            )
+    for folder in record["left_out"]:
+        print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for line in record["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"Saved into {args.model_dir}/config.json (details in calibration.json)")

@@ -16,12 +16,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .file_accounting import UnusedFileWarning
 from .layouts import load_class_folders, load_mvtec, load_visa, scan_class_folders
 from .meta_json import load_meta_json, read_meta_json, write_meta_json
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
     InvalidRecordWarning,
+    LossyMaskWarning,
     UnknownSelectionError,
     records_to_dataset,
     validate_records,
@@ -54,7 +56,9 @@ __all__ = [
     "DataSource",
     "DatasetLayoutError",
     "InvalidRecordWarning",
+    "LossyMaskWarning",
     "UnknownSelectionError",
+    "UnusedFileWarning",
     "dataset_records",
     "detect_layout",
     "generate_synthetic_dataset",

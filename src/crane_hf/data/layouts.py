@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import datasets
 
+from .file_accounting import report_unused_files, unused_class_files
 from .meta_json import select_records
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
     UnknownSelectionError,
+    duplicate_problems,
     list_images,
     records_to_dataset,
     validate_records,
@@ -49,8 +52,11 @@ def find_class_folders(root: str, splits: Sequence[str] = SPLITS) -> list[str]:
 
 
 def _mask_index(folder: str) -> dict[str, str]:
-    """Mask file stem -> file name, for the image files in `folder`."""
-    return {os.path.splitext(name)[0]: name for name in list_images(folder)}
+    """Mask file stem -> file name, for the image files in `folder`; a stem shared by several files (000_mask.png
+    and 000_mask.bmp) is left out: which of them is the mask cannot be told (`file_accounting` reports both)."""
+    names = list_images(folder)
+    stems = Counter(os.path.splitext(name)[0] for name in names)
+    return {os.path.splitext(name)[0]: name for name in names if stems[os.path.splitext(name)[0]] == 1}
 
 
 def scan_class_folders(
@@ -69,7 +75,7 @@ def scan_class_folders(
         mask_suffixes: the mask of image `<stem>.<ext>` is `<stem><suffix>.<any image ext>`, suffixes tried in order.
 
     An anomalous image whose mask is not found gets mask_path "" (`validate_records(require_masks=True)`
-    reports it).
+    reports it; so does `require_masks=None` when its defect's ground-truth folder holds masks: `mask_expected`).
     """
     found = find_class_folders(root, splits)
     if not found and find_class_folders(root):
@@ -95,7 +101,9 @@ def scan_class_folders(
                 if defect.startswith(".") or not os.path.isdir(defect_dir):
                     continue
                 label = 0 if defect.lower() in normal else 1
-                masks = _mask_index(os.path.join(root, class_name, ground_truth, defect)) if label else {}
+                mask_dir = os.path.join(root, class_name, ground_truth, defect)
+                masks = _mask_index(mask_dir) if label else {}
+                has_masks = bool(label and list_images(mask_dir))
                 for name in list_images(defect_dir):
                     stem = os.path.splitext(name)[0]
                     mask = next((masks[stem + s] for s in mask_suffixes if stem + s in masks), None)
@@ -107,6 +115,7 @@ def scan_class_folders(
                             class_name=class_name,
                             defect_type=defect,
                             origin=f"{root}: {class_name}/{split}/{defect}/{name}",
+                            mask_expected=has_masks,
                         )
                     )
     return result
@@ -122,26 +131,38 @@ def load_class_folders(
     check_files: bool = True,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
     """The generic layout (module docstring) as a `datasets.Dataset` (columns: `crane_hf.data.records`).
 
-    Options as in `load_meta_json`.
+    Options as in `load_meta_json`. Every file under a class folder that is not used (outside a defect folder, in a
+    subfolder of one, not an image type, a mask matching no image...) is reported with one
+    `file_accounting.UnusedFileWarning` each, or, with `strict`, refused with the rest (`file_accounting`).
 
     Raises:
         DatasetLayoutError: no class folders, an anomalous image without a mask (unless `require_masks=False`),
-            unreadable files or masks whose size differs from their image's, each named.
+            unreadable files or masks whose size differs from their image's, each named; with `strict`, also
+            every unused file.
         UnknownSelectionError: no class folder has the split.
     """
     records = scan_class_folders(root, classes, (split,), normal_names, mask_suffixes)[split]
+    class_names = list(classes) if classes is not None else find_class_folders(root, (split,))
+    elsewhere = []  # records of the other splits: the ground-truth folders serve them too
+    for other in SPLITS:
+        having = [c for c in class_names if other != split and os.path.isdir(os.path.join(root, c, other))]
+        if having:
+            elsewhere.extend(scan_class_folders(root, having, (other,), normal_names, mask_suffixes)[other])
+    leftovers = unused_class_files(root, class_names, split, records + elsewhere, normal_names, mask_suffixes)
     records = validate_records(
         root,
         records,
         str(root),
         check_files=check_files,
         require_masks=require_masks,
-        skip_invalid=skip_invalid,
+        skip_invalid=skip_invalid and not strict,
         verify_images=verify_images,
     )
+    report_unused_files(root, leftovers, strict)
     return records_to_dataset(root, records)
 
 
@@ -152,6 +173,7 @@ def load_mvtec(
     check_files: bool = True,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
     """MVTec-AD (and datasets in its exact layout, e.g. MPDD) from its folders; masks named `<stem>_mask.png`."""
     return load_class_folders(
@@ -164,6 +186,7 @@ def load_mvtec(
         check_files=check_files,
         skip_invalid=skip_invalid,
         verify_images=verify_images,
+        strict=strict,
     )
 
 
@@ -197,6 +220,7 @@ def read_visa_csv(root: str, csv_path: str | None = None) -> dict[str, list[Anom
                 origin=origin,
             )
         )
+    problems.extend(duplicate_problems(splits))
     if problems:
         raise DatasetLayoutError(csv_path, problems)
     return splits
@@ -210,8 +234,10 @@ def load_visa(
     check_files: bool = True,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
-    """VisA from its split CSV as a `datasets.Dataset` (columns: `crane_hf.data.records`)."""
+    """VisA from its split CSV as a `datasets.Dataset` (columns: `crane_hf.data.records`); `strict` refuses
+    offending entries even with `skip_invalid`."""
     csv_path = csv_path or os.path.join(root, VISA_SPLIT_CSV)
     records = select_records(read_visa_csv(root, csv_path), split, classes, csv_path)
     records = validate_records(
@@ -220,7 +246,7 @@ def load_visa(
         csv_path,
         check_files=check_files,
         require_masks=True,
-        skip_invalid=skip_invalid,
+        skip_invalid=skip_invalid and not strict,
         verify_images=verify_images,
     )
     return records_to_dataset(root, records)

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import datasets
 
 from ..io.atomic import atomic_write_text
-from .records import AnomalyRecord, DatasetLayoutError, UnknownSelectionError, records_to_dataset, validate_records
+from .records import (
+    AnomalyRecord,
+    DatasetLayoutError,
+    UnknownSelectionError,
+    duplicate_problems,
+    records_to_dataset,
+    validate_records,
+)
 
 META_FILENAME = "meta.json"
 REQUIRED_FIELDS = {"img_path": str, "mask_path": str, "cls_name": str, "anomaly": int}
@@ -70,9 +79,48 @@ def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
                 records.append(
                     AnomalyRecord(entry["img_path"], entry.get("mask_path", ""), label, class_name, defect, origin)
                 )
+    problems.extend(duplicate_problems(splits))
     if problems:
         raise DatasetLayoutError(source, problems)
     return splits
+
+
+def _pairs_without_duplicates(found: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A `json` object hook that records (in `found`) every key repeated within one object; JSON keeps only the
+    last value of a repeated key, which would silently drop a split, a class or a field."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        counts = Counter(key for key, _ in pairs)
+        for key, count in counts.items():
+            if count > 1:
+                keys = ", ".join(map(repr, list(counts)[:6])) + (", ..." if len(counts) > 6 else "")
+                found.append(
+                    f"key {key!r} appears {count} times in one object (keys {keys}); JSON keeps only the last"
+                )
+        return dict(pairs)
+
+    return hook
+
+
+def load_meta_file(meta_path: str) -> Any:
+    """The parsed meta.json; `DatasetLayoutError` (one line each) for text that is not UTF-8 or not JSON, nesting
+    too deep to parse, or keys repeated within an object."""
+    with open(meta_path, "rb") as stream:
+        raw = stream.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetLayoutError(meta_path, [f"not UTF-8 text ({error.reason} at byte {error.start})"]) from None
+    duplicates: list[str] = []
+    try:
+        meta = json.loads(text, object_pairs_hook=_pairs_without_duplicates(duplicates))
+    except json.JSONDecodeError as error:
+        raise DatasetLayoutError(meta_path, [f"not valid JSON: {error}"]) from None
+    except RecursionError:
+        raise DatasetLayoutError(meta_path, ["not a meta.json: nested too deeply to read"]) from None
+    if duplicates:
+        raise DatasetLayoutError(meta_path, duplicates)
+    return meta
 
 
 def read_meta_json(root: str, meta_path: str | None = None) -> dict[str, list[AnomalyRecord]]:
@@ -80,12 +128,7 @@ def read_meta_json(root: str, meta_path: str | None = None) -> dict[str, list[An
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"No meta.json at {meta_path}.")
-    with open(meta_path, encoding="utf-8") as stream:
-        try:
-            meta = json.load(stream)
-        except json.JSONDecodeError as error:
-            raise DatasetLayoutError(meta_path, [f"not valid JSON: {error}"]) from None
-    return parse_meta(meta, meta_path)
+    return parse_meta(load_meta_file(meta_path), meta_path)
 
 
 def select_records(
@@ -116,6 +159,7 @@ def load_meta_json(
     require_masks: bool | None = False,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
     """A dataset described by a meta.json, as a `datasets.Dataset` (columns: `crane_hf.data.records`).
 
@@ -130,6 +174,8 @@ def load_meta_json(
             images have one, see `validate_records`).
         skip_invalid: leave offending entries out, with an `InvalidRecordWarning` each, instead of raising.
         verify_images: decode each image and mask once to find truncated or corrupt files (a full decode).
+        strict: refuse offending entries even with `skip_invalid` (files meta.json does not list are not its own;
+            see `file_accounting`).
 
     Raises:
         DatasetLayoutError: listing each offending entry (split, class, index, paths and the problem).
@@ -143,7 +189,7 @@ def load_meta_json(
         meta_path,
         check_files=check_files,
         require_masks=require_masks,
-        skip_invalid=skip_invalid,
+        skip_invalid=skip_invalid and not strict,
         verify_images=verify_images,
     )
     return records_to_dataset(root, records)

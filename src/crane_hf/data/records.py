@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import datasets
 
-from ..models.crane.image_reading import image_file_size
+from ..io.image_files import IMAGE_EXTENSIONS
+from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning
+from ..models.crane.image_reading import image_file_header
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_NAMES = ["normal", "anomalous"]
 MAX_REPORTED_PROBLEMS = 20
 
@@ -44,6 +45,9 @@ class DatasetLayoutError(ValueError):
 
     def __init__(self, what: str, problems: Sequence[str]):
         self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"{what}: {self.problems[0]}")
+            return
         shown = self.problems[:MAX_REPORTED_PROBLEMS]
         more = len(self.problems) - len(shown)
         lines = [f"{what}: {len(self.problems)} problem(s):", *(f"  - {p}" for p in shown)]
@@ -71,6 +75,8 @@ class AnomalyRecord:
         class_name: the object or texture class.
         defect_type: the defect folder / type ("good" for normal images).
         origin: where the record came from, for error messages (e.g. "meta.json test/bottle[3]").
+        mask_expected: the layout has masks for this image's defect type (a ground-truth folder holding masks), so
+            an anomalous image without one is a missing mask, not an image-level label.
     """
 
     image_path: str
@@ -79,6 +85,7 @@ class AnomalyRecord:
     class_name: str
     defect_type: str
     origin: str = ""
+    mask_expected: bool = False
 
     def describe(self) -> str:
         where = self.origin or f"class {self.class_name!r}"
@@ -121,6 +128,13 @@ def record_problems(
     """Everything wrong with one record: bad label, paths that leave the root, missing or unreadable files (images
     over `Image.MAX_IMAGE_PIXELS` are refused from their header, never decoded), masks whose size differs from their
     image's. With `verify_images`, each image and mask is also decoded once, which finds truncated or corrupt data."""
+    return _check_record(root, record, check_files, verify_images)[0]
+
+
+def _check_record(
+    root: str, record: AnomalyRecord, check_files: bool = True, verify_images: bool = False
+) -> tuple[list[str], str]:
+    """`record_problems` and the file format of the record's mask ("" when it has none or it was not read)."""
     problems = []
     if record.label not in (0, 1):
         problems.append(f"{record.describe()}: field 'anomaly' must be 0 or 1, got {record.label!r}")
@@ -133,8 +147,8 @@ def record_problems(
         elif relative_to_root(root, path) is None:
             problems.append(f"{record.describe()}: {field} {path!r} leaves the dataset root {os.path.abspath(root)}")
     if problems or not check_files:
-        return problems
-    sizes = {}
+        return problems, ""
+    sizes, mask_format = {}, ""
     for field, path in paths.items():
         if not path:
             continue
@@ -144,12 +158,43 @@ def record_problems(
             problems.append(f"{record.describe()}: {kind} file not found: {full}")
             continue
         try:
-            sizes[field] = image_file_size(full, verify=verify_images)
+            sizes[field], file_format = image_file_header(full, verify=verify_images)
         except ValueError as error:
             problems.append(f"{record.describe()}: {kind} {error}")
+            continue
+        if field == "mask_path":
+            mask_format = file_format
     if len(sizes) == 2 and sizes["img_path"] != sizes["mask_path"]:
         (iw, ih), (mw, mh) = sizes["img_path"], sizes["mask_path"]
         problems.append(f"{record.describe()}: mask is {mw}x{mh} but its image is {iw}x{ih}")
+    return problems, mask_format
+
+
+def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]]) -> list[str]:
+    """An image listed twice in one split, or listed in two splits with different labels or masks, named.
+
+    Paths are compared after normalization ("a/./b.png" is "a/b.png").
+    """
+    problems = []
+    seen: dict[str, AnomalyRecord] = {}  # normalized image path -> its first record in any split
+    seen_in_split: dict[tuple[str, str], AnomalyRecord] = {}
+    for split, records in splits.items():
+        for record in records:
+            key = os.path.normpath(record.image_path).replace(os.sep, "/")
+            first = seen_in_split.get((split, key))
+            if first is not None:
+                labels = {first.label, record.label}
+                what = "listed as normal and as anomalous" if len(labels) == 2 else "listed twice"
+                problems.append(f"image {record.image_path!r} is {what}: {first.origin} and {record.origin}")
+                continue
+            seen_in_split[(split, key)] = record
+            other = seen.setdefault(key, record)
+            if other is not record and (other.label != record.label or other.mask_path != record.mask_path):
+                problems.append(
+                    f"image {record.image_path!r} has contradictory annotations: {other.origin} "
+                    f"(anomaly {other.label}, mask {other.mask_path!r}) and {record.origin} (anomaly {record.label}, "
+                    f"mask {record.mask_path!r})"
+                )
     return problems
 
 
@@ -181,31 +226,53 @@ def validate_records(
     Args:
         require_masks: also refuse anomalous images without a mask (pixel-level training needs them). None: refuse
             them in the classes where other anomalous images have a mask (a segmentation dataset with missing
-            masks, whose pixel metrics would count those images as all normal), accept them elsewhere
-            (image-level datasets).
+            masks, whose pixel metrics would count those images as all normal) and where the layout has masks for
+            the image's defect type (`AnomalyRecord.mask_expected`), accept them elsewhere (image-level datasets).
         skip_invalid: instead of raising, leave the offending records out and issue one `InvalidRecordWarning`
             per problem (batch commands use this to finish on the good records and report the bad ones).
         verify_images: decode every image and mask once (finds truncated files; costs a full decode), instead of
             reading file headers only.
+
+    Masks stored in a lossy format (JPEG) are kept (they are binarised at mid-range when decoded) and named in one
+    `LossyMaskWarning` (its `files` lists them all).
     """
     records = list(records)
     masked_classes = {r.class_name for r in records if r.label == 1 and r.mask_path}
-    kept, problems = [], []
+    kept, problems, lossy = [], [], []
     for record in records:
-        found = record_problems(root, record, check_files, verify_images)
-        required = record.class_name in masked_classes if require_masks is None else require_masks
+        found, mask_format = _check_record(root, record, check_files, verify_images)
+        expected = record.class_name in masked_classes or record.mask_expected
+        required = expected if require_masks is None else require_masks
         if required and record.label == 1 and not record.mask_path:
-            why = "" if require_masks else f" (other anomalous images of class {record.class_name!r} have masks)"
+            why = ""
+            if require_masks is None and record.mask_expected:
+                why = f" (no mask of that name in the ground-truth folder of defect {record.defect_type!r})"
+            elif not require_masks:
+                why = f" (other anomalous images of class {record.class_name!r} have masks)"
             found.append(f"{record.describe()}: anomalous image without a mask{why}")
         problems.extend((record, problem) for problem in found)
         if not found:
             kept.append(record)
+            if record.label == 1 and mask_format in LOSSY_MASK_FORMATS:
+                lossy.append(os.path.normpath(os.path.join(root, record.mask_path)))
     if problems and not skip_invalid:
         raise DatasetLayoutError(what, [problem for _, problem in problems])
     for record, problem in problems:
         image_path = os.path.normpath(os.path.join(root, record.image_path)) if record.image_path else ""
         reason = problem.removeprefix(f"{record.describe()}: ")
         warnings.warn(InvalidRecordWarning(problem, image_path, reason), stacklevel=2)
+    if lossy:
+        shown = ", ".join(lossy[:MAX_REPORTED_PROBLEMS]) + (
+            f" and {len(lossy) - MAX_REPORTED_PROBLEMS} more" if len(lossy) > MAX_REPORTED_PROBLEMS else ""
+        )
+        warnings.warn(
+            LossyMaskWarning(
+                f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG), whose compression noise would "
+                f"grow the defects; they are binarised at mid-range (above 127 of 255): {shown}",
+                lossy,
+            ),
+            stacklevel=2,
+        )
     return kept
 
 
@@ -234,7 +301,9 @@ __all__ = [
     "AnomalyRecord",
     "DatasetLayoutError",
     "InvalidRecordWarning",
+    "LossyMaskWarning",
     "UnknownSelectionError",
+    "duplicate_problems",
     "is_image_file",
     "list_images",
     "records_to_dataset",

@@ -69,14 +69,22 @@ def load_anomaly_dataset(
     check_files: bool = True,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
     """Open a dataset whatever its layout (`detect_layout`) as a `datasets.Dataset` (columns:
     `crane_hf.data.records`). With `skip_invalid`, offending entries are left out with an `InvalidRecordWarning`
     each instead of raising. `require_masks` None (the default) refuses anomalous images without a mask in the
     classes where other anomalous images have one (see `validate_records`); VisA always requires masks.
-    `verify_images` decodes every image and mask once (finds truncated files)."""
+    `verify_images` decodes every image and mask once (finds truncated files). Files under a class folder that are
+    not used get an `UnusedFileWarning` each (`file_accounting`); `strict` refuses them and every offending entry
+    instead (even with `skip_invalid`)."""
     layout = detect_layout(root)
-    options = {"check_files": check_files, "skip_invalid": skip_invalid, "verify_images": verify_images}
+    options = {
+        "check_files": check_files,
+        "skip_invalid": skip_invalid,
+        "verify_images": verify_images,
+        "strict": strict,
+    }
     if layout == "meta.json":
         return load_meta_json(root, split, classes, require_masks=require_masks, **options)
     if layout == "visa":
@@ -89,6 +97,7 @@ def load_data_source(
     require_masks: bool | None = None,
     skip_invalid: bool = False,
     verify_images: bool = False,
+    strict: bool = False,
 ) -> datasets.Dataset:
     """`load_anomaly_dataset` for a `DataSource` or its string form."""
     source = DataSource.parse(source) if isinstance(source, str) else source
@@ -99,6 +108,7 @@ def load_data_source(
         require_masks=require_masks,
         skip_invalid=skip_invalid,
         verify_images=verify_images,
+        strict=strict,
     )
 
 

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-import shutil
+import zipfile
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from ..io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_output_dir, atomic_write_files, atomic_write_text
+from ..io.output_names import MARKER_NAME
+from ..io.output_safety import claim_entries
+from ..models.crane.checkpoint_validation import read_safetensors
 
 CHECKPOINT_PREFIX = "checkpoint-epoch-"
 TRAINING_STATE = "training_state"
@@ -62,8 +65,49 @@ def resolve_checkpoint(spec: str, output_dir: str) -> str:
 
 
 def read_trainer_state(checkpoint: str) -> dict[str, Any]:
-    with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as stream:
-        return json.load(stream)
+    """The checkpoint's trainer_state.json; `ValueError` naming the file when it is not a JSON object."""
+    path = os.path.join(checkpoint, TRAINER_STATE)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            state = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: not a readable trainer state ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+        raise ValueError(f"{path}: not a trainer state (no 'settings' object)")
+    return state
+
+
+def check_training_state(checkpoint: str) -> None:
+    """Refuse a checkpoint whose training state files are truncated or corrupt, naming the file.
+
+    accelerate writes them with `torch.save`, as zip archives: each archive's directory and the CRC of every member
+    are checked (reading the files once, a few hundred kilobytes for the prompts' optimizer state).
+    """
+    folder = os.path.join(checkpoint, TRAINING_STATE)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: missing; {checkpoint} cannot be resumed")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or not name.endswith((".bin", ".pkl", ".pt", ".pth")):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            raise ValueError(f"{path}: truncated or corrupt ({error}); {checkpoint} cannot be resumed") from None
+        if broken is not None:
+            raise ValueError(f"{path}: corrupt (bad CRC in {broken}); {checkpoint} cannot be resumed")
+
+
+def load_training_state(accelerator: Any, checkpoint: str) -> None:
+    """`accelerator.load_state` of the checkpoint's training state, after `check_training_state`; a failure names
+    the checkpoint instead of ending in a bare OSError."""
+    check_training_state(checkpoint)
+    folder = os.path.join(checkpoint, TRAINING_STATE)
+    try:
+        accelerator.load_state(folder)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{folder}: the training state cannot be loaded ({error})") from error
 
 
 def register_prompt_state_hooks(accelerator: Any, model: Any) -> None:
@@ -79,7 +123,7 @@ def register_prompt_state_hooks(accelerator: Any, model: Any) -> None:
     def load_prompts(models: list, input_dir: str) -> None:
         models.clear()
         weights = os.path.join(os.path.dirname(os.path.abspath(input_dir)), SAFE_WEIGHTS_NAME)
-        model.load_prompt_state(load_file(weights), source=weights)
+        model.load_prompt_state(read_safetensors(weights), source=weights)
 
     accelerator.register_save_state_pre_hook(skip_model_weights)
     accelerator.register_load_state_pre_hook(load_prompts)
@@ -90,7 +134,7 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint (layout in the module docstring) from the main process; all processes wait for it."""
     if accelerator.is_main_process:
-        with atomic_output_dir(path, overwrite=overwrite) as staging:
+        with atomic_output_dir(path, overwrite=overwrite, command="train") as staging:
             model.save_pretrained(staging, include_backbones=False)
             processor.save_pretrained(staging)
             accelerator.save_state(os.path.join(staging, TRAINING_STATE))
@@ -99,14 +143,15 @@ def save_checkpoint(
 
 
 def publish_model(checkpoint: str, output_dir: str) -> None:
-    """Copy the model files of `checkpoint` (not its training state) into `output_dir`, each atomically."""
-    for name in sorted(os.listdir(checkpoint)):
-        source = os.path.join(checkpoint, name)
-        if os.path.isfile(source):
-            target = os.path.join(output_dir, name)
-            with open(source, "rb") as stream:
-                atomic_write_bytes(target, stream.read())
-            shutil.copymode(source, target)  # the temporary file was private (0600)
+    """Copy the model files of `checkpoint` (not its training state nor its marker) into `output_dir`, all or
+    nothing (`atomic_write_files`), and list them in the folder's manifest."""
+    sources = {
+        name: os.path.join(checkpoint, name)
+        for name in sorted(os.listdir(checkpoint))
+        if os.path.isfile(os.path.join(checkpoint, name)) and name != MARKER_NAME
+    }
+    atomic_write_files(sources, output_dir)
+    claim_entries(output_dir, sources, "train")
 
 
 def prompt_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -118,8 +163,10 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE",
     "TRAINING_STATE",
+    "check_training_state",
     "checkpoint_path",
     "list_checkpoints",
+    "load_training_state",
     "prompt_tensors",
     "publish_model",
     "read_trainer_state",

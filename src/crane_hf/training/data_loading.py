@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 
-from ..models.crane.image_processing_crane import CraneImageProcessor
+from ..models.crane.image_processing_crane import CraneImageProcessor, LossyMaskWarning
 from ..models.crane.image_reading import read_encoded_image
+from .fingerprints import combine_digests, row_digest
 
 
 def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -60,7 +63,9 @@ class ProcessedImages(torch.utils.data.Dataset):
         try:
             image = read_encoded_image(row["image"])
             mask = None if row["mask"] is None else read_encoded_image(row["mask"])
-            processed = self.processor([image], masks=[mask])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LossyMaskWarning)  # the dataset loaders named these files once
+                processed = self.processor([image], masks=[mask])
         except (ValueError, TypeError, OSError) as error:
             path = image_file(row)
             raise UnreadableRowError(int(index), path, str(error).removeprefix(f"{path}: ")) from error
@@ -70,6 +75,82 @@ class ProcessedImages(torch.utils.data.Dataset):
             "labels": torch.tensor(int(row["label"])),
             "index": torch.tensor(int(index)),
         }
+
+
+@dataclass
+class RowCheck:
+    """What `check_rows` found in some rows of a `ProcessedImages`.
+
+    Attributes:
+        digests: row -> `fingerprints.row_digest` of the readable rows.
+        unreadable: (row, image path, reason) of the rows that cannot be prepared.
+        anomalous: rows labelled anomalous.
+        empty_masks: image paths of anomalous rows whose mask has no anomalous pixel at the model's input size.
+    """
+
+    digests: dict[int, str] = field(default_factory=dict)
+    unreadable: list[tuple[int, str, str]] = field(default_factory=list)
+    anomalous: list[int] = field(default_factory=list)
+    empty_masks: list[str] = field(default_factory=list)
+
+    def merge(self, other: RowCheck) -> RowCheck:
+        self.digests.update(other.digests)
+        self.unreadable.extend(other.unreadable)
+        self.anomalous.extend(other.anomalous)
+        self.empty_masks.extend(other.empty_masks)
+        return self
+
+
+class _CheckedRows(torch.utils.data.Dataset):
+    """Each row prepared exactly as training prepares it, reduced to what `RowCheck` keeps."""
+
+    def __init__(self, images: ProcessedImages, rows: Sequence[int]):
+        self.images = images
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> RowCheck:
+        row = self.rows[position]
+        found = RowCheck()
+        try:
+            item = self.images[row]
+            record = self.images.dataset[row]
+            found.digests[row] = row_digest(record)
+        except UnreadableRowError as error:
+            found.unreadable.append((row, error.image_path, error.reason))
+            return found
+        except OSError as error:  # the file vanished or cannot be read for hashing
+            found.unreadable.append((row, image_file(self.images.dataset[row]), str(error)))
+            return found
+        if int(item["labels"]) == 1:
+            found.anomalous.append(row)
+            if not bool(item["masks"].any()):
+                found.empty_masks.append(image_file(record))
+        return found
+
+
+def check_rows(images: ProcessedImages, rows: Sequence[int], num_workers: int = 0, batch_size: int = 8) -> RowCheck:
+    """Prepare every row of `rows` once, as the training loop will (decoding, conversion, masks at the input size),
+    before any training step: unreadable rows, anomalous images and empty masks are collected, and each readable
+    row's content digest (`fingerprints.row_digest`) is computed. Runs on `num_workers` data loader workers."""
+    loader = torch.utils.data.DataLoader(
+        _CheckedRows(images, rows), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+    )
+    result = RowCheck()
+    for batch in loader:
+        for found in batch:
+            result.merge(found)
+    return result
+
+
+def dataset_fingerprint(dataset: datasets.Dataset) -> str:
+    """The content fingerprint of an anomaly dataset: `fingerprints.combine_digests` of every row's
+    `fingerprints.row_digest`, in order (the image and mask columns are read undecoded). `crane-hf train` computes
+    the same value from the digests `check_rows` collects."""
+    dataset = undecoded(dataset)
+    return combine_digests([row_digest(dataset[index]) for index in range(len(dataset))])
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
@@ -96,4 +177,11 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return self.size
 
 
-__all__ = ["EpochShuffleSampler", "ProcessedImages", "epoch_permutation"]
+__all__ = [
+    "EpochShuffleSampler",
+    "ProcessedImages",
+    "RowCheck",
+    "check_rows",
+    "dataset_fingerprint",
+    "epoch_permutation",
+]

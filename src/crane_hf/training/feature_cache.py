@@ -1,13 +1,16 @@
 """Backbone outputs of each training image, computed once and stored on disk (training with `--cache-features`).
 
 The backbones are frozen, so `encode_image` gives the same result in every epoch; only the prompts change. The
-cache holds, per image, one safetensors file with `image_embeds` [D], `patch_features` [M, N, D] and the
-prepared mask [S, S] (uint8), and `cache_info.json` with a fingerprint of everything the features depend on
-(backbones, E-Attn / D-Attn settings, input size, mixed precision, the list of images and their file sizes and
-times). A cache made for something else is refused rather than silently reused. Memory stays bounded: items are
-read from disk one at a time by the data loader.
+cache holds, per image, one safetensors file with `image_embeds` [D], `patch_features` [M', N, D] (the distinct
+maps, `CraneConfig.map_slots`) and the prepared mask [S, S] (uint8), and `cache_info.json` with a fingerprint of
+everything the features depend on (backbones, E-Attn / D-Attn settings including the computation fields
+`eattn_map_source` and `dattn_input`, input size, mixed precision, and the images: training passes the content
+fingerprint of its data, `data_loading.dataset_fingerprint`; otherwise their paths, file sizes and times). A cache
+made for something else is refused rather than silently reused. Memory stays bounded: items are read from disk one
+at a time by the data loader.
 
-Size per image: M * N * D * 4 bytes, e.g. 16.8 MB for Crane at S = 518 (4 maps of 37 x 37 patches, D = 768).
+Size per image: M' * N * D * 4 bytes, e.g. 4.2 MB for Crane at S = 518 (its four maps are one computed map of
+37 x 37 patches, D = 768; 16.8 MB with `eattn_map_source="per_layer"`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ VISION_FIELDS = (
     "dattn_beta",
     "dattn_gamma",
     "both_eattn_dattn",
-    "official_code_compat",
+    "eattn_map_source",
+    "dattn_input",
     "clip_image_mean",
     "clip_image_std",
     "dino_image_mean",
@@ -64,8 +68,12 @@ def dataset_signature(dataset: datasets.Dataset) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(config: Any, dataset: datasets.Dataset, mixed_precision: str) -> dict[str, Any]:
-    """What the cached features depend on (see the module docstring)."""
+def cache_fingerprint(
+    config: Any, dataset: datasets.Dataset, mixed_precision: str, content_sha256: str | None = None
+) -> dict[str, Any]:
+    """What the cached features depend on (see the module docstring). `content_sha256`: the data's content
+    fingerprint (`data_loading.dataset_fingerprint`, as training computes it); without it, the files' paths, sizes
+    and modification times stand for their content."""
     vision = {name: getattr(config, name) for name in VISION_FIELDS}
     vision["clip_vision_config"] = config.clip_config.vision_config.to_dict()
     vision["dino_config"] = config.dino_config.to_dict() if config.dino_config is not None else None
@@ -74,7 +82,7 @@ def cache_fingerprint(config: Any, dataset: datasets.Dataset, mixed_precision: s
         "model": vision,
         "mixed_precision": mixed_precision,
         "num_images": len(dataset),
-        "images_sha256": dataset_signature(dataset),
+        "images_sha256": content_sha256 or dataset_signature(dataset),
     }
 
 

@@ -1,7 +1,10 @@
 """The training loop of Crane's prompts, on one process or many (accelerate); the command line that runs it is
 `crane-hf train` / `python -m crane_hf.train` (`crane_hf/commands/train.py`, options in `options.py`).
 
-Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the published
+code computes (the computation the official prompts were trained with) unless the computation options
+(`crane_hf/computation_options.py`: `--eattn-maps per_layer --dattn-input layer_input --deep-prompt-rounding none`
+trains the per-layer variant) say otherwise.
 
 - Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
   at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
@@ -17,10 +20,13 @@ Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -30,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
+from ..computation_options import computation_overrides
 from ..data import DataSource, load_data_source
 from ..hub_availability import (
     BackboneUnavailableError,
@@ -38,20 +45,35 @@ from ..hub_availability import (
     local_dir_name,
     unavailable_reason,
 )
-from ..io.atomic import OutputExistsError, check_can_write
+from ..io.atomic import OutputExistsError
+from ..io.output_safety import (
+    check_not_protected,
+    check_output_dir,
+    check_replaceable,
+    check_writable,
+    claim_entries,
+    clean_stale_temporaries,
+    clean_stale_temporaries_in,
+    on_main_process,
+    output_lock,
+    protected_paths,
+    unowned_entries,
+)
+from ..models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
 from .checkpoints import (
     CHECKPOINT_PREFIX,
-    TRAINING_STATE,
     checkpoint_path,
+    list_checkpoints,
+    load_training_state,
     publish_model,
     read_trainer_state,
     register_prompt_state_hooks,
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data_loading import EpochShuffleSampler, ProcessedImages
+from .data_loading import EpochShuffleSampler, ProcessedImages, RowCheck, check_rows
 from .feature_cache import (
     CachedFeatures,
     FeatureCache,
@@ -59,15 +81,14 @@ from .feature_cache import (
     feature_grid,
     fill_feature_cache,
 )
+from .fingerprints import combine_digests, module_fingerprint
 from .options import DEFAULT_DINO, FEATURE_CACHE
 
 LOSS_NAMES = ("loss", "focal_loss", "dice_loss", "image_loss")
 TRAINING_LOG = "training_log.jsonl"
-# Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter).
+# Settings a resumed run must share with the run it continues (epochs may grow; the cache does not matter). The data
+# and the backbones are recognised by the fingerprints of their content (CONTENT_SETTINGS), not by their paths.
 RESUME_SETTINGS = (
-    "data",
-    "clip",
-    "dino",
     "variant",
     "image_size",
     "seed",
@@ -77,7 +98,18 @@ RESUME_SETTINGS = (
     "adam_betas",
     "num_processes",
     "mixed_precision",
+    "eattn_map_source",
+    "dattn_input",
+    "deep_prompt_rounding_dtype",
 )
+CONTENT_SETTINGS = ("data_sha256", "backbones_sha256")
+# What checkpoints written before the computation settings were recorded ran with: the per-layer computation of
+# that time.
+UNRECORDED_SETTINGS = PER_LAYER_COMPUTATION
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the prompts became NaN or infinite: training stops and nothing more is saved or published."""
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -144,7 +176,14 @@ def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, A
         "mixed_precision": accelerator.mixed_precision,
         "epochs": args.epochs,
         "cache_features": args.cache_features,
+        **_computation(args),
     }
+
+
+def _computation(args: argparse.Namespace) -> dict[str, Any]:
+    """The three computation fields the prompts are trained with: the published code's unless the options say
+    otherwise (`CraneConfig` defaults)."""
+    return {**PUBLISHED_COMPUTATION, **computation_overrides(args)}
 
 
 def _dino_source(args: argparse.Namespace) -> str | None:
@@ -179,50 +218,140 @@ class CraneTrainingStep(torch.nn.Module):
         )
 
 
-def _prepare_output_dir(args: argparse.Namespace, resume: str | None, accelerator: Accelerator) -> None:
-    """Refuse to write over an earlier run's outputs unless `--overwrite` (resuming in place is allowed)."""
+def training_protections(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """What `--output-dir` may not be or contain: the dataset roots and local backbone folders."""
+    roots = []
+    for spec in args.data:
+        with contextlib.suppress(OSError, ValueError):
+            roots.append(DataSource.parse(spec).root)
+    return [*protected_paths("the dataset root", roots), *protected_paths("a backbone", [args.clip, args.dino])]
+
+
+def _prepare_output_dir(
+    args: argparse.Namespace, resume: str | None, accelerator: Accelerator, claim: contextlib.ExitStack
+) -> bool:
+    """Claim `--output-dir` for this run (main process: its lock, held until `claim` closes; what killed runs left
+    there removed) and refuse to write over an earlier run's outputs unless `--overwrite`, which needs a folder
+    holding only files crane-hf wrote (resuming in place is allowed). Returns whether this run created the folder.
+    Every process raises the main process's refusal."""
+    return on_main_process(accelerator, lambda: _claim_output_dir(args, resume, claim))
+
+
+def _claim_output_dir(args: argparse.Namespace, resume: str | None, claim: contextlib.ExitStack) -> bool:
     output_dir = os.path.abspath(args.output_dir)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    claim.enter_context(output_lock(output_dir))
+    clean_stale_temporaries(output_dir)
+    clean_stale_temporaries_in(output_dir)
     resuming_in_place = resume is not None and os.path.dirname(os.path.abspath(resume)) == output_dir
-    if not resuming_in_place and not args.overwrite:
-        check_can_write(output_dir, overwrite=False)
+    if not resuming_in_place:
+        if not args.overwrite:
+            check_output_dir(output_dir, overwrite=False, protected=training_protections(args))
+        else:
+            check_replaceable(output_dir)
     first_epoch = read_trainer_state(resume)["epoch"] + 1 if resume else 1
     later = [checkpoint_path(output_dir, e) for e in range(first_epoch, args.epochs + 1)]
     existing = [path for path in later if os.path.exists(path)]
     if existing and not args.overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them.")
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        if args.overwrite and resume is None:  # an earlier run's checkpoints must not pass for this run's
-            for name in os.listdir(output_dir):
-                if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
-                    path = os.path.join(output_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    accelerator.wait_for_everyone()
+    created = not os.path.exists(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if args.overwrite and resume is None:  # an earlier run's checkpoints must not pass for this run's
+        for name in os.listdir(output_dir):
+            if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    claim_entries(output_dir, [TRAINING_LOG, "logs/", f"{FEATURE_CACHE}/"], "train")
+    return created
 
 
-def _check_resume_settings(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
+def _remove_unfinished_output(output_dir: str) -> None:
+    """After a failed run that created `output_dir` and finished no checkpoint: remove it, if it holds only files
+    this run wrote, so that no half-made output folder is left."""
+    if list_checkpoints(output_dir) or not os.path.isdir(output_dir) or unowned_entries(output_dir):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _check_resume_settings(
+    saved: dict[str, Any], current: dict[str, Any], checkpoint: str, names: Sequence[str] = RESUME_SETTINGS
+) -> None:
+    recorded = {**UNRECORDED_SETTINGS, **saved}
     different = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-        for name in RESUME_SETTINGS
-        if saved.get(name) != current[name]
+        f"{name}: checkpoint {recorded.get(name)!r}, now {current[name]!r}"
+        for name in names
+        if recorded.get(name) != current[name]
     ]
     if different:
+        what = {"data_sha256": "the data's content", "backbones_sha256": "the backbones' weights"}
+        changed = [what[name] for name in names if name in what and recorded.get(name) != current[name]]
         raise ValueError(
             f"Cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
             + "; ".join(different)
+            + (f" ({' and '.join(changed)} changed, whatever the paths)" if changed else "")
             + "."
         )
 
 
 def load_training_data(args: argparse.Namespace) -> datasets.Dataset:
     """The `--data` datasets, concatenated; anomalous images must have masks (the pixel losses need them)."""
-    parts = [load_data_source(spec, require_masks=True) for spec in args.data]
+    strict = getattr(args, "strict", False)
+    parts = [load_data_source(spec, require_masks=True, strict=strict) for spec in args.data]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def check_training_data(images: ProcessedImages, args: argparse.Namespace, accelerator: Accelerator) -> str:
+    """Prepare every row once before the first step (each process its share); returns the data's content
+    fingerprint (`data_loading.dataset_fingerprint`).
+
+    Raises:
+        ValueError: rows that cannot be read (all of them named); data with no anomalous image, or no anomalous
+            pixel in any mask, unless `--allow-no-anomalies`. Anomalous images whose mask is empty at the input size
+            are warned about by name.
+    """
+    from accelerate.utils import gather_object
+
+    rows = range(accelerator.process_index, len(images), accelerator.num_processes)
+    found = check_rows(images, rows, args.num_workers, args.batch_size)
+    merged = RowCheck()
+    for part in gather_object([found]) if accelerator.num_processes > 1 else [found]:
+        merged.merge(part)
+    if merged.unreadable:
+        lines = [f"{path} (row {row}): {reason}" for row, path, reason in sorted(merged.unreadable)]
+        raise ValueError(
+            f"{len(lines)} training image(s) cannot be prepared, found before the first step:\n  "
+            + "\n  ".join(lines[:50])
+            + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else "")
+        )
+    with_pixels = len(merged.anomalous) - len(merged.empty_masks)
+    if not args.allow_no_anomalies and (not merged.anomalous or with_pixels == 0):
+        problem = (
+            f"has no anomalous image ({len(images)} normal images)"
+            if not merged.anomalous
+            else f"has no anomalous pixel in any mask ({len(merged.anomalous)} anomalous images, every mask empty "
+            f"at {args.image_size} x {args.image_size})"
+        )
+        raise ValueError(
+            f"The training data {' '.join(args.data)} {problem}: the prompts would learn that everything is normal. "
+            "Train on annotated defects (the zero-shot protocol trains on a dataset's test split), or pass "
+            "--allow-no-anomalies to train anyway."
+        )
+    if merged.empty_masks and accelerator.is_main_process:
+        names = ", ".join(sorted(merged.empty_masks)[:20]) + (" ..." if len(merged.empty_masks) > 20 else "")
+        print(
+            f"warning: {len(merged.empty_masks)} anomalous image(s) have no anomalous pixel in their mask at "
+            f"{args.image_size} x {args.image_size}; the pixel losses treat them as normal: {names}",
+            file=sys.stderr,
+        )
+    return combine_digests([merged.digests[row] for row in range(len(images))])
+
+
 def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
-    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`."""
-    return CraneForAnomalyDetection.from_backbones(args.clip, _dino_source(args), image_size=args.image_size)
+    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`, computing
+    what the published code computes unless the computation options (`--eattn-maps per_layer`, ...) say otherwise."""
+    return CraneForAnomalyDetection.from_backbones(
+        args.clip, _dino_source(args), image_size=args.image_size, **computation_overrides(args)
+    )
 
 
 def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
@@ -258,13 +387,14 @@ def _training_items(
     images: ProcessedImages,
     accelerator: Accelerator,
     cache_dir: str,
+    data_sha256: str | None = None,
 ) -> tuple[torch.utils.data.Dataset, float]:
     """The images themselves, or with `--cache-features` their cached backbone outputs (filled first; the
-    seconds that took are returned)."""
+    seconds that took are returned). The cache is keyed by the data's content fingerprint when given."""
     if not args.cache_features:
         return images, 0.0
     start = time.perf_counter()
-    fingerprint = cache_fingerprint(model.config, images.dataset, accelerator.mixed_precision)
+    fingerprint = cache_fingerprint(model.config, images.dataset, accelerator.mixed_precision, data_sha256)
     cache = FeatureCache(cache_dir, fingerprint)
     fill_feature_cache(cache, model, images, accelerator, args.batch_size, args.num_workers)
     return CachedFeatures(cache, images.dataset["label"]), time.perf_counter() - start
@@ -277,19 +407,42 @@ def train(args: argparse.Namespace) -> str:
         DataSource.parse(spec)  # fail on a wrong path before loading backbones
     check_backbones_available(args)  # before any output is created
     output_dir = os.path.abspath(args.output_dir)
+    check_not_protected(output_dir, training_protections(args))
+    check_writable(os.path.join(output_dir, TRAINING_LOG))  # before anything is loaded or created
     accelerator = _make_accelerator(args, output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     settings = _settings(args, accelerator)
     if resume:
         _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume)
-    _prepare_output_dir(args, resume, accelerator)
+    with contextlib.ExitStack() as claim:
+        created = _prepare_output_dir(args, resume, accelerator, claim)
+        try:
+            return _train(args, accelerator, resume, settings, output_dir)
+        except BaseException:
+            if created and accelerator.is_main_process:
+                _remove_unfinished_output(output_dir)
+            raise
 
+
+def _train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    resume: str | None,
+    settings: dict[str, Any],
+    output_dir: str,
+) -> str:
+    """The training run itself, once the output folder is claimed."""
     set_seed(args.seed)
-    model = build_model(args).to(accelerator.device)
+    model = build_model(args)
+    settings["backbones_sha256"] = module_fingerprint([model.clip, model.dino])
+    model = model.to(accelerator.device)
     processor = CraneImageProcessor.from_crane_config(model.config)
     images = ProcessedImages(load_training_data(args), processor)
+    settings["data_sha256"] = check_training_data(images, args, accelerator)  # before the first step
+    if resume:
+        _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume, CONTENT_SETTINGS)
     cache_dir = args.feature_cache_dir or os.path.join(output_dir, FEATURE_CACHE)
-    items, cache_seconds = _training_items(args, model, images, accelerator, cache_dir)
+    items, cache_seconds = _training_items(args, model, images, accelerator, cache_dir, settings["data_sha256"])
 
     sampler = EpochShuffleSampler(len(items), args.seed)
     loader = torch.utils.data.DataLoader(
@@ -302,7 +455,7 @@ def train(args: argparse.Namespace) -> str:
 
     state: dict[str, Any] = {"epoch": 0, "global_step": 0, "settings": settings, "history": []}
     if resume:
-        accelerator.load_state(os.path.join(resume, TRAINING_STATE))
+        load_training_state(accelerator, resume)
         state = read_trainer_state(resume)
         state["settings"] = settings
     state["cache_fill_seconds"] = cache_seconds
@@ -351,10 +504,20 @@ def _train_epoch(
         for batch in loader:
             with accelerator.accumulate(step_module):
                 output = step_module(batch)
+                values = accelerator.reduce(_loss_values(output), reduction="mean").cpu()  # every process's
+                if not torch.isfinite(values).all():
+                    raise NonFiniteTrainingError(
+                        f"Training stopped at epoch {epoch}, step {state['global_step'] + 1}: the loss is not finite "
+                        f"({', '.join(f'{n} {float(v)}' for n, v in zip(LOSS_NAMES, values))}; rows "
+                        f"{batch['index'].tolist()} on this process). Nothing of this epoch is saved or published. "
+                        f"Lower --lr (now {args.lr}) or check the data."
+                    )
                 accelerator.backward(output.loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            step_sum += accelerator.reduce(_loss_values(output), reduction="mean").cpu()
+                if accelerator.sync_gradients:
+                    _check_finite_prompts(step_module, epoch, state["global_step"] + 1, args.lr)
+            step_sum += values
             micro_batches += 1
             if not accelerator.sync_gradients:
                 continue
@@ -378,10 +541,26 @@ def _train_epoch(
     return {"epoch": epoch, "steps": steps, "seconds": round(seconds, 3), "steps_per_second": steps / seconds, **means}
 
 
+def _check_finite_prompts(step_module: torch.nn.Module, epoch: int, step: int, lr: float) -> None:
+    """Raise `NonFiniteTrainingError` if an optimizer step made a prompt tensor NaN or infinite."""
+    bad = [
+        name
+        for name, parameter in step_module.named_parameters()
+        if parameter.requires_grad and not bool(torch.isfinite(parameter).all())
+    ]
+    if bad:
+        raise NonFiniteTrainingError(
+            f"Training stopped at epoch {epoch}, step {step}: the optimizer step made {', '.join(bad)} NaN or "
+            f"infinite. Nothing of this epoch is saved or published. Lower --lr (now {lr})."
+        )
+
+
 __all__ = [
     "CraneTrainingStep",
+    "NonFiniteTrainingError",
     "build_model",
     "check_backbones_available",
+    "check_training_data",
     "epoch_seed",
     "load_training_data",
     "train",

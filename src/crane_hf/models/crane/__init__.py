@@ -3,6 +3,8 @@ code, importing nothing beyond torch, transformers, huggingface_hub, safetensors
 (`tests/test_layout.py` checks it).
 
 - `configuration_crane.py`: `CraneConfig`, backbones and the published settings of Crane and Crane+;
+- `thresholds.py`: the one comparison of a value with a decision threshold, threshold checks, the exact rates of
+  calibration;
 - `modeling_crane.py`: `CraneForAnomalyDetection`, which composes the blocks below into scores and maps;
 - the blocks: `clip_layers.py` (CLIP blocks), `e_attention.py` (E-Attn), `d_attention.py` (D-Attn),
   `prompt_learning.py` and `prompt_tokenization.py` (learned prompts, text encoder, prompt ids),

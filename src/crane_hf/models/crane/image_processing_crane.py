@@ -8,13 +8,23 @@ Other inputs are converted first (documented in docs/architecture.md):
 - 16-bit and 32-bit integer images (PIL "I;16"/"I", numpy uint16/int32): scaled by their type's maximum to
   [0, 1] and resized in floating point; float images and arrays must hold values in [0, 1] (an error names the
   range found otherwise; rescale first), NaN and infinities are refused;
-- numpy arrays and torch tensors: [H, W], [H, W, C] or [C, H, W] with C in {1, 3, 4}.
+- numpy arrays and torch tensors: [H, W], [H, W, C] or [C, H, W] with C in {1, 3, 4};
+- PIL images: the EXIF orientation is applied first; multi-frame images (animated GIF, multi-page TIFF) are refused.
 
-Masks: grayscale, any value > 0 is anomalous; resized bilinearly to S x S, then binarized at 0.5.
+Masks (`mask_to_binary`), one rule for files, PIL images and arrays: a pixel is anomalous where any channel is
+non-zero, palette resolved to its colours and alpha included; an alpha channel with the same value at every pixel
+(e.g. fully opaque) draws nothing and is ignored, so that an opaque black-and-white RGBA mask is not all anomalous.
+Masks stored in a lossy format (JPEG) carry compression noise around the edges: they are binarised at mid-range
+instead (a value above half the type's maximum, 127 of 255), with a `LossyMaskWarning`. Then resized bilinearly
+to S x S and binarized at 0.5.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,13 +34,24 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .gaussian_smoothing import gaussian_smooth
+from .configuration_crane import MAX_IMAGE_SIZE
+from .gaussian_smoothing import MAX_SMOOTHING_SIGMA, gaussian_smooth
+from .image_reading import check_single_frame, read_image, read_image_url, upright
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str (a local path or URL)
 FLOAT_RANGE_TOLERANCE = 1e-3  # float images slightly outside [0, 1] from resampling are clipped, not refused
+LOSSY_MASK_FORMATS = ("JPEG", "MPO")  # masks in these file formats are binarised at mid-range
+
+
+class LossyMaskWarning(UserWarning):
+    """Masks stored in a lossy format (JPEG) were binarised at mid-range; `files` names them."""
+
+    def __init__(self, message: str, files: Sequence[str] = ()):
+        super().__init__(message)
+        self.files = list(files)
 
 
 def _channels_last(array: np.ndarray, what: str) -> np.ndarray:
@@ -74,11 +95,10 @@ def _unit_range(array: np.ndarray, what: str) -> np.ndarray:
 def image_to_rgb_array(image: ImageLike) -> np.ndarray:
     """An image as RGB [H, W, 3]: uint8 for 8-bit inputs, float32 in [0, 1] otherwise."""
     if isinstance(image, str):
-        from transformers.image_utils import load_image
-
-        image = load_image(image)
+        image = read_image_url(image) if image.startswith(("http://", "https://")) else read_image(image)
     if isinstance(image, Image.Image):
-        return _pil_to_array(image)
+        check_single_frame(image, "image")
+        return _pil_to_array(upright(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
@@ -118,21 +138,69 @@ def resize_rgb(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack(channels, axis=-1).clip(0, 1).astype(np.float32)
 
 
-def mask_to_binary(mask: ImageLike) -> np.ndarray:
-    """A ground-truth mask as bool [H, W]: any value > 0 is anomalous."""
+def _mask_channels(mask: Image.Image) -> tuple[np.ndarray, bool]:
+    """The channels of a PIL mask, [H, W] or [H, W, C], and whether the last one is alpha (palette resolved)."""
+    mode = mask.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        return np.asarray(mask), False
+    if mode in ("LA", "RGBA", "RGB", "CMYK"):  # CMYK: its ink channels (no ink, white, is normal)
+        return np.asarray(mask), mode in ("LA", "RGBA")
+    if mode == "P" and "transparency" not in mask.info:
+        return np.asarray(mask.convert("RGB")), False
+    if mode in ("P", "PA", "La", "RGBa"):
+        return np.asarray(mask.convert("RGBA")), True
+    return np.asarray(mask.convert("RGB")), False  # YCbCr, LAB, HSV: their colours (black is normal)
+
+
+def mask_to_binary(mask: ImageLike, lossy: bool | None = None, name: str = "mask") -> np.ndarray:
+    """A ground-truth mask as bool [H, W] (the rule in the module docstring).
+
+    Args:
+        mask: a PIL image, a file path, or an array / tensor [H, W], [H, W, C] or [C, H, W] (C in 1, 3, 4; with 4
+            channels the last is alpha).
+        lossy: binarise at mid-range (compression noise) instead of at zero; default: whether the PIL image (or
+            file) is in a lossy format (JPEG). The caller warns (see `CraneImageProcessor.preprocess`).
+        name: what error messages call the mask.
+
+    Raises:
+        ValueError: a mask that is not 2-D after decoding, with NaN or infinite values, multi-frame, or lossy with
+            non-zero values that never exceed mid-range (noise cannot be told from a defect).
+    """
     if isinstance(mask, str):
-        mask = Image.open(mask)
+        mask = read_image(mask)
+    has_alpha = False
     if isinstance(mask, Image.Image):
-        array = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16", "F") else mask)
+        check_single_frame(mask, name)
+        mask = upright(mask)
+        lossy = (mask.format in LOSSY_MASK_FORMATS) if lossy is None else lossy
+        array, has_alpha = _mask_channels(mask)
     else:
         array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
         if array.ndim == 3:
-            array = _channels_last(array, "mask array").max(axis=-1)
-    if array.ndim != 2:
-        raise ValueError(f"mask must be a 2-D array, got shape {array.shape}.")
+            array = _channels_last(array, f"{name} array")
+            has_alpha = array.shape[-1] == 4
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a 2-D array, got shape {array.shape}.")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ValueError("mask contains NaN or infinite values.")
-    return array > 0
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if has_alpha and array.size and array[..., -1].min() == array[..., -1].max():
+        array = array[..., :-1]  # a constant alpha channel (e.g. fully opaque) draws nothing
+    level = 0
+    if lossy and np.issubdtype(array.dtype, np.integer):
+        level = np.iinfo(array.dtype).max // 2  # mid-range: 127 of 255
+    elif lossy:
+        level = 0.5
+    binary = array > level
+    if binary.ndim == 3:
+        binary = binary.any(axis=-1)
+    if lossy and not binary.any() and (array > 0).any():
+        raise ValueError(
+            f"{name} is stored in a lossy format and has non-zero values, but none above mid-range (maximum "
+            f"{array.max()}, mid-range {level}): compression noise cannot be told from a defect; save masks as PNG."
+        )
+    return binary
 
 
 def resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -141,6 +209,22 @@ def resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     image = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
     resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return (resized > 0.5).astype(np.float32)
+
+
+def _checked_image_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got {value!r}.")
+    return int(value)
+
+
+def _checked_channels(name: str, values: Any, positive: bool) -> list[float]:
+    """Three finite per-channel numbers (RGB); positive ones for a standard deviation."""
+    valid = isinstance(values, (list, tuple)) and len(values) == 3
+    valid = valid and all(not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) for v in values)
+    if not valid or (positive and min(values) <= 0):
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise ValueError(f"{name} must be 3 {kind} (R, G, B), got {values!r}.")
+    return [float(v) for v in values]
 
 
 class CraneImageProcessor(BaseImageProcessor):
@@ -164,12 +248,26 @@ class CraneImageProcessor(BaseImageProcessor):
     ):
         kwargs.pop("size", None)
         super().__init__(**kwargs)
-        if int(image_size) <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}.")
-        self.image_size = int(image_size)
-        self.image_mean = [float(x) for x in image_mean]
-        self.image_std = [float(x) for x in image_std]
+        self.image_size = _checked_image_size(image_size)
+        self.image_mean = _checked_channels("image_mean", image_mean, positive=False)
+        self.image_std = _checked_channels("image_std", image_std, positive=True)
+        if (
+            isinstance(smoothing_sigma, bool)
+            or not isinstance(smoothing_sigma, numbers.Real)
+            or not 0 <= smoothing_sigma <= MAX_SMOOTHING_SIGMA
+        ):
+            limit = f"{MAX_SMOOTHING_SIGMA:g}"
+            raise ValueError(f"smoothing_sigma must be a number in [0, {limit}], got {smoothing_sigma!r}.")
         self.smoothing_sigma = float(smoothing_sigma)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (ValueError, TypeError) as error:
+            source = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
+            raise ValueError(f"{source}: {error}") from error
 
     @classmethod
     def from_crane_config(cls, config: Any) -> CraneImageProcessor:
@@ -214,18 +312,28 @@ class CraneImageProcessor(BaseImageProcessor):
             masks = [masks] if single else list(masks)
             if len(masks) != len(images):
                 raise ValueError(f"Got {len(images)} images but {len(masks)} masks.")
-            processed = []
+            processed, lossy_masks = [], []
             for index, (mask, (height, width)) in enumerate(zip(masks, original_sizes)):
                 if mask is None:
                     processed.append(np.zeros((size, size), dtype=np.float32))
                     continue
-                binary = mask_to_binary(mask)
+                if isinstance(mask, Image.Image) and mask.format in LOSSY_MASK_FORMATS:
+                    lossy_masks.append(index)
+                binary = mask_to_binary(mask, name=f"mask {index}")
                 if binary.shape != (height, width):
                     raise ValueError(
                         f"mask {index} has size {binary.shape[1]}x{binary.shape[0]} but its image is {width}x{height}."
                     )
                 processed.append(resize_mask(binary, (size, size)))
             data["masks"] = np.stack(processed)
+            if lossy_masks:
+                warnings.warn(
+                    LossyMaskWarning(
+                        f"masks {lossy_masks} are stored in a lossy format (JPEG); binarised at mid-range.",
+                        [str(index) for index in lossy_masks],
+                    ),
+                    stacklevel=2,
+                )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def post_process_anomaly_maps(

@@ -7,8 +7,12 @@
     result = detector("part.png")
     result["score"], result["is_anomalous"], result["anomaly_map"]   # float, bool, float32 [H, W]
 
-Inputs: PIL images, local paths, URLs, numpy arrays, torch tensors, lists of these, and `datasets` columns or
-datasets with an "image" column (streamed lazily, like transformers' KeyDataset).
+Inputs: PIL images, local paths, URLs, encoded image bytes, numpy arrays, torch tensors, lists of these, and
+`datasets` columns or datasets with an "image" column (streamed lazily, like transformers' KeyDataset). The EXIF
+orientation is applied whichever way an image arrives; multi-frame images are refused.
+
+A score or map that is not finite (a corrupt or diverged model) raises `ValueError` for that image: it is never
+reported as `is_anomalous: False`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from transformers import Pipeline
 
 from .image_processing_crane import image_to_rgb_array
-from .image_reading import read_encoded_image, read_image
+from .image_reading import read_encoded_image, read_image, read_image_bytes, read_image_url
+from .thresholds import at_or_above, check_threshold
 from .visualization import render_overlay
 
 PIPELINE_TASK = "zero-shot-anomaly-detection"
@@ -91,7 +96,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         pixel_threshold (`float`): threshold of the overlay contour; default `model.config.pixel_threshold`.
         smoothing_sigma (`float`): Gaussian sigma of the returned maps; default `model.config.smoothing_sigma`.
         return_overlay (`bool`): also return `overlay`, a PIL heatmap blended on the image with the contour.
-        timeout (`float`): seconds to wait for URLs.
+        timeout (`float`): seconds to wait for URLs (default 10; bodies over 64 MiB and decompression bombs are
+            refused, as for files: `image_reading.read_image_url`).
 
     Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
     array at the image's original size, smoothed) and, on request, `overlay`.
@@ -124,9 +130,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             postprocess["return_overlay"] = bool(return_overlay)
         for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
             if value is not None:
-                if not 0.0 <= float(value) <= 1.0:
-                    raise ValueError(f"{name}={value} must be in [0, 1].")
-                postprocess[name] = float(value)
+                postprocess[name] = check_threshold(value, name)
         if smoothing_sigma is not None:
             if float(smoothing_sigma) < 0:
                 raise ValueError(f"smoothing_sigma={smoothing_sigma} must be >= 0.")
@@ -150,11 +154,13 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
             image = read_encoded_image(image)
+        elif isinstance(image, (bytes, bytearray)):  # an encoded image file held in memory
+            image = read_image_bytes(bytes(image), "image bytes")
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image
-
-            image = load_image(image, timeout=timeout)
+            # Downloaded with a timeout and a byte limit, decoded as files are (multi-frame refused, EXIF
+            # orientation, 16-bit kept, bomb guard): the same picture gives the same map by URL and by path.
+            image = read_image_url(image, timeout=timeout)
         elif isinstance(image, str):
             image = read_image(image)
         try:
@@ -198,7 +204,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         height, width = anomaly_map.shape[-2:]
         anomaly_map = anomaly_map.reshape(height, width).numpy().astype(np.float32, copy=False)
         score = float(model_outputs["score"].reshape(-1)[0])
-        result: dict[str, Any] = {"score": score, "is_anomalous": score >= threshold, "anomaly_map": anomaly_map}
+        if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
+            raise ValueError(
+                f"the model gave a non-finite {'score' if not np.isfinite(score) else 'anomaly map'} (score {score}) "
+                "for this image; no decision is made (is the model folder corrupt or diverged?)"
+            )
+        result: dict[str, Any] = {
+            "score": score,
+            "is_anomalous": at_or_above(score, threshold),
+            "anomaly_map": anomaly_map,
+        }
         if return_overlay:
             image = np.asarray(model_outputs["image"]).reshape(height, width, 3)
             result["overlay"] = render_overlay(image, anomaly_map, threshold=pixel_threshold)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .thresholds import at_or_above
+
 # Control points of a perceptually ordered dark-blue -> cyan -> yellow -> red colormap (value, R, G, B).
 _COLORMAP_POINTS = np.array(
     [
@@ -29,8 +31,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 def threshold_contour(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
-    """Boolean [H, W]: pixels at or above `threshold` that touch a pixel below it (4-neighbourhood)."""
-    inside = anomaly_map >= threshold
+    """Boolean [H, W]: pixels at or above `threshold` (`thresholds.at_or_above`) that touch a pixel below it
+    (4-neighbourhood)."""
+    inside = at_or_above(anomaly_map, threshold)
     padded = np.pad(inside, 1, mode="edge")
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return inside & ~interior
