@@ -10,6 +10,8 @@
   here; a command that needs what a test machine lacks (a dataset under /data, the paper's backbones at full size,
   several GPUs, minutes of benchmark timing) runs up to its argument parsing, by the program's own parser (and
   accelerate's for `accelerate launch`), so that a stale option, choice or value fails.
+- Every command quoted in the prose of the README and the docs (`crane-hf evaluate --strict`) that runs one of the
+  project's programs is accepted by their parsers (required arguments it leaves out aside).
 - The docs' python snippets run: docs/data.md against stand-in datasets at the paths it names, docs/metrics.md with
   small arrays and a tiny model for the names it uses.
 - `--help` of every benchmark and example script; every `hf download` in the README, the docs, the error messages and
@@ -226,7 +228,19 @@ def needs_elsewhere(command: str) -> str | None:
 # options, choices and types are refused as usual), then the program stops before any work.
 PARSE_ONLY = textwrap.dedent(
     """
-    import argparse, runpy, sys
+    import argparse, os, runpy, sys
+
+    if os.environ.get("PARSE_FRAGMENT") == "1":  # a command quoted in prose may leave out required arguments
+        parse_known_args = argparse.ArgumentParser.parse_known_args
+
+        def parse_fragment(self, args=None, namespace=None):
+            for action in self._actions:
+                action.required = False
+                if not action.option_strings and action.nargs in (None, "+"):
+                    action.nargs = "?" if action.nargs is None else "*"
+            return parse_known_args(self, args, namespace)
+
+        argparse.ArgumentParser.parse_known_args = parse_fragment
 
     def parse_and_stop(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
@@ -241,6 +255,7 @@ PARSE_ONLY = textwrap.dedent(
     if kind == "module":
         runpy.run_module(target, run_name="__main__", alter_sys=True)
     else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))  # as `python script.py` does
         runpy.run_path(target, run_name="__main__")
     raise SystemExit("the program did not parse its arguments")
     """
@@ -255,8 +270,9 @@ def python_program(argv: list[str]) -> tuple[str, str, list[str]]:
     return ("module", argv[2], argv[3:]) if argv[1] == "-m" else ("script", argv[1], argv[2:])
 
 
-def parse_only(command: str, cwd) -> None:
-    """Check `command` with the parsers of the programs it runs (accelerate's and the launched program's)."""
+def parse_only(command: str, cwd, fragment: bool = False) -> None:
+    """Check `command` with the parsers of the programs it runs (accelerate's and the launched program's); a
+    `fragment` may leave out required arguments (its options and values are still checked)."""
     argv = shlex.split(command)
     if argv[:2] == ["accelerate", "launch"]:
         from accelerate.commands.launch import launch_command_parser
@@ -271,12 +287,13 @@ def parse_only(command: str, cwd) -> None:
     result = subprocess.run(
         [sys.executable, "-c", PARSE_ONLY, kind, target, *arguments],
         cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PARSE_FRAGMENT": "1" if fragment else "0"},
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0 and "ARGUMENTS PARSED" in result.stdout, (command, result.stderr[-3000:])
+    answered = "ARGUMENTS PARSED" in result.stdout or ("--help" in arguments and result.stdout.startswith("usage:"))
+    assert result.returncode == 0 and answered, (command, result.stderr[-3000:])
 
 
 def repository_workspace(tmp_path):
@@ -300,6 +317,51 @@ def test_documented_commands_run(path, tmp_path):
             ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=900
         )
         assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+
+
+INLINE_COMMAND = re.compile(r"`((?:crane-hf|python|accelerate) [^`]*)`")
+PLACEHOLDER = re.compile(r"^(\.\.\.|[A-Z_]+|.*[<\[].*)$")  # "...", MODEL, N, <dataset>, [--overwrite]
+
+
+def inline_commands() -> dict[str, list[str]]:
+    """The commands quoted in the prose of the README and docs/*.md (`crane-hf evaluate --strict`) that run one of
+    the project's programs (crane-hf, python -m crane_hf..., python benchmarks/ or examples/ scripts, accelerate
+    launch of either), without placeholders; per file."""
+    found = {}
+    for path in [os.path.join(ROOT, "README.md"), *DOCS]:
+        with open(path, encoding="utf-8") as stream:
+            prose = ANY_BLOCK.sub("", stream.read())
+        commands = []
+        for command in INLINE_COMMAND.findall(" ".join(prose.split())):
+            argv = shlex.split(command)
+            if any(PLACEHOLDER.match(word) for word in argv[1:]):
+                continue
+            if argv[0] == "accelerate":
+                if argv[1] != "launch" or not any(word == "-m" or word.endswith(".py") for word in argv):
+                    continue
+            elif argv[0] == "python":
+                ours = argv[1] == "-m" and argv[2].startswith("crane_hf")
+                if not (ours or argv[1].startswith(("benchmarks/", "examples/"))):
+                    continue  # python -X importtime, python -m pytest: not the project's programs
+            commands.append(command)
+        if commands:
+            found[path] = list(dict.fromkeys(commands))
+    return found
+
+
+@pytest.mark.parametrize("path", list(inline_commands()), ids=lambda path: os.path.relpath(path, ROOT))
+def test_commands_quoted_in_the_prose_parse(path):
+    """Each command quoted in the prose is accepted by its programs' parsers (required arguments it leaves out
+    aside): no stale option, choice or value; `--help` answers."""
+    for command in inline_commands()[path]:
+        parse_only(command, ROOT, fragment=True)
+
+
+def test_the_prose_quotes_commands():
+    quoted = [command for commands in inline_commands().values() for command in commands]
+    assert "python benchmarks/calibrate_memory.py --images 20 200" in quoted
+    assert "crane-hf evaluate --strict" in quoted and "crane-hf --help" in quoted
+    assert not any(command.startswith("python -m pytest") for command in quoted)
 
 
 def test_the_examples_train_offline_end_to_end(tmp_path):
