@@ -1,0 +1,322 @@
+"""Export a Crane / Crane+ model to an ONNX or OpenVINO folder that runs without the model code.
+
+The graph is traced by `torch.onnx.export` (the `torch.export` based exporter, opset 23, whose attention becomes
+ONNX's `Attention` operator); OpenVINO's IR is converted from that ONNX file by `openvino.convert_model`, so both
+formats hold the same graph. The exported folder describes itself:
+
+    model.onnx                   (format "onnx"; large models: + model.onnx.data, ONNX external data)
+    model.xml, model.bin         (format "openvino")
+    config.json                  the model's `CraneConfig` (thresholds, smoothing sigma; image_size = the export's)
+    preprocessor_config.json     the `CraneImageProcessor` at the export's image size
+    crane_export.json            format, graph file, input and outputs, versions, and the verification result
+
+Before the folder appears, the exported file is run on a probe batch of two seeded random images and compared
+with the eager model; a deviation above `tolerance` raises `ExportParityError` and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..atomic_io import atomic_output_dir
+from ..configuration_crane import _as_int
+from ..gaussian_smoothing import gaussian_smooth
+from ..image_processing_crane import CraneImageProcessor
+from ..modeling_crane import CraneForAnomalyDetection
+from .graph import INPUT_NAME, CraneExportGraph
+
+EXPORT_FILE = "crane_export.json"
+FORMATS = {"onnx": "model.onnx", "openvino": "model.xml"}
+OPSET = 23  # the first opset with ONNX's Attention operator (what scaled_dot_product_attention exports to)
+DEFAULT_TOLERANCE = 1e-4
+PROBE_BATCH = 2  # the probe batch differs from 1 so that the dynamic batch dimension is exercised
+# What each step needs, as pip names the packages (all in the `export` extra).
+REQUIREMENTS = {
+    "onnx": ("onnx", "onnxscript"),
+    "onnxruntime": ("onnxruntime",),
+    "openvino": ("openvino",),
+}
+_MODULES = {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+class ExportParityError(ValueError):
+    """The exported graph's outputs differ from the eager model's by more than the tolerance."""
+
+
+def missing_packages(step: str) -> list[str]:
+    """The pip packages of `step` ("onnx", "onnxruntime" or "openvino") that cannot be imported here."""
+    return [name for name in REQUIREMENTS[step] if importlib.util.find_spec(_MODULES[name]) is None]
+
+
+def require(step: str, purpose: str) -> None:
+    """Raise `ImportError` naming the missing packages of `step` and the install command."""
+    missing = missing_packages(step)
+    if missing:
+        raise ImportError(
+            f"{purpose} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "pip install 'crane-hf[export]'"
+        )
+
+
+def _versions() -> dict[str, str]:
+    names = ("crane-hf", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _check_image_size(model: CraneForAnomalyDetection, image_size: int) -> int:
+    config = model.config
+    patches = [_as_int(config.clip_config.vision_config.patch_size)]
+    if config.use_dattn:
+        patches.append(_as_int(config.dino_config.patch_size))
+    if isinstance(image_size, bool) or int(image_size) != image_size or image_size <= 0:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+    for patch in patches:
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}.")
+    return int(image_size)
+
+
+def export_onnx(graph: CraneExportGraph, path: str, image_size: int, opset: int = OPSET) -> None:
+    """Trace `graph` with `torch.onnx.export` (dynamo) to `path`: input [batch, 3, S, S], batch dynamic.
+
+    Weights are stored inside the file, or in `<path>.data` beside it when they exceed protobuf's 2 GB limit.
+    """
+    require("onnx", "ONNX export")
+    example = torch.zeros(PROBE_BATCH, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(graph.output_names),
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
+    program.save(path)
+
+
+def convert_to_openvino(onnx_path: str, xml_path: str, float16_weights: bool = False) -> None:
+    """OpenVINO IR (`xml_path` and its .bin) converted from an ONNX file by `openvino.convert_model`.
+
+    `float16_weights` stores the weights in float16 (half the file; computation stays float32 on CPUs), which
+    changes the outputs: its deviation is measured by the verification like any other.
+    """
+    require("openvino", "OpenVINO export")
+    import openvino
+
+    ov_model = openvino.convert_model(onnx_path)
+    openvino.save_model(ov_model, xml_path, compress_to_fp16=float16_weights)
+
+
+@dataclass
+class Verification:
+    """Largest absolute differences between the exported graph and the eager model on the probe batch."""
+
+    backend: str
+    batch: int
+    max_abs_diff_scores: float
+    max_abs_diff_maps: float
+    max_abs_diff_smoothed_maps: float | None
+    tolerance: float
+
+    @property
+    def worst(self) -> float:
+        values = [self.max_abs_diff_scores, self.max_abs_diff_maps, self.max_abs_diff_smoothed_maps or 0.0]
+        return max(values)
+
+
+def verify_export(
+    model: CraneForAnomalyDetection, folder: str, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+) -> Verification:
+    """Run the exported graph in `folder` and the eager model on the same seeded probe batch and compare.
+
+    Raises:
+        ExportParityError: a difference above `tolerance` (or a non-finite output).
+    """
+    from .runner import ExportedCraneModel
+
+    metadata = read_export_metadata(folder)
+    size = metadata["image_size"]
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(PROBE_BATCH, 3, size, size, generator=generator)
+    runner = ExportedCraneModel(folder)
+    exported = runner.run(probe.numpy())
+    with torch.inference_mode():
+        eager = model(probe)
+        expected = {"anomaly_scores": eager.anomaly_scores, "anomaly_maps": eager.anomaly_maps}
+        sigma = metadata.get("smoothing_sigma")
+        if sigma:
+            expected["smoothed_anomaly_maps"] = gaussian_smooth(eager.anomaly_maps, sigma)
+    diffs = {name: float((torch.from_numpy(exported[name]) - value).abs().max()) for name, value in expected.items()}
+    result = Verification(
+        backend=runner.backend,
+        batch=PROBE_BATCH,
+        max_abs_diff_scores=diffs["anomaly_scores"],
+        max_abs_diff_maps=diffs["anomaly_maps"],
+        max_abs_diff_smoothed_maps=diffs.get("smoothed_anomaly_maps"),
+        tolerance=float(tolerance),
+    )
+    if not result.worst <= tolerance:  # also catches NaN
+        raise ExportParityError(
+            f"The exported graph ({runner.backend}) differs from the model by up to {result.worst:.3g} on a probe "
+            f"batch (scores {result.max_abs_diff_scores:.3g}, maps {result.max_abs_diff_maps:.3g}); the tolerance "
+            f"is {tolerance:g}. Nothing was written."
+        )
+    return result
+
+
+def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `crane_export.json` of an exported folder (checked for the fields the runner needs).
+
+    Raises:
+        FileNotFoundError: the folder has no `crane_export.json`.
+        ValueError: the file is not valid JSON or lacks a field, or names a format this version does not know.
+    """
+    path = os.path.join(os.fspath(folder), EXPORT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} is not an exported Crane folder: it has no {EXPORT_FILE}.")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            metadata = json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    for field, kind in (("format", str), ("graph_file", str), ("image_size", int), ("outputs", list)):
+        if not isinstance(metadata.get(field), kind):
+            raise ValueError(f"{path}: field {field!r} is missing or not a {kind.__name__}.")
+    if metadata["format"] not in FORMATS:
+        raise ValueError(f"{path}: format {metadata['format']!r} is not one of {', '.join(FORMATS)}.")
+    graph_file = metadata["graph_file"]
+    if os.path.basename(graph_file) != graph_file:
+        raise ValueError(f"{path}: graph_file {graph_file!r} must be a file name inside the folder.")
+    return metadata
+
+
+def is_exported_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `export_model` (it holds `crane_export.json`)."""
+    return os.path.isfile(os.path.join(os.fspath(path), EXPORT_FILE))
+
+
+def export_model(
+    model: CraneForAnomalyDetection,
+    output_dir: str | os.PathLike,
+    format: str = "onnx",
+    image_size: int | None = None,
+    smoothed_maps: bool = False,
+    image_processor: CraneImageProcessor | None = None,
+    float16_weights: bool = False,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export `model` to a self-describing folder (see the module docstring) and return its metadata.
+
+    Args:
+        model: a float32 `CraneForAnomalyDetection` in eval mode, on the CPU.
+        output_dir: the folder to write (built under a temporary name, renamed when complete).
+        format: "onnx" (ONNX Runtime, any ONNX runtime with opset 23) or "openvino" (OpenVINO IR).
+        image_size: the side S of the square input the graph takes; default `model.config.image_size`.
+        smoothed_maps: also output the maps smoothed with `model.config.smoothing_sigma` (for runtimes without
+            PyTorch; the runner smooths the unsmoothed maps itself, as the pipeline does).
+        image_processor: the processor to save beside the graph (its image size is set to S); default the one
+            matching the config.
+        float16_weights: OpenVINO only: store the weights in float16 (the verification measures the deviation;
+            raise `tolerance` to accept it).
+        verify: compare the exported graph with the eager model on a probe batch before writing the folder.
+        tolerance: the largest absolute difference accepted by the verification (scores and maps are in [0, 1]).
+        overwrite: replace an existing `output_dir`.
+
+    Raises:
+        ValueError: a bad argument (format, image size, a non-float32 or training-mode model).
+        ImportError: an exporter or runtime is not installed (the message names the packages).
+        ExportParityError: the verification found a larger deviation than `tolerance`.
+        OutputExistsError: `output_dir` exists and `overwrite` is False.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    if float16_weights and format != "openvino":
+        raise ValueError("float16_weights applies to the openvino format only.")
+    if any(parameter.device.type != "cpu" for parameter in model.parameters()):
+        raise ValueError("Export a model on the CPU (model.to('cpu')).")
+    size = _check_image_size(model, model.config.image_size if image_size is None else image_size)
+    sigma = float(model.config.smoothing_sigma) if smoothed_maps else 0.0
+    require("onnx", "ONNX export")
+    if verify:
+        require("onnxruntime" if format == "onnx" else "openvino", f"Verifying the {format} export")
+    if format == "openvino":
+        require("openvino", "OpenVINO export")
+    graph = CraneExportGraph(model, smoothing_sigma=sigma)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.image_size = size
+    processor = copy.deepcopy(image_processor or CraneImageProcessor.from_crane_config(model.config))
+    processor.image_size = size
+    metadata: dict[str, Any] = {
+        "format": format,
+        "graph_file": FORMATS[format],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "outputs": list(graph.output_names),
+        "image_size": size,
+        "smoothing_sigma": sigma or None,
+        "variant": config.variant,
+        "opset": OPSET,
+        "weights": "float16" if float16_weights else "float32",
+        "exported_with": _versions(),
+    }
+    with atomic_output_dir(os.fspath(output_dir), overwrite=overwrite) as staging:
+        graph_path = os.path.join(staging, FORMATS[format])
+        if format == "onnx":
+            export_onnx(graph, graph_path, size)
+        else:
+            with tempfile.TemporaryDirectory(prefix=".onnx-", dir=staging) as scratch:
+                onnx_path = os.path.join(scratch, "model.onnx")
+                export_onnx(graph, onnx_path, size)
+                convert_to_openvino(onnx_path, graph_path, float16_weights=float16_weights)
+        config.to_json_file(os.path.join(staging, "config.json"))
+        processor.to_json_file(os.path.join(staging, "preprocessor_config.json"))
+        _write_metadata(staging, metadata)
+        if verify:
+            metadata["verification"] = verify_export(model, staging, tolerance).__dict__
+            _write_metadata(staging, metadata)
+    return metadata
+
+
+def _write_metadata(folder: str, metadata: dict[str, Any]) -> None:
+    with open(os.path.join(folder, EXPORT_FILE), "w", encoding="utf-8") as stream:
+        json.dump(metadata, stream, indent=2)
+        stream.write("\n")
+
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "EXPORT_FILE",
+    "FORMATS",
+    "ExportParityError",
+    "Verification",
+    "convert_to_openvino",
+    "export_model",
+    "export_onnx",
+    "is_exported_folder",
+    "missing_packages",
+    "read_export_metadata",
+    "verify_export",
+]
