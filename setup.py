@@ -39,6 +39,8 @@ setup(
         "synthetic": ["scikit-image>=0.22"],  # the synthetic defect dataset and the offline demo
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scikit-image>=0.22", "ruff>=0.5"],
         "tensorboard": ["tensorboard>=2.14"],
+        # `crane-hf export` and its runners: torch.onnx's exporter (onnx, onnxscript), ONNX Runtime, OpenVINO
+        "export": ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.23", "openvino>=2026.0"],
     },
     entry_points={"console_scripts": ["crane-hf=crane_hf.cli:main"]},
     classifiers=[
