@@ -141,8 +141,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, spec = args.worker
-        worker = export_worker if kind == "export" else inference_worker
-        print(json.dumps(worker(json.loads(spec))))
+        spec = json.loads(spec)
+        result = (export_worker if kind == "export" else inference_worker)(spec)
+        if kind == "inference":  # kept beside the outputs too, so an interrupted run keeps its finished steps
+            with open(spec["outputs"].removesuffix(".npz") + ".json", "w", encoding="utf-8") as stream:
+                json.dump({**spec, **result}, stream)
+        print(json.dumps(result))
         return
     print(machine_description())
     print(f"shape {args.shape}: S = {SHAPES[args.shape]['image_size']}; {args.threads} threads per engine; {_load()}")

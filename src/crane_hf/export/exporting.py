@@ -11,7 +11,8 @@ formats hold the same graph. The exported folder describes itself:
     crane_export.json            format, graph file, input and outputs, versions, and the verification result
 
 Before the folder appears, the exported file is run on a probe batch of two seeded random images and compared
-with the eager model; a deviation above `tolerance` raises `ExportParityError` and leaves nothing behind.
+with the eager model (`verify_export`); a deviation above its tolerance raises `ExportParityError` and leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -129,28 +130,54 @@ def convert_to_openvino(onnx_path: str, xml_path: str, float16_weights: bool = F
 
 @dataclass
 class Verification:
-    """Largest absolute differences between the exported graph and the eager model on the probe batch."""
+    """Differences between the exported graph and the eager model on the probe batch (absolute, maps in [0, 1])."""
 
     backend: str
     batch: int
     max_abs_diff_scores: float
     max_abs_diff_maps: float
+    mean_abs_diff_maps: float
     max_abs_diff_smoothed_maps: float | None
     tolerance: float
+    map_tolerance: float
 
-    @property
-    def worst(self) -> float:
-        values = [self.max_abs_diff_scores, self.max_abs_diff_maps, self.max_abs_diff_smoothed_maps or 0.0]
-        return max(values)
+    def failures(self) -> list[str]:
+        """What exceeds its tolerance (NaN counts as exceeding)."""
+        checks = [
+            ("scores, largest", self.max_abs_diff_scores, self.tolerance),
+            ("maps, mean", self.mean_abs_diff_maps, self.tolerance),
+            ("maps, largest", self.max_abs_diff_maps, self.map_tolerance),
+        ]
+        if self.max_abs_diff_smoothed_maps is not None:
+            checks.append(("smoothed maps, largest", self.max_abs_diff_smoothed_maps, self.map_tolerance))
+        return [f"{name} {value:.3g} > {limit:g}" for name, value, limit in checks if not value <= limit]
+
+
+def default_map_tolerance(model: CraneForAnomalyDetection, tolerance: float = DEFAULT_TOLERANCE) -> float:
+    """The largest per-pixel map difference the verification accepts: `tolerance`, or 1e-2 for D-Attn models.
+
+    D-Attn masks the DINOv2 similarity logits below 0 (spec section 3), a hard threshold: a logit within float
+    rounding of 0 is masked by one runtime and kept by another (their matrix products sum in different orders),
+    which moves that patch's D-Attn feature and the map around it by up to about 1e-3 (measured at 518 pixels,
+    docs/export.md). The scores and the mean map difference are still held to `tolerance`.
+    """
+    return max(tolerance, 1e-2) if model.config.use_dattn else tolerance
 
 
 def verify_export(
-    model: CraneForAnomalyDetection, folder: str, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+    model: CraneForAnomalyDetection,
+    folder: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+    map_tolerance: float | None = None,
+    seed: int = 0,
 ) -> Verification:
     """Run the exported graph in `folder` and the eager model on the same seeded probe batch and compare.
 
+    Accepted when the largest score difference and the mean map difference are at most `tolerance` and the
+    largest map difference at most `map_tolerance` (default `default_map_tolerance`).
+
     Raises:
-        ExportParityError: a difference above `tolerance` (or a non-finite output).
+        ExportParityError: a difference above its tolerance (or a non-finite output).
     """
     from .runner import ExportedCraneModel
 
@@ -159,27 +186,29 @@ def verify_export(
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randn(PROBE_BATCH, 3, size, size, generator=generator)
     runner = ExportedCraneModel(folder)
-    exported = runner.run(probe.numpy())
+    exported = {name: torch.from_numpy(value) for name, value in runner.run(probe.numpy()).items()}
     with torch.inference_mode():
         eager = model(probe)
-        expected = {"anomaly_scores": eager.anomaly_scores, "anomaly_maps": eager.anomaly_maps}
         sigma = metadata.get("smoothing_sigma")
-        if sigma:
-            expected["smoothed_anomaly_maps"] = gaussian_smooth(eager.anomaly_maps, sigma)
-    diffs = {name: float((torch.from_numpy(exported[name]) - value).abs().max()) for name, value in expected.items()}
+        smoothed = gaussian_smooth(eager.anomaly_maps, sigma) if sigma else None
+    map_diff = (exported["anomaly_maps"] - eager.anomaly_maps).abs()
     result = Verification(
         backend=runner.backend,
         batch=PROBE_BATCH,
-        max_abs_diff_scores=diffs["anomaly_scores"],
-        max_abs_diff_maps=diffs["anomaly_maps"],
-        max_abs_diff_smoothed_maps=diffs.get("smoothed_anomaly_maps"),
+        max_abs_diff_scores=float((exported["anomaly_scores"] - eager.anomaly_scores).abs().max()),
+        max_abs_diff_maps=float(map_diff.max()),
+        mean_abs_diff_maps=float(map_diff.mean()),
+        max_abs_diff_smoothed_maps=(
+            float((exported["smoothed_anomaly_maps"] - smoothed).abs().max()) if smoothed is not None else None
+        ),
         tolerance=float(tolerance),
+        map_tolerance=float(default_map_tolerance(model, tolerance) if map_tolerance is None else map_tolerance),
     )
-    if not result.worst <= tolerance:  # also catches NaN
+    failures = result.failures()
+    if failures:
         raise ExportParityError(
-            f"The exported graph ({runner.backend}) differs from the model by up to {result.worst:.3g} on a probe "
-            f"batch (scores {result.max_abs_diff_scores:.3g}, maps {result.max_abs_diff_maps:.3g}); the tolerance "
-            f"is {tolerance:g}. Nothing was written."
+            f"The exported graph ({runner.backend}) differs from the model on a probe batch of {PROBE_BATCH} images: "
+            f"{'; '.join(failures)}. Nothing was written."
         )
     return result
 
@@ -227,6 +256,7 @@ def export_model(
     float16_weights: bool = False,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    map_tolerance: float | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export `model` to a self-describing folder (see the module docstring) and return its metadata.
@@ -243,7 +273,10 @@ def export_model(
         float16_weights: OpenVINO only: store the weights in float16 (the verification measures the deviation;
             raise `tolerance` to accept it).
         verify: compare the exported graph with the eager model on a probe batch before writing the folder.
-        tolerance: the largest absolute difference accepted by the verification (scores and maps are in [0, 1]).
+        tolerance: the largest difference of the scores, and of the maps on average, that the verification
+            accepts (absolute; scores and maps are in [0, 1]).
+        map_tolerance: the largest difference at any pixel of the maps; default `default_map_tolerance`
+            (`tolerance`, or 1e-2 for Crane+, whose D-Attn mask is a hard threshold).
         overwrite: replace an existing `output_dir`.
 
     Raises:
@@ -295,7 +328,7 @@ def export_model(
         processor.to_json_file(os.path.join(staging, "preprocessor_config.json"))
         _write_metadata(staging, metadata)
         if verify:
-            metadata["verification"] = verify_export(model, staging, tolerance).__dict__
+            metadata["verification"] = verify_export(model, staging, tolerance, map_tolerance).__dict__
             _write_metadata(staging, metadata)
     return metadata
 
@@ -313,6 +346,7 @@ __all__ = [
     "ExportParityError",
     "Verification",
     "convert_to_openvino",
+    "default_map_tolerance",
     "export_model",
     "export_onnx",
     "is_exported_folder",
