@@ -281,6 +281,10 @@ def test_a_missing_exporter_is_named_with_the_install_command(tmp_path, monkeypa
 @needs_onnx_export
 @needs_onnxruntime
 def test_export_command(tmp_path, capsys):
+    from crane_hf.export import command, exporting
+
+    assert tuple(exporting.FORMATS) == command.FORMAT_CHOICES
+    assert exporting.DEFAULT_TOLERANCE == command.DEFAULT_TOLERANCE
     folder = tmp_path / "model"
     model = tiny_model("crane")
     model.save_pretrained(folder)

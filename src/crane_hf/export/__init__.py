@@ -9,25 +9,29 @@
 The exporters and runtimes are optional: `pip install 'crane-hf[export]'` (onnx, onnxscript, onnxruntime, openvino).
 """
 
-from .exporting import (
-    EXPORT_FILE,
-    FORMATS,
-    ExportParityError,
-    export_model,
-    is_exported_folder,
-    read_export_metadata,
-)
-from .graph import CraneExportGraph
-from .runner import ExportedCraneModel, load_exported_detector
+from __future__ import annotations
 
-__all__ = [
-    "EXPORT_FILE",
-    "FORMATS",
-    "CraneExportGraph",
-    "ExportParityError",
-    "ExportedCraneModel",
-    "export_model",
-    "is_exported_folder",
-    "load_exported_detector",
-    "read_export_metadata",
-]
+import importlib
+from typing import Any
+
+# Imported on first use, so that `crane-hf --help` and `crane-hf export --help` load no torch.
+_LAZY = {
+    "EXPORT_FILE": "exporting",
+    "FORMATS": "exporting",
+    "ExportParityError": "exporting",
+    "export_model": "exporting",
+    "is_exported_folder": "exporting",
+    "read_export_metadata": "exporting",
+    "CraneExportGraph": "graph",
+    "ExportedCraneModel": "runner",
+    "load_exported_detector": "runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
