@@ -32,8 +32,9 @@ def dino_similarity_attention(dino_patches: torch.Tensor, beta: float, gamma: fl
     logits = per_sample(lambda f: f @ f.transpose(1, 2), features)
     mean = per_sample(lambda similarity: similarity.mean(dim=(1, 2), keepdim=True), logits)
     logits = logits.sub_(mean * beta).mul_(gamma)
-    masked = logits < 0
-    masked.diagonal(dim1=1, dim2=2).fill_(False)
+    # Boolean, so exact; an AND with the off-diagonal (not a fill of the diagonal view) so that it also exports.
+    off_diagonal = ~torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    masked = (logits < 0).logical_and_(off_diagonal)
     return torch.softmax(logits.masked_fill_(masked, float("-inf")), dim=-1)
 
 
