@@ -4,23 +4,29 @@
 - a preset name ("crane+/mvtec", "crane/visa", ...), kind `preset`: `crane_hf.presets.model_from_preset`, backbones
   from the Hub cache, the Hub, or `clip=` / `dino=` local folders;
 - a folder written by `save_pretrained`, `crane-hf convert`, `train` or `push --dry-run`, kind `folder`, and
-- a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
+- a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`;
+- a folder written by `crane-hf export` (it holds `crane_export.json`), kind `exported`:
+  `crane_hf.export.ExportedCraneModel`, the ONNX Runtime / OpenVINO graph behind the same pipeline, on the CPU,
+  in float32 (other devices and dtypes, `clip=` / `dino=` and config fields computed inside the graph are refused).
 
-A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
-`load_model`.
+A new kind of model source is one more kind in `model_kind` and one more branch in `load_model`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .export.folder import is_exported_folder
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 from .presets import is_preset_name, model_from_preset
+
+if TYPE_CHECKING:
+    from .export.runner import ExportedCraneModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,9 +39,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def model_kind(spec: str) -> str:
-    """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring)."""
+    """ "preset", "exported", "folder" or "hub": how `load_model` reads `spec` (see the module docstring)."""
     if is_preset_name(spec):
         return "preset"
+    if is_exported_folder(spec):
+        return "exported"
     return "folder" if os.path.isdir(spec) else "hub"
 
 
@@ -45,25 +53,42 @@ def load_model(
     dino: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_exported: bool = True,
     **config_overrides: Any,
-) -> tuple[CraneForAnomalyDetection, CraneImageProcessor]:
+) -> tuple[CraneForAnomalyDetection | ExportedCraneModel, CraneImageProcessor]:
     """A model in eval mode and its image processor.
 
     Args:
-        spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained`, or a Hub id.
+        spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained` or by `crane-hf export`,
+            or a Hub id.
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
+        allow_exported: False where the caller needs the PyTorch model (push, export): an exported folder is refused.
         **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
 
+    Returns:
+        For an exported folder, an `ExportedCraneModel` (the pipeline's model interface, CPU, float32).
+
     Raises:
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones).
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); for an exported
+            folder also a dtype other than float32, a device other than the CPU, an override of a field the graph
+            computes, or a folder that fails its checks (`crane_hf/export/folder.py`).
+        ImportError: an exported folder whose runtime (onnxruntime / openvino) is not installed.
         OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
             when a backbone is neither cached nor downloadable.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if model_kind(spec) == "preset":
+    kind = model_kind(spec)
+    if kind == "exported":
+        if not allow_exported:
+            raise ValueError(
+                f"{spec} is an exported ONNX/OpenVINO folder: it runs (predict, calibrate, evaluate) but cannot be "
+                "saved, published or exported again; use the model folder it was exported from."
+            )
+        return _load_exported(spec, clip, dino, device, torch_dtype, config_overrides)
+    if kind == "preset":
         model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
         processor = CraneImageProcessor.from_crane_config(model.config)
     else:
@@ -76,6 +101,30 @@ def load_model(
         processor = _processor_for(spec, model)
     model.to(resolve_device(device))
     return model.eval(), processor
+
+
+def _load_exported(
+    spec: str,
+    clip: str | None,
+    dino: str | None,
+    device: str | None,
+    dtype: torch.dtype | None,
+    config_overrides: dict[str, Any],
+) -> tuple[ExportedCraneModel, CraneImageProcessor]:
+    """An exported folder's runner and processor; what it cannot honour is refused before the graph is loaded."""
+    from .export.runner import ExportedCraneModel, check_cpu_device
+
+    if clip or dino:
+        raise ValueError(f"--clip/--dino apply to presets only; {spec} is an exported graph that holds its backbones.")
+    if dtype not in (None, torch.float32):
+        raise ValueError(
+            f"{spec} is an exported float32 graph; dtype {str(dtype).removeprefix('torch.')} is not available for it "
+            "(leave --dtype unset or use float32)."
+        )
+    check_cpu_device(device, spec)
+    model = ExportedCraneModel(spec)
+    model.apply_config_overrides(config_overrides)
+    return model, model.image_processor()
 
 
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:
@@ -98,7 +147,7 @@ def load_detector(
     dtype: str | torch.dtype | None = None,
     **config_overrides: Any,
 ) -> ZeroShotAnomalyDetectionPipeline:
-    """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder or a Hub id.
+    """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder, an exported folder or a Hub id.
 
     Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).

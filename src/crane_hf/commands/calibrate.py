@@ -101,7 +101,9 @@ def calibrate_folder(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="model folder to calibrate (its config.json is updated)")
+    parser.add_argument(
+        "model_dir", help="model folder or exported folder (crane-hf export) to calibrate (its config.json is updated)"
+    )
     parser.add_argument("inputs", nargs="+", help="normal (defect-free) images: files, folders or globs")
     parser.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate (default 0.01)")
     parser.add_argument("--pixel-fpr", type=float, default=0.01, help="target pixel false-positive rate")

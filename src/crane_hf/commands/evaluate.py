@@ -31,7 +31,7 @@ from .cli import HelpFormatter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="preset name, model folder or Hub id")
+    parser.add_argument("--model", default=None, help="preset name, model folder, Hub id or exported folder")
     parser.add_argument(
         "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
     )

@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         check_can_write(args.output, args.overwrite)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", dtype="float32")
+        model, processor = load_model(
+            args.model, clip=args.clip, dino=args.dino, device="cpu", dtype="float32", allow_exported=False
+        )
         metadata = export_model(
             model,
             args.output,

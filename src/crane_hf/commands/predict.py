@@ -169,7 +169,7 @@ def _write_tables(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder or Hub id")
+    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")

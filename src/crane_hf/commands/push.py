@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             check_can_write(args.dry_run, args.overwrite)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu")
+        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", allow_exported=False)
         if args.dry_run:
             with atomic_output_dir(args.dry_run, overwrite=args.overwrite) as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)

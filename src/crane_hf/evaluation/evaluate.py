@@ -222,7 +222,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
     from ..metrics import AnomalyMetricAccumulator
-    from ..model_loading import load_model
+    from ..model_loading import load_model, model_kind
     from ..training.data_loading import image_file, undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
@@ -240,7 +240,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.soft_mean is not None:
         overrides["soft_mean"] = args.soft_mean == "true"
-    device = str(state.device) if args.device == "auto" else args.device
+    # "auto": the process's accelerate device; an exported folder runs on the CPU, which "auto" then means.
+    device = str(state.device) if args.device == "auto" and model_kind(model_spec) != "exported" else args.device
     model, processor = load_model(
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
     )
