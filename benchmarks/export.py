@@ -14,7 +14,10 @@ the paper shape). Every step runs alone in a fresh process, so its peak resident
   `ExportedCraneModel.run` (ONNX Runtime or OpenVINO, float32), on the same seeded batch: one warm-up call at
   batch 1, then `--repeats` timed calls at the batch size; "forward MiB" is the peak above the resident memory
   just before the timed calls (the weights excluded). All engines get the same thread count (`--threads`).
-- parity: largest absolute difference of the image scores and of the unsmoothed maps against the eager run.
+- parity: largest absolute difference of the image scores and of the unsmoothed maps against the eager run, and
+  of the maps against the eager model with its D-Attn weights in float64 (`float64_dattn`: what the graph computes
+  and the export's verification compares with; the same as eager for Crane), with the number of map pixels beyond
+  1e-4 from it; "eager mask flips": the D-Attn mask decisions of the eager float32 run that differ from float64's.
 """
 
 from __future__ import annotations
@@ -107,8 +110,19 @@ def inference_worker(spec: dict[str, Any]) -> dict[str, Any]:
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - start_cpu)
     peak = _rss_kib("VmHWM")
+    flips = None
+    if spec["engine"] == "eager" and model.config.use_dattn:  # the graph's reference: D-Attn in float64
+        from crane_hf.models.crane.d_attention import float32_mask_flips, float64_dattn
+
+        with torch.inference_mode(), float64_dattn():
+            reference = model(pixels)
+            tokens, _ = model._dino_patch_tokens(pixels)
+            flips = int(float32_mask_flips(tokens, model.config.dattn_beta, model.config.dattn_gamma).sum())
+        outputs["reference_anomaly_scores"] = reference.anomaly_scores.numpy()
+        outputs["reference_anomaly_maps"] = reference.anomaly_maps.numpy()
     np.savez(spec["outputs"], **outputs)
     return {
+        "eager_float32_mask_flips": flips,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "load_seconds": load_seconds,
@@ -183,6 +197,10 @@ def main() -> None:
                             other = np.load(outputs[run["engine"]])
                             for key in ("anomaly_scores", "anomaly_maps"):
                                 run[f"max_abs_diff_{key}"] = float(np.abs(other[key] - eager[key]).max())
+                            reference = eager.get("reference_anomaly_maps", eager["anomaly_maps"])
+                            difference = np.abs(other["anomaly_maps"] - reference)
+                            run["max_abs_diff_maps_float64_dattn"] = float(difference.max())
+                            run["map_pixels_beyond_1e-4_float64_dattn"] = int((difference > 1e-4).sum())
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -194,18 +212,23 @@ def main() -> None:
               f"| {e['above_model_mib']:.0f} | {e['folder_mib']:.0f} |")  # fmt: skip
     print("\nInference (s/image: best timed call / batch; x eager: this over eager's at the same batch):")
     print("| model | engine | batch | s/image best | x eager | CPU-s/image | load s | peak RSS MiB | forward MiB "
-          "| max abs diff scores | max abs diff maps |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| max abs diff scores | max abs diff maps | maps vs float64 D-Attn | pixels > 1e-4 | eager mask flips "
+          "|")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     best = {(r["variant"], r["engine"], r["batch"]): min(r["seconds"]) / r["batch"] for r in runs}
     for r in runs:
         per_image = best[(r["variant"], r["engine"], r["batch"])]
         eager = best.get((r["variant"], "eager", r["batch"]))
         ratio = f"{per_image / eager:.2f}" if eager else ""
-        diffs = [r.get(f"max_abs_diff_{key}") for key in ("anomaly_scores", "anomaly_maps")]
+        keys = ("max_abs_diff_anomaly_scores", "max_abs_diff_anomaly_maps", "max_abs_diff_maps_float64_dattn")
+        diffs = [r.get(key) for key in keys]
         cells = ["" if d is None or r["engine"] == "eager" else f"{d:.1e}" for d in diffs]
+        cells.append("" if r["engine"] == "eager" else str(r.get("map_pixels_beyond_1e-4_float64_dattn", "")))
+        flips = r.get("eager_float32_mask_flips")
+        cells.append("" if flips is None else str(flips))
         print(f"| {r['variant']} | {ENGINE_LABELS[r['engine']]} | {r['batch']} | {per_image:.3f} | {ratio} "
               f"| {min(r['cpu_seconds']) / r['batch']:.2f} | {r['load_seconds']:.1f} | {r['peak_rss_mib']:.0f} "
-              f"| {r['forward_mib']:.0f} | {cells[0]} | {cells[1]} |")  # fmt: skip
+              f"| {r['forward_mib']:.0f} | {' | '.join(cells)} |")  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as stream:
             json.dump({"exports": exports, "runs": runs, "machine": machine_description()}, stream, indent=2)

@@ -23,24 +23,21 @@ from crane_hf.export import (
     load_exported_detector,
 )
 from crane_hf.export.exporting import verify_export
-from crane_hf.export.packages import missing_packages
 from crane_hf.model_loading import make_pipeline
-from crane_hf.models.crane.d_attention import dino_similarity_attention
+from crane_hf.models.crane import modeling_crane
+from crane_hf.models.crane.d_attention import (
+    dino_similarity_attention,
+    dino_similarity_attention_float64,
+    float32_mask_flips,
+    float64_dattn,
+)
 from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
 from crane_hf.models.crane.reproducibility import per_sample
 
+from .export_packages import SKIP_VARIABLE, export_tests_mark
 from .tiny_models import TINY_SIZE, tiny_model, write_test_images
 
-INSTALL = "pip install 'crane-hf[export]'"
-needs_onnx_export = pytest.mark.skipif(
-    bool(missing_packages("onnx")), reason=f"ONNX export needs {missing_packages('onnx')} ({INSTALL})"
-)
-needs_onnxruntime = pytest.mark.skipif(
-    bool(missing_packages("onnxruntime")), reason=f"the ONNX tests need onnxruntime ({INSTALL})"
-)
-needs_openvino = pytest.mark.skipif(
-    bool(missing_packages("openvino")), reason=f"the OpenVINO tests need openvino ({INSTALL})"
-)
+needs_export = export_tests_mark()  # an error, not a skip, where the test extra's export packages are missing
 TOLERANCE = 1e-4
 SMALL_SIZE = 42  # an export size other than the model's 56: a 3 x 3 patch grid
 
@@ -82,14 +79,7 @@ def _probe(size: int, batch: int) -> torch.Tensor:
     return pixels
 
 
-def _skip_unless_available(fmt: str, backend: str) -> None:
-    for step in ("onnx", backend if backend == "openvino" else "onnxruntime"):
-        if missing_packages(step):
-            pytest.skip(f"needs {', '.join(missing_packages(step))} ({INSTALL})")
-    if fmt == "openvino" and missing_packages("openvino"):
-        pytest.skip(f"needs openvino ({INSTALL})")
-
-
+@needs_export
 @pytest.mark.parametrize(
     "name, backend",
     [
@@ -100,8 +90,7 @@ def _skip_unless_available(fmt: str, backend: str) -> None:
     ],
 )
 def test_exported_graph_matches_the_eager_model(models, exported, name, backend):
-    variant, fmt = name.split("-")
-    _skip_unless_available(fmt, backend)
+    variant = name.split("-")[0]
     runner = ExportedCraneModel(exported(name), backend=backend)
     model = models[variant]
     for batch in (1, 3):  # neither is the traced batch (2): the batch dimension is dynamic
@@ -118,8 +107,7 @@ def test_exported_graph_matches_the_eager_model(models, exported, name, backend)
             assert np.abs(outputs["smoothed_anomaly_maps"] - smoothed).max() <= TOLERANCE
 
 
-@needs_onnx_export
-@needs_openvino
+@needs_export
 def test_exported_folder_describes_itself(exported, models):
     folder = exported("crane+-openvino")
     with open(os.path.join(folder, EXPORT_FILE), encoding="utf-8") as stream:
@@ -132,16 +120,22 @@ def test_exported_folder_describes_itself(exported, models):
     }
     assert metadata["outputs"] == ["anomaly_scores", "anomaly_maps", "smoothed_anomaly_maps"]
     assert metadata["smoothing_sigma"] == models["crane+"].config.smoothing_sigma
-    assert metadata["verification"]["max_abs_diff_maps"] <= TOLERANCE
-    assert metadata["verification"]["map_tolerance"] == 1e-2  # Crane+: the D-Attn mask threshold (docs/export.md)
-    assert {"model.xml", "model.bin", "config.json", "preprocessor_config.json"} <= set(os.listdir(folder))
+    check = metadata["verification"]
+    assert check["max_abs_diff_maps"] <= TOLERANCE and check["max_abs_diff_smoothed_maps"] <= TOLERANCE
+    assert check["tolerance"] == 1e-4 and check["backend"] == "openvino" and check["eager_float32_mask_flips"] == 0
+    assert set(os.listdir(folder)) == {
+        "model.xml",
+        "model.bin",
+        "config.json",
+        "preprocessor_config.json",
+        EXPORT_FILE,
+    }
     runner = ExportedCraneModel(folder)
     assert (runner.config.image_threshold, runner.config.pixel_threshold) == (0.37, 0.61)
     assert runner.config.image_size == SMALL_SIZE == runner.image_processor().image_size
 
 
-@needs_onnx_export
-@needs_onnxruntime
+@needs_export
 def test_pipeline_on_an_exported_folder_gives_the_eager_pipeline_results(exported, models, tmp_path):
     paths = write_test_images(tmp_path / "images", count=3, size=(48, 64))
     paths += write_test_images(tmp_path / "other", count=1, size=(70, 30), seed=1)
@@ -156,8 +150,7 @@ def test_pipeline_on_an_exported_folder_gives_the_eager_pipeline_results(exporte
         assert result["is_anomalous"] == (result["score"] >= 0.37)  # the threshold saved beside the graph
 
 
-@needs_onnx_export
-@needs_onnxruntime
+@needs_export
 def test_predict_runs_an_exported_model(exported, models, tmp_path):
     """`crane-hf predict`'s code path takes the runner as its model (the wiring of --model exported/)."""
     paths = write_test_images(tmp_path / "images", count=3)
@@ -175,7 +168,7 @@ def test_predict_runs_an_exported_model(exported, models, tmp_path):
     assert (summary["image_threshold"], summary["pixel_threshold"]) == (0.37, 0.61)
 
 
-@needs_onnx_export
+@needs_export
 @pytest.mark.parametrize("variant", ["crane", "crane+"])
 def test_graph_holds_text_features_as_constants_and_no_attention_matrix(exported, models, variant):
     """No text tower in the file, the text features as a constant, every attention one `Attention` operator, and
@@ -199,6 +192,12 @@ def test_graph_holds_text_features_as_constants_and_no_attention_matrix(exported
     if model.config.use_dattn:
         expected += model.config.dino_config.num_hidden_layers
     assert sum(node.op_type == "Attention" for node in graph.node) == expected
+    to_double = [
+        node
+        for node in graph.node
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in node.attribute)
+    ]
+    assert bool(to_double) == model.config.use_dattn  # D-Attn's mask is decided in float64 (docs/export.md)
 
     patches = (TINY_SIZE // vision.patch_size) ** 2
     token_counts = {patches + 1}
@@ -213,18 +212,34 @@ def test_graph_holds_text_features_as_constants_and_no_attention_matrix(exported
             assert model.config.use_dattn, value.name
 
 
-@needs_onnx_export
-@needs_onnxruntime
-def test_verification_refuses_a_graph_that_differs_from_the_model(exported):
+@needs_export
+def test_verification_refuses_a_graph_that_differs_from_the_model(exported, monkeypatch):
     other = tiny_model("crane", seed=1)
     with pytest.raises(ExportParityError, match=r"differs from the model on a probe batch of 2 images: scores"):
         verify_export(other, exported("crane-onnx"))
-    with pytest.raises(ExportParityError, match=r"maps, largest .* > 0.0001"):
-        verify_export(other, exported("crane-onnx"), tolerance=1.0, map_tolerance=1e-4)
+    accepted = verify_export(tiny_model("crane"), exported("crane-onnx"))
+    assert accepted.max_abs_diff_maps <= TOLERANCE and accepted.eager_float32_mask_flips is None
+
+    real_run = ExportedCraneModel.run
+
+    def one_pixel_off(self, pixel_values):  # the graph's outputs with one map pixel moved by 2e-4
+        outputs = real_run(self, pixel_values)
+        outputs["anomaly_maps"][1, 7, 30] += 2e-4
+        return outputs
+
+    monkeypatch.setattr(ExportedCraneModel, "run", one_pixel_off)
+    with pytest.raises(ExportParityError, match=r"images: maps, largest 0\.0002\d* > 0\.0001\. Nothing was written"):
+        verify_export(tiny_model("crane"), exported("crane-onnx"))
 
 
-@needs_onnx_export
-@needs_onnxruntime
+@needs_export
+def test_verification_of_a_crane_plus_openvino_graph_names_openvinos_float32_mask_decision(exported):
+    """OpenVINO's CPU plugin has no float64: a refused Crane+ OpenVINO graph says what that means for D-Attn."""
+    with pytest.raises(ExportParityError, match=r"OpenVINO's CPU plugin computes D-Attn's float64 mask decision"):
+        verify_export(tiny_model("crane+", seed=1), exported("crane+-openvino"))
+
+
+@needs_export
 def test_runner_refuses_bad_inputs(exported):
     runner = ExportedCraneModel(exported("crane-onnx"))
     with pytest.raises(
@@ -268,8 +283,20 @@ def test_a_missing_exporter_is_named_with_the_install_command(tmp_path, monkeypa
     assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
 
 
-@needs_onnx_export
-@needs_onnxruntime
+def test_missing_export_packages_fail_the_export_tests_unless_skipping_is_asked(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    monkeypatch.delenv(SKIP_VARIABLE, raising=False)
+    with pytest.raises(ImportError, match=r"the export tests need openvino, which the test extra installs: pip"):
+        export_tests_mark()
+    monkeypatch.setenv(SKIP_VARIABLE, "1")
+    mark = export_tests_mark()
+    assert mark.name == "skip" and "need openvino" in mark.kwargs["reason"]
+
+
+@needs_export
 def test_export_command(tmp_path, capsys):
     from crane_hf.commands import export as command
     from crane_hf.export import exporting
@@ -313,6 +340,96 @@ def test_dattn_mask_is_bitwise_the_diagonal_fill():
     weights = dino_similarity_attention(patches, 1.2, 3.0)
     assert torch.equal(weights, _reference_dattn_weights(patches, 1.2, 3.0))
     assert torch.equal(weights[2], torch.eye(16))
+
+
+def _float64_dattn_weights(dino_patches: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """The D-Attn weights computed in float64 image by image from the formula (spec section 3), then float32."""
+    rows = []
+    for patches in dino_patches.double():
+        features = patches / patches.norm(dim=-1, keepdim=True)
+        similarity = features @ features.T
+        logits = (similarity - similarity.mean() * beta) * gamma
+        masked = logits < 0
+        masked.fill_diagonal_(False)
+        rows.append(torch.softmax(logits.masked_fill(masked, float("-inf")), dim=-1))
+    return torch.stack(rows).float()
+
+
+def _patches_with_float32_mask_flips(count: int = 4) -> torch.Tensor:
+    """DINOv2-like patch features [count, 24, 16] where float32 decides some D-Attn mask entries unlike float64:
+    in each image, patch 1 is moved towards patch 0 (bisection on the float32 features, A in float64) until A_01
+    changes sign between two neighbouring float32 inputs, and images are kept whose float32 decisions differ."""
+    found = []
+    for seed in range(200):
+        patches = torch.randn(24, 16, generator=torch.Generator().manual_seed(seed)).double()
+
+        def logit(t: float, patches=patches) -> tuple[float, torch.Tensor]:
+            moved = patches.clone()
+            moved[1] = patches[1] + t * patches[0]
+            moved = moved.float().double()
+            return float(_float64_logits(moved)[0, 1]), moved
+
+        low, high = -3.0, 3.0
+        if (logit(low)[0] < 0) == (logit(high)[0] < 0):
+            continue
+        for _ in range(80):
+            middle = (low + high) / 2
+            if (logit(middle)[0] < 0) == (logit(low)[0] < 0):
+                low = middle
+            else:
+                high = middle
+        value, moved = logit(low)
+        candidate = moved.float()[None]
+        if abs(value) < 1e-6 and int(float32_mask_flips(candidate, 1.2, 3.0)) > 0:
+            found.append(candidate)
+        if len(found) == count:
+            return torch.cat(found)
+    raise AssertionError(f"only {len(found)} images with a float32 mask flip among 200 seeds")
+
+
+def _float64_logits(patches: torch.Tensor) -> torch.Tensor:
+    features = patches / patches.norm(dim=-1, keepdim=True)
+    similarity = features @ features.T
+    return (similarity - similarity.mean() * 1.2) * 3.0
+
+
+def test_float64_dattn_decides_the_mask_as_exact_arithmetic_and_eager_keeps_its_float32_bits(monkeypatch):
+    """Features whose A_01 lies within float32 rounding of 0: eager float32 decides it unlike float64 (counted by
+    `float32_mask_flips`); `dino_similarity_attention_float64`, `float64_dattn()` and an export trace give the
+    float64 weights; outside them the eager weights are the float32 computation, bitwise."""
+    patches = _patches_with_float32_mask_flips()
+    reference = _float64_dattn_weights(patches, 1.2, 3.0)
+    eager = dino_similarity_attention(patches, 1.2, 3.0)
+    assert torch.equal(eager, _reference_dattn_weights(patches, 1.2, 3.0))  # the float32 form, bitwise
+    flipped = (eager == 0) != (reference == 0)
+    assert torch.equal(float32_mask_flips(patches, 1.2, 3.0), flipped.sum(dim=(1, 2))) and flipped.any()
+    assert (flipped[:, 0, 1] | flipped[:, 1, 0]).all()  # the engineered entry of every image
+    assert torch.equal(dino_similarity_attention_float64(patches, 1.2, 3.0), reference)
+    with float64_dattn():
+        assert torch.equal(dino_similarity_attention(patches, 1.2, 3.0), reference)
+    assert torch.equal(dino_similarity_attention(patches, 1.2, 3.0), eager)  # the block ended
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(dino_similarity_attention(patches, 1.2, 3.0), reference)
+
+
+def test_eager_crane_plus_outputs_are_bitwise_the_float32_dattn_and_float64_dattn_only_inside_the_block(
+    monkeypatch,
+):
+    """The eager model's scores and maps equal, bitwise, those of the model with D-Attn replaced by the float32
+    form written in this test; inside `float64_dattn()` they equal those with the float64 form."""
+    model = tiny_model("crane+")
+    pixels = _probe(TINY_SIZE, 3)
+    with torch.inference_mode():
+        eager = model(pixels)
+        with float64_dattn():
+            double = model(pixels)
+    for form, outputs in ((_reference_dattn_weights, eager), (_float64_dattn_weights, double)):
+        with monkeypatch.context() as patch:
+            patch.setattr(modeling_crane, "dino_similarity_attention", form)
+            with torch.inference_mode():
+                expected = model(pixels)
+        assert torch.equal(outputs.anomaly_scores, expected.anomaly_scores)
+        assert torch.equal(outputs.anomaly_maps, expected.anomaly_maps)
 
 
 def test_per_sample_loops_in_eager_and_batches_only_while_tracing():

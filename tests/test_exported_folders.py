@@ -16,21 +16,13 @@ from crane_hf import load_detector
 from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset
 from crane_hf.export import EXPORT_FILE, ExportedCraneModel
-from crane_hf.export.packages import INSTALL, missing_packages
 from crane_hf.model_loading import load_model, model_kind
 
+from .export_packages import export_tests_mark
 from .tiny_models import save_tiny_model_folder, write_test_images
 
 TOLERANCE = 1e-4
-pytestmark = pytest.mark.skipif(
-    bool(missing_packages("onnx") + missing_packages("onnxruntime")),
-    reason=f"exported folders need {missing_packages('onnx') + missing_packages('onnxruntime')} ({INSTALL})",
-)
-
-
-def _run_openvino():
-    if missing_packages("openvino"):
-        pytest.skip(f"needs openvino ({INSTALL})")
+pytestmark = export_tests_mark()  # an error, not a skip, where the test extra's export packages are missing
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +54,6 @@ def _rows(folder) -> list[dict]:
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_predict_on_an_exported_folder_gives_the_eager_folders_rows(folders, fmt, tmp_path):
-    if fmt == "openvino":
-        _run_openvino()
     exported = folders(fmt)
     assert model_kind(exported) == "exported" and model_kind(folders("model")) == "folder"
     images = write_test_images(tmp_path / "images", count=5, size=(48, 64))
