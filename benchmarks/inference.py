@@ -110,10 +110,13 @@ def analytic_flops(config: CraneConfig, size: int) -> dict[str, float]:
     "eattn": per E-Attn layer, pairs x 4T^2C for the self-correlation attentions + 2TC^2 for the e stream's
         output projection;
     "last_layer": what the class-token-only last layer saves (negative): CLIP's attention output, output
-        projection and MLP for the N patch tokens, N (4TC + 2C^2 + 4CI);
+        projection and MLP for the N patch tokens, N (4TC + 2C^2 + 4CI); only the MLP, N 4CI, when D-Attn reads
+        that layer's o stream after its attention (dattn_input "after_attention");
     "dattn": the M x M DINOv2 similarity once (2M^2 C_dino), then per feature layer weights @ values (2M^2 C) and
-        the output projection (2MC^2); the values are the layer's own v projection, reused;
-    "heads": visual projection of every map (2NCD) and the patch logits (4ND).
+        the output projection (2MC^2); the values are the layer's own v projection, reused with dattn_input
+        "layer_input", computed again (2TC^2) from the o stream after attention with "after_attention";
+    "heads": visual projection of every distinct map (2NCD) and the patch logits (4ND): one map for Crane with
+        eattn_map_source "last_layer" (its four maps are the final e stream).
     Text features are cached: no per-image cost.
     """
     vision = config.clip_config.vision_config
@@ -127,9 +130,13 @@ def analytic_flops(config: CraneConfig, size: int) -> dict[str, float]:
     # "(q+k+v)^2": q k^T over 3C-wide keys, then the values zero-padded to 3C (fused kernel): 6T^2C + 6T^2C
     self_attention = pairs * 4 * t * t * c if pairs else 12 * t * t * c
     flops["eattn"] = config.eattn_layers * (self_attention + 2 * t * c * c)
-    trimmed = config.eattn_layers > 0 and not (config.official_code_compat and config.use_dattn)
-    flops["last_layer"] = -n * (4 * t * c + 2 * c * c + 4 * c * inner) if trimmed else 0
-    flops["heads"] = config.num_maps * (2 * n * c * projection + 4 * n * projection)
+    after_attention = config.use_dattn and config.dattn_input == "after_attention"
+    keeps_attention = after_attention and layers in config.feature_layers
+    flops["last_layer"] = 0
+    if config.eattn_layers > 0:
+        flops["last_layer"] = -n * 4 * c * inner if keeps_attention else -n * (4 * t * c + 2 * c * c + 4 * c * inner)
+    distinct_maps = max(config.map_slots) + 1
+    flops["heads"] = distinct_maps * (2 * n * c * projection + 4 * n * projection)
     flops["dino"] = flops["dattn"] = 0
     if config.use_dattn:
         dino = config.dino_config
@@ -139,7 +146,8 @@ def analytic_flops(config: CraneConfig, size: int) -> dict[str, float]:
         mlp = int(w * dino.mlp_ratio)
         dino_layer = 8 * td * w * w + 4 * td * w * mlp + 4 * td * td * w
         flops["dino"] = 2 * m * 3 * dino_patch**2 * w + dino_layers * dino_layer
-        flops["dattn"] = 2 * m * m * w + len(config.feature_layers) * (2 * m * m * c + 2 * m * c * c)
+        values = 2 * t * c * c if after_attention else 0
+        flops["dattn"] = 2 * m * m * w + len(config.feature_layers) * (2 * m * m * c + 2 * m * c * c + values)
     return flops
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -16,9 +17,11 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from crane_hf import CraneForAnomalyDetection
+from crane_hf import CraneConfig, CraneForAnomalyDetection
 from crane_hf.commands.calibrate import threshold_for_fpr
 from crane_hf.commands.cli import COMMANDS, main
+from crane_hf.computation_options import add_computation_arguments, computation_overrides
+from crane_hf.models.crane import configuration_crane
 
 from .tiny_models import write_test_images
 
@@ -92,11 +95,16 @@ def test_predict_never_overwrites_without_asking(tiny_model_dir, image_folder, t
     (output / "keep.txt").write_text("precious")
     argv = ["predict", str(image_folder / "part_0.png"), "--model", tiny_model_dir, "--output", str(output), "--quiet"]
     assert main(argv) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists and was not written by crane-hf" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 2  # a folder crane-hf did not write is never replaced
+    assert "not written by crane-hf" in capsys.readouterr().err
     assert (output / "keep.txt").read_text() == "precious"
-    assert main([*argv, "--overwrite"]) == 0
-    assert not (output / "keep.txt").exists() and (output / "predictions.csv").is_file()
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging left behind
+    os.remove(output / "keep.txt")
+    assert main(argv) == 0  # an empty folder is used
+    assert main(argv) == 2 and "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0  # its own output is replaced
+    assert (output / "predictions.csv").is_file()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging or lock left behind
 
 
 def test_predict_globs_missing_inputs_and_maps(tiny_model_dir, image_folder, tmp_path):
@@ -174,6 +182,96 @@ def test_calibrate_saves_thresholds_into_the_model_folder(tiny_model_dir, tmp_pa
     assert (pixels >= model.config.pixel_threshold).mean() <= 0.05 + 1e-3  # float rounding across batch sizes
 
 
+def test_predict_applies_computation_options(tiny_model_dir, tmp_path, capsys):
+    images = write_test_images(tmp_path / "images", count=3)
+    common = ["predict", str(tmp_path / "images"), "--model", tiny_model_dir, "--no-overlays", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "default")]) == 0
+    options = [
+        "--soft-mean",
+        "--dattn-input",
+        "layer_input",
+        "--deep-prompt-rounding",
+        "none",
+        "--eattn-maps",
+        "per_layer",
+    ]
+    assert main([*common, "--output", str(tmp_path / "changed"), *options]) == 0
+    default = json.loads((tmp_path / "default" / "predictions.json").read_text())
+    changed = json.loads((tmp_path / "changed" / "predictions.json").read_text())
+    changes = {
+        "soft_mean": True,
+        "dattn_input": "layer_input",
+        "deep_prompt_rounding_dtype": None,
+        "eattn_map_source": "per_layer",
+    }
+    assert default["computation"]["published_computation"] is True
+    assert {name: changed["computation"][name] for name in changes} == changes
+    detector = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir, model_kwargs=changes)  # transformers' way
+    assert detector.model.config.computation == {name: changes[name] for name in detector.model.config.computation}
+    expected = {os.path.basename(path): result["score"] for path, result in zip(images, detector(images))}
+    scores = {os.path.basename(row["path"]): row["score"] for row in changed["predictions"]}
+    assert scores == pytest.approx(expected, abs=1e-6)
+    assert any(abs(a["score"] - b["score"]) > 1e-4 for a, b in zip(default["predictions"], changed["predictions"]))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--output", str(tmp_path / "bad"), "--eattn-maps", "every_layer"])
+    assert exit_info.value.code == 2 and "invalid choice: 'every_layer'" in capsys.readouterr().err
+
+
+def test_computation_options_offer_exactly_the_values_the_config_accepts():
+    # The options are defined without importing transformers (fast --help), so their choices are written out again:
+    # every value offered must build a model config, and every value the config accepts must be offered.
+    parser = argparse.ArgumentParser()
+    add_computation_arguments(parser)
+    options = {"--eattn-maps": "eattn_map_source", "--dattn-input": "dattn_input"}
+    options["--deep-prompt-rounding"] = "deep_prompt_rounding_dtype"
+    accepted = {
+        "eattn_map_source": configuration_crane.EATTN_MAP_SOURCES,
+        "dattn_input": configuration_crane.DATTN_INPUTS,
+        "deep_prompt_rounding_dtype": configuration_crane.DEEP_PROMPT_ROUNDING_DTYPES,
+    }
+    for option, field in options.items():
+        (action,) = (action for action in parser._actions if option in action.option_strings)
+        offered = [computation_overrides(parser.parse_args([option, choice]))[field] for choice in action.choices]
+        assert sorted(offered, key=str) == sorted(accepted[field], key=str)
+        for value in offered:
+            assert getattr(CraneConfig(**{field: value}), field) == value
+        with pytest.raises(ValueError, match=field):
+            CraneConfig(**{field: "something_else"})
+    assert computation_overrides(parser.parse_args([])) == {}
+    assert computation_overrides(parser.parse_args(["--no-soft-mean"])) == {"soft_mean": False}
+
+
+def test_calibrate_saves_the_computation_its_thresholds_hold_for(tiny_model_dir, tmp_path):
+    write_test_images(tmp_path / "normal", count=4, seed=3)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    assert main(["calibrate", str(model_dir), str(tmp_path / "normal"), "--soft-mean", "--quiet"]) == 0
+    saved = json.loads((model_dir / "config.json").read_text())
+    record = json.loads((model_dir / "calibration.json").read_text())
+    assert saved["soft_mean"] is True and record["overrides"] == {"soft_mean": True}
+    assert record["computation"]["soft_mean"] is True
+    # A folder saved with the old switch: a changed computation field replaces it with the three new fields.
+    legacy_dir = tmp_path / "legacy"
+    shutil.copytree(tiny_model_dir, legacy_dir)
+    config = json.loads((legacy_dir / "config.json").read_text())
+    for name in ("eattn_map_source", "dattn_input", "deep_prompt_rounding_dtype"):
+        del config[name]
+    (legacy_dir / "config.json").write_text(json.dumps({**config, "official_code_compat": True}))
+    assert main(["calibrate", str(legacy_dir), str(tmp_path / "normal"), "--quiet"]) == 0
+    assert json.loads((legacy_dir / "config.json").read_text())["official_code_compat"] is True  # left as it was
+    assert (
+        main(["calibrate", str(legacy_dir), str(tmp_path / "normal"), "--dattn-input", "layer_input", "--quiet"]) == 0
+    )
+    saved = json.loads((legacy_dir / "config.json").read_text())
+    assert "official_code_compat" not in saved
+    assert (saved["eattn_map_source"], saved["dattn_input"], saved["deep_prompt_rounding_dtype"]) == (
+        "last_layer",
+        "layer_input",
+        "float16",
+    )
+    assert CraneForAnomalyDetection.from_pretrained(legacy_dir).config.dattn_input == "layer_input"
+
+
 def test_calibrate_needs_a_model_folder_and_images(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path), str(tmp_path), "--quiet"]) == 2
     assert "not a model folder" in capsys.readouterr().err
@@ -212,6 +310,9 @@ def test_push_dry_run_writes_a_complete_repository_that_loads_back(tiny_model_di
     front = card.split("---")[1]
     assert "license: mit" in front and "pipeline_tag: image-segmentation" in front and "anomaly-detection" in front
     assert 'pipeline("zero-shot-anomaly-detection", model="acme/crane-tiny", trust_remote_code=True)' in card
+    assert (
+        "- Computation (the published Crane code's): E-Attn maps `last_layer`, D-Attn input `after_attention`" in card
+    )
     loaded = CraneForAnomalyDetection.from_pretrained(out)
     original = CraneForAnomalyDetection.from_pretrained(tiny_model_dir)
     pixels = torch.randn(1, 3, 56, 56)

@@ -1,10 +1,16 @@
+import json
 import os
 
 import pytest
 import torch
 
 from crane_hf import CraneConfig
-from crane_hf.models.crane.configuration_crane import CLIP_VIT_L14_336, DINOV2_REG_B14
+from crane_hf.models.crane.configuration_crane import (
+    CLIP_VIT_L14_336,
+    DINOV2_REG_B14,
+    PER_LAYER_COMPUTATION,
+    PUBLISHED_COMPUTATION,
+)
 
 from .tiny_models import OFFICIAL_DIR, OFFICIAL_FILES, tiny_clip_config, tiny_config, tiny_dino_config
 
@@ -26,7 +32,70 @@ def test_defaults_are_the_paper_crane_setting():
         "X X X X X X X X X X X X object.",
         "X X X X X X X X X X X X damaged object.",
     ]
-    assert config.official_code_compat is False
+    assert config.computation == PUBLISHED_COMPUTATION and config.computes_published_code
+    assert config.computation == {
+        "eattn_map_source": "last_layer",
+        "dattn_input": "after_attention",
+        "deep_prompt_rounding_dtype": "float16",
+    }
+    assert config.map_slots == [0, 0, 0, 0]  # the four maps are the final e stream, computed once
+
+
+def test_every_way_of_building_a_config_computes_the_published_code():
+    for config in (
+        CraneConfig(),
+        CraneConfig.for_variant("crane"),
+        CraneConfig.for_variant("crane+"),
+        tiny_config("crane"),
+        tiny_config("crane+"),
+    ):
+        assert config.computation == PUBLISHED_COMPUTATION, config.variant
+    assert CraneConfig.for_variant("crane+").map_slots == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("switch", "expected"),
+    [(True, PUBLISHED_COMPUTATION), (False, PER_LAYER_COMPUTATION), (None, PUBLISHED_COMPUTATION)],
+)
+def test_the_old_switch_still_means_what_it_meant_and_is_not_saved(tmp_path, switch, expected):
+    legacy = {} if switch is None else {"official_code_compat": switch}
+    config = tiny_config("crane+", **legacy)
+    assert config.computation == expected
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "official_code_compat" not in saved
+    assert {name: saved[name] for name in expected} == expected
+    assert CraneConfig.from_pretrained(tmp_path).computation == expected
+
+
+def test_the_old_switch_and_a_contradicting_new_field_are_refused():
+    with pytest.raises(ValueError, match=r"official_code_compat=True .* contradicts eattn_map_source='per_layer'"):
+        tiny_config("crane", official_code_compat=True, eattn_map_source="per_layer")
+    with pytest.raises(ValueError, match="official_code_compat='yes' must be true or false"):
+        tiny_config("crane", official_code_compat="yes")
+    agreeing = tiny_config("crane", official_code_compat=False, dattn_input="layer_input")
+    assert agreeing.computation == PER_LAYER_COMPUTATION
+
+
+def test_per_layer_map_slots_and_mixed_choices():
+    assert tiny_config("crane", eattn_map_source="per_layer").map_slots == [0, 1, 2]
+    assert tiny_config("crane+", feature_layers=[2, 4, 6]).map_slots == [0, 3, 1, 3, 2, 3]
+    assert tiny_config("crane+", feature_layers=[2, 6], both_eattn_dattn=False).map_slots == [0, 1]
+    mixed = tiny_config("crane+", deep_prompt_rounding_dtype=None)
+    assert not mixed.computes_published_code and mixed.eattn_map_source == "last_layer"
+
+
+def test_overrides_are_validated_and_unknown_names_refused():
+    config = tiny_config("crane")
+    changed = config.with_overrides(soft_mean=False, eattn_map_source="per_layer")
+    assert (changed.soft_mean, changed.eattn_map_source, config.soft_mean) == (False, "per_layer", True)
+    assert changed.to_dict() == {**config.to_dict(), "soft_mean": False, "eattn_map_source": "per_layer"}
+    with pytest.raises(TypeError, match=r"'sof_mean' \(did you mean 'soft_mean'\?\)"):
+        config.with_overrides(sof_mean=False)
+    with pytest.raises(TypeError, match=r"CraneConfig.for_variant got unknown keyword argument\(s\) 'eattn_maps'"):
+        CraneConfig.for_variant("crane", eattn_maps="per_layer")
+    with pytest.raises(ValueError, match="image_size=60"):
+        config.with_overrides(image_size=60)
 
 
 def test_crane_plus_preset_matches_the_paper():
@@ -84,6 +153,9 @@ def test_round_trip_through_json(tmp_path):
         ({"clip_image_std": [0.2, 0.0, 0.3]}, "clip_image_std"),
         ({"image_threshold": 2.0}, "image_threshold"),
         ({"prompt_token_ids": [[1, 2, 3]]}, "prompt_token_ids"),
+        ({"eattn_map_source": "every_layer"}, "eattn_map_source"),
+        ({"dattn_input": "o_mid"}, "dattn_input"),
+        ({"deep_prompt_rounding_dtype": "float8"}, "deep_prompt_rounding_dtype"),
     ],
 )
 def test_invalid_settings_fail_with_the_field_named(overrides, field):

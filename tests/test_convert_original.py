@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 
 import pytest
@@ -11,6 +13,7 @@ from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
 from crane_hf.commands.convert import main
+from crane_hf.models.crane.configuration_crane import PUBLISHED_COMPUTATION
 from crane_hf.models.crane.convert_original import (
     BackboneMismatchError,
     convert_original_checkpoint,
@@ -72,6 +75,10 @@ def test_synthetic_checkpoint_converts_with_its_prompts(backbones, tmp_path):
     for i in range(3):
         assert torch.equal(model.prompt_learner.deep_prompts[i], state[f"compound_prompts_text.{i}"])
     assert model.config.variant == "crane+" and model.config.num_deep_prompts == 3
+    # the computation the official prompts were trained with, and where they came from
+    assert model.config.computation == PUBLISHED_COMPUTATION
+    digest = hashlib.sha256((tmp_path / "epoch_5.pth").read_bytes()).hexdigest()
+    assert model.config.converted_from == {"checkpoint": "epoch_5.pth", "sha256": digest}
 
 
 def test_other_clip_weights_are_refused_unless_allowed(backbones, tmp_path):
@@ -171,6 +178,11 @@ def test_command_line_writes_a_loadable_folder_and_never_overwrites(backbones, t
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(output))
     model = CraneForAnomalyDetection.from_pretrained(output)
     assert model.config.soft_mean is True and model.config.variant == "crane+"
+    saved = json.loads((output / "config.json").read_text())
+    assert "official_code_compat" not in saved
+    assert {name: saved[name] for name in PUBLISHED_COMPUTATION} == PUBLISHED_COMPUTATION
+    assert model.config.computation == PUBLISHED_COMPUTATION
+    assert saved["converted_from"]["checkpoint"] == "epoch_1.pth"
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0

@@ -12,11 +12,18 @@ import torch
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
-from crane_hf.evaluation.evaluate import paper_protocol
+from crane_hf.evaluation.evaluate import _computation_lines, computation_record, paper_protocol
 from crane_hf.metrics import compute_metrics
+from crane_hf.model_loading import prompts_origin
 from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
 
-from .tiny_models import launch_two_processes, run_process_group, save_tiny_model_folder, subprocess_environment
+from .tiny_models import (
+    launch_two_processes,
+    run_process_group,
+    save_tiny_model_folder,
+    subprocess_environment,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +36,9 @@ def evaluation_setup(tmp_path_factory):
     return work, model_dir, data
 
 
-def _expected_metrics(model_dir: str, data: str) -> dict[str, dict[str, float]]:
+def _expected_metrics(model_dir: str, data: str, **overrides) -> dict[str, dict[str, float]]:
     """Metrics computed image by image with the model, processor, scipy-equal smoothing and compute_metrics."""
-    model = CraneForAnomalyDetection.from_pretrained(model_dir)
+    model = CraneForAnomalyDetection.from_pretrained(model_dir, **overrides)
     processor = CraneImageProcessor.from_pretrained(model_dir)
     dataset = load_anomaly_dataset(data, "test")
     per_class: dict[str, list] = {}
@@ -67,6 +74,24 @@ def test_evaluate_writes_the_paper_table_with_exact_metrics(evaluation_setup, ca
     assert "| **mean** |" in table
     assert (output / "metrics.csv").read_text().startswith("class,")
     assert report["images"] == 16 and report["aupro"] == "official"
+    assert report["computation"] == {
+        "variant": "crane+",
+        "eattn_map_source": "last_layer",
+        "dattn_input": "after_attention",
+        "deep_prompt_rounding_dtype": "float16",
+        "published_computation": True,
+        "soft_mean": False,
+        "feature_layers": [6],
+        "image_size": 56,
+        "smoothing_sigma": 4.0,
+        "aupro": "official",
+        "prompts": {"kind": "folder", "path": os.path.abspath(model_dir)},
+    }
+    head = table.split("| class |")[0]
+    assert f"prompts from folder {os.path.abspath(model_dir)}" in head
+    published = "computation (the published code's): E-Attn maps last_layer, D-Attn input after_attention"
+    assert published + ", deep prompts float16" in head
+    assert "soft_mean False, image size 56, smoothing sigma 4.0, AUPRO official" in head
     assert "Wrote metrics.md" in capsys.readouterr().out
     assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]) == 2
 
@@ -94,6 +119,43 @@ def test_overlays_and_legacy_aupro(evaluation_setup):
     assert coins["pixel_aupro"] == coins["pixel_aupro_legacy"] != coins["pixel_aupro_official"]
     assert len(os.listdir(output / "overlays" / "coins")) == 8
     assert not any(name.startswith(".") for name in os.listdir(work))
+
+
+def test_computation_options_are_applied_and_recorded(evaluation_setup):
+    work, model_dir, data = evaluation_setup
+    output = work / "overridden"
+    argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]
+    assert main([*argv, "--soft-mean", "--dattn-input", "layer_input", "--deep-prompt-rounding", "none"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    changes = {"soft_mean": True, "dattn_input": "layer_input", "deep_prompt_rounding_dtype": None}
+    assert {name: report["computation"][name] for name in changes} == changes
+    assert report["computation"]["published_computation"] is False
+    assert "computation (differs from the published code's)" in (output / "metrics.md").read_text()
+    expected = _expected_metrics(model_dir, data, **changes)
+    for name, metrics in expected.items():
+        for key, value in metrics.items():
+            assert report["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+    default = _expected_metrics(model_dir, data)
+    assert any(abs(default[n][k] - expected[n][k]) > 1e-6 for n in expected for k in expected[n])
+
+
+def test_prompts_origin_names_presets_folders_hub_ids_and_converted_checkpoints(tmp_path):
+    model = tiny_model("crane")
+    assert prompts_origin("crane+/mvtec", model) == {"kind": "preset", "preset": "crane+/mvtec"}
+    assert prompts_origin("acme/crane-parts", model) == {"kind": "hub", "repo_id": "acme/crane-parts"}
+    model.config.converted_from = {"checkpoint": "epoch_5.pth", "sha256": "ab" * 32}
+    model.config.preset = "crane/visa"
+    origin = prompts_origin(str(tmp_path), model)
+    assert origin == {
+        "kind": "folder",
+        "path": str(tmp_path),
+        "preset": "crane/visa",
+        "converted_from": {"checkpoint": "epoch_5.pth", "sha256": "ab" * 32},
+    }
+    record = computation_record(model, str(tmp_path), "legacy", 4.0)
+    assert record["prompts"] == origin and record["aupro"] == "legacy" and record["feature_layers"] == [2, 4, 6]
+    lines = "\n".join(_computation_lines(record))
+    assert "(saved from preset crane/visa) (converted from epoch_5.pth, sha256 " + "ab" * 32 + ")" in lines
 
 
 def test_two_processes_equal_one(evaluation_setup):

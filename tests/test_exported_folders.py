@@ -144,6 +144,26 @@ def test_what_an_exported_graph_cannot_honour_is_refused_with_one_line(folders, 
         assert err.startswith("error: ") and err.count("\n") == 1 and exported in err, err
     assert not any((tmp_path / name).exists() for name in ("p", "repo", "again"))
 
+    # The computation options: the graph's computation was fixed at export; its own values pass, others are refused.
+    config = json.loads(pathlib.Path(exported, "config.json").read_text())
+    other = {"last_layer": "per_layer", "per_layer": "last_layer"}[config["eattn_map_source"]]
+    before = pathlib.Path(exported, "config.json").read_bytes()
+    for argv in (
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--eattn-maps", other],
+        ["calibrate", exported, str(tmp_path / "images"), "--eattn-maps", other, "--quiet"],
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--soft-mean" if not
+         config["soft_mean"] else "--no-soft-mean"],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and exported in err, err
+        assert "cannot be applied to it (export the model again with it)" in err, err
+    assert pathlib.Path(exported, "config.json").read_bytes() == before  # calibrate wrote nothing
+    same = ["--eattn-maps", config["eattn_map_source"], "--dattn-input", config["dattn_input"]]
+    assert main(["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), *same, "--quiet"]) == 0
+    summary = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert summary["computation"]["eattn_map_source"] == config["eattn_map_source"]
+
 
 # ---------------------------------------------------------------------------------- a stranger's exported folder
 

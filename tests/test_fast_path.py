@@ -2,7 +2,10 @@
 
 The reference below is crane-method.md sections 2-5 written out literally: every attention as an explicit softmax
 matrix, the o stream computed for every token in every layer, D-Attn recomputed per feature layer, the text run
-over all 77 positions, every map upsampled before averaging.
+over all 77 positions, every map upsampled before averaging. It follows the published code's three behaviours
+(section 3, (a)-(c)) or their per-layer variant as the model's config says: (a) one copy of the final e stream per
+feature layer, stacked, (b) D-Attn on the o stream after the layer's attention was added to it, (c) deep prompts
+repeated per prompt row and cast to float16 before they are written into the hidden states.
 """
 
 from __future__ import annotations
@@ -57,18 +60,22 @@ def _straightforward_text(model):
     hidden = tokens + text_model.embeddings.position_embedding.weight[: ids.shape[1]]
     causal_mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
     deep = learner.deep_prompts
+    rounding = model.config.deep_prompt_rounding_dtype
     for index, layer in enumerate(text_model.encoder.layers):
         if 1 <= index <= deep.shape[0]:
-            hidden = hidden.clone()
-            hidden[:, 1 : 1 + deep.shape[1]] = deep[index - 1]
+            rows = deep[index - 1].expand(hidden.shape[0], -1, -1)
+            if rounding is not None:  # the published code: `.expand(...).permute(...).half()`, then torch.cat
+                rows = rows.to(getattr(torch, rounding))
+            hidden = torch.cat([hidden[:, :1], rows, hidden[:, 1 + deep.shape[1] :]], dim=1)
         hidden = layer(hidden, causal_mask)
     hidden = text_model.final_layer_norm(hidden)
     end_of_text = (ids == 49407).int().argmax(dim=-1)
     return F.normalize(clip.text_projection(hidden[torch.arange(ids.shape[0]), end_of_text]), dim=-1)
 
 
-def _straightforward_forward(model, pixels):
-    """Scores, maps [B, H, W], patch logits [M, B, N, 2] and global embeddings, literally as the spec says."""
+def _straightforward_forward(model, pixels, text_for=None, labels=None, masks=None):
+    """Scores, maps [B, H, W], patch logits [M, B, N, 2], global embeddings and (with labels and masks) the training
+    loss, literally as the spec says; `text_for(global_embeds)` gives the text features (default: static prompts)."""
     config = model.config
     clip, vision = model.clip, model.clip.vision_model
     x = vision.embeddings.patch_embedding(pixels)
@@ -91,28 +98,44 @@ def _straightforward_forward(model, pixels):
     def merge(t):
         return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
+    published_maps = config.eattn_map_source == "last_layer"
     e, maps = None, []
     for index, layer in enumerate(layers):
         u = layer.layer_norm1(o)
         attn = layer.self_attn
         q, k, v = per_head(attn.q_proj(u)), per_head(attn.k_proj(u)), per_head(attn.v_proj(u))
         s = q.shape[-1] ** -0.5
+        first_e = e is None and index >= first_eattn
         if index >= first_eattn:
             e = o if e is None else e
             a_self = _softmax_attention(q, q, v, s) + _softmax_attention(k, k, v, s) + _softmax_attention(v, v, v, s)
             e = e + attn.out_proj(merge(a_self))
+        o_mid = o + attn.out_proj(merge(_softmax_attention(q, k, v, s)))
         if index + 1 in config.feature_layers and dino_tokens is not None:
-            maps.append(_dattn(layer, u, dino_tokens, config.dattn_beta, config.dattn_gamma))
-        o = o + attn.out_proj(merge(_softmax_attention(q, k, v, s)))
-        o = o + layer.mlp(layer.layer_norm2(o))
+            dattn_input = o
+            if config.dattn_input == "after_attention" and index >= first_eattn:
+                dattn_input = e if first_e else o_mid  # the published code's in-place additions to the input
+            maps.append(
+                _dattn(layer, layer.layer_norm1(dattn_input), dino_tokens, config.dattn_beta, config.dattn_gamma)
+            )
+        o = o_mid + layer.mlp(layer.layer_norm2(o_mid))
         if index + 1 in config.feature_layers and (dino_tokens is None or config.both_eattn_dattn):
-            maps.append((o if e is None else e)[:, 1:])
+            maps.append("final e" if published_maps else (o if e is None else e)[:, 1:])
+    final = (o if e is None else e)[:, 1:]
+    maps = [final.clone() if isinstance(m, str) else m for m in maps]  # one copy of the final e per feature layer
     features = [F.normalize(clip.visual_projection(vision.post_layernorm(m)), dim=-1) for m in maps]
     global_embeds = F.normalize(clip.visual_projection(vision.post_layernorm(o[:, 0])), dim=-1)
 
-    text = _straightforward_text(model)
+    text = _straightforward_text(model) if text_for is None else text_for(global_embeds)
+
+    def similarity(features, temperature):  # text [2, D] or, conditioned on each image, [B, 2, D]
+        if text.dim() == 2:
+            return features @ text.T / temperature
+        equation = "bnd,bcd->bnc" if features.dim() == 3 else "bd,bcd->bc"
+        return torch.einsum(equation, features, text) / temperature
+
     tau = config.logit_temperature
-    logits = [f @ text.T / tau for f in features]
+    logits = [similarity(f, tau) for f in features]
     size = tuple(pixels.shape[-2:])
     upsampled = [
         F.interpolate(
@@ -127,8 +150,31 @@ def _straightforward_forward(model, pixels):
     weights = torch.stack(logits).mean(0).softmax(-1)[..., 1:]
     pooled = F.normalize((torch.stack(features).mean(0) * weights).sum(1), dim=-1)
     image_features = F.normalize(0.5 * pooled + 0.5 * global_embeds, dim=-1)
-    scores = (image_features @ text.T / tau).softmax(-1)[:, 1]
-    return scores, anomaly_maps, torch.stack(logits), global_embeds
+    result = {
+        "scores": similarity(image_features, tau).softmax(-1)[:, 1],
+        "maps": anomaly_maps,
+        "logits": torch.stack(logits),
+        "global_embeds": global_embeds,
+    }
+    if labels is not None:
+        result.update(_straightforward_loss(logits, grid, masks, similarity(image_features, 0.01), labels))
+    return result
+
+
+def _straightforward_loss(logits, grid, masks, image_logits, labels):
+    """Spec section 6 literally: per map, softmax upsampled (nearest), 2 * focal + 2 * dice; plus 0.2 * image CE."""
+    focal = dice = 0.0
+    for p in logits:
+        probs = p.softmax(-1).transpose(1, 2).reshape(p.shape[0], 2, *grid)
+        probs = F.interpolate(probs, size=masks.shape[-2:], mode="nearest")
+        one_hot = torch.stack([1 - masks, masks], dim=1).clamp(1e-5, 1 - 1e-5)
+        p_t = (one_hot * probs).sum(1) + 1e-5
+        focal = focal + (-((1 - p_t) ** 2) * p_t.log()).mean()
+        q = (1 - probs[:, 0] + probs[:, 1]) / 2
+        overlap = (2 * (q * masks).sum((1, 2)) + 1) / (q.sum((1, 2)) + masks.sum((1, 2)) + 1)
+        dice = dice + (1 - overlap).mean()
+    image_loss = F.cross_entropy(image_logits, labels)
+    return {"loss": 2 * focal + 2 * dice + 0.2 * image_loss, "focal_loss": focal, "dice_loss": dice}
 
 
 @pytest.mark.parametrize(
@@ -148,11 +194,52 @@ def test_fast_forward_equals_the_straightforward_computation(variant, overrides,
     with torch.inference_mode():
         out = model(pixels)
     with torch.no_grad():
-        scores, maps, logits, global_embeds = _straightforward_forward(model, pixels)
-    assert torch.allclose(out.anomaly_scores, scores, atol=1e-5)
-    assert torch.allclose(out.anomaly_maps, maps, atol=1e-5)
-    assert torch.allclose(torch.stack(out.patch_logits), logits, atol=1e-4)
-    assert torch.allclose(out.image_embeds, global_embeds, atol=1e-5)
+        literal = _straightforward_forward(model, pixels)
+    assert torch.allclose(out.anomaly_scores, literal["scores"], atol=1e-5)
+    assert torch.allclose(out.anomaly_maps, literal["maps"], atol=1e-5)
+    assert torch.allclose(torch.stack(out.patch_logits), literal["logits"], atol=1e-4)
+    assert torch.allclose(out.image_embeds, literal["global_embeds"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("variant", "overrides", "distinct_maps"),
+    [
+        ("crane", {}, 1),  # the paper's Crane: its maps are one map, computed once
+        ("crane+", {"feature_layers": [2, 4, 6]}, 4),  # three D-Attn maps and the final e stream once
+        ("crane", {"eattn_map_source": "per_layer", "dattn_input": "layer_input"}, 3),
+    ],
+)
+def test_one_computed_map_scores_and_trains_as_the_literal_copies_do(variant, overrides, distinct_maps):
+    """Scores, maps, loss and prompt gradients of the fast path against the literal computation, in which the
+    published code's E-Attn maps are stacked copies of the final e stream, each upsampled and counted in the loss."""
+    model = tiny_model(variant, **overrides)
+    pixels = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1])
+    masks = torch.zeros(2, TINY_SIZE, TINY_SIZE)
+    masks[1, 10:30, 16:40] = 1
+    with torch.no_grad():
+        assert model.encode_image(pixels)[1].shape[0] == distinct_maps
+        out = model(pixels)
+        literal = _straightforward_forward(model, pixels)
+    assert len(out.patch_logits) == model.config.num_maps == literal["logits"].shape[0]
+    assert torch.allclose(out.anomaly_scores, literal["scores"], atol=1e-5)
+    assert torch.allclose(out.anomaly_maps, literal["maps"], atol=1e-5)
+    assert torch.allclose(torch.stack(out.patch_logits), literal["logits"], atol=1e-4)
+
+    model.train()
+    trained = model(pixels, labels=labels, masks=masks)
+    trained.loss.backward()
+    ours = {name: p.grad.clone() for name, p in model.prompt_learner.named_parameters()}
+    model.zero_grad()
+    reference = _straightforward_forward(model, pixels, text_for=model.encode_text, labels=labels, masks=masks)
+    reference["loss"].backward()
+    for name in ("loss", "focal_loss", "dice_loss"):
+        assert torch.allclose(getattr(trained, name), reference[name], rtol=1e-5), name
+    for name, parameter in model.prompt_learner.named_parameters():
+        # float32 differences in the upstream gradient can move a float16 rounding of the deep prompts' gradient
+        rounded = name == "deep_prompts" and model.config.deep_prompt_rounding_dtype is not None
+        tolerance = (1e-3 if rounded else 1e-6) * parameter.grad.abs().max()
+        assert torch.allclose(ours[name], parameter.grad, rtol=1e-4, atol=tolerance), name
 
 
 @pytest.mark.parametrize("variant", ["crane", "crane+"])
@@ -177,7 +264,7 @@ def test_text_encoder_runs_only_the_positions_that_reach_the_end_of_text_token()
     with torch.no_grad():
         for conditioning in (None, image_embeds):
             embeddings, eot = learner.prompt_embeddings(text.embeddings.token_embedding, conditioning)
-            args = (text, model.clip.text_projection, embeddings, eot, learner.deep_prompts)
+            args = (text, model.clip.text_projection, embeddings, eot, learner.deep_prompts, torch.float16)
             full = encode_prompts(*args)
             short = encode_prompts(*args, num_positions=learner.positions_used(conditioning is not None))
             assert torch.allclose(short, full, atol=1e-6)

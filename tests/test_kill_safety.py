@@ -13,6 +13,7 @@ import time
 import torch
 
 from crane_hf import CraneForAnomalyDetection
+from crane_hf.io.output_names import MARKER_NAME
 from crane_hf.training.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, read_trainer_state
 
 from .tiny_models import subprocess_environment
@@ -70,6 +71,8 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert _assert_checkpoints_complete(output) == 8
+    leftovers = [name for name in os.listdir(output) if name.startswith(".") and name != MARKER_NAME]
+    assert leftovers == []  # the resumed run removed the temporary folders and locks the kills left
     resumed = CraneForAnomalyDetection.from_pretrained(str(output))
     uninterrupted_output = tmp_path / "uninterrupted"
     uninterrupted_run = subprocess.run(

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModel, CLIPModel, Dinov2WithRegistersModel
 
-from crane_hf import CraneForAnomalyDetection
+from crane_hf import CraneConfig, CraneForAnomalyDetection
+from crane_hf.models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from crane_hf.models.crane.d_attention import dino_similarity_attention
 from crane_hf.models.crane.e_attention import dual_stream_attention
 
-from .tiny_models import TINY_SIZE, randomize_, tiny_clip_config, tiny_config, tiny_dino_config, tiny_model
+from .fixtures.legacy_official_code_compat.make_expected_outputs import outputs as legacy_outputs
+from .tiny_models import (
+    FIXTURES,
+    TINY_SIZE,
+    fill_deterministically_,
+    populate_hub_cache,
+    randomize_,
+    tiny_clip_config,
+    tiny_config,
+    tiny_dino_config,
+    tiny_model,
+)
 
 
 def test_output_shapes_and_dtypes(variant, images):
@@ -179,33 +194,44 @@ def _explicit_crane_patch_features(model: CraneForAnomalyDetection, pixel_values
 
 
 def test_crane_features_equal_the_explicit_spec_computation(images):
-    model = tiny_model("crane")
+    """Per-layer variant: the e stream after each feature layer; published (default): the final e stream, once."""
+    per_layer = tiny_model("crane", eattn_map_source="per_layer")
+    published = tiny_model("crane")  # same seed, same weights
     with torch.no_grad():
-        _, features, grid = model.encode_image(images)
-        expected = _explicit_crane_patch_features(model, images)
+        _, features, grid = per_layer.encode_image(images)
+        _, final, _ = published.encode_image(images)
+        expected = _explicit_crane_patch_features(per_layer, images)
     assert grid == (4, 4)
-    assert len(expected) == features.shape[0]
+    assert len(expected) == features.shape[0] == 3
     for ours, reference in zip(features, expected):
         assert torch.allclose(ours, reference, atol=1e-5)
+    assert published.config.feature_layers[-1] == 6  # the last vision layer: its map is the final e stream
+    assert final.shape[0] == 1 and torch.allclose(final[0], expected[-1], atol=1e-5)
 
 
 def test_per_layer_feature_maps_differ(images):
-    model = tiny_model("crane")
+    model = tiny_model("crane", eattn_map_source="per_layer")
     with torch.no_grad():
         out = model(images)
         _, features, _ = model.encode_image(images)
+    assert features.shape[0] == len(out.patch_logits) == 3
     for i in range(features.shape[0]):
         for j in range(i + 1, features.shape[0]):
             assert (features[i] - features[j]).abs().max() > 1e-3
             assert (out.patch_logits[i] - out.patch_logits[j]).abs().max() > 1e-3
 
 
-def test_official_code_compat_reproduces_the_aliased_layers(images):
-    model = tiny_model("crane", official_code_compat=True)
+def test_published_computation_reads_every_crane_map_from_the_final_e_stream(images):
+    model = tiny_model("crane")
+    assert model.config.computes_published_code and model.config.map_slots == [0, 0, 0]
     with torch.no_grad():
-        _, features, _ = model.encode_image(images)
-    for layer_features in features[1:]:
-        assert torch.equal(layer_features, features[0])
+        out = model(images)
+        per_layer = tiny_model("crane", eattn_map_source="per_layer")(images)
+    assert len(out.patch_logits) == 3
+    for logits in out.patch_logits[1:]:
+        assert torch.equal(logits, out.patch_logits[0])
+    assert torch.allclose(out.patch_logits[0], per_layer.patch_logits[-1], atol=1e-5)  # layer 6 is the last
+    assert (out.anomaly_maps - per_layer.anomaly_maps).abs().max() > 1e-3  # the two computations differ
 
 
 def test_deep_prompts_change_the_text_features():
@@ -217,8 +243,9 @@ def test_deep_prompts_change_the_text_features():
     assert (before - after).abs().max() > 1e-3
 
 
-def test_deep_prompts_overwrite_positions_before_layers_two_to_n_plus_one():
-    model = tiny_model("crane")
+@pytest.mark.parametrize("rounding", ["float16", None])
+def test_deep_prompts_overwrite_positions_before_layers_two_to_n_plus_one(rounding):
+    model = tiny_model("crane", deep_prompt_rounding_dtype=rounding)
     text = model.clip.text_model
     seen: list[torch.Tensor] = []
     hooks = [
@@ -229,10 +256,12 @@ def test_deep_prompts_overwrite_positions_before_layers_two_to_n_plus_one():
         model.encode_text()
     for hook in hooks:
         hook.remove()
-    deep = model.prompt_learner.deep_prompts
+    deep = model.prompt_learner.deep_prompts.detach()
+    written = deep.half().float() if rounding == "float16" else deep  # the published code casts them with .half()
+    assert rounding is None or not torch.equal(written, deep)
     assert len(seen) == 4
     for layer in (1, 2):  # 0-based layers 1..num_deep_prompts receive P_1..P_n
-        assert torch.allclose(seen[layer][:, 1:5], deep[layer - 1].expand(2, -1, -1))
+        assert torch.equal(seen[layer][:, 1:5], written[layer - 1].expand(2, -1, -1))
     assert not torch.allclose(seen[3][:, 1:5], deep[1].expand(2, -1, -1))
 
 
@@ -450,20 +479,38 @@ def test_clip_with_the_special_ids_of_openais_hub_configs_gives_the_same_model(t
         assert torch.equal(output.anomaly_maps, expected.anomaly_maps)
 
 
-def test_dattn_reads_the_layer_input_of_the_o_stream(images):
-    """Crane+ D-Attn map equals the spec formula applied to o_(l-1) of the feature layer."""
-    model = tiny_model("crane+", both_eattn_dattn=False)
+@pytest.mark.parametrize("dattn_input", ["layer_input", "after_attention"])
+@pytest.mark.parametrize("feature_layer", [2, 4, 6])  # the first E-Attn layer, a middle one, the last one
+def test_dattn_reads_the_configured_point_of_the_o_stream(images, dattn_input, feature_layer):
+    """Crane+ D-Attn map equals the spec formula applied to o_(l-1) of the feature layer ("layer_input") or, as the
+    published code reads it, to o_(l-1) + OutProj(a_orig) (o_(l-1) + OutProj(a_self) in the first E-Attn layer)."""
+    model = tiny_model("crane+", both_eattn_dattn=False, feature_layers=[feature_layer], dattn_input=dattn_input)
     captured = {}
-    layer = model.clip.vision_model.encoder.layers[5]
-    hook = layer.layer_norm1.register_forward_hook(lambda _m, inputs, _o: captured.setdefault("u", _o.detach()))
+    layer = model.clip.vision_model.encoder.layers[feature_layer - 1]
+    hook = layer.layer_norm1.register_forward_hook(
+        lambda _m, inputs, _o: captured.update(o=captured.get("o", inputs[0]))
+    )
     with torch.no_grad():
         _, features, grid = model.encode_image(images)
+        hook.remove()
         dino_tokens, _ = model._dino_patch_tokens(images)
-    hook.remove()
-    v = layer.self_attn.v_proj(captured["u"])[:, 1:]
-    weights = dino_similarity_attention(dino_tokens, 1.2, 3.0)
-    expected = layer.self_attn.out_proj(weights @ v)
-    expected = F.normalize(model.clip.visual_projection(model.clip.vision_model.post_layernorm(expected)), dim=-1)
+        o = captured["o"]  # o_(l-1), the o stream entering the layer
+        if dattn_input == "after_attention":
+            attn, heads = layer.self_attn, layer.self_attn.num_heads
+            u = layer.layer_norm1(o)
+            q, k, v = (
+                p(u).view(*u.shape[:2], heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
+            scale = q.shape[-1] ** -0.5
+            if feature_layer == 2:  # the first E-Attn layer (eattn_layers=5 of 6)
+                attended = sum(_softmax_attention(a, a, v, scale) for a in (q, k, v))
+            else:
+                attended = _softmax_attention(q, k, v, scale)
+            o = o + attn.out_proj(attended.transpose(1, 2).reshape(*u.shape))
+        v = layer.self_attn.v_proj(layer.layer_norm1(o))[:, 1:]
+        weights = dino_similarity_attention(dino_tokens, 1.2, 3.0)
+        expected = layer.self_attn.out_proj(weights @ v)
+        expected = F.normalize(model.clip.visual_projection(model.clip.vision_model.post_layernorm(expected)), dim=-1)
     assert features.shape[0] == 1 and grid == (4, 4)
     assert torch.allclose(features[0], expected, atol=1e-5)
 
@@ -547,3 +594,92 @@ def test_from_backbones_refuses_a_config_for_another_architecture(tmp_path):
     config.clip_config.vision_config.num_hidden_layers = 8
     with pytest.raises(ValueError, match=r"vision_config\.num_hidden_layers: config 8, backbone 6"):
         CraneForAnomalyDetection.from_backbones(clip_dir, config=config)
+
+
+LEGACY_DIR = os.path.join(FIXTURES, "legacy_official_code_compat")
+
+
+@pytest.mark.parametrize(
+    ("case", "published"),
+    [
+        ("crane-compat-true", True),
+        ("crane-compat-false", False),
+        ("crane_plus-compat-true", True),
+        ("crane_plus-compat-false", False),
+    ],
+)
+def test_configs_with_the_old_switch_load_to_the_outputs_they_gave(case, published):
+    """config.json files written by the code that had `official_code_compat` (true and false) load as the three new
+    fields and give the outputs that code gave on the same weights (stored by the fixture's
+    make_expected_outputs.py): per-layer bit for bit; published up to float32 rounding (that code stacked the
+    copies of the final e stream), deep-prompt gradients up to float16 rounding (now rounded per prompt row before
+    the rows are summed, as the published code does, where that code summed and then rounded)."""
+    expected = load_safetensors(os.path.join(LEGACY_DIR, "expected_outputs.safetensors"))
+    with open(os.path.join(LEGACY_DIR, case, "config.json")) as stream:
+        assert json.load(stream)["official_code_compat"] is published
+    config = CraneConfig.from_pretrained(os.path.join(LEGACY_DIR, case))
+    assert config.computation == (PUBLISHED_COMPUTATION if published else PER_LAYER_COMPUTATION)
+    assert "official_code_compat" not in config.to_dict()
+    model = fill_deterministically_(CraneForAnomalyDetection(config))
+    outputs = legacy_outputs(model)
+    assert set(outputs) == {key.split(".", 1)[1] for key in expected if key.startswith(case + ".")}
+    for name, value in outputs.items():
+        reference = expected[f"{case}.{name}"]
+        if not published:
+            assert torch.equal(value, reference), name
+        elif name == "grad.deep_prompts":
+            assert torch.allclose(value, reference, rtol=0, atol=5e-3 * reference.abs().max()), name
+        else:
+            assert torch.allclose(value, reference, rtol=1e-5, atol=1e-6), name
+
+
+def _saved_folder(tmp_path, include_backbones: bool) -> tuple[CraneForAnomalyDetection, str]:
+    clip_dir, dino_dir = _backbone_folders(tmp_path)
+    model = CraneForAnomalyDetection.from_backbones(clip_dir, dino_dir, image_size=TINY_SIZE)
+    randomize_(model.prompt_learner, scale=0.5, seed=3)
+    folder = tmp_path / ("full" if include_backbones else "prompts")
+    model.save_pretrained(folder, include_backbones=include_backbones)
+    return model, str(folder)
+
+
+@pytest.mark.parametrize("include_backbones", [True, False])
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_from_pretrained_applies_config_fields_given_as_keywords(tmp_path, images, include_backbones, where):
+    model, folder = _saved_folder(tmp_path, include_backbones)
+    location, hub = folder, {}
+    if where == "hub":
+        populate_hub_cache(tmp_path / "hf-home", "my-org/tiny-crane", model, include_backbones=include_backbones)
+        location, hub = "my-org/tiny-crane", {"cache_dir": str(tmp_path / "hf-home" / "hub"), "local_files_only": True}
+    changes = {"soft_mean": True, "eattn_map_source": "per_layer", "deep_prompt_rounding_dtype": None}
+    loaded = CraneForAnomalyDetection.from_pretrained(location, **hub, **changes)
+    assert {name: getattr(loaded.config, name) for name in changes} == changes
+    assert loaded.config.dattn_input == "after_attention"  # not given: as saved
+    expected = CraneForAnomalyDetection.from_backbones(
+        model.clip, model.dino, config=model.config.with_overrides(**changes)
+    )
+    expected.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(loaded(images).anomaly_maps, expected.eval()(images).anomaly_maps, atol=1e-6)
+        assert (loaded(images).anomaly_maps - model(images).anomaly_maps).abs().max() > 1e-4
+    via_auto = AutoModel.from_pretrained(location, **hub, soft_mean=True)
+    assert isinstance(via_auto, CraneForAnomalyDetection) and via_auto.config.soft_mean is True
+    assert (
+        json.loads((tmp_path / ("full" if include_backbones else "prompts") / "config.json").read_text())["soft_mean"]
+        is False
+    )  # the folder is untouched
+    with pytest.raises(TypeError, match=r"'sof_mean' \(did you mean 'soft_mean'\?\)"):
+        CraneForAnomalyDetection.from_pretrained(location, **hub, sof_mean=True)
+    with pytest.raises(TypeError, match="'not_an_option'"):
+        CraneForAnomalyDetection.from_pretrained(location, **hub, not_an_option=1)
+    with pytest.raises(ValueError, match="eattn_map_source='every_layer'"):
+        CraneForAnomalyDetection.from_pretrained(location, **hub, eattn_map_source="every_layer")
+    with pytest.raises(ValueError, match="eattn_map_source='every_layer'"):
+        AutoModel.from_pretrained(location, **hub, eattn_map_source="every_layer")
+
+
+def test_old_switch_as_a_keyword_override(tmp_path):
+    _, folder = _saved_folder(tmp_path, include_backbones=True)
+    loaded = CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False)
+    assert loaded.config.computation == PER_LAYER_COMPUTATION
+    mixed = CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False, eattn_map_source="last_layer")
+    assert mixed.config.eattn_map_source == "last_layer" and mixed.config.dattn_input == "layer_input"

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
+from crane_hf.models.crane.configuration_crane import PUBLISHED_COMPUTATION
 from crane_hf.models.crane.convert_original import deep_prompt_keys, load_original_checkpoint
 from crane_hf.presets import (
     PRESETS_DIR,
@@ -90,6 +91,13 @@ def test_from_preset_applies_prompts_and_settings_on_compatible_backbones():
         assert torch.equal(model.state_dict()[key], tensor)
     assert model.config.feature_layers == [24] and model.config.soft_mean is False
     assert model.config.preset == "crane+/visa"
+    assert model.config.computation == PUBLISHED_COMPUTATION  # what the official prompts were trained with
+    per_layer = CraneForAnomalyDetection.from_preset(
+        "crane+/visa", clip=clip, dino=dino, image_size=56, eattn_map_source="per_layer", soft_mean=True
+    )
+    assert (per_layer.config.eattn_map_source, per_layer.config.soft_mean) == ("per_layer", True)
+    with pytest.raises(TypeError, match=r"from_preset got unknown keyword argument\(s\) 'softmean'"):
+        CraneForAnomalyDetection.from_preset("crane+/visa", clip=clip, dino=dino, softmean=True)
     with torch.no_grad():
         out = model(torch.randn(1, 3, 56, 56))
     assert torch.isfinite(out.anomaly_scores).all()
@@ -102,7 +110,8 @@ def test_from_preset_refuses_other_clip_weights():
     with pytest.raises(PresetBackboneMismatchError, match="not openai/clip-vit-large-patch14-336"):
         CraneForAnomalyDetection.from_preset("crane/mvtec", clip=clip, image_size=56)
     model = CraneForAnomalyDetection.from_preset("crane/mvtec", clip=clip, image_size=56, allow_backbone_mismatch=True)
-    assert model.config.variant == "crane"
+    assert model.config.variant == "crane" and model.config.computation == PUBLISHED_COMPUTATION
+    assert model.config.map_slots == [0, 0, 0, 0]  # layers 6, 12, 18, 24: one map, the final e stream
     tiny = randomize_(CLIPModel(tiny_clip_config()), seed=2)
     with pytest.raises(PresetBackboneMismatchError, match="768-wide"):
         CraneForAnomalyDetection.from_preset("crane/mvtec", clip=tiny, allow_backbone_mismatch=True)

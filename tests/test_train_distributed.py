@@ -32,7 +32,7 @@ def test_two_processes_write_one_checkpoint(backbones, synthetic, tmp_path):
     # 14 images, 2 per process and step: 4 steps (accelerate completes the last global batch from the start).
     assert state["history"][0]["steps"] == 4
     written = sorted(name for name in os.listdir(output) if name.startswith(("checkpoint-", ".")))
-    assert written == ["checkpoint-epoch-1"]  # no leftover temporary folders
+    assert written == [".crane-hf-output.json", "checkpoint-epoch-1"]  # the manifest; no leftover temporary folders
     # Only the main process wrote: its random state, not one per process.
     assert sorted(os.listdir(output / "checkpoint-epoch-1/training_state")) == ["optimizer.bin", "random_states_0.pkl"]
     log = (output / "training_log.jsonl").read_text().splitlines()

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 
 import crane_hf.training.train as train_module
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.commands.train import main
 from crane_hf.data import load_data_source
+from crane_hf.models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from crane_hf.training.checkpoints import prompt_tensors
 from crane_hf.training.data_loading import ProcessedImages
 
@@ -94,8 +98,7 @@ def test_run_killed_after_epoch_1_resumes_to_the_same_prompts(
         raise KeyboardInterrupt("killed after the epoch-1 checkpoint")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(backbones, synthetic, output))
+    assert main(_args(backbones, synthetic, output)) == 130  # Ctrl-C: one line, exit code 130
     monkeypatch.undo()
     assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-epoch-1"]
     assert not (output / "model.safetensors").exists()
@@ -113,6 +116,37 @@ def test_resume_refuses_changed_settings(uninterrupted, backbones, synthetic, ca
     args = _args(backbones, synthetic, uninterrupted, "--resume-from-checkpoint", checkpoint, "--batch-size", "2")
     assert main(args) == 2
     assert "batch_size: checkpoint 4, now 2" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_computation_and_reads_old_checkpoints_as_per_layer(
+    uninterrupted, backbones, synthetic, capsys
+):
+    checkpoint = str(uninterrupted / "checkpoint-epoch-1")
+    args = _args(
+        backbones, synthetic, uninterrupted, "--resume-from-checkpoint", checkpoint, "--eattn-maps", "per_layer"
+    )
+    assert main(args) == 2
+    assert "eattn_map_source: checkpoint 'last_layer', now 'per_layer'" in capsys.readouterr().err
+    state = json.loads((uninterrupted / "trainer_state.json").read_text())
+    assert {name: state["settings"][name] for name in PUBLISHED_COMPUTATION} == PUBLISHED_COMPUTATION
+    old = {key: value for key, value in state["settings"].items() if key not in PUBLISHED_COMPUTATION}
+    train_module._check_resume_settings(old, {**old, **PER_LAYER_COMPUTATION}, "old-checkpoint")  # ran per layer
+    with pytest.raises(ValueError, match="dattn_input: checkpoint 'layer_input', now 'after_attention'"):
+        train_module._check_resume_settings(old, state["settings"], "old-checkpoint")
+
+
+def test_the_per_layer_variant_trains(backbones, synthetic, tmp_path):
+    output = tmp_path / "per-layer"
+    per_layer = ["--eattn-maps", "per_layer", "--dattn-input", "layer_input", "--deep-prompt-rounding", "none"]
+    assert main(tiny_training_args(backbones, synthetic, output, *per_layer, batch_size=7, epochs=1)) == 0
+    trained = CraneForAnomalyDetection.from_pretrained(str(output))
+    assert trained.config.computation == PER_LAYER_COMPUTATION
+    log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(row["loss"] > 0 for row in log)
+    initial = CraneForAnomalyDetection.from_backbones(backbones["clip"], image_size=56, **PER_LAYER_COMPUTATION)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(prompt_tensors(trained).values(), prompt_tensors(initial).values())
+    )
 
 
 def test_cached_features_give_the_same_prompts(uninterrupted, backbones, synthetic, tmp_path):
@@ -139,6 +173,20 @@ def test_feature_cache_is_reused_and_refused_for_other_settings(backbones, synth
     assert os.path.getmtime(cache / "00000003.safetensors") == stamp  # reused, not recomputed
     assert main([*args, "--epochs", "1", "--image-size", "28", "--overwrite"]) == 2
     assert "made for another setting (differs in: model)" in capsys.readouterr().err
+    # The key holds the computation (which maps are cached) and the data's content, not the data's paths.
+    assert main([*args, "--epochs", "1", "--eattn-maps", "per_layer", "--overwrite"]) == 2
+    assert "made for another setting (differs in: model)" in capsys.readouterr().err
+    copy = tmp_path / "copy" / "data"
+    shutil.copytree(synthetic, copy)
+    args = _args(backbones, str(copy), tmp_path / "c", "--cache-features", "--feature-cache-dir", str(cache))
+    assert main([*args, "--epochs", "1"]) == 0
+    assert os.path.getmtime(cache / "00000003.safetensors") == stamp  # the same content elsewhere: reused
+    first = copy / "brick" / "test" / "good" / "000.png"
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] ^= 1  # one pixel differs
+    Image.fromarray(pixels).save(first)
+    assert main([*args, "--epochs", "1", "--overwrite"]) == 2
+    assert "made for another setting (differs in: images_sha256)" in capsys.readouterr().err
 
 
 def test_crane_plus_trains_with_dino(backbones, synthetic, tmp_path):

@@ -45,6 +45,19 @@ def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> to
     return model
 
 
+def fill_deterministically_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with values drawn in the order of the sorted parameter names (LayerNorm-style
+    1-D weights near 1, everything else small), so that the weights do not depend on transformers' initialization
+    (used for expected outputs stored as fixtures)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            values = torch.randn(parameter.shape, generator=generator)
+            is_norm_weight = parameter.dim() == 1 and "norm" in name and name.endswith("weight")
+            parameter.copy_(1.0 + 0.1 * values if is_norm_weight else 0.05 * values)
+    return model
+
+
 def tiny_model(variant: str = "crane", seed: int = 0, **overrides) -> CraneForAnomalyDetection:
     torch.manual_seed(seed)
     return randomize_(CraneForAnomalyDetection(tiny_config(variant, **overrides)), seed=seed).eval()
@@ -122,12 +135,13 @@ def fingerprint_compatible_clip(
     return clip
 
 
-def populate_hub_cache(hf_home, repo_id: str, model) -> str:
-    """Store `model` in a Hugging Face cache at `hf_home` as if `repo_id` had been downloaded from the Hub."""
+def populate_hub_cache(hf_home, repo_id: str, model, **save_kwargs) -> str:
+    """Store `model` in a Hugging Face cache at `hf_home` as if `repo_id` had been downloaded from the Hub
+    (`save_kwargs` go to its `save_pretrained`, e.g. `include_backbones=False`)."""
     commit = "0" * 40
     repo_dir = os.path.join(hf_home, "hub", "models--" + repo_id.replace("/", "--"))
     snapshot = os.path.join(repo_dir, "snapshots", commit)
-    model.save_pretrained(snapshot)
+    model.save_pretrained(snapshot, **save_kwargs)
     os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
     with open(os.path.join(repo_dir, "refs", "main"), "w") as stream:
         stream.write(commit)

@@ -9,6 +9,12 @@
   `crane_hf.export.ExportedCraneModel`, the ONNX Runtime / OpenVINO graph behind the same pipeline, on the CPU,
   in float32 (other devices and dtypes, `clip=` / `dino=` and config fields computed inside the graph are refused).
 
+The computation options given with it (`--soft-mean`, `--eattn-maps`, ...: `computation_options.py`) arrive here as
+`CraneConfig` overrides and are validated before anything is loaded; `computation_summary` and `prompts_origin` say
+what ran, for the records the commands write. An exported folder's computation was fixed when it was exported: an
+override of a field computed inside its graph that differs from its config is refused (thresholds and the smoothing
+sigma, applied after the graph, may change).
+
 A new kind of model source is one more kind in `model_kind` and one more branch in `load_model`.
 """
 
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .export.folder import is_exported_folder
+from .models.crane.configuration_crane import CraneConfig
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
@@ -31,11 +38,49 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """ "auto" (or None): CUDA when available, else CPU; otherwise the named device, which must exist here.
+
+    Raises `ValueError` naming the device for an unknown name ("foo"), a device type this machine or this torch
+    build does not have ("cuda" without a GPU, "mps" off Apple silicon) and an index past the last device
+    ("cuda:7" on a 2-GPU machine), before anything is loaded.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is unknown; use auto, cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, parsed.type, None)
+        available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available:
+        raise ValueError(
+            f"device {device!r}: this machine (torch {torch.__version__}) has no {parsed.type} device; "
+            "use --device cpu or auto."
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"device {device!r}: this machine has {count} {parsed.type} device(s), numbered 0 to {count - 1}."
+        )
+    return parsed
+
+
+def check_device(spec: str | None, device: str | torch.device | None) -> None:
+    """Refuse, before anything is loaded, a device the model `spec` cannot run on: for an exported folder anything
+    but the CPU ("auto" means the CPU there; the message names the folder), otherwise a device this machine does not
+    have (`resolve_device`). Raises `ValueError`."""
+    if spec is not None and model_kind(spec) == "exported":
+        from .export.runner import check_cpu_device
+
+        check_cpu_device(device, spec)
+    else:
+        resolve_device(device)
 
 
 def model_kind(spec: str) -> str:
@@ -65,19 +110,24 @@ def load_model(
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
         allow_exported: False where the caller needs the PyTorch model (push, export): an exported folder is refused.
-        **config_overrides: `CraneConfig` fields set on the loaded model (e.g. `soft_mean=True`).
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
+            when the model is built, validated as a new config is (`CraneConfig.with_overrides`); for an exported
+            folder only the fields applied after the graph may differ from its config.
 
     Returns:
         For an exported folder, an `ExportedCraneModel` (the pipeline's model interface, CPU, float32).
 
     Raises:
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); for an exported
-            folder also a dtype other than float32, a device other than the CPU, an override of a field the graph
-            computes, or a folder that fails its checks (`crane_hf/export/folder.py`).
+        TypeError: an override that is not a `CraneConfig` field (named), before anything is loaded.
+        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); an override value
+            the field does not accept; for an exported folder also a dtype other than float32, a device other than
+            the CPU, an override of a field the graph computes, or a folder that fails its checks
+            (`crane_hf/export/folder.py`).
         ImportError: an exported folder whose runtime (onnxruntime / openvino) is not installed.
         OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
             when a backbone is neither cached nor downloadable.
     """
+    CraneConfig.check_field_names(config_overrides, "load_model")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     kind = model_kind(spec)
@@ -88,18 +138,18 @@ def load_model(
                 "saved, published or exported again; use the model folder it was exported from."
             )
         return _load_exported(spec, clip, dino, device, torch_dtype, config_overrides)
+    target = resolve_device(device)  # an unusable device is refused before anything is loaded
     if kind == "preset":
         model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
         processor = CraneImageProcessor.from_crane_config(model.config)
     else:
         if clip or dino:
             raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
+        check_model_source(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs)
-        for key, value in config_overrides.items():
-            setattr(model.config, key, value)
+        model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs, **config_overrides)
         processor = _processor_for(spec, model)
-    model.to(resolve_device(device))
+    model.to(target)
     return model.eval(), processor
 
 
@@ -127,6 +177,18 @@ def _load_exported(
     return model, model.image_processor()
 
 
+def check_model_source(spec: str) -> None:
+    """Refuse a model folder that does not exist or has no config.json, naming it (Hub ids pass through)."""
+    looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1  # else a Hub id
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
+    elif os.path.exists(spec):
+        raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
+    elif looks_local:
+        raise FileNotFoundError(f"no such model folder: {spec}")
+
+
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:
     """The folder's saved processor if it has one, else the one matching the model's config."""
     if os.path.isfile(os.path.join(spec, "preprocessor_config.json")):
@@ -137,6 +199,37 @@ def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProc
 def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipeline:
     """The anomaly-detection pipeline around an already loaded model and processor."""
     return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
+
+
+def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """The variant, the three computation fields (`CraneConfig.computation`), whether they are the published
+    code's, and soft_mean: what decides the numbers a model gives, for the records the commands write."""
+    config = model.config
+    return {
+        "variant": config.variant,
+        **config.computation,
+        "published_computation": config.computes_published_code,
+        "soft_mean": config.soft_mean,
+    }
+
+
+def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
+    """Where the model's prompts come from: a bundled preset, a local folder or exported folder (and the official
+    checkpoint it was converted from, or the preset it was saved from, when its config records one) or a Hub id."""
+    preset = getattr(model.config, "preset", None)
+    converted = getattr(model.config, "converted_from", None)
+    kind = model_kind(spec)
+    if kind == "preset":
+        origin: dict[str, Any] = {"kind": kind, "preset": spec}
+    elif kind in ("folder", "exported"):
+        origin = {"kind": kind, "path": os.path.abspath(spec)}
+    else:
+        origin = {"kind": kind, "repo_id": spec}
+    if origin["kind"] != "preset" and preset:
+        origin["preset"] = preset
+    if converted:
+        origin["converted_from"] = converted
+    return origin
 
 
 def load_detector(

@@ -6,7 +6,8 @@ with `--pixel-fpr`. Both are picked among the float32 values themselves and hold
 pipeline and `crane-hf predict` make (`at_or_above` in `crane_hf/models/crane/thresholds.py`), so the rates reported
 are the rates `predict` gives on the same images. Both go into the folder's config.json (`image_threshold`,
 `pixel_threshold`), which the pipeline and `crane-hf predict` use by default; `calibration.json` records how they
-were obtained and the previous values.
+were obtained and the previous values. Thresholds hold for one computation: options that change it (`--soft-mean`,
+`--eattn-maps`, ...) are saved into config.json together with the thresholds.
 
 Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
 and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
@@ -16,17 +17,22 @@ score or map is not finite is skipped and reported; no threshold is ever written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_write_text
-from ..io.image_files import collect_image_paths
+from ..io.image_files import find_image_inputs
+from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
+from .cli_support import one_line, require_positive, require_range
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -48,20 +54,67 @@ def calibrate_folder(
     batch_size: int = 8,
     device: str | None = "auto",
     progress: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`."""
-    from ..model_loading import load_model, make_pipeline
+    """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
+
+    The rates, the device and the writability of the folder are checked before any image is read; the run holds
+    the folder's lock (a concurrent calibration of it is refused). The model folder and crane-hf output folders
+    among the inputs are left out (`io.image_files.find_image_inputs`).
+
+    `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
+    thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
+    """
+    from ..model_loading import check_device
+    from ..models.crane.configuration_crane import CraneConfig
+
+    config_overrides = dict(config_overrides or {})
+    CraneConfig.check_field_names(config_overrides, "calibrate")
+
+    threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
+    threshold_for_fpr(np.zeros(1), pixel_fpr)
+    require_positive("batch_size", batch_size)
+    check_device(model_dir, device)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
+    with calibration_lock(model_dir):
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
+
+
+@contextlib.contextmanager
+def calibration_lock(model_dir: str) -> Iterator[None]:
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    config_path = os.path.join(model_dir, "config.json")
+    check_writable(config_path)
+    with output_lock(config_path):
+        for name in ("config.json", "calibration.json"):
+            clean_stale_temporaries(os.path.join(model_dir, name))
+        yield
+
+
+def _calibrate(
+    model_dir: str,
+    inputs: list[str],
+    fpr: float,
+    pixel_fpr: float,
+    batch_size: int,
+    device: str | None,
+    progress: bool,
+    config_overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
+    at a time, keeping their scores and a fixed-size histogram of their pixel values."""
+    from ..model_loading import computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
     config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
-    threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
-    threshold_for_fpr(np.zeros(1), pixel_fpr)
-    paths, missing = collect_image_paths(inputs)
-    skipped = [f"{item.path}: {item.reason}" for item in missing]
-    model, processor = load_model(model_dir, device=device)
+    found = find_image_inputs(inputs, exclude=[model_dir])
+    paths = found.paths
+    skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
+    model, processor = load_model(model_dir, device=device, **config_overrides)
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
@@ -86,14 +139,24 @@ def calibrate_folder(
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "normal_images": len(scores),
         "skipped": skipped,
+        "left_out": found.left_out,
         "image": {"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
         "pixel": {"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
         "previous": {
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
         },
+        "computation": computation_summary(model),
+        "overrides": config_overrides,
     }
-    config["image_threshold"] = image_threshold
+    saved = set(config_overrides)
+    if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
+        # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
+        config.pop(LEGACY_COMPUTATION_SWITCH, None)
+        saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    for name in sorted(saved):
+        config[name] = getattr(model.config, name)
+    config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -110,15 +173,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_range("--fpr", args.fpr, 0.0, 1.0, high_open=True)
+        require_range("--pixel-fpr", args.pixel_fpr, 0.0, 1.0, high_open=True)
+        require_positive("--batch-size", args.batch_size)
         record = calibrate_folder(
-            args.model_dir, args.inputs, args.fpr, args.pixel_fpr, args.batch_size, args.device, not args.quiet
+            args.model_dir,
+            args.inputs,
+            args.fpr,
+            args.pixel_fpr,
+            args.batch_size,
+            args.device,
+            not args.quiet,
+            computation_overrides(args),
         )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     for kind in ("image", "pixel"):
         item = record[kind]
@@ -132,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{item['fpr_on_calibration_set']:.4f} of the normal {kind} values score 1.0, the highest threshold",
                 file=sys.stderr,
             )
+    for folder in record["left_out"]:
+        print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for line in record["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"Saved into {args.model_dir}/config.json (details in calibration.json)")

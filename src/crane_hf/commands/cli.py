@@ -3,7 +3,9 @@
 Each command lives in its own module of this folder with `add_arguments(parser)` and `run(args) -> exit code`; this
 module only dispatches. The command modules import nothing heavy at module level (torch, transformers, datasets and
 accelerate are imported by `run`), so `crane-hf --help` and `crane-hf COMMAND --help` answer at once.
-Exit codes: 0 success, 2 usage or input error, 3 finished but some inputs were skipped.
+Commands run through `cli_support.run_command` (one-line errors, SIGINT/SIGTERM). Exit codes: 0 success, 2 an
+argument, input, model or output refused, 3 finished but some inputs were skipped, 130/143 interrupted, 1 a bug
+(`cli_support.py`, `crane-hf --help`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser, run_command
 
 COMMANDS = {
     "predict": ("crane_hf.commands.predict", "score images: CSV/JSON table and heatmap overlays"),
@@ -37,14 +41,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crane-hf", description="Crane / Crane+ zero-shot anomaly detection: scores and heatmaps for images."
+    parser = OneLineArgumentParser(
+        prog="crane-hf",
+        description="Crane / Crane+ zero-shot anomaly detection: scores and heatmaps for images.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(
-            name, help=help_text, description=(module.__doc__ or help_text).strip(), formatter_class=HelpFormatter
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            epilog=EXIT_CODES_HELP,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(sub)
         sub.set_defaults(_module=module)
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args._module.run(args)
+    return run_command(args._module.run, args)
 
 
 if __name__ == "__main__":

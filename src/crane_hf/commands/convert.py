@@ -13,8 +13,10 @@ import argparse
 import sys
 from typing import Any
 
-from ..io.atomic import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir
+from ..io.output_safety import check_output_dir, protected_paths
 from .cli import HelpFormatter
+from .cli_support import one_line, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(args)
+    return run_command(run, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.soft_mean is not None:
         overrides["soft_mean"] = args.soft_mean == "true"
     try:
-        check_can_write(args.output, args.overwrite)
+        protected = [
+            *protected_paths("the checkpoint", [args.checkpoint]),
+            *protected_paths("a backbone", [args.clip, args.dino]),
+        ]
+        check_output_dir(args.output, args.overwrite, protected)
         model = convert_original_checkpoint(
             args.checkpoint,
             args.clip,
@@ -57,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
             allow_backbone_mismatch=args.allow_backbone_mismatch,
             **overrides,
         )
-        with atomic_output_dir(args.output, overwrite=args.overwrite) as staging:
+        with atomic_output_dir(args.output, args.overwrite, protected, command="convert") as staging:
             model.save_pretrained(staging)
             CraneImageProcessor.from_crane_config(model.config).save_pretrained(staging)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"Wrote {args.variant} with the prompts of {args.checkpoint} to {args.output}")
     return 0

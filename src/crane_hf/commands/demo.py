@@ -17,8 +17,10 @@ import sys
 import time
 from typing import Any
 
-from ..io.atomic import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir
+from ..io.output_safety import check_output_dir, protected_paths
 from ..presets import DEFAULT_PRESET, BackboneUnavailableError
+from .cli_support import one_line, require_positive
 
 DEMO_TRAIN_CLASSES = ("brick", "grass", "gravel", "tissue")
 DEMO_EXAMPLE_CLASSES = ("coins", "moon")
@@ -125,7 +127,8 @@ def run_demo(
     from ..model_loading import load_model
     from .predict import predict_images
 
-    check_can_write(output, overwrite)
+    protected = protected_paths("the model folder", [model_spec])
+    check_output_dir(output, overwrite, protected)
     model = processor = None
     if not offline:
         try:
@@ -133,7 +136,7 @@ def run_demo(
         except BackboneUnavailableError as error:
             print(str(error).splitlines()[0] + "\n", file=sys.stderr)
     mode = "model" if model is not None else "offline-demo"
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
+    with atomic_output_dir(output, overwrite, protected, command="demo") as staging:
         _write_examples(os.path.join(staging, "images"), seed)
         if model is None:
             from ..presets import load_preset
@@ -185,9 +188,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        require_positive("--steps", args.steps)
         result = run_demo(args.output, args.model, args.offline, args.steps, args.seed, args.overwrite, not args.quiet)
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     _print_summary(result)
     return 0

@@ -8,7 +8,9 @@ For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigm
 AUROC, AUPRO and F1-max (pixel AP too, in the CSV and JSON), then the mean over classes, written as
 `metrics.md` (the paper's layout, in percent), `metrics.csv` and `metrics.json`. Both AUPRO definitions are
 computed: "official" (MVTec-AD's, exact) and "legacy" (the official Crane code's 200 thresholds, which the paper's
-numbers use); the table shows `--aupro` (legacy under `--protocol paper`).
+numbers use); the table shows `--aupro` (legacy under `--protocol paper`). What was computed (variant, E-Attn map
+source, D-Attn input, deep-prompt rounding, soft_mean, input size, smoothing, AUPRO variant and where the prompts
+come from) heads `metrics.md` and is stored under "computation" in `metrics.json`.
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
@@ -26,8 +28,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..io.atomic import check_can_write
+from ..computation_options import add_computation_arguments
+from ..io.output_safety import check_output_dir
 from .cli import HelpFormatter
+from .cli_support import one_line, require_positive, require_range, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset name for --protocol paper (default: the folder name)")
     parser.add_argument("--variant", choices=["crane", "crane+"], default="crane+", help="model for --protocol paper")
     parser.add_argument("--aupro", choices=["official", "legacy"], default="official", help="AUPRO shown in the table")
-    parser.add_argument("--soft-mean", choices=["true", "false"], default=None, help="override the model's soft_mean")
     parser.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of the maps (paper: 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass and process")
     parser.add_argument("--device", default="auto", help="auto (the process's accelerate device), cpu, cuda, ...")
@@ -58,20 +61,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
+    from ..evaluation.evaluate import evaluation_protections
+    from ..model_loading import check_device
+    from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
+
+    require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
+    require_positive("--batch-size", args.batch_size)
+    if args.device != "auto":
+        check_device(args.model, args.device)
+    check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import _markdown, evaluate_model
+    from ..evaluation.evaluate import _computation_lines, _markdown, evaluate_model
 
     try:
-        check_can_write(args.output, args.overwrite)
+        check_arguments(args)
         report = evaluate_model(args)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if not report:
         return 0
     print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
+    print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
@@ -83,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=HelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

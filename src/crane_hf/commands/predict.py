@@ -1,7 +1,9 @@
 """`crane-hf predict`: score image files and write a CSV/JSON table and heatmap overlays.
 
 The output folder is built under a temporary name and renamed when complete, so an interrupted run leaves nothing
-half-written, and an existing output is only replaced with `--overwrite`.
+half-written; an existing output is only replaced with `--overwrite`, and only if crane-hf wrote it. The output is
+never read as input (nor any other crane-hf output folder inside the inputs), and may not be or contain an input,
+the model folder, the working, home or root folder (`io/output_safety.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import csv
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..io.atomic import atomic_output_dir, check_can_write
-from ..io.image_files import SkippedFile, collect_image_paths
+from ..computation_options import add_computation_arguments, computation_overrides
+from ..io.atomic import atomic_output_dir
+from ..io.image_files import SkippedFile, find_image_inputs
+from ..io.output_names import path_inside, safe_file_name
+from ..io.output_safety import check_output_dir, protected_paths
+from .cli_support import one_line, require_positive, require_range
 
 if TYPE_CHECKING:
     from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
@@ -34,13 +39,14 @@ class PredictionReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     output_dir: str | None = None
+    left_out: list[str] = field(default_factory=list)  # crane-hf output folders not searched
 
 
-def _overlay_name(index: int, path: str) -> str:
-    """A unique, readable file name: index, parent folder and stem, e.g. 00003_scratch_000.png."""
+def _output_name(index: int, path: str, suffix: str) -> str:
+    """A unique, readable file name: index, parent folder and file name (extension kept), e.g.
+    00003_scratch_000.jpg.png; shortened safely when long (`io.output_names.safe_file_name`)."""
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", f"{parent}_{stem}")[:80] + ".png"
+    return safe_file_name(f"{index:05d}_{parent}_{os.path.basename(path)}", suffix)
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -90,21 +96,27 @@ def predict_images(
     save_maps: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    protected: list[tuple[str, str]] | None = None,
 ) -> PredictionReport:
     """Score every image in `inputs` (files, folders, globs) and write the results to `output_dir`.
 
     Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (heatmap and
     threshold contour), optionally `maps/*.npy` (float32 smoothed maps) and `skipped.txt` (unreadable inputs).
+    The output may not be or contain an input, the model folder or a `protected` (what, path) folder; it is left
+    out of the inputs, as are other crane-hf output folders (`io.image_files.find_image_inputs`).
     """
     from ..model_loading import make_pipeline
     from ..models.crane.thresholds import at_or_above, check_threshold
 
-    check_can_write(output_dir, overwrite)
     for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
         if value is not None:
             check_threshold(value, name)
-    paths, skipped = collect_image_paths(inputs)
-    report = PredictionReport(skipped=list(skipped), output_dir=output_dir)
+    require_positive("batch_size", batch_size)
+    protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
+    check_output_dir(output_dir, overwrite, protected)
+    found = find_image_inputs(inputs, exclude=[output_dir])
+    paths = found.paths
+    report = PredictionReport(skipped=list(found.skipped), output_dir=output_dir, left_out=found.left_out)
     pipe = make_pipeline(model, processor)
     params: dict[str, Any] = {"return_overlay": write_overlays}
     if threshold is not None:
@@ -113,7 +125,7 @@ def predict_images(
         params["pixel_threshold"] = pixel_threshold
     decision = model.config.pixel_threshold if pixel_threshold is None else pixel_threshold
     chunk_size = max(1, batch_size) * 4
-    with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
+    with atomic_output_dir(output_dir, overwrite=overwrite, protected=protected, command="predict") as staging:
         if write_overlays:
             os.makedirs(os.path.join(staging, "overlays"))
         if save_maps:
@@ -134,19 +146,29 @@ def predict_images(
                 "overlay": "",
             }
             if write_overlays:
-                row["overlay"] = os.path.join("overlays", _overlay_name(index, path))
-                output["overlay"].save(os.path.join(staging, row["overlay"]))
+                row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
+                output["overlay"].save(path_inside(staging, row["overlay"]))
             if save_maps:
-                np.save(os.path.join(staging, "maps", _overlay_name(index, path)[:-4] + ".npy"), output["anomaly_map"])
+                np.save(
+                    path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy"))),
+                    output["anomaly_map"],
+                )
             report.rows.append(row)
         bar.close()
         _write_tables(staging, report, model, threshold, decision)
     return report
 
 
+def prediction_protections(inputs: list[str], model_source: str | None) -> list[tuple[str, str]]:
+    """The folders an output of `predict` (or `calibrate`) may not be or contain: the inputs and the model folder."""
+    return [*protected_paths("an input", inputs), *protected_paths("the model folder", [model_source])]
+
+
 def _write_tables(
     folder: str, report: PredictionReport, model: Any, threshold: float | None, pixel_threshold: float
 ) -> None:
+    from ..model_loading import computation_summary
+
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -155,10 +177,12 @@ def _write_tables(
         stream.write(buffer.getvalue())
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
+        "computation": computation_summary(model),
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
         "pixel_threshold": pixel_threshold,
         "predictions": report.rows,
         "skipped": [asdict(item) for item in report.skipped],
+        "left_out": report.left_out,
     }
     with open(os.path.join(folder, "predictions.json"), "w", encoding="utf-8") as stream:
         json.dump(summary, stream, indent=2)
@@ -184,17 +208,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-maps", action="store_true", help="also write each smoothed map as .npy")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_computation_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model_loading import load_model
+    from ..model_loading import check_device, load_model
 
-    if args.batch_size < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        check_can_write(args.output, args.overwrite)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device=args.device, dtype=args.dtype)
+    try:  # every argument, the device and the output are checked before the model is loaded
+        require_positive("--batch-size", args.batch_size)
+        require_range("--threshold", args.threshold, 0.0, 1.0)
+        require_range("--pixel-threshold", args.pixel_threshold, 0.0, 1.0)
+        check_device(args.model, args.device)
+        protected = [
+            *prediction_protections(args.inputs, args.model),
+            *protected_paths("a backbone", [args.clip, args.dino]),
+        ]
+        check_output_dir(args.output, args.overwrite, protected)
+        model, processor = load_model(
+            args.model,
+            clip=args.clip,
+            dino=args.dino,
+            device=args.device,
+            dtype=args.dtype,
+            **computation_overrides(args),
+        )
         report = predict_images(
             model,
             processor,
@@ -207,12 +244,15 @@ def run(args: argparse.Namespace) -> int:
             save_maps=args.save_maps,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            protected=protected,
         )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     anomalous = sum(row["is_anomalous"] for row in report.rows)
     print(f"Scored {len(report.rows)} images ({anomalous} anomalous); results in {report.output_dir}")
+    for folder in report.left_out:
+        print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for item in report.skipped:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
     return 3 if report.skipped else 0

@@ -14,7 +14,9 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from ..io.atomic import atomic_output_dir, check_can_write
+from ..io.atomic import atomic_output_dir
+from ..io.output_safety import check_output_dir, protected_paths
+from .cli_support import one_line
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -83,6 +85,11 @@ def build_model_card(model: Any, repo_id: str) -> ModelCard:
         f"- Input size {config.image_size} x {config.image_size}; feature layers {config.feature_layers}; "
         f"soft_mean {config.soft_mean}; thresholds: image {config.image_threshold}, pixel {config.pixel_threshold}",
     ]
+    published = "the published Crane code's" if config.computes_published_code else "differs from the published code's"
+    lines.append(
+        f"- Computation ({published}): E-Attn maps `{config.eattn_map_source}`, D-Attn input `{config.dattn_input}`, "
+        f"deep prompts rounded to `{config.deep_prompt_rounding_dtype}`"
+    )
     if preset:
         lines.append(f"- Prompts: the official Crane prompts, preset `{preset}`")
     lines += [
@@ -146,11 +153,15 @@ def run(args: argparse.Namespace) -> int:
     from ..model_loading import load_model
 
     try:
+        protected = [
+            *protected_paths("the model folder", [args.model]),
+            *protected_paths("a backbone", [args.clip, args.dino]),
+        ]
         if args.dry_run:
-            check_can_write(args.dry_run, args.overwrite)
+            check_output_dir(args.dry_run, args.overwrite, protected)
         model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", allow_exported=False)
         if args.dry_run:
-            with atomic_output_dir(args.dry_run, overwrite=args.overwrite) as staging:
+            with atomic_output_dir(args.dry_run, args.overwrite, protected, command="push --dry-run") as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)
             size = sum(os.path.getsize(os.path.join(args.dry_run, name)) for name in os.listdir(args.dry_run))
             print(f"Wrote the repository folder for {args.repo_id} to {args.dry_run} ({size / 2**20:.1f} MiB)")
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 folder_path=staging, repo_id=args.repo_id, commit_message="Upload Crane model with crane-hf"
             )
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"Published https://huggingface.co/{args.repo_id}")
     return 0

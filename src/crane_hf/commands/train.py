@@ -5,7 +5,9 @@
 
 Defaults are the paper's: Adam, lr 1e-3, betas (0.6, 0.999), batch 8, 5 epochs, S = 518, seed 111, trained on the
 *test* split (the zero-shot protocol trains on one dataset's test split and evaluates on the others). Only the
-prompts are trained; the CLIP (and DINOv2) backbones stay frozen. Every epoch writes a prompts-only checkpoint,
+prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the published code
+computes (the computation the official prompts were trained with); `--eattn-maps per_layer --dattn-input layer_input
+--deep-prompt-rounding none` trains the per-layer variant instead. Every epoch writes a prompts-only checkpoint,
 `<output-dir>/checkpoint-epoch-N/`; the last one is copied to `<output-dir>/`. A run resumed at an epoch boundary
 (`--resume-from-checkpoint latest`) ends exactly as an uninterrupted one.
 """
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 
 from ..training.options import add_arguments
 from .cli import HelpFormatter
+from .cli_support import one_line, run_command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from ..data import DatasetLayoutError
-    from ..io.atomic import OutputExistsError
     from ..training.checkpoints import CHECKPOINT_PREFIX
     from ..training.feature_cache import FeatureCacheMismatchError
     from ..training.train import TRAINING_LOG, NonFiniteTrainingError, train
@@ -35,13 +37,12 @@ def run(args: argparse.Namespace) -> int:
     except (
         DatasetLayoutError,
         FeatureCacheMismatchError,
-        FileNotFoundError,
         KeyError,
         NonFiniteTrainingError,
-        OutputExistsError,
+        OSError,  # OutputExistsError, an unwritable output, a full disk, a missing file
         ValueError,
     ) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
         print(f"Prompts saved in {output_dir} (checkpoints: {CHECKPOINT_PREFIX}N/, log: {TRAINING_LOG}).")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv))
 
 
 __all__ = ["add_arguments", "main", "run"]

@@ -42,7 +42,8 @@ except ImportError as error:  # an optional dependency: only the synthetic datas
         'pip install "crane-hf[synthetic]" (or pip install scikit-image).'
     ) from error
 
-from ..io.atomic import OutputExistsError, atomic_output_dir, atomic_write_text
+from ..commands.cli_support import one_line, run_command  # `python -m crane_hf.data.synthetic` is a command
+from ..io.atomic import atomic_output_dir, atomic_write_text
 from .meta_json import write_meta_json
 from .records import AnomalyRecord
 
@@ -259,7 +260,7 @@ def generate_synthetic_dataset(
     plan = [("train", "good", train_good), ("test", "good", test_good)]
     plan += [("test", defect, test_defective) for defect in defects]
     splits: dict[str, list[AnomalyRecord]] = {"train": [], "test": []}
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
+    with atomic_output_dir(output, overwrite=overwrite, command="data.synthetic") as staging:
         for class_name in classes:
             source = load_source(class_name)
             for split, defect, count in plan:
@@ -303,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-defective", type=int, default=2, help="test images per class and defect type")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
+    return run_command(_run, parser.parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         generate_synthetic_dataset(
             args.output,
@@ -316,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             args.overwrite,
         )
-    except (ValueError, OutputExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     total = len(args.classes) * (args.train_good + args.test_good + len(args.defects) * args.test_defective)
     print(f"Wrote {total} images of {len(args.classes)} classes to {args.output}.")

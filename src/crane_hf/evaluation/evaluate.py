@@ -1,6 +1,8 @@
 """Evaluating a model on annotated datasets, on one process or many: the per-class metrics of the paper and their
 mean, the paper's protocol per dataset, and the report files. The command line is `crane-hf evaluate` /
-`python -m crane_hf.evaluate` (`crane_hf/commands/evaluate.py`).
+`python -m crane_hf.evaluate` (`crane_hf/commands/evaluate.py`). What was computed (variant, E-Attn map source,
+D-Attn input, deep-prompt rounding, soft_mean, input size, smoothing, AUPRO variant and where the prompts come from:
+`computation_record`) heads `metrics.md` and is stored under "computation" in `metrics.json`.
 
 Under `accelerate launch` the images are split into contiguous shards without padding, each process scores its
 shard, and the per-class metric states are gathered and merged on the main process, so the results equal a
@@ -15,11 +17,11 @@ entry uses (with the reason: a subfolder too deep, a mask matching no image, ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_output_dir
+from ..io.output_safety import on_main_process, protected_paths
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -150,8 +153,11 @@ def score_dataset(
 
 
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
+    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data
+    (`io/output_names.py`: no separator or "..", extension kept, shortened) and checked to stay inside `folder`."""
     from PIL import Image
 
+    from ..io.output_names import path_inside, safe_file_name, source_file_name
     from ..models.crane.image_reading import read_encoded_image
     from ..models.crane.visualization import render_overlay
 
@@ -161,8 +167,10 @@ def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: f
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
-        name = record["image_path"].replace("/", "__").rsplit(".", 1)[0] + ".png"
-        path = os.path.join(folder, record["class_name"], name)
+        class_folder = safe_file_name(str(record["class_name"]))
+        path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}")
+        if os.path.exists(path):  # two rows with one safe name (a repeated entry, or "a/b" and "a__b"): keep both
+            path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         render_overlay(image, resized, threshold=threshold).save(path)
 
@@ -195,11 +203,58 @@ def _markdown(table: dict[str, dict[str, float | None]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def computation_record(model: Any, spec: str, aupro: str, sigma: float) -> dict[str, Any]:
+    """What an evaluation computed, so that a table can be traced to its settings: the variant, the three
+    computation fields (and whether they are the published code's), soft_mean, the feature layers, the input size,
+    the smoothing, the AUPRO variant and where the prompts come from (`model_loading.prompts_origin`)."""
+    from ..model_loading import computation_summary, prompts_origin
+
+    config = model.config
+    return {
+        **computation_summary(model),
+        "feature_layers": list(config.feature_layers),
+        "image_size": config.image_size,
+        "smoothing_sigma": sigma,
+        "aupro": aupro,
+        "prompts": prompts_origin(spec, model),
+    }
+
+
+def _computation_lines(record: dict[str, Any]) -> list[str]:
+    """The head of metrics.md: `computation_record` in words, one line per item."""
+    prompts = record["prompts"]
+    origin = {
+        "preset": f"preset {prompts.get('preset')}",
+        "folder": f"folder {prompts.get('path')}",
+        "exported": f"exported folder {prompts.get('path')} (ONNX Runtime / OpenVINO; computation fixed at export)",
+        "hub": f"Hub repository {prompts.get('repo_id')}",
+    }[prompts["kind"]]
+    if prompts["kind"] != "preset" and prompts.get("preset"):
+        origin += f" (saved from preset {prompts['preset']})"
+    if prompts.get("converted_from"):
+        source = prompts["converted_from"]
+        origin += f" (converted from {source.get('checkpoint')}, sha256 {source.get('sha256')})"
+    published = "the published code's" if record["published_computation"] else "differs from the published code's"
+    rounding = record["deep_prompt_rounding_dtype"] or "not rounded"
+    return [
+        f"- model: {record['variant']}, feature layers {record['feature_layers']}, prompts from {origin}",
+        f"- computation ({published}): E-Attn maps {record['eattn_map_source']}, D-Attn input "
+        f"{record['dattn_input']}, deep prompts {rounding}",
+        f"- soft_mean {record['soft_mean']}, image size {record['image_size']}, smoothing sigma "
+        f"{record['smoothing_sigma']}, AUPRO {record['aupro']}",
+    ]
+
+
 def write_report(folder: str, table: dict[str, dict[str, float | None]], info: dict[str, Any]) -> None:
-    """metrics.md, metrics.csv and metrics.json in `folder` (which the caller writes atomically)."""
+    """metrics.md (headed by the computation that ran), metrics.csv and metrics.json in `folder` (which the
+    caller writes atomically)."""
     title = f"{info['model']} on {', '.join(info['data'])} (AUPRO: {info['aupro']})"
+    markdown = _markdown(table, title)
+    if info.get("computation"):
+        head, _, rest = markdown.partition("\n\n")
+        markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
     with open(os.path.join(folder, "metrics.md"), "w", encoding="utf-8") as stream:
-        stream.write(_markdown(table, title))
+        stream.write(markdown)
     columns = sorted({key for row in table.values() for key in row})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -220,10 +275,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from ..computation_options import computation_overrides
     from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
-    from ..metrics import AnomalyMetricAccumulator
     from ..model_loading import load_model, model_kind
-    from ..training.data_loading import image_file, undecoded
+    from ..training.data_loading import undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     overrides: dict[str, Any] = {}
@@ -238,8 +293,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             "Name the model with --model (a preset, a model folder or a Hub id), or use --protocol paper."
         )
-    if args.soft_mean is not None:
-        overrides["soft_mean"] = args.soft_mean == "true"
+    overrides.update(computation_overrides(args))
     # "auto": the process's accelerate device; an exported folder runs on the CPU, which "auto" then means.
     device = str(state.device) if args.device == "auto" and model_kind(model_spec) != "exported" else args.device
     model, processor = load_model(
@@ -256,31 +310,75 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         ]
     invalid = [w.message for w in caught if isinstance(w.message, InvalidRecordWarning)]
     unused = [w.message for w in caught if isinstance(w.message, UnusedFileWarning)]
+    left_out = [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid]
+    left_out += [{"image_path": item.path, "reason": f"not used: {item.reason}"} for item in unused]
     lossy = [path for w in caught if isinstance(w.message, LossyMaskWarning) for path in w.message.files]
     for message in (w.message for w in caught if isinstance(w.message, LossyMaskWarning)):
         print(f"warning: {message}", file=sys.stderr)
     import datasets as hf_datasets
 
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
-    output = os.path.abspath(args.output)
-    overlay_dir = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.overlays-tmp")
-    if args.save_overlays and state.is_main_process:
-        shutil.rmtree(overlay_dir, ignore_errors=True)
-    state.wait_for_everyone()
-    with state.split_between_processes(list(range(len(dataset)))) as shard:
-        accumulators, skipped = score_dataset(
-            model,
-            processor,
-            dataset,
-            shard,
-            args.batch_size,
-            args.sigma,
-            overlay_dir if args.save_overlays else None,
-            state.is_main_process and not args.quiet,
-        )
-    gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
-    if not state.is_main_process:
-        return {}
+    with contextlib.ExitStack() as claim:
+        # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
+        # the others write their overlays into the same temporary folder.
+        staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        with state.split_between_processes(list(range(len(dataset)))) as shard:
+            accumulators, skipped = score_dataset(
+                model,
+                processor,
+                dataset,
+                shard,
+                args.batch_size,
+                args.sigma,
+                os.path.join(staging, "overlays") if args.save_overlays else None,
+                state.is_main_process and not args.quiet,
+            )
+        gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+        if not state.is_main_process:
+            return {}
+        return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, left_out, lossy)
+
+
+def _claim_output(claim: contextlib.ExitStack, state: Any, args: argparse.Namespace, protected: list) -> str:
+    """The temporary output folder, opened by the main process and shared with the others (or its error)."""
+    output = atomic_output_dir(args.output, overwrite=args.overwrite, protected=protected, command="evaluate")
+    return on_main_process(state, lambda: claim.enter_context(output))
+
+
+def evaluation_protections(args: argparse.Namespace, model_spec: str | None) -> list[tuple[str, str]]:
+    """What the output of `evaluate` may not be or contain: the dataset roots, the model and backbone folders."""
+    from ..data import DataSource
+
+    roots = []
+    for spec in args.data:
+        try:
+            roots.append(DataSource.parse(spec).root)
+        except (OSError, ValueError):
+            continue
+    return [
+        *protected_paths("the dataset root", roots),
+        *protected_paths("the model folder", [model_spec]),
+        *protected_paths("a backbone", [args.clip, args.dino]),
+    ]
+
+
+def _report(
+    staging: str,
+    gathered: list,
+    dataset: Any,
+    args: argparse.Namespace,
+    model: Any,
+    model_spec: str,
+    aupro: str,
+    state: Any,
+    left_out: list[dict[str, str]],
+    lossy: list[str],
+) -> dict[str, Any]:
+    """Merge the processes' metric states and write the report into `staging` (main process); `left_out`: the
+    dataset's invalid entries and unused files (file and reason), `lossy`: masks binarised at mid-range."""
+    from ..metrics import AnomalyMetricAccumulator
+    from ..training.data_loading import image_file
+
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
     for states, shard_skipped in gathered:
@@ -303,15 +401,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         "smoothing_sigma": args.sigma,
         "image_size": model.config.image_size,
         "soft_mean": model.config.soft_mean,
+        "computation": computation_record(model, model_spec, aupro, args.sigma),
         "processes": state.num_processes,
         "images": sum(m.num_images for m in merged.values()),
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
-        + [{"image_path": problem.image_path, "reason": problem.reason} for problem in invalid]
-        + [{"image_path": item.path, "reason": f"not used: {item.reason}"} for item in unused],
+        + left_out,
         "lossy_masks": lossy,
     }
-    with atomic_output_dir(output, overwrite=args.overwrite) as staging:
-        write_report(staging, table, info)
-        if args.save_overlays and os.path.isdir(overlay_dir):
-            os.rename(overlay_dir, os.path.join(staging, "overlays"))
+    write_report(staging, table, info)
     return {"table": table, "info": info}

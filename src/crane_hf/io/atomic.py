@@ -1,7 +1,8 @@
 """Writing outputs so that nothing the user had is lost: temporary name first, then an atomic rename.
 
 A process killed at any moment leaves either the previous file/folder or the new one, never a half-written one;
-existing outputs are replaced only when the caller says so.
+existing outputs are replaced only when the caller says so, and output folders only when crane-hf wrote all they
+hold (`output_safety.py`).
 """
 
 from __future__ import annotations
@@ -10,17 +11,24 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+from .output_names import TEMP_TAG
+from .output_safety import (
+    OutputExistsError,
+    check_output_dir,
+    clean_stale_temporaries,
+    make_staging_dir,
+    output_lock,
+    retire_and_replace,
+    write_marker,
+)
 
 
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-class OutputExistsError(FileExistsError):
-    """The output already exists and overwriting was not asked for."""
 
 
 def check_can_write(path: str, overwrite: bool) -> None:
@@ -33,29 +41,44 @@ def check_can_write(path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_output_dir(
+    path: str,
+    overwrite: bool = False,
+    protected: Iterable[tuple[str, str]] = (),
+    command: str | None = None,
+) -> Iterator[str]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
-    On error the temporary folder is removed and `path` is left as it was.
+    Before anything is created, `path` is checked (`output_safety.check_output_dir`): it may not be or contain a
+    `protected` (what, path) folder, the working, home or root folder; an existing `path` is replaced only with
+    `overwrite` and only if crane-hf wrote everything in it; its folder must be writable. The run then holds the
+    lock of `path` (a concurrent run on it is refused), removes what killed runs left beside it, checks again,
+    and works in a marked temporary folder. On success the folder gets its manifest (`MARKER_NAME`) and replaces
+    `path`; an output that appeared meanwhile is not replaced without `overwrite`. On error or interruption the
+    temporary folder is removed and `path` is left as it was.
     """
     path = os.path.abspath(path)
-    check_can_write(path, overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_current_umask())
-        if os.path.exists(path):
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(retired, "previous"))
-            os.rename(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    protected = list(protected)
+    check_output_dir(path, overwrite, protected)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with output_lock(path):
+        clean_stale_temporaries(path)
+        check_output_dir(path, overwrite, protected)
+        staging = make_staging_dir(path, command)
+        try:
+            yield staging
+            write_marker(staging, command)
+            os.chmod(staging, 0o777 & ~_current_umask())
+            check_output_dir(path, overwrite, protected)  # an output that appeared meanwhile is not replaced
+            retire_and_replace(staging, path)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if error.filename is None and error.errno is not None:  # e.g. a full disk: name the output
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
@@ -63,7 +86,7 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
     check_can_write(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=folder)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
@@ -74,6 +97,34 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(staging)
+        raise
+
+
+def atomic_write_files(sources: dict[str, str], folder: str) -> None:
+    """Copy files (name in `folder` -> source path) all or nothing: every copy is written under a temporary name
+    first and renamed only when all are complete, so a failure while writing (a full disk, an unwritable folder)
+    leaves the previous files of `folder` as they were. Modes are copied from the sources."""
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, source in sources.items():
+            handle, staging = tempfile.mkstemp(prefix=f".{name}{TEMP_TAG}", dir=folder)
+            staged.append((staging, os.path.join(folder, name)))
+            try:
+                with os.fdopen(handle, "wb") as stream, open(source, "rb") as original:
+                    shutil.copyfileobj(original, stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            except OSError as error:
+                if error.filename or error.errno is None:
+                    raise
+                raise OSError(error.errno, error.strerror, os.path.join(folder, name)) from error
+            shutil.copymode(source, staging)
+        for staging, target in staged:
+            os.replace(staging, target)
+    except BaseException:
+        for staging, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(staging)
         raise
 
 

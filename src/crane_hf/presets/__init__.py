@@ -188,12 +188,15 @@ def model_from_preset(
         clip / dino: backbones to use instead of the preset's Hub ids: loaded models or local folders.
         allow_backbone_mismatch: use a CLIP whose token embeddings differ from the preset's fingerprint.
         backbone_kwargs: passed to the backbones' `from_pretrained` (e.g. `dtype`, `cache_dir`).
-        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `image_size=336`).
+        **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `image_size=336`); without them the model
+            computes what the published code computes (the `CraneConfig` defaults).
     """
     from transformers import AutoModel, CLIPModel
 
+    from ..models.crane.configuration_crane import CraneConfig
     from ..models.crane.modeling_crane import CraneForAnomalyDetection
 
+    CraneConfig.check_field_names(config_overrides, "from_preset")  # before any backbone is loaded
     preset = load_preset(name)
     backbone_kwargs = backbone_kwargs or {}
     if preset.variant == "crane" and dino is not None:

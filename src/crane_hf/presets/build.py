@@ -11,7 +11,6 @@ model, what it is meant for, its published results, and the source file's sha256
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from ..io.atomic import atomic_write_bytes
-from ..models.crane.convert_original import deep_prompt_keys, load_original_checkpoint
+from ..models.crane.convert_original import deep_prompt_keys, file_sha256, load_original_checkpoint
 from .catalog import CLIP_BACKBONE, DINO_BACKBONE, PRESET_SOURCES, preset_file_name
 
 
@@ -53,8 +52,7 @@ def build_preset(name: str, official_dir: str, output_dir: str) -> str:
         "fingerprint.token_ids": token_ids,
         "fingerprint.token_embeddings": token_embeddings.contiguous(),
     }
-    with open(source, "rb") as stream:
-        sha256 = hashlib.sha256(stream.read()).hexdigest()
+    sha256 = file_sha256(source)
     metadata = {
         "name": name,
         "variant": variant,

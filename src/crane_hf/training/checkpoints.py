@@ -18,15 +18,16 @@ import json
 import os
 import pickle
 import re
-import shutil
 import zipfile
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from ..io.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_output_dir, atomic_write_files, atomic_write_text
+from ..io.output_names import MARKER_NAME
+from ..io.output_safety import claim_entries
+from ..models.crane.checkpoint_validation import read_safetensors
 
 CHECKPOINT_PREFIX = "checkpoint-epoch-"
 TRAINING_STATE = "training_state"
@@ -122,7 +123,7 @@ def register_prompt_state_hooks(accelerator: Any, model: Any) -> None:
     def load_prompts(models: list, input_dir: str) -> None:
         models.clear()
         weights = os.path.join(os.path.dirname(os.path.abspath(input_dir)), SAFE_WEIGHTS_NAME)
-        model.load_prompt_state(load_file(weights), source=weights)
+        model.load_prompt_state(read_safetensors(weights), source=weights)
 
     accelerator.register_save_state_pre_hook(skip_model_weights)
     accelerator.register_load_state_pre_hook(load_prompts)
@@ -133,7 +134,7 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint (layout in the module docstring) from the main process; all processes wait for it."""
     if accelerator.is_main_process:
-        with atomic_output_dir(path, overwrite=overwrite) as staging:
+        with atomic_output_dir(path, overwrite=overwrite, command="train") as staging:
             model.save_pretrained(staging, include_backbones=False)
             processor.save_pretrained(staging)
             accelerator.save_state(os.path.join(staging, TRAINING_STATE))
@@ -142,14 +143,15 @@ def save_checkpoint(
 
 
 def publish_model(checkpoint: str, output_dir: str) -> None:
-    """Copy the model files of `checkpoint` (not its training state) into `output_dir`, each atomically."""
-    for name in sorted(os.listdir(checkpoint)):
-        source = os.path.join(checkpoint, name)
-        if os.path.isfile(source):
-            target = os.path.join(output_dir, name)
-            with open(source, "rb") as stream:
-                atomic_write_bytes(target, stream.read())
-            shutil.copymode(source, target)  # the temporary file was private (0600)
+    """Copy the model files of `checkpoint` (not its training state nor its marker) into `output_dir`, all or
+    nothing (`atomic_write_files`), and list them in the folder's manifest."""
+    sources = {
+        name: os.path.join(checkpoint, name)
+        for name in sorted(os.listdir(checkpoint))
+        if os.path.isfile(os.path.join(checkpoint, name)) and name != MARKER_NAME
+    }
+    atomic_write_files(sources, output_dir)
+    claim_entries(output_dir, sources, "train")
 
 
 def prompt_tensors(model: Any) -> dict[str, torch.Tensor]:

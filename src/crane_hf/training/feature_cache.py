@@ -1,14 +1,16 @@
 """Backbone outputs of each training image, computed once and stored on disk (training with `--cache-features`).
 
 The backbones are frozen, so `encode_image` gives the same result in every epoch; only the prompts change. The
-cache holds, per image, one safetensors file with `image_embeds` [D], `patch_features` [M, N, D] and the
-prepared mask [S, S] (uint8), and `cache_info.json` with a fingerprint of everything the features depend on
-(backbones, E-Attn / D-Attn settings, input size, mixed precision, and the images: training passes the content
+cache holds, per image, one safetensors file with `image_embeds` [D], `patch_features` [M', N, D] (the distinct
+maps, `CraneConfig.map_slots`) and the prepared mask [S, S] (uint8), and `cache_info.json` with a fingerprint of
+everything the features depend on (backbones, E-Attn / D-Attn settings including the computation fields
+`eattn_map_source` and `dattn_input`, input size, mixed precision, and the images: training passes the content
 fingerprint of its data, `data_loading.dataset_fingerprint`; otherwise their paths, file sizes and times). A cache
 made for something else is refused rather than silently reused. Memory stays bounded: items are read from disk one
 at a time by the data loader.
 
-Size per image: M * N * D * 4 bytes, e.g. 16.8 MB for Crane at S = 518 (4 maps of 37 x 37 patches, D = 768).
+Size per image: M' * N * D * 4 bytes, e.g. 4.2 MB for Crane at S = 518 (its four maps are one computed map of
+37 x 37 patches, D = 768; 16.8 MB with `eattn_map_source="per_layer"`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ VISION_FIELDS = (
     "dattn_beta",
     "dattn_gamma",
     "both_eattn_dattn",
-    "official_code_compat",
+    "eattn_map_source",
+    "dattn_input",
     "clip_image_mean",
     "clip_image_std",
     "dino_image_mean",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..computation_options import add_computation_arguments
+
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_DINO = "facebook/dinov2-with-registers-base"
 FEATURE_CACHE = "feature_cache"
@@ -61,4 +63,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict", action="store_true", help="refuse the data if any file under a class folder is not used"
     )
+    add_computation_arguments(parser, "computation the prompts are trained with (default: the published code's)")
     return parser

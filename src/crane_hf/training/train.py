@@ -1,7 +1,10 @@
 """The training loop of Crane's prompts, on one process or many (accelerate); the command line that runs it is
 `crane-hf train` / `python -m crane_hf.train` (`crane_hf/commands/train.py`, options in `options.py`).
 
-Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
+Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen. The model computes what the published
+code computes (the computation the official prompts were trained with) unless the computation options
+(`crane_hf/computation_options.py`: `--eattn-maps per_layer --dattn-input layer_input --deep-prompt-rounding none`
+trains the per-layer variant) say otherwise.
 
 - Order: the images are shuffled by (seed, epoch) alone, and all randomness is reseeded from (seed, epoch, process)
   at the start of each epoch, so a run resumed at an epoch boundary ends exactly as an uninterrupted run.
@@ -17,6 +20,7 @@ Only the prompts are trained; the CLIP (and DINOv2) backbones stay frozen.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,13 +36,29 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from ..computation_options import computation_overrides
 from ..data import DataSource, load_data_source
-from ..io.atomic import OutputExistsError, check_can_write
+from ..io.atomic import OutputExistsError
+from ..io.output_safety import (
+    check_not_protected,
+    check_output_dir,
+    check_replaceable,
+    check_writable,
+    claim_entries,
+    clean_stale_temporaries,
+    clean_stale_temporaries_in,
+    on_main_process,
+    output_lock,
+    protected_paths,
+    unowned_entries,
+)
+from ..models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput, CraneForAnomalyDetection
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     checkpoint_path,
+    list_checkpoints,
     load_training_state,
     publish_model,
     read_trainer_state,
@@ -71,8 +91,14 @@ RESUME_SETTINGS = (
     "adam_betas",
     "num_processes",
     "mixed_precision",
+    "eattn_map_source",
+    "dattn_input",
+    "deep_prompt_rounding_dtype",
 )
 CONTENT_SETTINGS = ("data_sha256", "backbones_sha256")
+# What checkpoints written before the computation settings were recorded ran with: the per-layer computation of
+# that time.
+UNRECORDED_SETTINGS = PER_LAYER_COMPUTATION
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -110,7 +136,14 @@ def _settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, A
         "mixed_precision": accelerator.mixed_precision,
         "epochs": args.epochs,
         "cache_features": args.cache_features,
+        **_computation(args),
     }
+
+
+def _computation(args: argparse.Namespace) -> dict[str, Any]:
+    """The three computation fields the prompts are trained with: the published code's unless the options say
+    otherwise (`CraneConfig` defaults)."""
+    return {**PUBLISHED_COMPUTATION, **computation_overrides(args)}
 
 
 def _dino_source(args: argparse.Namespace) -> str | None:
@@ -145,38 +178,73 @@ class CraneTrainingStep(torch.nn.Module):
         )
 
 
-def _prepare_output_dir(args: argparse.Namespace, resume: str | None, accelerator: Accelerator) -> None:
-    """Refuse to write over an earlier run's outputs unless `--overwrite` (resuming in place is allowed)."""
+def training_protections(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """What `--output-dir` may not be or contain: the dataset roots and local backbone folders."""
+    roots = []
+    for spec in args.data:
+        with contextlib.suppress(OSError, ValueError):
+            roots.append(DataSource.parse(spec).root)
+    return [*protected_paths("the dataset root", roots), *protected_paths("a backbone", [args.clip, args.dino])]
+
+
+def _prepare_output_dir(
+    args: argparse.Namespace, resume: str | None, accelerator: Accelerator, claim: contextlib.ExitStack
+) -> bool:
+    """Claim `--output-dir` for this run (main process: its lock, held until `claim` closes; what killed runs left
+    there removed) and refuse to write over an earlier run's outputs unless `--overwrite`, which needs a folder
+    holding only files crane-hf wrote (resuming in place is allowed). Returns whether this run created the folder.
+    Every process raises the main process's refusal."""
+    return on_main_process(accelerator, lambda: _claim_output_dir(args, resume, claim))
+
+
+def _claim_output_dir(args: argparse.Namespace, resume: str | None, claim: contextlib.ExitStack) -> bool:
     output_dir = os.path.abspath(args.output_dir)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    claim.enter_context(output_lock(output_dir))
+    clean_stale_temporaries(output_dir)
+    clean_stale_temporaries_in(output_dir)
     resuming_in_place = resume is not None and os.path.dirname(os.path.abspath(resume)) == output_dir
-    if not resuming_in_place and not args.overwrite:
-        check_can_write(output_dir, overwrite=False)
+    if not resuming_in_place:
+        if not args.overwrite:
+            check_output_dir(output_dir, overwrite=False, protected=training_protections(args))
+        else:
+            check_replaceable(output_dir)
     first_epoch = read_trainer_state(resume)["epoch"] + 1 if resume else 1
     later = [checkpoint_path(output_dir, e) for e in range(first_epoch, args.epochs + 1)]
     existing = [path for path in later if os.path.exists(path)]
     if existing and not args.overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace them.")
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        if args.overwrite and resume is None:  # an earlier run's checkpoints must not pass for this run's
-            for name in os.listdir(output_dir):
-                if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
-                    path = os.path.join(output_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    accelerator.wait_for_everyone()
+    created = not os.path.exists(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if args.overwrite and resume is None:  # an earlier run's checkpoints must not pass for this run's
+        for name in os.listdir(output_dir):
+            if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    claim_entries(output_dir, [TRAINING_LOG, "logs/", f"{FEATURE_CACHE}/"], "train")
+    return created
+
+
+def _remove_unfinished_output(output_dir: str) -> None:
+    """After a failed run that created `output_dir` and finished no checkpoint: remove it, if it holds only files
+    this run wrote, so that no half-made output folder is left."""
+    if list_checkpoints(output_dir) or not os.path.isdir(output_dir) or unowned_entries(output_dir):
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def _check_resume_settings(
     saved: dict[str, Any], current: dict[str, Any], checkpoint: str, names: Sequence[str] = RESUME_SETTINGS
 ) -> None:
+    recorded = {**UNRECORDED_SETTINGS, **saved}
     different = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        f"{name}: checkpoint {recorded.get(name)!r}, now {current[name]!r}"
         for name in names
-        if saved.get(name) != current[name]
+        if recorded.get(name) != current[name]
     ]
     if different:
         what = {"data_sha256": "the data's content", "backbones_sha256": "the backbones' weights"}
-        changed = [what[name] for name in names if name in what and saved.get(name) != current[name]]
+        changed = [what[name] for name in names if name in what and recorded.get(name) != current[name]]
         raise ValueError(
             f"Cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
             + "; ".join(different)
@@ -239,8 +307,11 @@ def check_training_data(images: ProcessedImages, args: argparse.Namespace, accel
 
 
 def build_model(args: argparse.Namespace) -> CraneForAnomalyDetection:
-    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`."""
-    return CraneForAnomalyDetection.from_backbones(args.clip, _dino_source(args), image_size=args.image_size)
+    """Crane or Crane+ around the `--clip` (and `--dino`) backbones with fresh prompts, at `--image-size`, computing
+    what the published code computes unless the computation options (`--eattn-maps per_layer`, ...) say otherwise."""
+    return CraneForAnomalyDetection.from_backbones(
+        args.clip, _dino_source(args), image_size=args.image_size, **computation_overrides(args)
+    )
 
 
 def _loss_values(output: CraneAnomalyDetectionOutput) -> torch.Tensor:
@@ -295,13 +366,31 @@ def train(args: argparse.Namespace) -> str:
     for spec in args.data:
         DataSource.parse(spec)  # fail on a wrong path before loading backbones
     output_dir = os.path.abspath(args.output_dir)
+    check_not_protected(output_dir, training_protections(args))
+    check_writable(os.path.join(output_dir, TRAINING_LOG))  # before anything is loaded or created
     accelerator = _make_accelerator(args, output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     settings = _settings(args, accelerator)
     if resume:
         _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume)
-    _prepare_output_dir(args, resume, accelerator)
+    with contextlib.ExitStack() as claim:
+        created = _prepare_output_dir(args, resume, accelerator, claim)
+        try:
+            return _train(args, accelerator, resume, settings, output_dir)
+        except BaseException:
+            if created and accelerator.is_main_process:
+                _remove_unfinished_output(output_dir)
+            raise
 
+
+def _train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    resume: str | None,
+    settings: dict[str, Any],
+    output_dir: str,
+) -> str:
+    """The training run itself, once the output folder is claimed."""
     set_seed(args.seed)
     model = build_model(args)
     settings["backbones_sha256"] = module_fingerprint([model.clip, model.dino])

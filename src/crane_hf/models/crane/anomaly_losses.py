@@ -43,6 +43,7 @@ def crane_loss(
     focal_weight: float = 2.0,
     dice_weight: float = 2.0,
     image_weight: float = 0.2,
+    map_counts: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total loss and its components.
 
@@ -52,14 +53,19 @@ def crane_loss(
         masks: binary masks [B, H, W].
         image_logits: image logits at the training temperature, [B, 2].
         labels: image labels [B] (0 normal, 1 anomalous).
+        map_counts: how many configured maps each map stands for (`CraneConfig.map_slots`); its focal and dice
+            terms count that often, as the same map repeated would. Default: once each.
     """
     size = tuple(masks.shape[-2:])
     focal = image_logits.new_zeros(())
     dice = image_logits.new_zeros(())
-    for logits in patch_logits:
+    counts = map_counts if map_counts is not None else [1] * len(patch_logits)
+    if len(counts) != len(patch_logits):
+        raise ValueError(f"map_counts has {len(counts)} entries for {len(patch_logits)} maps.")
+    for logits, count in zip(patch_logits, counts):
         probs = patch_probabilities(logits.float(), grid, size)
-        focal = focal + focal_loss(probs, masks)
-        dice = dice + dice_loss(probs, masks)
+        focal = focal + count * focal_loss(probs, masks)
+        dice = dice + count * dice_loss(probs, masks)
     image_ce = F.cross_entropy(image_logits.float(), labels.long())
     total = focal_weight * focal + dice_weight * dice + image_weight * image_ce
     return {"loss": total, "focal_loss": focal, "dice_loss": dice, "image_loss": image_ce}

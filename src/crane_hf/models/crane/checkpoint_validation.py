@@ -6,11 +6,13 @@ dtype without reading the data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -20,14 +22,34 @@ class CheckpointMismatchError(ValueError):
 
 
 def safetensors_header(paths: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, safetensors dtype such as "F32") of every tensor in the files."""
+    """Name -> (shape, safetensors dtype such as "F32") of every tensor in the files.
+
+    A file whose header is truncated, oversized or malformed raises `CheckpointMismatchError` naming it.
+    """
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in paths:
-        with safe_open(path, framework="pt") as reader:
+        with _safetensors_errors(path), safe_open(path, framework="pt") as reader:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensor_slice = reader.get_slice(name)
                 found[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
     return found
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on the CPU); a damaged file raises `CheckpointMismatchError` naming it."""
+    from safetensors.torch import load_file
+
+    with _safetensors_errors(path):
+        return load_file(path)
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str) -> Iterator[None]:
+    """safetensors' errors (`SafetensorError`, raised for truncated or oversized headers) with the file named."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise CheckpointMismatchError(f"{path}: not a valid safetensors file ({error}).") from error
 
 
 def checkpoint_problems(
@@ -124,10 +146,49 @@ def resolve_safetensors_files(resolve: callable, folder_or_id: str, weights_name
             f"{folder_or_id} has no safetensors weights ({weights_name}); crane_hf loads weights only from "
             "safetensors files, never from pickled .bin/.pth files."
         )
-    with open(index, encoding="utf-8") as stream:
-        shards = sorted(set(json.load(stream)["weight_map"].values()))
+    shards = shard_names(index)
     paths = [resolve(name) for name in shards]
     missing = [name for name, path in zip(shards, paths) if path is None or not os.path.isfile(path)]
     if missing:
         raise CheckpointMismatchError(f"{folder_or_id} is missing the weight shards {', '.join(missing)}.")
+    folder = os.path.realpath(os.path.dirname(index))
+    outside = [name for name, path in zip(shards, paths) if not _inside(folder, os.path.realpath(path))]
+    if outside:
+        raise CheckpointMismatchError(f"{index}: the weight shards {', '.join(outside)} lead outside {folder}.")
     return paths
+
+
+def shard_names(index: str) -> list[str]:
+    """The shard file names of a `model.safetensors.index.json`, each a plain name inside the model folder.
+
+    Raises `CheckpointMismatchError` naming the index for a malformed file and for shard paths that are absolute,
+    contain ".." or a separator (they must name files of the folder itself).
+    """
+    try:
+        with open(index, encoding="utf-8") as stream:
+            weight_map = json.load(stream)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointMismatchError(
+            f"{index}: not a valid index (a JSON object with a 'weight_map'): {error}."
+        ) from error
+    bad = [
+        repr(name)
+        for name in shards
+        if not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or os.path.isabs(name)
+        or "\x00" in name
+    ]
+    if bad:
+        raise CheckpointMismatchError(
+            f"{index}: shard paths must be file names inside the model folder; refused {', '.join(bad)}."
+        )
+    return shards
+
+
+def _inside(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder

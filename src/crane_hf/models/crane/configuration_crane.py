@@ -1,17 +1,24 @@
 """CraneConfig: the CLIP backbone, the optional DINOv2 backbone (Crane+) and every Crane hyperparameter.
 
-Defaults are the paper's Crane setting on CLIP ViT-L/14@336 (``crane-method.md`` sections 2-8); ``for_variant``
-builds the published Crane and Crane+ settings around any pair of backbone configs.
+Defaults are the paper's Crane setting on CLIP ViT-L/14@336 (``crane-method.md`` sections 2-8), computed as the
+published code computes it (section 3, (a)-(c): `PUBLISHED_COMPUTATION`); ``for_variant`` builds the published
+Crane and Crane+ settings around any pair of backbone configs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import inspect
+import numbers
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
+from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
 from .thresholds import THRESHOLD_FIELDS, check_threshold
 
 # OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
@@ -32,6 +39,24 @@ def end_of_text_id(text_config: Any) -> int:
 
 EATTN_TYPES = ("qq+kk+vv", "qq+kk", "qq", "kk", "vv", "(q+k+v)^2")
 VARIANTS = ("crane", "crane+")
+EATTN_MAP_SOURCES = ("last_layer", "per_layer")
+DATTN_INPUTS = ("after_attention", "layer_input")
+DEEP_PROMPT_ROUNDING_DTYPES = ("float16", "bfloat16", None)
+
+# The three behaviours of the published code that the official prompts were trained with (crane-method.md
+# section 3, (a)-(c); docs/parity.md), and the per-layer reading of the specification's text.
+PUBLISHED_COMPUTATION: dict[str, Any] = {
+    "eattn_map_source": "last_layer",
+    "dattn_input": "after_attention",
+    "deep_prompt_rounding_dtype": "float16",
+}
+PER_LAYER_COMPUTATION: dict[str, Any] = {
+    "eattn_map_source": "per_layer",
+    "dattn_input": "layer_input",
+    "deep_prompt_rounding_dtype": None,
+}
+# The switch these fields replace; configs saved with it still load (True: published, False: per-layer).
+LEGACY_COMPUTATION_SWITCH = "official_code_compat"
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -134,8 +159,27 @@ class CraneConfig(PreTrainedConfig):
         clip_image_mean / clip_image_std, dino_image_mean / dino_image_std: normalizations of the two backbones.
         image_threshold (`float`): default decision threshold on the image score.
         pixel_threshold (`float`): default decision threshold on the smoothed anomaly map.
-        official_code_compat (`bool`): reproduce three behaviours of the published code that the specification does
-            not describe (see docs/parity.md). Default False.
+        eattn_map_source (`str`): which e stream the E-Attn map of each feature layer is read from.
+            "last_layer" (default, the published code): every E-Attn map is the e stream after the LAST vision layer.
+            The published code collects views of one tensor that later layers update in place, so the maps of
+            layers 6, 12 and 18 never reach its output: Crane's four maps are one map counted four times, and the
+            official prompts and the paper's numbers come from that computation. The map is computed once and
+            counted once per feature layer (in the map and score averages and in the training loss).
+            "per_layer": the e stream after each feature layer (the per-layer reading of crane-method.md
+            section 3); a variant to train prompts for, not what the official prompts were trained with.
+        dattn_input (`str`): the point of the o stream that D-Attn (Crane+) takes LN1 and the value projection of.
+            "after_attention" (default, the published code, which adds the layer's attention output to its input
+            in place before D-Attn reads it): o_(l-1) + OutProj(a_orig), and for the first E-Attn layer
+            o_(l-1) + OutProj(a_self). "layer_input": o_(l-1), the o stream entering the layer (per-layer variant).
+            A feature layer before the E-Attn layers reads o_(l-1) either way, as the published code does.
+        deep_prompt_rounding_dtype (`str` or `None`): dtype the deep prompts are rounded through before they
+            enter the text layers. "float16" (default, the published code casts them with `.half()`: a relative
+            rounding of up to 5e-4; gradients flow through the rounding as they do there); "bfloat16"; `None`: no
+            rounding (per-layer variant).
+        official_code_compat (`bool`, *optional*): the single switch these three fields replace, accepted so that
+            configs saved with it load as they computed: True means the published values above, False means
+            "per_layer", "layer_input" and `None`. It is not saved; giving it together with a conflicting new
+            field raises `ValueError`.
         clip_backbone / dino_backbone (`str`, *optional*): where the backbone weights come from (Hub id or local
             folder); recorded by `from_backbones`, needed to load a prompts-only checkpoint.
         backbones_in_checkpoint (`bool`): whether the saved weights include the backbones (False for a
@@ -179,7 +223,9 @@ class CraneConfig(PreTrainedConfig):
         dino_image_std: list[float] | tuple[float, ...] = IMAGENET_STD,
         image_threshold: float = 0.5,
         pixel_threshold: float = 0.5,
-        official_code_compat: bool = False,
+        eattn_map_source: str = "last_layer",
+        dattn_input: str = "after_attention",
+        deep_prompt_rounding_dtype: str | None = "float16",
         clip_backbone: str | None = None,
         dino_backbone: str | None = None,
         backbones_in_checkpoint: bool = True,
@@ -189,21 +235,28 @@ class CraneConfig(PreTrainedConfig):
         if clip_config is None:
             clip_config = copy.deepcopy(CLIP_VIT_L14_336)
         if isinstance(clip_config, dict):
-            clip_config = CLIPConfig(**{k: v for k, v in clip_config.items() if k != "model_type"})
+            _check_size_fields("clip_config", clip_config)
+            with _field_errors("clip_config"):
+                clip_config = CLIPConfig(**{k: v for k, v in clip_config.items() if k != "model_type"})
         if not isinstance(clip_config, CLIPConfig):
             raise TypeError(f"clip_config must be a CLIPConfig or a dict, got {type(clip_config).__name__}.")
         self.clip_config = clip_config
-        self.dino_config = _as_config(dino_config)
+        if isinstance(dino_config, dict):
+            _check_size_fields("dino_config", dino_config)
+        with _field_errors("dino_config"):
+            self.dino_config = _as_config(dino_config)
 
-        self.image_size = int(image_size)
-        self.prompt_length = int(prompt_length)
+        self.image_size = _integer("image_size", image_size)
+        self.prompt_length = _integer("prompt_length", prompt_length)
         self.normal_prompt_words = normal_prompt_words
         self.anomalous_prompt_words = anomalous_prompt_words
-        self.num_deep_prompts = int(num_deep_prompts)
-        self.deep_prompt_length = int(deep_prompt_length)
-        self.eattn_layers = int(eattn_layers)
+        self.num_deep_prompts = _integer("num_deep_prompts", num_deep_prompts, minimum=0)
+        self.deep_prompt_length = _integer("deep_prompt_length", deep_prompt_length, minimum=0)
+        self.eattn_layers = _integer("eattn_layers", eattn_layers, minimum=0)
         self.eattn_type = eattn_type
-        self.feature_layers = [int(layer) for layer in feature_layers]
+        if not isinstance(feature_layers, (list, tuple)):
+            raise TypeError(f"feature_layers must be a list of layer numbers, got {feature_layers!r}.")
+        self.feature_layers = [_integer("feature_layers", layer) for layer in feature_layers]
         self.dattn_beta = float(dattn_beta)
         self.dattn_gamma = float(dattn_gamma)
         self.both_eattn_dattn = bool(both_eattn_dattn)
@@ -223,7 +276,17 @@ class CraneConfig(PreTrainedConfig):
         self.dino_image_std = [float(x) for x in dino_image_std]
         self.image_threshold = check_threshold(image_threshold, "image_threshold")  # true, null, NaN: refused
         self.pixel_threshold = check_threshold(pixel_threshold, "pixel_threshold")
-        self.official_code_compat = bool(official_code_compat)
+        computation = _resolve_legacy_switch(
+            kwargs.pop(LEGACY_COMPUTATION_SWITCH, None),
+            {
+                "eattn_map_source": eattn_map_source,
+                "dattn_input": dattn_input,
+                "deep_prompt_rounding_dtype": deep_prompt_rounding_dtype,
+            },
+        )
+        self.eattn_map_source = computation["eattn_map_source"]
+        self.dattn_input = computation["dattn_input"]
+        self.deep_prompt_rounding_dtype = computation["deep_prompt_rounding_dtype"]
         self.clip_backbone = clip_backbone
         self.dino_backbone = dino_backbone
         self.backbones_in_checkpoint = bool(backbones_in_checkpoint)
@@ -302,8 +365,105 @@ class CraneConfig(PreTrainedConfig):
         per_layer = (2 if self.both_eattn_dattn else 1) if self.use_dattn else 1
         return per_layer * len(self.feature_layers)
 
+    @property
+    def map_slots(self) -> list[int]:
+        """For each of the `num_maps` maps (per feature layer: the D-Attn map, then the E-Attn map), the index of the
+        distinct map `CraneForAnomalyDetection.encode_image` computes for it.
+
+        With ``eattn_map_source="per_layer"`` every map is distinct: ``[0, 1, ..., num_maps - 1]``. With
+        "last_layer" every E-Attn map is the same final e-stream map, computed once after the D-Attn maps: e.g.
+        ``[0, 0, 0, 0]`` for Crane's four feature layers, ``[0, 2, 1, 2]`` for Crane+ on two feature layers.
+        """
+        kinds = []
+        for _ in self.feature_layers:
+            if self.use_dattn:
+                kinds.append("dattn")
+            if not self.use_dattn or self.both_eattn_dattn:
+                kinds.append("eattn")
+        if self.eattn_map_source == "per_layer":
+            return list(range(len(kinds)))
+        shared = kinds.count("dattn")
+        slots, next_distinct = [], 0
+        for kind in kinds:
+            if kind == "eattn":
+                slots.append(shared)
+            else:
+                slots.append(next_distinct)
+                next_distinct += 1
+        return slots
+
+    @property
+    def computation(self) -> dict[str, Any]:
+        """The three fields that select the published computation or the per-layer variant, by name."""
+        return {name: getattr(self, name) for name in PUBLISHED_COMPUTATION}
+
+    @property
+    def computes_published_code(self) -> bool:
+        """Whether the three fields all select what the published code computes (`PUBLISHED_COMPUTATION`)."""
+        return self.computation == PUBLISHED_COMPUTATION
+
+    # ------------------------------------------------------------------ overrides
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The names a config can be built or overridden with: the parameters of `__init__` and the legacy
+        `official_code_compat`."""
+        parameters = inspect.signature(cls.__init__).parameters
+        names = {name for name, p in parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+        return frozenset(names | {LEGACY_COMPUTATION_SWITCH})
+
+    @classmethod
+    def check_field_names(cls, names: Any, what: str = "CraneConfig") -> None:
+        """Raise `TypeError` naming every name in `names` that is not a `CraneConfig` field."""
+        unknown = set(names) - cls.field_names()
+        if unknown:
+            raise TypeError(
+                f"{what} got unknown keyword argument(s) {cls.name_unknown(unknown)}: not CraneConfig fields."
+            )
+
+    @classmethod
+    def name_unknown(cls, names: Any) -> str:
+        """`names` quoted, each with the closest `CraneConfig` field: "'sof_mean' (did you mean 'soft_mean'?)"."""
+        fields = cls.field_names()
+        return ", ".join(
+            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+            for name in sorted(names)
+            for close in [difflib.get_close_matches(name, fields, n=1)]
+        )
+
+    def with_overrides(self, **fields: Any) -> CraneConfig:
+        """A copy of this config with `fields` replaced, built and validated as a new config.
+
+        The one path for overrides (`from_pretrained(path, soft_mean=True)`, `from_backbones`, the command line):
+        an unknown name raises `TypeError` naming it, an invalid value `ValueError` naming the field. The legacy
+        `official_code_compat=True/False` sets the three computation fields; those of them given too take
+        precedence.
+        """
+        self.check_field_names(fields)
+        fields = dict(fields)
+        if LEGACY_COMPUTATION_SWITCH in fields:
+            legacy = fields.pop(LEGACY_COMPUTATION_SWITCH)
+            implied = _resolve_legacy_switch(legacy, dict(PUBLISHED_COMPUTATION))  # validates the value
+            fields = {**implied, **fields}  # the new fields given with it take precedence
+        data = self.to_dict()
+        data.update(fields)
+        return type(self)(**data)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PreTrainedConfig.from_dict`, with `CraneConfig` fields among `kwargs` applied through `with_overrides`
+        (validated) instead of set unchecked (this is the path of `AutoModel.from_pretrained(path, soft_mean=True)`).
+        """
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in cls.field_names()}
+        result = super().from_dict(config_dict, **kwargs)
+        if not overrides:
+            return result
+        if isinstance(result, tuple):
+            return result[0].with_overrides(**overrides), result[1]
+        return result.with_overrides(**overrides)
+
     # ------------------------------------------------------------------ validation
     def _validate_hyperparameters(self) -> None:
+        _validate_backbone_sizes(self.clip_config, self.dino_config, self.image_size)
         vision = self.clip_config.vision_config
         text = self.clip_config.text_config
         num_layers = vision.num_hidden_layers
@@ -361,6 +521,8 @@ class CraneConfig(PreTrainedConfig):
         for name in ("logit_temperature", "image_loss_temperature", "smoothing_sigma", "dattn_gamma", "dattn_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        if not self.smoothing_sigma <= MAX_SMOOTHING_SIGMA:
+            raise ValueError(f"smoothing_sigma={self.smoothing_sigma} exceeds the limit of {MAX_SMOOTHING_SIGMA:g}.")
         for name in ("clip_image_mean", "clip_image_std", "dino_image_mean", "dino_image_std"):
             values = getattr(self, name)
             if len(values) != 3:
@@ -370,6 +532,13 @@ class CraneConfig(PreTrainedConfig):
         for name in ("image_threshold", "pixel_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
+        for name, choices in (
+            ("eattn_map_source", EATTN_MAP_SOURCES),
+            ("dattn_input", DATTN_INPUTS),
+            ("deep_prompt_rounding_dtype", DEEP_PROMPT_ROUNDING_DTYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {choices}.")
 
     def _validate_token_ids(self) -> None:
         text = self.clip_config.text_config
@@ -405,6 +574,7 @@ class CraneConfig(PreTrainedConfig):
     ) -> CraneConfig:
         """The published setting of `variant` ("crane" or "crane+", spec section 8) around the given backbones.
 
+        The computation is the published code's (`PUBLISHED_COMPUTATION`, the defaults) unless overridden.
         Without backbone configs, the paper's backbones are used: CLIP ViT-L/14@336 and, for Crane+, DINOv2 ViT-B/14
         with registers. Layers are given for 24 vision and 12 text layers; on other depths, feature and E-Attn layers
         keep their relative depths and the deep prompts are capped at the text layers after the first.
@@ -416,6 +586,7 @@ class CraneConfig(PreTrainedConfig):
             dino_config = _as_config(dino_config) if dino_config is not None else _as_config(DINOV2_REG_B14)
         elif dino_config is not None:
             raise ValueError("variant='crane' uses no DINOv2 backbone; pass dino_config only with variant='crane+'.")
+        cls.check_field_names(overrides, "CraneConfig.for_variant")
         settings = copy.deepcopy(PAPER_SETTINGS[variant])
         num_layers = clip_config.vision_config.num_hidden_layers
         scaled = [max(1, round(layer * num_layers / 24)) for layer in settings["feature_layers"]]
@@ -424,6 +595,142 @@ class CraneConfig(PreTrainedConfig):
         settings["num_deep_prompts"] = min(8, clip_config.text_config.num_hidden_layers - 1)
         settings.update(overrides)
         return cls(clip_config=clip_config, dino_config=dino_config, **settings)
+
+
+MAX_IMAGE_SIZE = 2048  # largest input side S: the maps are [batch, S, S] and each tower sees (S / patch)^2 tokens
+MAX_BACKBONE_PARAMETERS = 3_000_000_000  # 12 GB in float32; CLIP ViT-L/14@336 + DINOv2-B/14 have 0.5e9
+
+
+@contextlib.contextmanager
+def _field_errors(prefix: str) -> Iterator[None]:
+    """Backbone config errors (transformers' strict type checks among them) as one `ValueError` naming the field."""
+    try:
+        yield
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise ValueError(f"{prefix}: {_one_line(error)}") from error
+    except Exception as error:
+        if not type(error).__name__.startswith("StrictDataclass"):  # huggingface_hub's validation errors
+            raise
+        raise ValueError(f"{prefix}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _integer(name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int of at least `minimum`; `TypeError` / `ValueError` naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}.")
+    return int(value)
+
+
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "image_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "projection_dim",
+)
+
+
+def _check_size_fields(prefix: str, config: dict) -> None:
+    """The size fields present in a backbone config dict (and its text/vision sub-dicts) are positive integers."""
+    for name, value in config.items():
+        if name in ("text_config", "vision_config") and isinstance(value, dict):
+            _check_size_fields(f"{prefix}.{name}", value)
+        elif name in SIZE_FIELDS and not isinstance(value, (list, tuple)):
+            _integer(f"{prefix}.{name}", value)
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise ValueError(f"{prefix}.hidden_size={width} is not a multiple of num_attention_heads={heads}.")
+
+
+def _square(name: str, value: Any) -> int:
+    """A square size given as an int or as equal (height, width) values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}={list(value)} must be square (one value, or two equal values).")
+        value = value[0]
+    return _integer(name, value)
+
+
+def _validate_backbone_sizes(clip: CLIPConfig, dino: PreTrainedConfig | None, image_size: int) -> None:
+    """Refuse backbone sizes that are not positive integers, or imply more than `MAX_BACKBONE_PARAMETERS` weights,
+    and inputs larger than `MAX_IMAGE_SIZE`, before any tensor is allocated; errors name the config field."""
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size} exceeds the largest supported input side {MAX_IMAGE_SIZE}.")
+    towers = [("clip_config.text_config", clip.text_config), ("clip_config.vision_config", clip.vision_config)]
+    if dino is not None:
+        towers.append(("dino_config", dino))
+    _integer("clip_config.projection_dim", clip.projection_dim)
+    parameters = 0
+    for prefix, tower in towers:
+        sizes = {
+            name: _integer(f"{prefix}.{name}", getattr(tower, name, None))
+            for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        }
+        width = sizes["hidden_size"]
+        if width % sizes["num_attention_heads"]:
+            heads = sizes["num_attention_heads"]
+            raise ValueError(f"{prefix}.hidden_size={width} is not a multiple of num_attention_heads={heads}.")
+        if prefix == "dino_config":
+            ratio = getattr(tower, "mlp_ratio", 4)
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 64:
+                raise ValueError(f"{prefix}.mlp_ratio={ratio!r} must be a number in (0, 64].")
+            hidden = int(width * ratio)
+            _integer(f"{prefix}.num_register_tokens", getattr(tower, "num_register_tokens", 0), minimum=0)
+        else:
+            hidden = _integer(f"{prefix}.intermediate_size", getattr(tower, "intermediate_size", None))
+        if prefix.endswith("text_config"):
+            positions = _integer(f"{prefix}.max_position_embeddings", tower.max_position_embeddings)
+            positions += _integer(f"{prefix}.vocab_size", tower.vocab_size)
+            patch_inputs = 0
+        else:
+            patch = _square(f"{prefix}.patch_size", tower.patch_size)
+            side = _square(f"{prefix}.image_size", tower.image_size)
+            if patch > side:
+                raise ValueError(f"{prefix}.patch_size={patch} is larger than its image_size={side}.")
+            positions = (side // patch) ** 2 + 1 + getattr(tower, "num_register_tokens", 0)
+            patch_inputs = 3 * patch * patch * width
+        per_layer = 4 * width * width + 2 * width * hidden
+        parameters += sizes["num_hidden_layers"] * per_layer + positions * width + patch_inputs
+    if parameters > MAX_BACKBONE_PARAMETERS:
+        raise ValueError(
+            f"the backbone sizes imply about {parameters / 1e9:.3g} billion weights ({4 * parameters / 2**30:.0f} GiB "
+            f"in float32), more than the limit of {MAX_BACKBONE_PARAMETERS / 1e9:g} billion: refused before "
+            "allocating (check hidden_size, intermediate_size, num_hidden_layers, vocab_size and image_size)."
+        )
+
+
+def _resolve_legacy_switch(legacy: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The three computation fields, with the legacy `official_code_compat` applied when it is given.
+
+    Fields left at their defaults (the published values) take the values the switch implies; a field given with
+    another value must agree with the switch, else `ValueError` names both.
+    """
+    if legacy is None:
+        return dict(given)
+    if not isinstance(legacy, bool):
+        raise ValueError(f"{LEGACY_COMPUTATION_SWITCH}={legacy!r} must be true or false.")
+    implied = PUBLISHED_COMPUTATION if legacy else PER_LAYER_COMPUTATION
+    conflicting = [
+        f"{name}={value!r}"
+        for name, value in given.items()
+        if value != PUBLISHED_COMPUTATION[name] and value != implied[name]
+    ]
+    if conflicting:
+        raise ValueError(
+            f"{LEGACY_COMPUTATION_SWITCH}={legacy} (the old switch) contradicts {', '.join(conflicting)}; give only "
+            "the new fields."
+        )
+    return dict(implied)
 
 
 def build_prompt_texts(prompt_length: int, normal_words: str, anomalous_words: str) -> list[str]:
@@ -448,4 +755,4 @@ def _as_int(value: int | list[int] | tuple[int, ...]) -> int:
     return int(value)
 
 
-__all__ = ["CraneConfig"]
+__all__ = ["PER_LAYER_COMPUTATION", "PUBLISHED_COMPUTATION", "CraneConfig"]

@@ -11,6 +11,7 @@ checked against the given CLIP before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -174,6 +175,10 @@ def convert_original_checkpoint(
         variant: "crane" or "crane+" (must agree with whether `dino` is given).
         allow_backbone_mismatch: convert even if the CLIP fingerprint does not match.
         **config_overrides: `CraneConfig` fields, e.g. ``soft_mean=True`` for the medical setting.
+
+    The model computes what the published code computes (the `CraneConfig` defaults: the official prompts were
+    trained with that computation) unless `config_overrides` say otherwise. The config records the checkpoint's
+    file name and sha256 (`converted_from`).
     """
     if variant is not None and variant not in ("crane", "crane+"):
         raise ValueError(f"variant={variant!r} is unknown; choose 'crane' or 'crane+'.")
@@ -204,4 +209,14 @@ def convert_original_checkpoint(
         config_overrides.setdefault("deep_prompt_length", state[deep_prompt_keys(state)[0]].shape[0])
     model = CraneForAnomalyDetection.from_backbones(clip, dino, **config_overrides)
     apply_original_prompts(state, model)
+    model.config.converted_from = {"checkpoint": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint)}
     return model.eval()
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

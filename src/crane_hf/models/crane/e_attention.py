@@ -11,7 +11,8 @@ All attentions go through fused `torch.nn.functional.scaled_dot_product_attentio
 the projections' own strided views, so neither an N x N attention matrix nor a stacked copy of q, k, v is built
 (stacking the terms into one call measured slower on the CPU: the copies cost more than the call saves).
 In the last layer only the class token of o is needed (its patch tokens feed nothing), so `class_token_only`
-computes CLIP's attention and MLP for that token alone.
+computes CLIP's attention and MLP for that token alone (the MLP alone when D-Attn reads the layer's o stream after
+its attention, `keep_o_mid`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class EAttnLayerOutput(NamedTuple):
     """The streams after one E-Attn layer, and what D-Attn of that layer can reuse.
 
     o: o stream [B, N, C] ([B, 1, C] with `class_token_only`); e: e stream [B, N, C];
-    o_mid: o + OutProj(a_orig), the o stream between attention and MLP (None with `class_token_only`);
+    o_mid: o + OutProj(a_orig), the o stream between attention and MLP (None with `class_token_only`, unless
+    `keep_o_mid`);
     values: the value projection of LN1(o_in), all tokens [B, N, C] (a view, heads merged).
     """
 
@@ -77,17 +79,27 @@ class EAttnLayerOutput(NamedTuple):
 
 
 def eattn_block(
-    layer: nn.Module, o: torch.Tensor, e: torch.Tensor, eattn_type: str, class_token_only: bool = False
+    layer: nn.Module,
+    o: torch.Tensor,
+    e: torch.Tensor,
+    eattn_type: str,
+    class_token_only: bool = False,
+    keep_o_mid: bool = False,
 ) -> EAttnLayerOutput:
     """One E-Attn layer on the o and e streams [B, N, C].
 
     ``o_mid = o + OutProj(a_orig)`` is returned because the published code's D-Attn reads it (docs/parity.md).
-    With `class_token_only`, the o stream is computed for the class token alone (for the last layer).
+    With `class_token_only`, the o stream leaving the layer is computed for the class token alone (for the last
+    layer); with `keep_o_mid` too, CLIP's attention still runs for every token so that ``o_mid`` is complete, and
+    only the MLP is limited to the class token.
     """
     q, k, v = project_qkv(layer, layer.layer_norm1(o))
-    a_orig, a_self = dual_stream_attention(q, k, v, eattn_type, class_token_only)
+    a_orig, a_self = dual_stream_attention(q, k, v, eattn_type, class_token_only and not keep_o_mid)
     out_proj = layer.self_attn.out_proj
-    if class_token_only:  # one row per image: computed image by image so the batch cannot change its bits
+    if class_token_only and keep_o_mid:
+        o_mid = o + out_proj(merge_heads(a_orig))
+        o_next = per_sample(lambda token: token + clip_mlp(layer, layer.layer_norm2(token)), o_mid[:, :1])
+    elif class_token_only:  # one row per image: computed image by image so the batch cannot change its bits
 
         def class_token_update(token: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
             mid = token + out_proj(merge_heads(attended))

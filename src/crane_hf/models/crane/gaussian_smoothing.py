@@ -7,8 +7,13 @@ with an index gather.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+# Largest sigma accepted (pixels of the S x S map, S <= 2048): its kernel spans 2 * 4 * 256 + 1 = 2049 pixels.
+MAX_SMOOTHING_SIGMA = 256.0
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -41,8 +46,11 @@ def _smooth_rows(rows: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Smooth maps [..., H, W] with a Gaussian of `sigma` pixels; returns the same shape, float32 or float64.
 
-    Separable: every row, then every column, of every map in one batched call each (no per-map loop).
+    Separable: every row, then every column, of every map in one batched call each (no per-map loop). Raises
+    `ValueError` for a sigma that is not finite or exceeds `MAX_SMOOTHING_SIGMA` (before allocating anything).
     """
+    if not math.isfinite(sigma) or sigma > MAX_SMOOTHING_SIGMA:
+        raise ValueError(f"smoothing sigma {sigma} must be finite and at most {MAX_SMOOTHING_SIGMA:g}.")
     if sigma <= 0:
         return maps
     dtype = maps.dtype if maps.dtype in (torch.float32, torch.float64) else torch.float32

@@ -21,6 +21,9 @@ to S x S and binarized at 0.5.
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .gaussian_smoothing import gaussian_smooth
-from .image_reading import check_single_frame, read_image, upright
+from .configuration_crane import MAX_IMAGE_SIZE
+from .gaussian_smoothing import MAX_SMOOTHING_SIGMA, gaussian_smooth
+from .image_reading import check_single_frame, read_image, read_image_url, upright
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,9 +95,7 @@ def _unit_range(array: np.ndarray, what: str) -> np.ndarray:
 def image_to_rgb_array(image: ImageLike) -> np.ndarray:
     """An image as RGB [H, W, 3]: uint8 for 8-bit inputs, float32 in [0, 1] otherwise."""
     if isinstance(image, str):
-        from transformers.image_utils import load_image
-
-        image = load_image(image)
+        image = read_image_url(image) if image.startswith(("http://", "https://")) else read_image(image)
     if isinstance(image, Image.Image):
         check_single_frame(image, "image")
         return _pil_to_array(upright(image))
@@ -209,6 +211,22 @@ def resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (resized > 0.5).astype(np.float32)
 
 
+def _checked_image_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got {value!r}.")
+    return int(value)
+
+
+def _checked_channels(name: str, values: Any, positive: bool) -> list[float]:
+    """Three finite per-channel numbers (RGB); positive ones for a standard deviation."""
+    valid = isinstance(values, (list, tuple)) and len(values) == 3
+    valid = valid and all(not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) for v in values)
+    if not valid or (positive and min(values) <= 0):
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise ValueError(f"{name} must be 3 {kind} (R, G, B), got {values!r}.")
+    return [float(v) for v in values]
+
+
 class CraneImageProcessor(BaseImageProcessor):
     r"""Image processor of Crane.
 
@@ -230,12 +248,26 @@ class CraneImageProcessor(BaseImageProcessor):
     ):
         kwargs.pop("size", None)
         super().__init__(**kwargs)
-        if int(image_size) <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}.")
-        self.image_size = int(image_size)
-        self.image_mean = [float(x) for x in image_mean]
-        self.image_std = [float(x) for x in image_std]
+        self.image_size = _checked_image_size(image_size)
+        self.image_mean = _checked_channels("image_mean", image_mean, positive=False)
+        self.image_std = _checked_channels("image_std", image_std, positive=True)
+        if (
+            isinstance(smoothing_sigma, bool)
+            or not isinstance(smoothing_sigma, numbers.Real)
+            or not 0 <= smoothing_sigma <= MAX_SMOOTHING_SIGMA
+        ):
+            limit = f"{MAX_SMOOTHING_SIGMA:g}"
+            raise ValueError(f"smoothing_sigma must be a number in [0, {limit}], got {smoothing_sigma!r}.")
         self.smoothing_sigma = float(smoothing_sigma)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (ValueError, TypeError) as error:
+            source = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
+            raise ValueError(f"{source}: {error}") from error
 
     @classmethod
     def from_crane_config(cls, config: Any) -> CraneImageProcessor:

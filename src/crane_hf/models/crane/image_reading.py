@@ -8,9 +8,11 @@ Every image file is read by one rule, whichever way it arrives (path, bytes, `da
   be a silent choice. MPO files (JPEG with attached thumbnails or views, as some cameras write) are read as their
   primary image, as every JPEG reader does;
 - the EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a photo is scored upright, its mask is
-  rotated with it, and the same picture gives the same map by path, bytes, URL (the pipeline decodes downloaded
-  bytes with `read_image_bytes`) or PIL object (`CraneImageProcessor` applies it);
-- the decoded image keeps its file `format` ("JPEG", "PNG", ...), so that a lossy mask can be recognised.
+  rotated with it, and the same picture gives the same map by path, bytes, URL (`read_image_url` decodes what it
+  downloads with `read_image_bytes`) or PIL object (`CraneImageProcessor` applies it);
+- the decoded image keeps its file `format` ("JPEG", "PNG", ...), so that a lossy mask can be recognised;
+- URLs (`read_image_url`, with the standard library's HTTP client, so that the model folder needs nothing more) have
+  a default timeout that also bounds the whole download, and a byte limit.
 """
 
 from __future__ import annotations
@@ -43,6 +45,60 @@ def read_image(path: str, max_pixels: int | None = None) -> Image.Image:
 def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """`read_image` for an encoded image held in memory; `name` (e.g. a dataset row) stands for the file in errors."""
     return _decode(io.BytesIO(data), name, max_pixels)
+
+
+DEFAULT_URL_TIMEOUT = 10.0  # seconds without an answer before a URL is given up
+DEFAULT_URL_MAX_BYTES = 64 * 2**20  # largest image body read from a URL
+
+
+def read_image_url(
+    url: str, timeout: float | None = None, max_bytes: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Download and decode an http(s) image as `read_image` decodes files (the same decompression-bomb guard, EXIF
+    orientation and refusal of multi-frame images).
+
+    `timeout` (default `DEFAULT_URL_TIMEOUT` seconds) bounds the connection, each read and the whole download;
+    bodies over `max_bytes` (default `DEFAULT_URL_MAX_BYTES`) are refused, from Content-Length when the server
+    sends it. Raises `ValueError` naming the URL and the problem.
+    """
+    import http.client
+    import time
+    import urllib.error
+    import urllib.request
+
+    timeout = DEFAULT_URL_TIMEOUT if timeout is None else float(timeout)
+    max_bytes = DEFAULT_URL_MAX_BYTES if max_bytes is None else int(max_bytes)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url}: only http:// and https:// URLs are read")
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "crane-hf"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"{url}: refused, {int(declared):,} bytes exceeds the limit of {max_bytes:,} bytes")
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # what has arrived: deadline checked
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"{url}: refused, the body exceeds the limit of {max_bytes:,} bytes")
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{url}: could not be downloaded (HTTP error {error.code}: {error.reason})") from error
+    except TimeoutError as error:
+        raise ValueError(f"{url}: no complete answer within {timeout:g} s") from error
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, TimeoutError):
+            raise ValueError(f"{url}: no complete answer within {timeout:g} s") from error
+        raise ValueError(f"{url}: could not be downloaded ({error.reason})") from error
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"{url}: could not be downloaded ({error})") from error
+    return read_image_bytes(b"".join(chunks), url, max_pixels)
 
 
 def read_encoded_image(value: Mapping[str, Any], max_pixels: int | None = None) -> Image.Image:

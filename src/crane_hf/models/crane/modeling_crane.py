@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModel, CLIPModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file
@@ -31,6 +30,7 @@ from .checkpoint_validation import (
     check_finite,
     check_floating_point,
     check_loading_info,
+    read_safetensors,
     resolve_safetensors_files,
     safetensors_header,
 )
@@ -41,7 +41,7 @@ from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
 from .prompt_learning import CranePromptLearner, encode_prompts
 from .reproducibility import align_tensors, per_sample
-from .score_pooling import score_based_pooling
+from .score_pooling import mean_over_maps, score_based_pooling
 
 PROMPT_PREFIX = "prompt_learner."
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
@@ -71,6 +71,11 @@ def _backbone_source(argument: Any, model: PreTrainedModel | None) -> str | None
     if source and os.path.isdir(source):
         return os.path.abspath(source)
     return source or None
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    """ "float16" -> torch.float16; None -> None."""
+    return None if name is None else getattr(torch, name)
 
 
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
@@ -108,7 +113,9 @@ class CraneAnomalyDetectionOutput(ModelOutput):
         anomaly_scores: image anomaly scores in [0, 1], [B].
         anomaly_maps: pixel anomaly maps in [0, 1] at the input resolution, unsmoothed, [B, H, W].
         image_logits: image logits (normal, anomalous) at the inference temperature, [B, 2].
-        patch_logits: per-map patch logits, a tuple of [B, N, 2] (N = patch grid cells).
+        patch_logits: per-map patch logits, a tuple of `config.num_maps` tensors [B, N, 2] (N = patch grid cells), per
+            feature layer the D-Attn map then the E-Attn map; maps that are one computed map (`config.map_slots`,
+            e.g. Crane's four E-Attn maps under `eattn_map_source="last_layer"`) are views of one tensor.
         image_embeds: normalized global CLIP image embeddings, [B, D].
         text_embeds: normalized text features of the normal and anomalous prompts, [2, D] (or [B, 2, D] when the
             prompts were conditioned on each image).
@@ -167,7 +174,12 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
     # code and imports nothing of crane_hf, whose bundled presets are not part of it.
     preset_loader: Callable[..., PreTrainedModel] | None = None
 
-    def __init__(self, config: CraneConfig):
+    def __init__(self, config: CraneConfig, **kwargs: Any):
+        if kwargs:  # what `from_pretrained` left over: neither a config field nor a loading option
+            raise TypeError(
+                f"{type(self).__name__} got unknown keyword argument(s) {CraneConfig.name_unknown(kwargs)}: "
+                "neither CraneConfig fields nor loading options of from_pretrained."
+            )
         super().__init__(config)
         text_config = config.clip_config.text_config
         self.clip = CLIPModel(config.clip_config)
@@ -203,9 +215,11 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             config: a complete `CraneConfig` to use instead of the paper's setting (its backbone architectures must
                 match the given backbones).
             backbone_kwargs: passed to the backbones' `from_pretrained` (e.g. `dtype`, `cache_dir`, `token`).
-            **config_overrides: any `CraneConfig` field (e.g. `image_size=336`, `soft_mean=True`).
+            **config_overrides: any `CraneConfig` field (e.g. `image_size=336`, `soft_mean=True`,
+                `eattn_map_source="per_layer"`); an unknown name raises `TypeError` naming it.
 
-        The paper's setting for the variant is used unless overridden (`CraneConfig.for_variant`). The backbone
+        The paper's setting for the variant, computed as the published code computes it, is used unless overridden
+        (`CraneConfig.for_variant`). The backbone
         weights are copied unchanged into the new model, and where they came from is recorded in the config
         (`clip_backbone`, `dino_backbone`) so that prompts-only checkpoints can find them again.
         """
@@ -223,6 +237,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             "clip_backbone": config_overrides.pop("clip_backbone", None) or _backbone_source(clip, clip_model),
             "dino_backbone": config_overrides.pop("dino_backbone", None) or _backbone_source(dino, dino_model),
         }
+        CraneConfig.check_field_names(config_overrides, f"{cls.__name__}.from_backbones")
         if config is None:
             config = CraneConfig.for_variant(
                 "crane+" if dino_model is not None else "crane",
@@ -240,11 +255,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 )
             if dino_model is not None:
                 _check_backbone_architecture(config.dino_config, dino_model.config, "dino")
-            for key, value in sources.items():
-                setattr(config, key, value or getattr(config, key))
-            for key, value in config_overrides.items():
-                setattr(config, key, value)
-            config.backbones_in_checkpoint = True
+            sources = {key: value or getattr(config, key) for key, value in sources.items()}
+            config = config.with_overrides(**sources, **config_overrides, backbones_in_checkpoint=True)
         model = cls(config)
         model.clip.load_state_dict(clip_model.state_dict())
         if dino_model is not None:
@@ -277,11 +289,21 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         A prompts-only folder (`save_pretrained(..., include_backbones=False)`) holds the config and the prompt
         tensors; its backbones are loaded from the config's `clip_backbone` / `dino_backbone` (Hub cache first).
+
+        Keyword arguments that are `CraneConfig` fields override the saved config, as transformers does for every
+        model (e.g. `from_pretrained(path, soft_mean=True, eattn_map_source="per_layer")`), for full and
+        prompts-only folders, local or on the Hub; they are validated as a new config would be
+        (`CraneConfig.with_overrides`). The other keyword arguments are loading options (`dtype`, `cache_dir`,
+        `token`, ...); an unknown one raises `TypeError` naming it.
         """
         config = kwargs.pop("config", None)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in CraneConfig.field_names()}
         if not isinstance(config, CraneConfig):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            # An untrusted config.json: a refused value is named with the file and the field (CraneConfig).
             config = CraneConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if overrides:
+            config = config.with_overrides(**overrides)
         if config.backbones_in_checkpoint:
             return cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
         return cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
@@ -314,6 +336,21 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
     @classmethod
     def _from_prompts_checkpoint(cls, path: str | os.PathLike, config: CraneConfig, **kwargs: Any):
+        # Options this path applies, and transformers' own markers and defaults that have nothing to apply here.
+        applied = {*_HUB_KWARGS, "dtype"}
+        unusable = [
+            key
+            for key, value in kwargs.items()
+            if key not in applied
+            and not key.startswith("_")
+            and key not in ("trust_remote_code", "use_safetensors")
+            and value is not None
+        ]
+        if unusable:
+            raise TypeError(
+                f"{path} is a prompts-only checkpoint, whose loading takes only {', '.join(sorted(applied))} (for the "
+                f"backbones) and CraneConfig fields; got {CraneConfig.name_unknown(unusable)}."
+            )
         needed = ["clip_backbone", "dino_backbone"] if config.use_dattn else ["clip_backbone"]
         unknown = [name for name in needed if not getattr(config, name)]
         if unknown:
@@ -332,7 +369,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             config=config,
             backbone_kwargs=backbone_kwargs,
         )
-        model.load_prompt_state(load_safetensors(weights), source=weights)
+        model.load_prompt_state(read_safetensors(weights), source=weights)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, include_backbones: bool = True, **kwargs):
@@ -410,7 +447,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             embeddings,
             eot,
             self.prompt_learner.deep_prompts,
-            round_deep_prompts_to_fp16=self.config.official_code_compat,
+            deep_prompt_rounding_dtype=_torch_dtype(self.config.deep_prompt_rounding_dtype),
             num_positions=self.prompt_learner.positions_used(conditioned=image_embeds is not None),
         )
 
@@ -468,8 +505,11 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         Returns:
             image_embeds: normalized global embeddings [B, D].
-            patch_features: normalized dense features of every map [M, B, N, D], in the order of
-                `config.feature_layers` (for Crane+: the D-Attn map, then the E-Attn map of each layer).
+            patch_features: normalized dense features of the distinct maps [M', B, N, D]; `config.map_slots` says
+                which of them each of the `config.num_maps` maps is. With `eattn_map_source="per_layer"` they are
+                the maps in the order of `config.feature_layers` (for Crane+: the D-Attn map, then the E-Attn map of
+                each layer). With "last_layer" (the published code) every E-Attn map is the final e stream, computed
+                once and placed after the D-Attn maps: Crane gives one map, M' = 1.
             grid: the maps' patch grid (gh, gw).
         """
         config = self.config
@@ -485,14 +525,18 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         dino_tokens, map_grid = self._dino_patch_tokens(pixel_values) if config.use_dattn else (None, grid)
         dattn_weights = None  # [B, M, M], built at the first D-Attn layer and shared by the later ones
-        compat = config.official_code_compat
+        eattn_maps = dino_tokens is None or config.both_eattn_dattn
+        final_eattn_map = config.eattn_map_source == "last_layer"
+        dattn_after_attention = config.dattn_input == "after_attention"
         first_eattn = len(layers) - config.eattn_layers
         wanted = set(config.feature_layers)
         # After the last layer only the class token of o is used (the global embedding; the maps come from e and
-        # D-Attn), so an E-Attn last layer runs the o stream for that token alone, unless the published code's
-        # D-Attn reads that layer's o stream (official_code_compat).
-        trim_last = config.eattn_layers > 0 and not (compat and config.use_dattn and len(layers) in wanted)
-        maps: list[torch.Tensor | None] = []
+        # D-Attn), so an E-Attn last layer runs the o stream for that token alone; when D-Attn reads that layer's o
+        # stream after its attention (dattn_input "after_attention"), the attention runs for every token and only
+        # the MLP for the class token.
+        trim_last = config.eattn_layers > 0
+        keep_last_o_mid = dino_tokens is not None and dattn_after_attention and len(layers) in wanted
+        maps: list[torch.Tensor] = []
         e = o
         for index, layer in enumerate(layers):
             layer_input = o
@@ -500,26 +544,28 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             if index < first_eattn:
                 o = clip_block(layer, o)
                 e = o
-                compat_dattn_input = layer_input
+                after_attention = layer_input  # an ordinary block adds nothing to its input in the published code
             else:
-                class_token_only = trim_last and index == len(layers) - 1
-                o, e, o_mid, values = eattn_block(layer, o, e, config.eattn_type, class_token_only)
-                compat_dattn_input = e if index == first_eattn else o_mid
+                last = trim_last and index == len(layers) - 1
+                o, e, o_mid, values = eattn_block(layer, o, e, config.eattn_type, last, last and keep_last_o_mid)
+                # The published code adds the attention output to the layer's input in place: in the first E-Attn
+                # layer that input is also the e stream, so it becomes o_(l-1) + OutProj(a_self).
+                after_attention = e if index == first_eattn else o_mid
             if index + 1 not in wanted:
                 continue
             if dino_tokens is not None:
                 if dattn_weights is None:
                     dattn_weights = dino_similarity_attention(dino_tokens, config.dattn_beta, config.dattn_gamma)
-                if compat:
-                    maps.append(dattn_features(layer, compat_dattn_input, dattn_weights, grid, map_grid))
+                if dattn_after_attention:
+                    maps.append(dattn_features(layer, after_attention, dattn_weights, grid, map_grid))
                 else:
                     maps.append(dattn_features(layer, layer_input, dattn_weights, grid, map_grid, values=values))
-            if dino_tokens is None or config.both_eattn_dattn:
-                # The published code keeps views of one tensor that later layers update in place, so every
-                # E-Attn map it returns is the final e stream; `None` marks the slot (official_code_compat).
-                maps.append(None if compat else self._regrid(e[:, 1:], grid, map_grid))
-        final_e = self._regrid(e[:, 1:], grid, map_grid)
-        dense = torch.stack([final_e if m is None else m for m in maps])
+            if eattn_maps and not final_eattn_map:
+                maps.append(self._regrid(e[:, 1:], grid, map_grid))
+        if eattn_maps and final_eattn_map:
+            # One map for every feature layer (the published code's views of one tensor, see CraneConfig)
+            maps.append(self._regrid(e[:, 1:], grid, map_grid))
+        dense = torch.stack(maps) if len(maps) > 1 else maps[0].unsqueeze(0)
         patch_features = F.normalize(self.clip.visual_projection(vision.post_layernorm(dense)), dim=-1)
         global_embeds = per_sample(lambda token: self.clip.visual_projection(vision.post_layernorm(token)), o[:, 0])
         image_embeds = F.normalize(global_embeds, dim=-1)
@@ -547,17 +593,24 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             return torch.einsum("bd,bcd->bc", features, text) / temperature
         return torch.einsum("...bnd,bcd->...bnc", features, text) / temperature
 
-    def _anomaly_maps(self, patch_logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """Anomaly maps [B, H, W] from patch logits [M, B, N, 2] (spec section 5, bilinear upsampling).
+    def _anomaly_maps(
+        self,
+        patch_logits: torch.Tensor,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+        map_counts: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Anomaly maps [B, H, W] from patch logits [M', B, N, 2] (spec section 5, bilinear upsampling).
 
-        Upsampling and averaging are linear, so they are done in the cheaper order: soft_mean averages the
-        anomalous probabilities at patch level and upsamples once; otherwise softmax(mean of logits)[1] is
-        sigmoid of the upsampled mean logit difference.
+        `map_counts`: how many of the configured maps each distinct map stands for (the mean over maps counts it
+        that often; default once each). Upsampling and averaging are linear, so they are done in the cheaper order:
+        soft_mean averages the anomalous probabilities at patch level and upsamples once; otherwise
+        softmax(mean of logits)[1] is sigmoid of the upsampled mean logit difference.
         """
         if self.config.soft_mean:
-            patch_map = patch_logits.float().softmax(dim=-1)[..., 1].mean(dim=0)
+            patch_map = mean_over_maps(patch_logits.float().softmax(dim=-1)[..., 1], map_counts)
         else:
-            mean_logits = patch_logits.float().mean(dim=0)
+            mean_logits = mean_over_maps(patch_logits.float(), map_counts)
             patch_map = mean_logits[..., 1] - mean_logits[..., 0]
         patch_map = patch_map.reshape(-1, 1, *grid)
         upsampled = F.interpolate(patch_map, size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -632,16 +685,28 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
 
         Args:
             image_embeds: normalized global embeddings [B, D] (`encode_image`).
-            patch_features: normalized dense features [M, B, N, D] (`encode_image`).
+            patch_features: normalized dense features of the distinct maps [M', B, N, D] (`encode_image`); each
+                counts as often as `config.map_slots` names it, in the map and score averages and in the loss (so
+                that one computed map standing for four feature layers trains as four identical maps do).
             grid: the patch grid (gh, gw) of the maps, gh * gw = N.
             image_size: (H, W) of the maps to return (the input size).
             labels, masks: as for `forward`.
             text_embeds: normalized text features [2, D] to use instead of the model's own (an exported graph
                 holds them as constants, `crane_hf.export`); `None` computes or reads the cached ones.
+
+        Raises:
+            ValueError: `patch_features` does not hold the config's distinct maps, or labels without masks.
         """
         if (labels is None) != (masks is None):
             missing = "masks" if masks is None else "labels"
             raise ValueError(f"The loss needs both labels and masks; {missing} is missing.")
+        slots = self.config.map_slots
+        map_counts = [slots.count(index) for index in range(max(slots) + 1)]
+        if patch_features.dim() != 4 or patch_features.shape[0] != len(map_counts):
+            raise ValueError(
+                f"patch_features must hold the {len(map_counts)} distinct map(s) this config computes "
+                f"([{len(map_counts)}, B, N, D], as encode_image returns them), got {list(patch_features.shape)}."
+            )
         size = (int(image_size[0]), int(image_size[1]))
         prob = self.config.context_conditioning_prob
         conditioned = self.training and prob > 0 and (prob >= 1.0 or torch.rand(()).item() < prob)
@@ -652,9 +717,11 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         with _autocast_disabled(patch_features.device):
             features, global_embeds = patch_features.float(), image_embeds.float()
             patch_logits = self._logits(features, text_embeds, self.config.logit_temperature)
-            anomaly_maps = self._anomaly_maps(patch_logits, grid, size)
+            anomaly_maps = self._anomaly_maps(patch_logits, grid, size, map_counts)
             if self.config.use_score_based_pooling:
-                image_features = score_based_pooling(features, patch_logits, global_embeds, self.config.pooling_alpha)
+                image_features = score_based_pooling(
+                    features, patch_logits, global_embeds, self.config.pooling_alpha, map_counts
+                )
             else:
                 image_features = global_embeds
             image_logits = self._logits(image_features, text_embeds, self.config.logit_temperature)
@@ -672,13 +739,14 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                     focal_weight=self.config.focal_loss_weight,
                     dice_weight=self.config.dice_loss_weight,
                     image_weight=self.config.image_loss_weight,
+                    map_counts=map_counts,
                 )
         return CraneAnomalyDetectionOutput(
             loss=losses.get("loss"),
             anomaly_scores=anomaly_scores,
             anomaly_maps=anomaly_maps,
             image_logits=image_logits,
-            patch_logits=tuple(patch_logits.unbind(0)),
+            patch_logits=tuple(patch_logits[slot] for slot in slots),
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             focal_loss=losses.get("focal_loss"),

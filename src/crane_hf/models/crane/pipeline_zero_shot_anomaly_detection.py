@@ -26,7 +26,7 @@ import torch
 from transformers import Pipeline
 
 from .image_processing_crane import image_to_rgb_array
-from .image_reading import read_encoded_image, read_image, read_image_bytes
+from .image_reading import read_encoded_image, read_image, read_image_bytes, read_image_url
 from .thresholds import at_or_above, check_threshold
 from .visualization import render_overlay
 
@@ -94,7 +94,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         pixel_threshold (`float`): threshold of the overlay contour; default `model.config.pixel_threshold`.
         smoothing_sigma (`float`): Gaussian sigma of the returned maps; default `model.config.smoothing_sigma`.
         return_overlay (`bool`): also return `overlay`, a PIL heatmap blended on the image with the contour.
-        timeout (`float`): seconds to wait for URLs.
+        timeout (`float`): seconds to wait for URLs (default 10; bodies over 64 MiB and decompression bombs are
+            refused, as for files: `image_reading.read_image_url`).
 
     Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
     array at the image's original size, smoothed) and, on request, `overlay`.
@@ -152,16 +153,9 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = read_image_bytes(bytes(image), "image bytes")
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            # Downloaded as transformers' load_image does, decoded as files are (multi-frame refused, EXIF
-            # orientation, 16-bit kept): the same picture gives the same map by URL and by path.
-            from huggingface_hub.utils import httpx  # the HTTP client transformers' load_image uses
-
-            try:
-                response = httpx.get(image, timeout=timeout, follow_redirects=True)
-                response.raise_for_status()
-            except httpx.HTTPError as error:
-                raise ValueError(f"{image}: could not be downloaded ({error})") from error
-            image = read_image_bytes(response.content, image)
+            # Downloaded with a timeout and a byte limit, decoded as files are (multi-frame refused, EXIF
+            # orientation, 16-bit kept, bomb guard): the same picture gives the same map by URL and by path.
+            image = read_image_url(image, timeout=timeout)
         elif isinstance(image, str):
             image = read_image(image)
         try:

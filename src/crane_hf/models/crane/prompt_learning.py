@@ -100,15 +100,17 @@ def encode_prompts(
     embeddings: torch.Tensor,
     eot_positions: torch.Tensor,
     deep_prompts: torch.Tensor,
-    round_deep_prompts_to_fp16: bool = False,
+    deep_prompt_rounding_dtype: torch.dtype | None = None,
     num_positions: int | None = None,
 ) -> torch.Tensor:
     """L2-normalized text features [..., 2, D] of prompt input embeddings [..., 2, T, W].
 
     Runs CLIP's text transformer (position embeddings, causal blocks, final LayerNorm) with deep prompts written
     into hidden positions 1..len before layers 2..n+1, then projects the hidden state at the end-of-text token.
-    With `num_positions` (`CranePromptLearner.positions_used`), only the leading positions that reach the
-    end-of-text tokens are run: the result is the same (causal attention), at a fraction of the cost.
+    With `deep_prompt_rounding_dtype` (the published code: torch.float16), the deep prompts are rounded through that
+    dtype after being repeated for each prompt row, as the published code does, so their gradient is rounded row by
+    row and then summed. With `num_positions` (`CranePromptLearner.positions_used`), only the leading positions
+    that reach the end-of-text tokens are run: the result is the same (causal attention), at a fraction of the cost.
     """
     if num_positions is not None:
         embeddings = embeddings[..., :num_positions, :]
@@ -117,12 +119,12 @@ def encode_prompts(
     x = embeddings.reshape(-1, tokens, width)
     x = x + text_model.embeddings.position_embedding.weight[:tokens].to(x.dtype)
     num_deep, deep_length = deep_prompts.shape[:2]
-    if round_deep_prompts_to_fp16:
-        deep_prompts = deep_prompts.half()
     for index, layer in enumerate(text_model.encoder.layers):
         if 1 <= index <= num_deep:
-            deep = deep_prompts[index - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], deep, x[:, 1 + deep_length :]], dim=1)
+            deep = deep_prompts[index - 1].expand(x.shape[0], -1, -1)
+            if deep_prompt_rounding_dtype is not None:
+                deep = deep.to(deep_prompt_rounding_dtype)
+            x = torch.cat([x[:, :1], deep.to(x.dtype), x[:, 1 + deep_length :]], dim=1)
         x = clip_block(layer, x, is_causal=True)
     x = text_model.final_layer_norm(x)
     rows = torch.arange(x.shape[0], device=x.device)

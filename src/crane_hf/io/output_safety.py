@@ -1,0 +1,411 @@
+"""Which folders crane-hf may create, replace or clean, so that nothing it did not write is ever deleted.
+
+- Marker and manifest: every output folder crane-hf creates holds `MARKER_NAME`, a JSON file naming the command
+  that wrote it and every file it wrote ("files"; an entry ending in "/" claims a whole subfolder, as the training
+  logs). `--overwrite` replaces a folder only if it holds the marker and nothing but the files listed (subfolders
+  with their own marker are checked against theirs); anything else is refused, naming the files.
+- Protected folders: an output is refused when it is, or contains, the current working folder, the home folder,
+  "/" or a folder the command reads (inputs, the model, the dataset root, backbones), compared on real paths.
+- One run per output: `output_lock` takes an exclusive `flock` on `.<name>.crane-hf-lock` beside the output for
+  the whole run; a second run on the same output is refused at once (the kernel drops the lock of a killed run).
+- Temporary folders are named `.<name>.crane-hf-tmp-*` and hold the marker from their creation; folders that a
+  killed run left (`.crane-hf-tmp-*`, `.crane-hf-old-*`) are recognised by name and marker and removed by the next
+  run on that output, which holds the lock; a retired previous output is put back if the new one never arrived.
+- Writability: the folder that will receive the output is probed with a temporary file before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs are then not detected
+    fcntl = None
+
+from .output_names import LOCK_TAG, MARKER_NAME, OLD_TAG, TEMP_TAG
+
+SHOWN = 5  # offending files named in a message
+
+
+class OutputExistsError(FileExistsError):
+    """The output already exists and overwriting was not asked for."""
+
+
+class UnsafeOutputError(ValueError):
+    """The output would replace or delete something crane-hf did not write, or a folder the run needs."""
+
+
+class OutputInUseError(BlockingIOError):
+    """Another crane-hf run is writing the same output."""
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _contains(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
+
+
+def default_protected() -> list[tuple[str, str]]:
+    """(what, path) of the folders no output may be or contain: the working folder, the home folder and "/"."""
+    return [("the current working folder", os.getcwd()), ("the home folder", os.path.expanduser("~")), ("/", "/")]
+
+
+def check_not_protected(output: str, protected: Iterable[tuple[str, str]] = ()) -> None:
+    """Refuse `output` if it is, or contains, one of the `protected` (what, path) pairs or a default one."""
+    target = _real(output)
+    candidates = [(what, path, _real(path)) for what, path in [*default_protected(), *protected] if path]
+    candidates.sort(key=lambda item: item[2] != target)  # "is" before "contains"
+    for what, path, real in candidates:
+        if _contains(target, real):
+            relation = "is" if target == real else "contains"
+            named = what if what == "/" else f"{what} ({path})"
+            raise UnsafeOutputError(
+                f"refusing to write {output}: it {relation} {named}; choose a new folder for the output."
+            )
+
+
+def protected_paths(what: str, paths: Iterable[str | None]) -> list[tuple[str, str]]:
+    """(what, path) pairs for the existing local paths among `paths` (glob patterns give their fixed prefix)."""
+    import glob
+
+    found = []
+    for path in paths:
+        if not path:
+            continue
+        if glob.has_magic(path):
+            parts = []
+            for part in path.split(os.sep):
+                if glob.has_magic(part):
+                    break
+                parts.append(part)
+            path = os.sep.join(parts) or "."
+        if os.path.exists(path):
+            found.append((what, path))
+    return found
+
+
+def read_marker(folder: str) -> dict[str, Any] | None:
+    """The marker of a crane-hf output folder, or None when `folder` holds none (or an unreadable one)."""
+    try:
+        with open(os.path.join(folder, MARKER_NAME), encoding="utf-8") as stream:
+            marker = json.load(stream)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "crane-hf" else None
+
+
+def is_crane_hf_output(folder: str) -> bool:
+    """Whether `folder` holds a crane-hf marker (a published output, or a temporary folder of a run)."""
+    return os.path.isfile(os.path.join(folder, MARKER_NAME))
+
+
+def _listing(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        relative = os.path.relpath(root, folder)
+        for name in sorted(names) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = name if relative == "." else f"{relative}/{name}".replace(os.sep, "/")
+            if path != MARKER_NAME:
+                files.append(path)
+    return files
+
+
+def write_marker(
+    folder: str, command: str | None, state: str = "complete", files: Sequence[str] | None = None
+) -> None:
+    """Write the marker of `folder`; `files` defaults to every file now in it (the manifest). The marker holds no
+    time or process id, so that the same run writes the same bytes."""
+    from .. import __version__
+
+    marker = {
+        "written_by": "crane-hf",
+        "version": __version__,
+        "command": command,
+        "state": state,
+        "files": sorted(_listing(folder) if files is None else set(files)),
+    }
+    handle, staging = tempfile.mkstemp(prefix=f"{MARKER_NAME}{TEMP_TAG}", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(marker, stream, indent=1)
+            stream.write("\n")
+        os.replace(staging, os.path.join(folder, MARKER_NAME))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staging)
+        raise
+
+
+def claim_entries(folder: str, entries: Iterable[str], command: str | None) -> None:
+    """Add `entries` (files, or "sub/" for a whole subfolder) to the manifest of `folder`, creating the marker."""
+    marker = read_marker(folder) or {}
+    write_marker(folder, marker.get("command") or command, files=[*marker.get("files", []), *entries])
+
+
+def unowned_entries(folder: str) -> list[str]:
+    """Paths under `folder` that its manifest does not list (the folder itself when it has no marker)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return [folder]
+    listed = {entry for entry in marker.get("files", []) if isinstance(entry, str)}
+    claimed = tuple(entry for entry in listed if entry.endswith("/"))
+    found: list[str] = []
+
+    def visit(directory: str, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda item: item.name):
+                relative = prefix + entry.name
+                if (not prefix and entry.name == MARKER_NAME) or _is_temporary(entry):
+                    continue
+                if relative in listed or relative.startswith(claimed):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if is_crane_hf_output(entry.path):
+                        found.extend(unowned_entries(entry.path))
+                    else:
+                        visit(entry.path, relative + "/")
+                else:
+                    found.append(entry.path)
+
+    visit(folder, "")
+    return found
+
+
+def _is_temporary(entry: os.DirEntry) -> bool:
+    """A lock, temporary file or marked temporary folder of crane-hf (recognised by name, and marker for folders)."""
+    name = entry.name
+    if not name.startswith(".") or not any(tag in name for tag in (TEMP_TAG, OLD_TAG, LOCK_TAG)):
+        return False
+    return not entry.is_dir(follow_symlinks=False) or is_crane_hf_output(entry.path)
+
+
+def clean_stale_temporaries_in(folder: str) -> list[str]:
+    """`clean_stale_temporaries` for every output whose temporaries lie in `folder` (call it holding the lock of
+    `folder`, which covers them: e.g. a training run's checkpoints and published files)."""
+    names, done = set(), []
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        for tag in (TEMP_TAG, OLD_TAG):
+            if entry.startswith(".") and tag in entry:
+                names.add(entry[1 : entry.index(tag)])
+        if entry.startswith(".") and entry.endswith(LOCK_TAG) and _remove_if_unlocked(os.path.join(folder, entry)):
+            done.append(os.path.join(folder, entry))
+    return done + [
+        path for name in sorted(names) if name for path in clean_stale_temporaries(os.path.join(folder, name))
+    ]
+
+
+def _remove_if_unlocked(lock_path: str) -> bool:
+    """Remove a lock file that no live process holds (a killed run's); False if it is held or cannot be opened."""
+    if fcntl is None:
+        return False
+    try:
+        handle = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock_path)
+    os.close(handle)
+    return True
+
+
+def check_replaceable(path: str) -> None:
+    """Refuse to replace `path` unless it is an empty folder or a crane-hf output holding only its own files."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise UnsafeOutputError(f"refusing to replace {path}: it is not a folder crane-hf wrote.")
+    if not os.listdir(path):
+        return
+    foreign = unowned_entries(path)
+    if foreign == [path]:
+        raise UnsafeOutputError(
+            f"refusing to replace {path}: it was not written by crane-hf (no {MARKER_NAME}); crane-hf only "
+            "replaces its own outputs. Move it away yourself or choose another output."
+        )
+    if foreign:
+        more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+        raise UnsafeOutputError(
+            f"refusing to replace {path}: it holds files crane-hf did not write ({', '.join(foreign[:SHOWN])}{more}). "
+            "Move them away or choose another output."
+        )
+
+
+def check_writable(path: str) -> None:
+    """Refuse, before any work, an output whose folder cannot be created or written (probed with a temporary file)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".crane-hf-probe{TEMP_TAG}", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(f"cannot write {path}: {existing} is not writable ({error.strerror}).") from error
+
+
+def check_output_dir(path: str, overwrite: bool, protected: Iterable[tuple[str, str]] = ()) -> None:
+    """Every check of an output folder that needs no lock: protected folders, existing contents, writability.
+
+    Raises `UnsafeOutputError` (protected folder, or contents crane-hf did not write), `OutputExistsError` (a
+    non-empty output without `overwrite`) or an `OSError` naming the folder that cannot be written.
+    """
+    check_not_protected(path, protected)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)):
+        if not overwrite:
+            if read_marker(path) is None:
+                raise OutputExistsError(
+                    f"{path} already exists and was not written by crane-hf; choose another output (crane-hf "
+                    "never replaces folders it did not write)."
+                )
+            raise OutputExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+        check_replaceable(path)
+    check_writable(path)
+
+
+@contextlib.contextmanager
+def output_lock(path: str) -> Iterator[None]:
+    """Hold the exclusive lock of the output `path` (its parent folder must exist); `OutputInUseError` if taken."""
+    path = os.path.abspath(path)
+    lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{LOCK_TAG}")
+    if fcntl is None:
+        yield
+        return
+    while True:
+        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 32).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            raise OutputInUseError(
+                f"{path} is being written by another crane-hf run (process {holder}); wait for it to finish or "
+                "choose another output."
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(handle), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file that its previous holder removed while we waited for it
+            break
+        os.close(handle)
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_path)
+        os.close(handle)
+
+
+def clean_stale_temporaries(path: str) -> list[str]:
+    """Remove what killed runs left beside the output `path`; call it holding `output_lock(path)`.
+
+    Temporary folders `.<name>.crane-hf-tmp-*` holding a marker and temporary files `.<name>.crane-hf-tmp-*` are
+    removed; a retired previous output (`.<name>.crane-hf-old-*/previous`) is put back when `path` is missing, the
+    rest removed. Returns the paths removed or restored.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(parent):
+        return []
+    done = []
+    for entry in sorted(os.listdir(parent)):
+        full = os.path.join(parent, entry)
+        if entry.startswith(f".{name}{TEMP_TAG}"):
+            if os.path.isdir(full) and not os.path.islink(full):
+                if is_crane_hf_output(full):
+                    shutil.rmtree(full)
+                    done.append(full)
+            else:
+                os.remove(full)
+                done.append(full)
+        elif entry.startswith(f".{name}{OLD_TAG}") and os.path.isdir(full) and is_crane_hf_output(full):
+            previous = os.path.join(full, "previous")
+            if os.path.lexists(previous) and not os.path.lexists(path):
+                os.rename(previous, path)
+            shutil.rmtree(full)
+            done.append(full)
+    return done
+
+
+def on_main_process(state: Any, action: Callable[[], Any]) -> Any:
+    """Run `action` (claiming an output) on the main process of an accelerate `state` only; every process gets its
+    (picklable) result, or raises its refusal, so that no process waits forever for a main process that stopped."""
+    result, problem = None, None
+    if state.is_main_process:
+        try:
+            result = action()
+        except (OSError, ValueError) as error:
+            problem = error
+    shared = [result, None if problem is None else str(problem)]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(shared)
+    if problem is not None:
+        raise problem
+    if shared[1] is not None:
+        raise ValueError(shared[1])
+    return shared[0]
+
+
+def make_staging_dir(path: str, command: str | None) -> str:
+    """A new marked temporary folder beside `path`, recognisable by a later run if this one is killed."""
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=os.path.dirname(path))
+    write_marker(staging, command, state="staging", files=[])
+    return staging
+
+
+def retire_and_replace(staging: str, path: str) -> None:
+    """Put the complete folder `staging` at `path`, moving an existing `path` aside first and deleting it after."""
+    if not os.path.lexists(path):
+        os.rename(staging, path)
+        return
+    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{OLD_TAG}", dir=os.path.dirname(path))
+    write_marker(retired, None, state="retired", files=[])
+    os.rename(path, os.path.join(retired, "previous"))
+    os.rename(staging, path)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+__all__ = [
+    "MARKER_NAME",
+    "OutputExistsError",
+    "OutputInUseError",
+    "UnsafeOutputError",
+    "check_not_protected",
+    "check_output_dir",
+    "check_replaceable",
+    "check_writable",
+    "claim_entries",
+    "clean_stale_temporaries",
+    "clean_stale_temporaries_in",
+    "default_protected",
+    "is_crane_hf_output",
+    "make_staging_dir",
+    "on_main_process",
+    "output_lock",
+    "protected_paths",
+    "read_marker",
+    "retire_and_replace",
+    "unowned_entries",
+]
