@@ -5,6 +5,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# `crane-hf export` and its runners: torch.onnx's exporter (onnx, onnxscript), ONNX Runtime, OpenVINO. The test extra
+# installs them too, so that the export tests run wherever the tests run (they skip, naming the extra, without them).
+EXPORT = ["onnx>=1.18", "onnxscript>=0.5", "onnxruntime>=1.23", "openvino>=2026.0"]
 
 setup(
     name="crane-hf",
@@ -46,8 +49,10 @@ setup(
             "scikit-image>=0.22",
             "ruff>=0.5",
             "tensorboard>=2.14",
+            *EXPORT,
         ],
         "tensorboard": ["tensorboard>=2.14"],
+        "export": EXPORT,
     },
     entry_points={"console_scripts": ["crane-hf=crane_hf.commands.cli:main"]},
     classifiers=[

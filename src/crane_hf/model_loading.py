@@ -4,7 +4,10 @@
 - a preset name ("crane+/mvtec", "crane/visa", ...), kind `preset`: `crane_hf.presets.model_from_preset`, backbones
   from the Hub cache, the Hub, or `clip=` / `dino=` local folders;
 - a folder written by `save_pretrained`, `crane-hf convert`, `train` or `push --dry-run`, kind `folder`, and
-- a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`.
+- a Hub id ("org/name"), kind `hub`: `CraneForAnomalyDetection.from_pretrained`;
+- a folder written by `crane-hf export` (it holds `crane_export.json`), kind `exported`:
+  `crane_hf.export.ExportedCraneModel`, the ONNX Runtime / OpenVINO graph behind the same pipeline, on the CPU,
+  in float32 (other devices and dtypes, `clip=` / `dino=` and config fields computed inside the graph are refused).
 
 A name that is none of these fails at once, with the presets listed and the closest one suggested: a name that is
 not a valid Hub id ("crane+/mvtc"), a path that does not exist ("./missing-folder"), or a Hub id that is not in the
@@ -17,10 +20,11 @@ config.json and a file are named as such (`check_model_source`).
 
 The computation options given with it (`--soft-mean`, `--eattn-maps`, ...: `computation_options.py`) arrive here as
 `CraneConfig` overrides and are validated before anything is loaded; `computation_summary` and `prompts_origin` say
-what ran, for the records the commands write.
+what ran, for the records the commands write. An exported folder's computation was fixed when it was exported: an
+override of a field computed inside its graph that differs from its config is refused (thresholds and the smoothing
+sigma, applied after the graph, may change).
 
-A new kind of model source (an exported file, for example) is one more kind in `model_kind` and one more branch in
-`load_model`.
+A new kind of model source is one more kind in `model_kind` and one more branch in `load_model`.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .export.folder import is_exported_folder
 from .hub_availability import (
     BackboneUnavailableError,
     backbone_unavailable_message,
@@ -49,6 +54,9 @@ from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, Ze
 from .presets import is_preset_name, list_presets, model_from_preset
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from .export.runner import ExportedCraneModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +94,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
+def check_device(spec: str | None, device: str | torch.device | None) -> None:
+    """Refuse, before anything is loaded, a device the model `spec` cannot run on: for an exported folder anything
+    but the CPU ("auto" means the CPU there; the message names the folder), otherwise a device this machine does not
+    have (`resolve_device`). Raises `ValueError`."""
+    if spec is not None and model_kind(spec) == "exported":
+        from .export.runner import check_cpu_device
+
+        check_cpu_device(device, spec)
+    else:
+        resolve_device(device)
+
+
 def _presets_hint(spec: str) -> str:
     close = difflib.get_close_matches(spec, list_presets(), n=1, cutoff=0.6)
     suggestion = f"Did you mean {close[0]}? " if close else ""
@@ -93,7 +113,7 @@ def _presets_hint(spec: str) -> str:
 
 
 def model_kind(spec: str) -> str:
-    """ "preset", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
+    """ "preset", "exported", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
 
     Raises:
         FileNotFoundError / NotADirectoryError: see `check_model_source` (a folder without config.json, a path that
@@ -102,6 +122,8 @@ def model_kind(spec: str) -> str:
     """
     if is_preset_name(spec):
         return "preset"
+    if is_exported_folder(spec):
+        return "exported"
     check_model_source(spec)
     if os.path.isdir(spec):
         return "folder"
@@ -169,32 +191,49 @@ def load_model(
     dino: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_exported: bool = True,
     **config_overrides: Any,
-) -> tuple[CraneForAnomalyDetection, CraneImageProcessor]:
+) -> tuple[CraneForAnomalyDetection | ExportedCraneModel, CraneImageProcessor]:
     """A model in eval mode and its image processor.
 
     Args:
-        spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained`, or a Hub id.
+        spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained` or by `crane-hf export`,
+            or a Hub id.
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "float32", "bfloat16", "float16" or a torch dtype.
+        allow_exported: False where the caller needs the PyTorch model (push, export): an exported folder is refused.
         **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
-            when the model is built, validated as a new config is (`CraneConfig.with_overrides`).
+            when the model is built, validated as a new config is (`CraneConfig.with_overrides`); for an exported
+            folder only the fields applied after the graph may differ from its config.
+
+    Returns:
+        For an exported folder, an `ExportedCraneModel` (the pipeline's model interface, CPU, float32).
 
     Raises:
         TypeError: an override that is not a `CraneConfig` field (named), before anything is loaded.
         ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); an override value
-            the field does not accept; a name that is no preset, no folder and no valid Hub id.
+            the field does not accept; a name that is no preset, no folder and no valid Hub id; for an exported
+            folder also a dtype other than float32, a device other than the CPU, an override of a field the graph
+            computes, or a folder that fails its checks (`crane_hf/export/folder.py`).
+        ImportError: an exported folder whose runtime (onnxruntime / openvino) is not installed.
         OSError: a folder or Hub id that cannot be loaded (`FileNotFoundError` / `NotADirectoryError` for a folder
             without config.json, a path that does not exist or a file; a Hub id neither cached nor downloadable here
             fails at once); `BackboneUnavailableError` (an `OSError`) when a backbone of a preset or of a
             prompts-only folder is neither cached nor downloadable.
     """
     CraneConfig.check_field_names(config_overrides, "load_model")
-    target = resolve_device(device)  # an unusable device is refused before anything is loaded
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     kind = check_model_available(spec)
+    if kind == "exported":
+        if not allow_exported:
+            raise ValueError(
+                f"{spec} is an exported ONNX/OpenVINO folder: it runs (predict, calibrate, evaluate) but cannot be "
+                "saved, published or exported again; use the model folder it was exported from."
+            )
+        return _load_exported(spec, clip, dino, device, torch_dtype, config_overrides)
+    target = resolve_device(device)  # an unusable device is refused before anything is loaded
     if kind == "preset":
         model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
         processor = CraneImageProcessor.from_crane_config(model.config)
@@ -213,6 +252,30 @@ def load_model(
         processor = _processor_for(spec, model)
     model.to(target)
     return model.eval(), processor
+
+
+def _load_exported(
+    spec: str,
+    clip: str | None,
+    dino: str | None,
+    device: str | None,
+    dtype: torch.dtype | None,
+    config_overrides: dict[str, Any],
+) -> tuple[ExportedCraneModel, CraneImageProcessor]:
+    """An exported folder's runner and processor; what it cannot honour is refused before the graph is loaded."""
+    from .export.runner import ExportedCraneModel, check_cpu_device
+
+    if clip or dino:
+        raise ValueError(f"--clip/--dino apply to presets only; {spec} is an exported graph that holds its backbones.")
+    if dtype not in (None, torch.float32):
+        raise ValueError(
+            f"{spec} is an exported float32 graph; dtype {str(dtype).removeprefix('torch.')} is not available for it "
+            "(leave --dtype unset or use float32)."
+        )
+    check_cpu_device(device, spec)
+    model = ExportedCraneModel(spec)
+    model.apply_config_overrides(config_overrides)
+    return model, model.image_processor()
 
 
 def check_model_source(spec: str) -> None:
@@ -255,14 +318,14 @@ def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
 
 
 def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
-    """Where the model's prompts come from: a bundled preset, a local folder (and the official checkpoint it was
-    converted from, or the preset it was saved from, when its config records one) or a Hub id."""
+    """Where the model's prompts come from: a bundled preset, a local folder or exported folder (and the official
+    checkpoint it was converted from, or the preset it was saved from, when its config records one) or a Hub id."""
     preset = getattr(model.config, "preset", None)
     converted = getattr(model.config, "converted_from", None)
     kind = model_kind(spec)
     if kind == "preset":
         origin: dict[str, Any] = {"kind": kind, "preset": spec}
-    elif kind == "folder":
+    elif kind in ("folder", "exported"):
         origin = {"kind": kind, "path": os.path.abspath(spec)}
     else:
         origin = {"kind": kind, "repo_id": spec}
@@ -281,7 +344,7 @@ def load_detector(
     dtype: str | torch.dtype | None = None,
     **config_overrides: Any,
 ) -> ZeroShotAnomalyDetectionPipeline:
-    """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder or a Hub id.
+    """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder, an exported folder or a Hub id.
 
     Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).

@@ -65,7 +65,7 @@ def calibrate_folder(
     `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
     thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
     """
-    from ..model_loading import resolve_device
+    from ..model_loading import check_device
     from ..models.crane.configuration_crane import CraneConfig
 
     config_overrides = dict(config_overrides or {})
@@ -74,7 +74,7 @@ def calibrate_folder(
     threshold_for_fpr(np.zeros(1), fpr)  # refuse a bad --fpr / --pixel-fpr before any work
     threshold_for_fpr(np.zeros(1), pixel_fpr)
     require_positive("batch_size", batch_size)
-    resolve_device(device)
+    check_device(model_dir, device)
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
@@ -164,7 +164,9 @@ def _calibrate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="model folder to calibrate (its config.json is updated)")
+    parser.add_argument(
+        "model_dir", help="model folder or exported folder (crane-hf export) to calibrate (its config.json is updated)"
+    )
     parser.add_argument("inputs", nargs="+", help="normal (defect-free) images: files, folders or globs")
     parser.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate (default 0.01)")
     parser.add_argument("--pixel-fpr", type=float, default=0.01, help="target pixel false-positive rate")

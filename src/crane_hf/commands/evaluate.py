@@ -35,7 +35,7 @@ from .cli_support import one_line, require_positive, require_range, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="preset name, model folder or Hub id")
+    parser.add_argument("--model", default=None, help="preset name, model folder, Hub id or exported folder")
     parser.add_argument(
         "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
     )
@@ -67,13 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
     from ..evaluation.evaluate import evaluation_protections
-    from ..model_loading import resolve_device
+    from ..model_loading import check_device
     from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
 
     require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
     require_positive("--batch-size", args.batch_size)
     if args.device != "auto":
-        resolve_device(args.device)
+        check_device(args.model, args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
 
 

@@ -193,7 +193,7 @@ def _write_tables(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder or Hub id")
+    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
@@ -212,13 +212,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model_loading import load_model, resolve_device
+    from ..model_loading import check_device, load_model
 
     try:  # every argument, the device and the output are checked before the model is loaded
         require_positive("--batch-size", args.batch_size)
         require_range("--threshold", args.threshold, 0.0, 1.0)
         require_range("--pixel-threshold", args.pixel_threshold, 0.0, 1.0)
-        resolve_device(args.device)
+        check_device(args.model, args.device)
         protected = [
             *prediction_protections(args.inputs, args.model),
             *protected_paths("a backbone", [args.clip, args.dino]),

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.dry_run:
             check_output_dir(args.dry_run, args.overwrite, protected)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu")
+        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", allow_exported=False)
         if args.dry_run:
             with atomic_output_dir(args.dry_run, args.overwrite, protected, command="push --dry-run") as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)

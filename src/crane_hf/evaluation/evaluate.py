@@ -226,6 +226,7 @@ def _computation_lines(record: dict[str, Any]) -> list[str]:
     origin = {
         "preset": f"preset {prompts.get('preset')}",
         "folder": f"folder {prompts.get('path')}",
+        "exported": f"exported folder {prompts.get('path')} (ONNX Runtime / OpenVINO; computation fixed at export)",
         "hub": f"Hub repository {prompts.get('repo_id')}",
     }[prompts["kind"]]
     if prompts["kind"] != "preset" and prompts.get("preset"):
@@ -276,7 +277,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..computation_options import computation_overrides
     from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
-    from ..model_loading import load_model
+    from ..model_loading import load_model, model_kind
     from ..training.data_loading import undecoded
 
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
@@ -293,7 +294,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             "Name the model with --model (a preset, a model folder or a Hub id), or use --protocol paper."
         )
     overrides.update(computation_overrides(args))
-    device = str(state.device) if args.device == "auto" else args.device
+    # "auto": the process's accelerate device; an exported folder runs on the CPU, which "auto" then means.
+    device = str(state.device) if args.device == "auto" and model_kind(model_spec) != "exported" else args.device
     model, processor = load_model(
         model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
     )

@@ -37,6 +37,8 @@ def _smooth_rows(rows: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """
     count, length = rows.shape
     padded = rows.index_select(-1, _reflect_indices(length, kernel.numel() // 2, rows.device))
+    if torch.compiler.is_exporting():  # an exported graph's row count follows its dynamic batch: rows as the batch
+        return F.conv1d(padded.unsqueeze(1), kernel.view(1, 1, -1))[:, 0]
     weight = kernel.view(1, 1, -1).expand(count, 1, -1).contiguous()
     return F.conv1d(padded.unsqueeze(0), weight, groups=count)[0]
 

@@ -712,6 +712,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         image_size: tuple[int, int],
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
     ) -> CraneAnomalyDetectionOutput:
         """Everything after the frozen backbones: prompts, logits, maps, score-based pooling and the loss.
 
@@ -725,6 +726,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             grid: the patch grid (gh, gw) of the maps, gh * gw = N.
             image_size: (H, W) of the maps to return (the input size).
             labels, masks: as for `forward`.
+            text_embeds: normalized text features [2, D] to use instead of the model's own (an exported graph
+                holds them as constants, `crane_hf.export`); `None` computes or reads the cached ones.
 
         Raises:
             ValueError: `patch_features` does not hold the config's distinct maps, or labels without masks.
@@ -742,7 +745,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         size = (int(image_size[0]), int(image_size[1]))
         prob = self.config.context_conditioning_prob
         conditioned = self.training and prob > 0 and (prob >= 1.0 or torch.rand(()).item() < prob)
-        text_embeds = self.encode_text(image_embeds) if conditioned else self.static_text_embeds()
+        if text_embeds is None:
+            text_embeds = self.encode_text(image_embeds) if conditioned else self.static_text_embeds()
 
         # The heads are cheap: they run in float32 whatever precision (or autocast) the backbones ran in.
         with _autocast_disabled(patch_features.device):

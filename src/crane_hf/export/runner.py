@@ -1,0 +1,227 @@
+"""Run an exported Crane folder with ONNX Runtime or OpenVINO, with the pipeline's pre- and post-processing.
+
+`ExportedCraneModel` has the part of a model's interface that `ZeroShotAnomalyDetectionPipeline` and
+`crane-hf predict` use (`config`, `device`, `dtype`, `to`, `eval`, and a call on `pixel_values` returning
+`anomaly_scores` and `anomaly_maps`), so the pipeline runs it unchanged: the same `CraneImageProcessor`
+preprocessing, the same smoothing and resizing of the maps, the same thresholds from the folder's `config.json`.
+
+    from crane_hf.export import load_exported_detector
+
+    detector = load_exported_detector("exported/")   # the "zero-shot-anomaly-detection" pipeline
+    detector("part.png")                             # {"score": ..., "is_anomalous": ..., "anomaly_map": ...}
+
+`ExportedCraneModel.run` takes and returns numpy arrays only (the graph itself needs no PyTorch).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.crane.configuration_crane import CraneConfig
+from ..models.crane.image_processing_crane import CraneImageProcessor
+from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput
+from .folder import EXPORT_FILE, INPUT_NAME, check_graph_files, read_export_metadata
+from .packages import require
+
+BACKENDS = ("onnxruntime", "openvino")
+# The config fields the pipeline reads after the graph (decisions, smoothing): the only ones an override may change.
+POST_PROCESSING_FIELDS = ("image_threshold", "pixel_threshold", "smoothing_sigma")
+
+
+def check_cpu_device(device: Any, folder: str | os.PathLike = "an exported folder") -> None:
+    """Raise `ValueError` unless `device` is None, "auto" or a CPU device: the runtimes here run on the CPU."""
+    if device in (None, "auto") or isinstance(device, torch.dtype):
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device name ({error}).") from error
+    if kind != "cpu":
+        raise ValueError(
+            f"{os.fspath(folder)} runs on the CPU (ONNX Runtime / OpenVINO); device {device!r} is not available "
+            "for an exported folder: use cpu or auto."
+        )
+
+
+class ExportedCraneModel:
+    """An exported graph (`crane_hf.export.export_model`) loaded into ONNX Runtime or OpenVINO, on the CPU.
+
+    Args:
+        folder: the exported folder (`crane_export.json`, the graph files, `config.json`,
+            `preprocessor_config.json`), read as untrusted (`folder.py`).
+        backend: "onnxruntime" or "openvino"; default the export's own runtime (an ONNX file also runs on
+            OpenVINO; an OpenVINO IR only on OpenVINO).
+        num_threads: threads of the runtime; default the runtime's (all cores).
+
+    Raises:
+        FileNotFoundError / ValueError: the folder is not a complete, consistent exported folder, or a file it
+            names leaves the folder (the message names the file and field).
+        ImportError: the runtime (or onnx, for the check of an ONNX file) is not installed.
+    """
+
+    main_input_name = INPUT_NAME
+
+    def __init__(self, folder: str | os.PathLike, backend: str | None = None, num_threads: int | None = None):
+        self.folder = os.fspath(folder)
+        self.metadata = read_export_metadata(self.folder)
+        fmt = self.metadata["format"]
+        self.backend = backend or ("onnxruntime" if fmt == "onnx" else "openvino")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        if self.backend == "onnxruntime" and fmt != "onnx":
+            raise ValueError(f"{self.folder} holds an OpenVINO IR, which only the openvino backend runs.")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}.")
+        self.image_size = int(self.metadata["image_size"])
+        self.output_names = tuple(self.metadata["outputs"])
+        self.config = CraneConfig.from_pretrained(self.folder)
+        if self.config.image_size != self.image_size:
+            raise ValueError(
+                f"{self.folder}/config.json: image_size {self.config.image_size!r} differs from the graph's "
+                f"{self.image_size} ({EXPORT_FILE}); the folder is not as export_model wrote it."
+            )
+        self.config._name_or_path = self.folder
+        graph_path = check_graph_files(self.folder, self.metadata)
+        self._session = self._load(graph_path, num_threads)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> ExportedCraneModel:
+        """Same as the constructor (for symmetry with `CraneForAnomalyDetection.from_pretrained`)."""
+        return cls(folder, **kwargs)
+
+    def _check_ports(self, inputs: list[set[str]], outputs: list[set[str]]) -> None:
+        """The graph's own input and output names (a set of names per port) must be those of `crane_export.json`."""
+        if len(inputs) != 1 or INPUT_NAME not in inputs[0] or not set(self.output_names) <= set().union(*outputs):
+            raise ValueError(
+                f"{self.folder}/{self.metadata['graph_file']}: the graph takes {[sorted(n) for n in inputs]} and "
+                f"returns {[sorted(n) for n in outputs]}, not [{INPUT_NAME!r}] -> {list(self.output_names)} as "
+                f"{EXPORT_FILE} says."
+            )
+
+    def _load(self, path: str, num_threads: int | None) -> Any:
+        if self.backend == "onnxruntime":
+            require("onnxruntime", "Running an ONNX export")
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            if num_threads:
+                options.intra_op_num_threads = num_threads
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self._check_ports([{p.name} for p in session.get_inputs()], [{p.name} for p in session.get_outputs()])
+            names = list(self.output_names)
+            return lambda pixels: dict(zip(names, session.run(names, {INPUT_NAME: pixels})))
+        require("openvino", "Running an OpenVINO export")
+        import openvino
+
+        # float32 arithmetic: on CPUs with bf16 support OpenVINO would otherwise default to bf16.
+        properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if num_threads:
+            properties["INFERENCE_NUM_THREADS"] = num_threads
+        compiled = openvino.Core().compile_model(path, "CPU", properties)
+        self._check_ports([p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs])
+        ports = {name: compiled.output(name) for name in self.output_names}
+        request = compiled.create_infer_request()
+
+        def run(pixels: np.ndarray) -> dict[str, np.ndarray]:
+            results = request.infer({INPUT_NAME: pixels})
+            return {name: np.array(results[port], copy=True) for name, port in ports.items()}
+
+        return run
+
+    def apply_config_overrides(self, overrides: dict[str, Any]) -> None:
+        """Set `CraneConfig` fields the pipeline reads after the graph (thresholds, smoothing sigma); any other
+        field is computed inside the graph, so a different value is refused (`ValueError`, naming the field)."""
+        for key, value in overrides.items():
+            if key in POST_PROCESSING_FIELDS:
+                setattr(self.config, key, value)
+            elif getattr(self.config, key, None) != value:
+                raise ValueError(
+                    f"{self.folder} is an exported graph computed with {key}={getattr(self.config, key, None)!r}; "
+                    f"{key}={value!r} cannot be applied to it (export the model again with it)."
+                )
+
+    # ------------------------------------------------------------------ the model interface of the pipeline
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def to(self, device: Any = None, *args: Any, **kwargs: Any) -> ExportedCraneModel:
+        """A no-op for the CPU; the runtimes here run on the CPU only (other devices raise `ValueError`)."""
+        check_cpu_device(device, self.folder)
+        return self
+
+    def eval(self) -> ExportedCraneModel:
+        return self
+
+    def image_processor(self) -> CraneImageProcessor:
+        """The processor saved beside the graph (its image size is the export's).
+
+        Raises:
+            OSError: the folder has no readable `preprocessor_config.json`.
+            ValueError: its image size is not the graph's.
+        """
+        processor = CraneImageProcessor.from_pretrained(self.folder)
+        if processor.image_size != self.image_size:
+            raise ValueError(
+                f"{self.folder}/preprocessor_config.json: image_size {processor.image_size!r} differs from the "
+                f"graph's {self.image_size} ({EXPORT_FILE}); the folder is not as export_model wrote it."
+            )
+        return processor
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on `pixel_values` [B, 3, S, S] (float, S the export's image size).
+
+        Returns a dict of float32 arrays: `anomaly_scores` [B], `anomaly_maps` [B, S, S] (unsmoothed) and, when
+        exported with smoothed maps, `smoothed_anomaly_maps` [B, S, S].
+
+        Raises:
+            ValueError: wrong shape or dtype, NaN or infinite inputs, or non-finite outputs.
+        """
+        pixels = np.asarray(pixel_values)
+        size = self.image_size
+        if pixels.ndim != 4 or pixels.shape[0] < 1 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values must have shape [batch, 3, {size}, {size}] (the exported image size), got "
+                f"{list(pixels.shape)}; use the folder's CraneImageProcessor to prepare images."
+            )
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise TypeError(f"pixel_values must be floating point, got {pixels.dtype}.")
+        if not np.isfinite(pixels).all():
+            raise ValueError("pixel_values contains NaN or infinite values.")
+        outputs = self._session(np.ascontiguousarray(pixels, dtype=np.float32))
+        for name, value in outputs.items():
+            if not np.isfinite(value).all():
+                raise ValueError(f"The exported graph ({self.backend}) returned non-finite values in {name}.")
+        return outputs
+
+    def __call__(self, pixel_values: torch.Tensor | np.ndarray, **kwargs: Any) -> CraneAnomalyDetectionOutput:
+        """`run` on a tensor, returned as the model's output type (`anomaly_scores` [B], `anomaly_maps` [B, S, S])."""
+        if isinstance(pixel_values, torch.Tensor):
+            pixel_values = pixel_values.detach().cpu().float().numpy()
+        outputs = self.run(pixel_values)
+        return CraneAnomalyDetectionOutput(
+            anomaly_scores=torch.from_numpy(outputs["anomaly_scores"]),
+            anomaly_maps=torch.from_numpy(outputs["anomaly_maps"]),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.folder!r}, backend={self.backend!r}, image_size={self.image_size})"
+
+
+def load_exported_detector(folder: str | os.PathLike, backend: str | None = None, num_threads: int | None = None):
+    """The "zero-shot-anomaly-detection" pipeline around an exported folder (its graph, processor and config)."""
+    from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
+
+    model = ExportedCraneModel(folder, backend=backend, num_threads=num_threads)
+    return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=model.image_processor(), device=model.device)
+
+
+__all__ = ["BACKENDS", "ExportedCraneModel", "load_exported_detector"]

@@ -1,0 +1,263 @@
+"""Exported folders as models: every `--model` (predict, calibrate, evaluate, load_detector) takes one through
+`model_loading`, gives the eager folder's results, refuses what the graph cannot honour with one line, and a
+stranger's exported folder is checked before a runtime opens it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from crane_hf import load_detector
+from crane_hf.commands.cli import main
+from crane_hf.data import generate_synthetic_dataset
+from crane_hf.export import EXPORT_FILE, ExportedCraneModel
+from crane_hf.model_loading import load_model, model_kind
+
+from .export_packages import export_tests_mark
+from .tiny_models import save_tiny_model_folder, write_test_images
+
+TOLERANCE = 1e-4
+pytestmark = export_tests_mark()  # an error, not a skip, where the test extra's export packages are missing
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A saved tiny Crane+ folder (thresholds not the defaults) and its exports by `crane-hf export` (lazily)."""
+    work = tmp_path_factory.mktemp("exported-folders")
+    model_dir = save_tiny_model_folder(work / "model", "crane+")
+    _edit_json(os.path.join(model_dir, "config.json"), image_threshold=0.41, pixel_threshold=0.58)
+    cache = {"model": model_dir}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            output = str(work / name)
+            assert main(["export", model_dir, "--format", name, "--output", output]) == 0
+            cache[name] = output
+        return cache[name]
+
+    return get
+
+
+def _edit_json(path, **fields) -> None:
+    path = pathlib.Path(path)
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **fields}), encoding="utf-8")
+
+
+def _rows(folder) -> list[dict]:
+    return json.loads((folder / "predictions.json").read_text())["predictions"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_predict_on_an_exported_folder_gives_the_eager_folders_rows(folders, fmt, tmp_path):
+    exported = folders(fmt)
+    assert model_kind(exported) == "exported" and model_kind(folders("model")) == "folder"
+    images = write_test_images(tmp_path / "images", count=5, size=(48, 64))
+    images += write_test_images(tmp_path / "other", count=1, size=(70, 30), seed=1)
+    common = ["predict", str(tmp_path / "images"), str(tmp_path / "other"), "--batch-size", "2", "--quiet"]
+    assert main([*common, "--model", folders("model"), "--output", str(tmp_path / "eager")]) == 0
+    assert main([*common, "--model", exported, "--output", str(tmp_path / "exported")]) == 0
+    eager, rows = _rows(tmp_path / "eager"), _rows(tmp_path / "exported")
+    assert [row["path"] for row in rows] == [row["path"] for row in eager] and len(rows) == 6
+    for row, reference in zip(rows, eager):
+        assert abs(row["score"] - reference["score"]) <= TOLERANCE
+        assert row["is_anomalous"] == reference["is_anomalous"] == (row["score"] >= 0.41)  # the folder's threshold
+        assert abs(row["max_pixel_score"] - reference["max_pixel_score"]) <= TOLERANCE
+        assert row["anomalous_pixel_fraction"] == reference["anomalous_pixel_fraction"]
+        assert row["overlay"] == reference["overlay"]
+    summary = json.loads((tmp_path / "exported" / "predictions.json").read_text())
+    assert (summary["model"], summary["image_threshold"], summary["pixel_threshold"]) == (exported, 0.41, 0.58)
+
+
+def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path):
+    exported = tmp_path / "exported"
+    shutil.copytree(folders("onnx"), exported)
+    eager_dir = tmp_path / "model"
+    shutil.copytree(folders("model"), eager_dir)
+    normal = write_test_images(tmp_path / "normal", count=8, seed=3)
+    detector = load_detector(str(exported))
+    assert isinstance(detector.model, ExportedCraneModel)
+    reference = load_detector(str(eager_dir))
+    for result, expected in zip(detector(normal), reference(normal)):
+        assert abs(result["score"] - expected["score"]) <= TOLERANCE
+        assert np.abs(result["anomaly_map"] - expected["anomaly_map"]).max() <= TOLERANCE
+
+    for folder in (exported, eager_dir):
+        argv = ["calibrate", str(folder), str(tmp_path / "normal"), "--fpr", "0.25", "--pixel-fpr", "0.05", "--quiet"]
+        assert main(argv) == 0
+    records = [json.loads((folder / "calibration.json").read_text()) for folder in (exported, eager_dir)]
+    for kind in ("image", "pixel"):
+        assert abs(records[0][kind]["threshold"] - records[1][kind]["threshold"]) <= TOLERANCE
+        assert records[0][kind]["fpr_on_calibration_set"] == records[1][kind]["fpr_on_calibration_set"]
+    runner = ExportedCraneModel(exported)  # the runner reads the thresholds calibrate wrote
+    assert runner.config.image_threshold == records[0]["image"]["threshold"]
+    assert runner.config.pixel_threshold == records[0]["pixel"]["threshold"]
+    assert json.loads((exported / EXPORT_FILE).read_text())["format"] == "onnx"  # the export record is untouched
+
+
+def test_evaluate_on_an_exported_folder_gives_the_eager_metrics(folders, tmp_path):
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), classes=["brick"], image_size=64, train_good=0, test_good=3, test_defective=2
+    )
+    reports = []
+    for name in ("model", "onnx"):
+        output = tmp_path / f"eval-{name}"
+        assert main(["evaluate", "--model", folders(name), "--data", data, "--output", str(output), "--quiet"]) == 0
+        reports.append(json.loads((output / "metrics.json").read_text())["metrics"])
+    assert reports[0].keys() == reports[1].keys()
+    for name, metrics in reports[0].items():
+        for key, value in metrics.items():
+            other = reports[1][name][key]
+            assert (value is None and other is None) or abs(value - other) <= TOLERANCE, (name, key)
+
+
+def test_what_an_exported_graph_cannot_honour_is_refused_with_one_line(folders, tmp_path, capsys):
+    exported = folders("onnx")
+    refusals = [
+        (dict(clip="openai/clip"), r"--clip/--dino apply to presets only; .* holds its backbones"),
+        (dict(dtype="float16"), r"exported float32 graph; dtype float16 is not available"),
+        (dict(device="cuda"), r"runs on the CPU .*device 'cuda' is not available for an exported folder"),
+        (dict(soft_mean=True), r"computed with soft_mean=False; soft_mean=True cannot be applied"),
+        (dict(allow_exported=False), r"cannot be saved, published or exported again"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            load_model(exported, **kwargs)
+    model, processor = load_model(exported, device="cpu", dtype="float32", image_threshold=0.9, soft_mean=False)
+    assert model.config.image_threshold == 0.9 and processor.image_size == model.image_size
+
+    images = write_test_images(tmp_path / "images", count=1)
+    argvs = [
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--dtype", "bfloat16"],
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--device", "cuda:1"],
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--dino", "x"],
+        ["push", exported, "--repo-id", "acme/x", "--dry-run", str(tmp_path / "repo")],
+        ["export", exported, "--format", "onnx", "--output", str(tmp_path / "again")],
+    ]
+    for argv in argvs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and exported in err, err
+    assert not any((tmp_path / name).exists() for name in ("p", "repo", "again"))
+
+    # The computation options: the graph's computation was fixed at export; its own values pass, others are refused.
+    config = json.loads(pathlib.Path(exported, "config.json").read_text())
+    other = {"last_layer": "per_layer", "per_layer": "last_layer"}[config["eattn_map_source"]]
+    before = pathlib.Path(exported, "config.json").read_bytes()
+    for argv in (
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--eattn-maps", other],
+        ["calibrate", exported, str(tmp_path / "images"), "--eattn-maps", other, "--quiet"],
+        ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--soft-mean" if not
+         config["soft_mean"] else "--no-soft-mean"],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and exported in err, err
+        assert "cannot be applied to it (export the model again with it)" in err, err
+    assert pathlib.Path(exported, "config.json").read_bytes() == before  # calibrate wrote nothing
+    same = ["--eattn-maps", config["eattn_map_source"], "--dattn-input", config["dattn_input"]]
+    assert main(["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), *same, "--quiet"]) == 0
+    summary = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert summary["computation"]["eattn_map_source"] == config["eattn_map_source"]
+
+
+# ---------------------------------------------------------------------------------- a stranger's exported folder
+
+
+def _copy(folders, tmp_path, name: str = "copy") -> str:
+    target = tmp_path / name
+    shutil.copytree(folders("onnx"), target)
+    return str(target)
+
+
+def _edit_metadata(folder: str, **fields) -> None:
+    _edit_json(os.path.join(folder, EXPORT_FILE), **fields)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"format": "tflite"}, r"field 'format' must be one of onnx, openvino"),
+        ({"graph_file": "../model.onnx"}, r"field 'graph_file' must be 'model.onnx'"),
+        ({"image_size": True}, r"field 'image_size' must be an integer"),
+        ({"image_size": 42}, r"field 'input' must be"),  # the input shape says 56
+        ({"outputs": []}, r"field 'outputs' must be \['anomaly_scores', 'anomaly_maps'\]"),
+        ({"smoothing_sigma": 4.0}, r"field 'smoothing_sigma' must be null without the smoothed_anomaly_maps"),
+        (
+            {"outputs": ["anomaly_scores", "anomaly_maps", "smoothed_anomaly_maps"], "smoothing_sigma": float("nan")},
+            r"field 'smoothing_sigma' must be a positive number",
+        ),
+        ({"weights": "int8"}, r"field 'weights' must be one of float32, float16"),
+        ({"verification": [1]}, r"field 'verification' must be a dict"),
+    ],
+)
+def test_a_bad_export_record_is_named_by_field(folders, tmp_path, fields, message):
+    folder = _copy(folders, tmp_path)
+    _edit_metadata(folder, **fields)
+    with pytest.raises(ValueError, match=rf"crane_export\.json: {message}"):
+        load_model(folder)
+
+
+def test_a_stranger_folder_is_checked_before_a_runtime_opens_it(folders, tmp_path):
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    folder = _copy(folders, tmp_path)
+    graph = os.path.join(folder, "model.onnx")
+    original = onnx.load(graph, load_external_data=False)
+    external = [t for t in original.graph.initializer if uses_external_data(t)]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+        "model.onnx.data"
+    }
+    secret = tmp_path / "secret.data"
+    shutil.copy(os.path.join(folder, "model.onnx.data"), secret)
+    for location, message in [
+        ("../secret.data", r"external data of tensor .* resolves to .*secret\.data, outside"),
+        (str(secret), r"external data of tensor .* must be a regular file inside .* \(it is a link or absolute"),
+        ("missing.data", r"missing\.data is missing \(the external data of tensor"),
+    ]:
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(model, graph)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            ExportedCraneModel(folder)
+
+    folder = _copy(folders, tmp_path, "linked")
+    os.remove(os.path.join(folder, "model.onnx.data"))
+    os.symlink(secret, os.path.join(folder, "model.onnx.data"))
+    with pytest.raises(ValueError, match=r"model\.onnx\.data: the external data of tensor .* is a link"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "graph-linked")
+    os.rename(os.path.join(folder, "model.onnx"), tmp_path / "elsewhere.onnx")
+    os.symlink(tmp_path / "elsewhere.onnx", os.path.join(folder, "model.onnx"))
+    with pytest.raises(ValueError, match=r"the graph file must be a regular file inside"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "garbage")
+    (tmp_path / "garbage" / "model.onnx").write_bytes(b"\x00not a protobuf" * 10)
+    with pytest.raises(ValueError, match=r"model\.onnx is not a readable ONNX file"):
+        load_model(folder)
+
+
+def test_an_inconsistent_folder_is_refused(folders, tmp_path):
+    folder = _copy(folders, tmp_path, "config")
+    _edit_json(os.path.join(folder, "config.json"), image_size=42)
+    with pytest.raises(ValueError, match=r"config\.json: image_size 42 differs from the graph's 56"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "processor")
+    _edit_json(os.path.join(folder, "preprocessor_config.json"), image_size=70)
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: image_size 70 differs from the graph's 56"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "ports")
+    _edit_metadata(
+        folder, outputs=["anomaly_scores", "anomaly_maps", "smoothed_anomaly_maps"], smoothing_sigma=4.0
+    )  # the graph has no smoothed output
+    with pytest.raises(ValueError, match=r"the graph takes .* not \['pixel_values'\] -> .* as crane_export\.json"):
+        load_model(folder)
