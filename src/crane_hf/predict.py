@@ -39,10 +39,11 @@ def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipelin
 
 
 def _overlay_name(index: int, path: str) -> str:
-    """A unique, readable file name: index, parent folder and stem, e.g. 00003_scratch_000.png."""
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", f"{parent}_{stem}")[:80] + ".png"
+    """The image's output name: unique and readable, with index, up to three parent folders (the class of the
+    MVTec-AD layout) and the file name with its extension, e.g. 00003_coins_test_scratch_000.png; its figure is
+    `figure_file_name` of it and its map that name plus .npy."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)[-4:]
+    return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))[-120:]
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -71,22 +72,34 @@ def predict_images(
     save_maps: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    report_html: bool = False,
+    color_scale: str = "absolute",
+    notice: str | None = None,
 ) -> PredictionReport:
     """Score every image in `inputs` (files, folders, globs) and write the results to `output_dir`.
 
-    Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (heatmap and
-    threshold contour), optionally `maps/*.npy` (float32 smoothed maps) and `skipped.txt` (unreadable inputs).
+    Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (decision figures:
+    image | heatmap with colour bar | pixels over the threshold, with name, verdict, score and thresholds; colours on
+    the absolute [0, 1] scale or, with `color_scale="image"`, stretched to each map), optionally `maps/*.npy`
+    (float32 smoothed maps), `skipped.txt` (unreadable inputs) and, with `report_html`, `report.html` (with `notice`
+    highlighted at its top).
     """
+    from .reporting.decision_figure import COLOR_SCALES, save_decision_figure
+    from .reporting.output_names import figure_file_name
+
+    if color_scale not in COLOR_SCALES:
+        raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
     check_can_write(output_dir, overwrite)
     paths, skipped = collect_image_paths(inputs)
     report = PredictionReport(skipped=list(skipped), output_dir=output_dir)
     pipe = make_pipeline(model, processor)
-    params: dict[str, Any] = {"return_overlay": write_overlays}
+    params: dict[str, Any] = {}
     if threshold is not None:
         params["threshold"] = threshold
     if pixel_threshold is not None:
         params["pixel_threshold"] = pixel_threshold
     decision = model.config.pixel_threshold if pixel_threshold is None else pixel_threshold
+    image_decision = model.config.image_threshold if threshold is None else threshold
     chunk_size = max(1, batch_size) * 4
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         if write_overlays:
@@ -103,7 +116,7 @@ def predict_images(
                     report.skipped.append(SkippedFile(path, str(error).removeprefix(f"{path}: ")))
                     bar.update(1)
             results = _score_chunk(pipe, [image for _, image in loaded], batch_size, params) if loaded else []
-            for (path, _), (output, error) in zip(loaded, results):
+            for (path, image), (output, error) in zip(loaded, results):
                 bar.update(1)
                 if output is None:
                     report.skipped.append(SkippedFile(path, f"could not be scored ({error})"))
@@ -118,19 +131,40 @@ def predict_images(
                     "overlay": "",
                 }
                 if write_overlays:
-                    row["overlay"] = os.path.join("overlays", _overlay_name(index, path))
-                    output["overlay"].save(os.path.join(staging, row["overlay"]))
-                if save_maps:
-                    np.save(
-                        os.path.join(staging, "maps", _overlay_name(index, path)[:-4] + ".npy"), output["anomaly_map"]
+                    row["overlay"] = os.path.join("overlays", figure_file_name(_overlay_name(index, path)))
+                    save_decision_figure(
+                        os.path.join(staging, row["overlay"]),
+                        _display_rgb(image),
+                        output["anomaly_map"],
+                        score=output["score"],
+                        image_threshold=image_decision,
+                        pixel_threshold=decision,
+                        name=os.path.join(*os.path.normpath(os.path.abspath(path)).split(os.sep)[-4:]),
+                        color_scale=color_scale,
                     )
+                if save_maps:
+                    np.save(os.path.join(staging, "maps", _overlay_name(index, path) + ".npy"), output["anomaly_map"])
                 report.rows.append(row)
         bar.close()
-        _write_tables(staging, report, model, threshold)
+        _write_tables(staging, report, model, threshold, decision)
+        if report_html:
+            from .reporting.run_report import write_report_for_predictions
+
+            write_report_for_predictions(staging, notice=notice, progress=progress)
     return report
 
 
-def _write_tables(folder: str, report: PredictionReport, model: Any, threshold: float | None) -> None:
+def _display_rgb(image: Any) -> np.ndarray:
+    """The image as the figure shows it: RGB uint8, converted as the processor converts it (16-bit, float...)."""
+    from .image_processing_crane import image_to_rgb_array
+
+    rgb = image_to_rgb_array(image)
+    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _write_tables(
+    folder: str, report: PredictionReport, model: Any, threshold: float | None, pixel_threshold: float
+) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -140,7 +174,7 @@ def _write_tables(folder: str, report: PredictionReport, model: Any, threshold: 
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
-        "pixel_threshold": model.config.pixel_threshold,
+        "pixel_threshold": pixel_threshold,
         "predictions": report.rows,
         "skipped": [asdict(item) for item in report.skipped],
     }
@@ -164,6 +198,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-threshold", type=float, default=None, help="contour threshold (default: the model's)")
     parser.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
     parser.add_argument("--save-maps", action="store_true", help="also write each smoothed map as .npy")
+    parser.add_argument(
+        "--color-scale",
+        choices=["absolute", "image"],
+        default="absolute",
+        help="heatmap colours: absolute 0-1 scores (comparable across images; default) or stretched to each image",
+    )
+    parser.add_argument("--report", action="store_true", help="also write report.html to review the run in a browser")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -189,12 +230,16 @@ def run(args: argparse.Namespace) -> int:
             save_maps=args.save_maps,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            report_html=args.report,
+            color_scale=args.color_scale,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     anomalous = sum(row["is_anomalous"] for row in report.rows)
     print(f"Scored {len(report.rows)} images ({anomalous} anomalous); results in {report.output_dir}")
+    if args.report:
+        print(f"Report: {os.path.join(os.path.abspath(report.output_dir), 'report.html')}")
     for item in report.skipped:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
     return 3 if report.skipped else 0

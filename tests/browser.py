@@ -1,0 +1,55 @@
+"""Headless Chromium for tests and benchmarks: Debian's `chromium` and `chromium-driver` packages driven by Selenium.
+
+Nothing is downloaded: the browser and driver paths are given explicitly (Selenium Manager is not consulted). Where
+either is missing, `chromium_paths()` says which, and the tests that need a browser skip with that reason.
+Install them with `apt-get install -y chromium chromium-driver`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+BROWSER_CANDIDATES = ("chromium", "chromium-browser")
+DRIVER_CANDIDATES = ("chromedriver",)
+
+
+def chromium_paths() -> tuple[str | None, str | None, str]:
+    """(browser path, driver path, reason) where reason says what is missing ("" when both are there).
+
+    `CRANE_HF_CHROMIUM` / `CRANE_HF_CHROMEDRIVER` name other executables."""
+    browser = os.environ.get("CRANE_HF_CHROMIUM") or next(filter(None, map(shutil.which, BROWSER_CANDIDATES)), None)
+    driver = os.environ.get("CRANE_HF_CHROMEDRIVER") or next(filter(None, map(shutil.which, DRIVER_CANDIDATES)), None)
+    missing = [name for name, path in (("chromium", browser), ("chromium-driver", driver)) if not path]
+    reason = ""
+    if missing:
+        install = "apt-get install -y chromium chromium-driver"
+        reason = f"headless Chromium not installed ({' and '.join(missing)} missing: {install})"
+    else:
+        try:
+            import selenium  # noqa: F401
+        except ImportError:
+            reason = "selenium is not installed (pip install -e '.[test]')"
+    return browser, driver, reason
+
+
+def headless_chromium(width: int = 1400, height: int = 1000):
+    """A Selenium Chrome driver on headless Chromium; the caller quits it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver, reason = chromium_paths()
+    if reason:
+        raise RuntimeError(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+        "--allow-file-access-from-files",
+    ):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
