@@ -110,10 +110,13 @@ def score_dataset(
     sigma: float = 4.0,
     overlay_dir: str | None = None,
     progress: bool = True,
+    image_scores: list[tuple[int, float]] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
 
-    Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
+    Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped.
+    `overlay_dir`: write each image's decision figure there (`<class>/<image path>.png`); `image_scores`: a list
+    that receives (row, image score) of every scored image."""
     from .gaussian_smoothing import gaussian_smooth
     from .metrics import AnomalyMetricAccumulator
     from .training_data import ProcessedImages
@@ -141,27 +144,46 @@ def score_dataset(
                 accumulators.setdefault(name, AnomalyMetricAccumulator()).update(
                     batch["labels"].numpy()[selected], scores[selected], masks=masks[selected], maps=maps[selected]
                 )
+            if image_scores is not None:
+                image_scores.extend(zip(indices, scores.tolist()))
             if overlay_dir is not None:
-                _save_overlays(dataset, indices, maps, model.config.pixel_threshold, overlay_dir)
+                _save_overlays(dataset, indices, maps, scores, model.config, overlay_dir)
     return accumulators, skipped
 
 
-def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
+def overlay_path(record: dict[str, Any]) -> str:
+    """Where the decision figure of a dataset row goes, relative to the overlays folder: `<class>/<figure name>`."""
+    from .reporting.output_names import figure_file_name
+
+    return os.path.join(record["class_name"], figure_file_name(record["image_path"]))
+
+
+def _save_overlays(
+    dataset: Any, rows: list[int], maps: np.ndarray, scores: np.ndarray, config: Any, folder: str
+) -> None:
+    """Decision figures (image | map at the image's size | pixels over the pixel threshold) of `rows`."""
     from PIL import Image
 
     from .image_files import read_encoded_image
-    from .visualization import render_overlay
+    from .reporting.decision_figure import save_decision_figure
 
-    for row, anomaly_map in zip(rows, maps):
+    for row, anomaly_map, score in zip(rows, maps, scores):
         record = dataset[row]  # an undecoded row
         image = read_encoded_image(record["image"]).convert("RGB")
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
-        name = record["image_path"].replace("/", "__").rsplit(".", 1)[0] + ".png"
-        path = os.path.join(folder, record["class_name"], name)
+        path = os.path.join(folder, overlay_path(record))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        render_overlay(image, resized, threshold=threshold).save(path)
+        save_decision_figure(
+            path,
+            image,
+            np.clip(resized, 0.0, 1.0),  # bilinear resizing stays in range up to rounding
+            score=float(score),
+            image_threshold=config.image_threshold,
+            pixel_threshold=config.pixel_threshold,
+            name=record["image_path"],
+        )
 
 
 def metrics_table(results: dict[str, dict[str, float | None]], aupro: str) -> dict[str, dict[str, float | None]]:
@@ -252,9 +274,11 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
     output = os.path.abspath(args.output)
     overlay_dir = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.overlays-tmp")
-    if args.save_overlays and state.is_main_process:
+    save_overlays = args.save_overlays or args.report
+    if save_overlays and state.is_main_process:
         shutil.rmtree(overlay_dir, ignore_errors=True)
     state.wait_for_everyone()
+    image_scores: list[tuple[int, float]] = []
     with state.split_between_processes(list(range(len(dataset)))) as shard:
         accumulators, skipped = score_dataset(
             model,
@@ -263,16 +287,19 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             shard,
             args.batch_size,
             args.sigma,
-            overlay_dir if args.save_overlays else None,
+            overlay_dir if save_overlays else None,
             state.is_main_process and not args.quiet,
+            image_scores,
         )
-    gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+    gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped, image_scores)])
     if not state.is_main_process:
         return {}
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
-    for states, shard_skipped in gathered:
+    all_scores: list[tuple[int, float]] = []
+    for states, shard_skipped, shard_scores in gathered:
         all_skipped.extend(shard_skipped)
+        all_scores.extend(shard_scores)
         for name, part in states.items():
             merged.setdefault(name, AnomalyMetricAccumulator()).merge(part)
     order = list(dict.fromkeys(dataset["class_name"]))
@@ -298,9 +325,53 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     }
     with atomic_output_dir(output, overwrite=args.overwrite) as staging:
         write_report(staging, table, info)
-        if args.save_overlays and os.path.isdir(overlay_dir):
+        if save_overlays and os.path.isdir(overlay_dir):
             os.rename(overlay_dir, os.path.join(staging, "overlays"))
+        if args.report:
+            _write_html_report(staging, dataset, sorted(all_scores), table, info, model.config, not args.quiet)
     return {"table": table, "info": info}
+
+
+def _write_html_report(
+    folder: str,
+    dataset: Any,
+    scores: list[tuple[int, float]],
+    table: dict[str, Any],
+    info: dict[str, Any],
+    config: Any,
+    progress: bool,
+) -> None:
+    """report.html: the scored images with their decision figures, the metric table and the curves per class."""
+    from .reporting.run_report import write_run_report
+    from .training_data import image_file
+
+    rows = []
+    for row, score in scores:
+        record = dataset[row]
+        rows.append(
+            {
+                "path": image_file(record),
+                "name": record["image_path"],
+                "class_name": record["class_name"],
+                "label": int(record["label"]),
+                "score": min(max(score, 0.0), 1.0),
+                "is_anomalous": score >= config.image_threshold,
+                "overlay": os.path.join("overlays", overlay_path(record)),
+            }
+        )
+    write_run_report(
+        folder,
+        rows,
+        image_threshold=config.image_threshold,
+        pixel_threshold=config.pixel_threshold,
+        title=f"crane-hf evaluate: {info['model']} on {', '.join(info['data'])}",
+        kind="evaluate",
+        model=str(info["model"]),
+        metrics=table,
+        metric_columns=TABLE_COLUMNS,
+        skipped=[{"path": item["image_path"], "reason": item["reason"]} for item in info["skipped"]],
+        progress=progress,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -320,7 +391,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
-    parser.add_argument("--save-overlays", action="store_true", help="also write a heatmap overlay per image")
+    parser.add_argument("--save-overlays", action="store_true", help="also write a decision figure per image")
+    parser.add_argument(
+        "--report", action="store_true", help="also write report.html (figures, metric table, ROC and PR curves)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true")
 
@@ -336,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
+    if args.report:
+        print(f"Report: {os.path.join(os.path.abspath(args.output), 'report.html')}")
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
     return 3 if report["info"]["skipped"] else 0
