@@ -1,4 +1,4 @@
-"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate.
+"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate, app.
 
 Each command lives in its own module with `add_arguments(parser)` and `run(args) -> exit code`; this module only
 dispatches. Exit codes: 0 success, 2 usage or input error, 3 finished but some inputs were skipped.
@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("crane_hf.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
     "evaluate": ("crane_hf.evaluate", "per-class metrics in the paper's layout on a dataset"),
     "demo": ("crane_hf.demo", "the main job: score example images (offline: a small demo model)"),
+    "app": ("crane_hf.reporting.app_command", "a Gradio app: try images, move thresholds live, save them"),
 }
 
 

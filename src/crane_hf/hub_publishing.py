@@ -3,7 +3,8 @@
 The repository holds config.json (with `auto_map` and `custom_pipelines`), model.safetensors (backbones and
 prompts), preprocessor_config.json, the model and pipeline code, and a generated model card, so that
 `pipeline("zero-shot-anomaly-detection", model=repo_id, trust_remote_code=True)` works without crane_hf installed.
-`--dry-run OUT_DIR` writes exactly the folder that would be uploaded.
+`--dry-run OUT_DIR` writes exactly the folder that would be uploaded. `--space DIR` also writes a Hugging Face Space
+folder running `crane-hf app` on the published model (`crane_hf.reporting.space`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", metavar="OUT_DIR", default=None, help="write the folder here instead of uploading"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run folder")
+    parser.add_argument(
+        "--space",
+        metavar="SPACE_DIR",
+        default=None,
+        help="also write a Gradio Space folder running the app on the model",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run or --space folder")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
@@ -145,13 +152,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:
             check_can_write(args.dry_run, args.overwrite)
+        if args.space:
+            check_can_write(args.space, args.overwrite)
         model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu")
         if args.dry_run:
             with atomic_output_dir(args.dry_run, overwrite=args.overwrite) as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)
             size = sum(os.path.getsize(os.path.join(args.dry_run, name)) for name in os.listdir(args.dry_run))
             print(f"Wrote the repository folder for {args.repo_id} to {args.dry_run} ({size / 2**20:.1f} MiB)")
-            return 0
+            return _write_space(args)
         from huggingface_hub import HfApi
 
         api = HfApi(token=args.token)
@@ -165,4 +174,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Published https://huggingface.co/{args.repo_id}")
+    return _write_space(args)
+
+
+def _write_space(args: argparse.Namespace) -> int:
+    """With --space: the Space folder of the app on `args.repo_id`."""
+    if not args.space:
+        return 0
+    from .reporting.space import write_space_folder
+
+    try:
+        with atomic_output_dir(args.space, overwrite=args.overwrite) as staging:
+            write_space_folder(staging, args.repo_id)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote the Space folder (app.py, requirements.txt, README.md) to {args.space}")
     return 0

@@ -1,0 +1,155 @@
+"""`crane-hf app`: a Gradio app to try images, move the thresholds live and save them into a model folder.
+
+    pip install -e ".[app]"
+    crane-hf app --model my-model-folder            # then open http://127.0.0.1:7860
+
+Upload or drop images (or several files), choose a preset or model folder, see each image's score, verdict and
+decision figure; the image and pixel thresholds move without running the model again. "Save thresholds" writes them
+into the model folder's config.json (and calibration.json), as `crane-hf calibrate` does; it refuses a folder that is
+not a crane model folder written by crane-hf, a linked config.json (a Hub cache entry) and presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+CALIBRATION_FILE = "calibration.json"
+_CALIBRATION_KEYS = {"calibrated_at", "image", "pixel", "previous"}
+
+
+def save_thresholds_to_folder(folder: str, image_threshold: float, pixel_threshold: float) -> str:
+    """Write the thresholds into `folder`'s config.json and record them in calibration.json; returns a message.
+
+    Raises `ValueError` (nothing written) when: a threshold is not a finite number in [0, 1]; `folder` has no
+    config.json, a linked one, or one that is not a crane config (`model_type` "crane"); calibration.json exists but
+    was not written by crane-hf (a JSON object with the keys crane-hf writes)."""
+    from ..atomic_io import atomic_write_text
+
+    for name, value in (("image threshold", image_threshold), ("pixel threshold", pixel_threshold)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"the {name} must be a number in [0, 1], got {value!r}.")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{folder} is not a model folder (no config.json).")
+    if os.path.islink(config_path):
+        raise ValueError(f"{config_path} is a link (a Hub cache entry?); save the model to a folder of its own first.")
+    try:
+        with open(config_path, encoding="utf-8") as stream:
+            config = json.load(stream)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not readable JSON ({error}).") from error
+    if not isinstance(config, dict) or config.get("model_type") != "crane":
+        raise ValueError(f"{config_path} is not the config of a crane model; nothing written.")
+    record_path = os.path.join(folder, CALIBRATION_FILE)
+    if os.path.lexists(record_path):
+        try:
+            with open(record_path, encoding="utf-8") as stream:
+                existing = json.load(stream)
+        except (OSError, json.JSONDecodeError):
+            existing = None
+        if os.path.islink(record_path) or not isinstance(existing, dict) or not set(existing) >= _CALIBRATION_KEYS:
+            raise ValueError(f"{record_path} exists and was not written by crane-hf; nothing written.")
+    record = {
+        "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": "set by hand in crane-hf app",
+        "image": {"threshold": float(image_threshold)},
+        "pixel": {"threshold": float(pixel_threshold)},
+        "previous": {
+            "image_threshold": config.get("image_threshold"),
+            "pixel_threshold": config.get("pixel_threshold"),
+        },
+    }
+    config["image_threshold"] = float(image_threshold)
+    config["pixel_threshold"] = float(pixel_threshold)
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return (
+        f"Saved image threshold {image_threshold:.4f} and pixel threshold {pixel_threshold:.4f} into {config_path} "
+        f"(previous: {record['previous']['image_threshold']}, {record['previous']['pixel_threshold']})."
+    )
+
+
+def model_opener(clip: str | None = None, dino: str | None = None, device: str = "auto") -> Any:
+    """A cached `open_model(spec) -> AppModel` for presets, model folders and Hub ids; errors become `ValueError`."""
+    from .gradio_app import AppModel
+
+    cache: dict[str, AppModel] = {}
+    lock = threading.Lock()
+
+    def open_model(spec: str) -> AppModel:
+        from ..model_loading import load_detector
+        from ..presets import is_preset_name
+
+        spec = (spec or "").strip()
+        if not spec:
+            raise ValueError("name a preset, a model folder or a Hub id.")
+        with lock:
+            if spec not in cache:
+                preset = is_preset_name(spec)
+                try:
+                    detector = load_detector(
+                        spec, clip=clip if preset else None, dino=dino if preset else None, device=device
+                    )
+                except (OSError, ValueError) as error:
+                    raise ValueError(str(error).splitlines()[0]) from error
+                folder = spec if not preset and os.path.isfile(os.path.join(spec, "config.json")) else None
+                cache[spec] = AppModel.from_pipeline(spec, detector, folder=folder)
+            return cache[spec]
+
+    return open_model
+
+
+def save_for_app(model: Any, image_threshold: float, pixel_threshold: float) -> str:
+    """The app's save callback: thresholds into the model's own folder, and into the loaded model."""
+    if model.folder is None:
+        raise ValueError(f"{model.name} is a preset or Hub model; start the app on a model folder to save thresholds.")
+    message = save_thresholds_to_folder(model.folder, image_threshold, pixel_threshold)
+    model.image_threshold, model.pixel_threshold = image_threshold, pixel_threshold
+    return message
+
+
+def build(args: argparse.Namespace) -> Any:
+    """The app's Gradio Blocks for the command-line arguments (not launched)."""
+    from ..presets import list_presets
+    from .gradio_app import build_app
+
+    choices = list(dict.fromkeys([args.model, *list_presets()]))
+    return build_app(
+        model_opener(args.clip, args.dino, args.device),
+        choices,
+        save_thresholds=save_for_app,
+        description="Crane / Crane+ (crane-hf): score, verdict and heatmap of each image; the thresholds move "
+        "without running the model again.",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..presets import DEFAULT_PRESET
+
+    parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id loaded first")
+    parser.add_argument("--clip", default=None, help="local CLIP folder for presets")
+    parser.add_argument("--dino", default=None, help="local DINOv2 folder for presets")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the app needs Gradio: pip install 'crane-hf[app]' (or pip install gradio)", file=sys.stderr)
+        return 2
+    from .gradio_app import launch_options
+
+    app = build(args)
+    print(f"crane-hf app on http://{args.host}:{args.port} (Ctrl+C stops it)")
+    app.launch(server_name=args.host, server_port=args.port, **launch_options())
+    return 0
