@@ -53,3 +53,26 @@ def headless_chromium(width: int = 1400, height: int = 1000):
     ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def start_app(app, attempts: int = 3) -> int:
+    """Launch Gradio Blocks on 127.0.0.1 at a free port without blocking; returns the port.
+
+    Gradio checks that its page answers within 3 s and otherwise refuses to start; on a loaded machine that check can
+    miss, so the launch is tried again (on a new port) up to `attempts` times."""
+    from crane_hf.reporting.gradio_app import launch_options
+
+    from .tiny_models import free_port
+
+    for attempt in range(attempts):
+        port = free_port()
+        try:
+            app.launch(
+                server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options()
+            )
+            return port
+        except ValueError:
+            app.close()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -21,7 +21,7 @@ from crane_hf.reporting.gradio_app import render_state
 
 from .browser import chromium_paths
 from .test_reporting import keep_screenshot
-from .tiny_models import free_port, subprocess_environment, write_test_images
+from .tiny_models import subprocess_environment, write_test_images
 
 try:
     import gradio  # noqa: F401
@@ -96,16 +96,14 @@ def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp
     from selenium.webdriver.support.ui import WebDriverWait
 
     from crane_hf.reporting import app_command
-    from crane_hf.reporting.gradio_app import launch_options
 
-    from .browser import headless_chromium
+    from .browser import headless_chromium, start_app
 
     (image_path,) = write_test_images(tmp_path / "images", count=1)
     expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
     args = argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu")
     app = app_command.build(args)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
+    port = start_app(app)
     driver = headless_chromium(1400, 1000)
     try:
         wait = WebDriverWait(driver, 90)
