@@ -3,7 +3,8 @@
     python benchmarks/report.py [--images 1000] [--repeats 3] [--skip-app]
 
 The predictions table is synthesized directly (no model run): N rows with scores drawn uniformly in [0, 1] over
-4 classes, each row's decision figure a copy of one of 20 figures rendered from synthetic 256 x 256 images and maps
+4 classes, each row's decision figure a copy of one of 20 figures rendered from 256 x 256 images of the synthetic
+dataset (scikit-image textures and photos, `crane_hf.data.synthetic`) with a smooth blob as the map
 (`decision_figure.save_decision_figure`, timed per figure). The report is then built from that table as
 `crane-hf predict --report` builds it (`run_report.write_run_report`: thumbnails + page) and opened from disk in
 headless Chromium (Debian's chromium and chromium-driver): "rendered" is the time from the request until the page's
@@ -43,12 +44,28 @@ def _size(path: str) -> int:
 
 def build_run(folder: str, images: int) -> tuple[list[dict], float]:
     """The synthesized predictions table and its figures; returns (rows, seconds per rendered figure)."""
+    from PIL import Image
+
+    from crane_hf.data import generate_synthetic_dataset
+
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(folder, "overlays"))
+    source = generate_synthetic_dataset(
+        os.path.join(folder, "images"),
+        classes=["brick", "coins", "grass", "gravel"],
+        image_size=256,
+        train_good=0,
+        test_good=5,
+        test_defective=0,
+        seed=0,
+    )
+    pictures = sorted(
+        os.path.join(root, name) for root, _, files in os.walk(source) for name in files if "good" in root
+    )[:20]
     templates, started = [], time.perf_counter()
-    for index in range(20):
-        image = rng.integers(40, 200, (256, 256, 3), dtype=np.uint8)
-        yy, xx = np.mgrid[0:256, 0:256]
+    for index, picture in enumerate(pictures):
+        image = np.asarray(Image.open(picture).convert("RGB"))
+        yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
         centre = rng.integers(40, 216, 2)
         anomaly_map = (0.3 + 0.6 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 800.0)).astype(np.float32)
         path = os.path.join(folder, f"template_{index}.png")
@@ -67,7 +84,7 @@ def build_run(folder: str, images: int) -> tuple[list[dict], float]:
     for index in range(images):
         name = f"{CLASSES[index % 4]}/test/defect/{index:05d}.png"
         overlay = os.path.join("overlays", f"{index:05d}_{name.replace('/', '_')}.png")
-        shutil.copyfile(templates[index % 20], os.path.join(folder, overlay))
+        shutil.copyfile(templates[index % len(templates)], os.path.join(folder, overlay))
         score = float(rng.random())
         rows.append(
             {

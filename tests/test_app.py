@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,11 @@ def test_push_space_writes_an_app_that_runs_without_crane_hf(tiny_model_dir, tmp
     argv = ["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(repo), "--space", str(space)]
     assert main(argv) == 0
     assert sorted(os.listdir(space)) == ["README.md", "app.py", "crane_app", "requirements.txt"]
+    shipped = [name for name in os.listdir(repo) if name.endswith(".py")]  # the model's remote code
+    assert "visualization.py" in shipped and not {"decision_figure.py", "gradio_app.py"} & set(shipped)
+    for name in shipped:
+        code = (repo / name).read_text()
+        assert not re.search(r"^\s*(import|from) (matplotlib|gradio|jinja2)", code, re.MULTILINE), name
     front = (space / "README.md").read_text().split("---")[1]
     for line in ("sdk: gradio", "app_file: app.py", "- acme/crane-tiny", "sdk_version: "):
         assert line in front

@@ -189,7 +189,7 @@ def decision_figure(
     tint = np.zeros((*above.shape, 4), dtype=np.float32)
     tint[above] = PIXEL_TINT
     decision_axes.imshow(tint, interpolation="nearest")
-    if shown_map.min() < pixel_threshold <= shown_map.max():
+    if min(shown_map.shape) >= 2 and shown_map.min() < pixel_threshold <= shown_map.max():  # contour needs 2 x 2
         decision_axes.contour(shown_map, levels=[pixel_threshold], colors=[CONTOUR_COLOR], linewidths=1.2)
     decision_axes.set_title(f"pixels >= {pixel_threshold:.3f}: {100 * fraction:.1f}%", fontsize=10)
 
