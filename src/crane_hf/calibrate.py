@@ -73,8 +73,11 @@ def calibrate_folder(
     model, processor = load_model(model_dir, device=device)
     pipe = make_pipeline(model, processor)
     scores, pixels = [], []
-    for output in tqdm(
-        pipe(images, batch_size=batch_size), total=len(images), desc="Calibrating", disable=not progress
+    for output in tqdm(  # a generator makes the pipeline stream, so the bar moves as images are scored
+        pipe((image for image in images), batch_size=batch_size),
+        total=len(images),
+        desc="Calibrating",
+        disable=not progress,
     ):
         scores.append(output["score"])
         pixels.append(output["anomaly_map"].ravel())

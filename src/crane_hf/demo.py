@@ -102,7 +102,6 @@ def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> t
     from .modeling_crane import CraneForAnomalyDetection
 
     training_data = os.path.join(folder, "training-data")
-    _phase("Writing the synthetic training images", progress)
     generate_synthetic_dataset(
         training_data,
         classes=DEMO_TRAIN_CLASSES,
@@ -111,6 +110,7 @@ def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> t
         test_good=4,
         test_defective=2,
         seed=seed + 1,
+        progress=progress,
     )
     clip, dino = small_random_backbones(seed, image_size=DEMO_IMAGE_SIZE)
     model = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=DEMO_IMAGE_SIZE, soft_mean=True)
