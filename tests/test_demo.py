@@ -14,6 +14,11 @@ def test_offline_demo_runs_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "OFFLINE DEMO" in captured.err and "SMALL RANDOM backbones" in captured.err
     assert "crane-hf predict IMAGES --model crane+/mvtec" in captured.out
+    assert "What it CANNOT show: how well Crane finds defects" in captured.err  # says plainly what it cannot show
+    report = output / "predictions" / "report.html"
+    assert f"Open the report in a browser: {report}" in captured.out
+    html = report.read_text(encoding="utf-8")
+    assert html.count('<li class="card') == 10 and "OFFLINE DEMO on SMALL RANDOM backbones" in html
     summary = json.loads((output / "predictions" / "predictions.json").read_text())
     assert len(summary["predictions"]) == 10  # 2 held-out classes x (2 normal + 3 defective)
     assert all(0.0 <= row["score"] <= 1.0 for row in summary["predictions"])

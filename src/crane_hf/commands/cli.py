@@ -1,4 +1,4 @@
-"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate.
+"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate, app.
 
 Each command lives in its own module of this folder with `add_arguments(parser)` and `run(args) -> exit code`; this
 module only dispatches. The command modules import nothing heavy at module level (torch, transformers, datasets and
@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("crane_hf.commands.train", "train the prompts on an annotated dataset (also under accelerate launch)"),
     "evaluate": ("crane_hf.commands.evaluate", "per-class metrics in the paper's layout on a dataset"),
     "demo": ("crane_hf.commands.demo", "the main job: score example images (offline: a small demo model)"),
+    "app": ("crane_hf.commands.app", "a Gradio app: try images, move thresholds live, save them"),
 }
 
 
