@@ -24,7 +24,12 @@ setup(
     packages=find_packages("src"),
     include_package_data=True,
     package_data={
-        "crane_hf": ["models/crane/resources/*/*", "presets/*.safetensors", "metrics/crane_anomaly_metrics/*"]
+        "crane_hf": [
+            "models/crane/resources/*/*",
+            "presets/*.safetensors",
+            "metrics/crane_anomaly_metrics/*",
+            "reporting/*.j2",
+        ]
     },
     install_requires=[
         "torch>=2.4",
@@ -39,6 +44,8 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10.0",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # decision figures and report charts of predict, evaluate, demo (Agg canvas, no display)
+        "jinja2>=3.1",  # report.html (torch requires it already)
     ],
     extras_require={
         "synthetic": ["scikit-image>=0.22"],  # the synthetic defect dataset and the offline demo
@@ -50,9 +57,12 @@ setup(
             "ruff>=0.5",
             "tensorboard>=2.14",
             *EXPORT,
+            "gradio>=5.0,<7",  # the app's tests
+            "selenium>=4.10",  # report and app tests in headless Chromium (Debian's chromium and chromium-driver)
         ],
         "tensorboard": ["tensorboard>=2.14"],
         "export": EXPORT,
+        "app": ["gradio>=5.0,<7"],  # crane-hf app
     },
     entry_points={"console_scripts": ["crane-hf=crane_hf.commands.cli:main"]},
     classifiers=[

@@ -73,9 +73,13 @@ def test_predict_writes_tables_and_overlays_and_skips_unreadable_files(tiny_mode
     ]
     for row in rows:
         assert 0.0 <= float(row["score"]) <= 1.0
-        overlay = Image.open(output / row["overlay"])
+        figure = Image.open(output / row["overlay"])  # a decision figure: image | heatmap | decision
         source = Image.open(row["path"])
-        assert overlay.size == source.size and overlay.mode == "RGB"
+        assert figure.mode == "RGB" and figure.width > 3 * 200
+        assert figure.text["Image size"] == f"{source.width}x{source.height}"
+        assert figure.text["Score"] == f"{float(row['score']):.6f}"
+        assert figure.text["Verdict"] == ("ANOMALOUS" if row["is_anomalous"] == "True" else "OK")
+        assert os.path.basename(row["overlay"]).endswith(f"_images_{os.path.basename(row['path'])}.png")
     summary = json.loads((output / "predictions.json").read_text())
     assert len(summary["predictions"]) == 6
     skipped = {os.path.basename(item["path"]): item["reason"] for item in summary["skipped"]}

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -348,7 +349,8 @@ def test_a_normal_run_writes_one_overlay_per_image(project, tiny_model_dir):
     assert _predict(tiny_model_dir, ["photos"], "results") == 0
     overlays = sorted(os.listdir("results/overlays"))
     assert len(overlays) == 3
-    assert np.asarray(Image.open(os.path.join("results/overlays", overlays[0]))).shape == (48, 64, 3)
+    figure = Image.open(os.path.join("results/overlays", overlays[0]))  # the decision figure of a 64 x 48 image
+    assert figure.text["Image size"] == "64x48" and os.path.basename(figure.text["Source"]) + ".png" in overlays[0]
 
 
 def test_evaluate_overlays_of_rows_with_one_safe_name_are_both_kept(tmp_path):
@@ -361,5 +363,8 @@ def test_evaluate_overlays_of_rows_with_one_safe_name_are_both_kept(tmp_path):
     ]
     rows[0]["image_path"], rows[1]["image_path"] = "x/y.png", "x__y.png"  # both become x__y.png.png
     rows[1]["class_name"] = "a_b"  # and both classes become a_b
-    _save_overlays(rows, [0, 1], np.zeros((2, 8, 8), np.float32), 0.5, str(tmp_path / "overlays"))
+    thresholds = SimpleNamespace(image_threshold=0.5, pixel_threshold=0.5)
+    maps, scores = np.zeros((2, 8, 8), np.float32), np.array([0.2, 0.7], np.float32)
+    written = _save_overlays(rows, [0, 1], maps, scores, thresholds, str(tmp_path / "overlays"))
+    assert written == ["a_b/x__y.png.png", "a_b/x__y.png~1.png"]
     assert sorted(os.listdir(tmp_path / "overlays" / "a_b")) == ["x__y.png.png", "x__y.png~1.png"]

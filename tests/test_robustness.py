@@ -102,8 +102,9 @@ def test_predict_finishes_reports_bad_files_and_scores_the_rest(tiny_model_dir, 
     scored = {os.path.basename(row["path"]): row for row in summary["predictions"]}
     assert set(scored) == set(GOOD_CASES)
     for name, row in scored.items():
-        overlay = Image.open(output / row["overlay"])
-        assert overlay.size == Image.open(messy_folder / name).size, name
+        figure = Image.open(output / row["overlay"])  # the decision figure says which image, of which size
+        width, height = Image.open(messy_folder / name).size
+        assert figure.text["Image size"] == f"{width}x{height}" and figure.text["Source"].endswith(name), name
     skipped = {os.path.basename(item["path"]): item["reason"] for item in summary["skipped"]}
     assert skipped.pop("empty subfolder") == "folder holds no image files"
     assert set(skipped) == set(BAD_CASES)

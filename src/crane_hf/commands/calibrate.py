@@ -120,7 +120,7 @@ def _calibrate(
     pixels = ValueHistogram()
     chunk_size = max(1, batch_size)  # images (and maps) held at a time
     with tqdm(total=len(paths), desc="Calibrating", unit="image", disable=not progress) as bar:
-        for path, output, reason in score_image_files(pipe, paths, batch_size, {}, chunk_size):
+        for path, _, output, reason in score_image_files(pipe, paths, batch_size, {}, chunk_size):
             bar.update(1)
             if output is None:
                 skipped.append(f"{path}: {reason}")

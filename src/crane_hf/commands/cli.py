@@ -1,4 +1,4 @@
-"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate, export.
+"""The `crane-hf` command: predict, calibrate, convert, push, demo, train, evaluate, export, app.
 
 Each command lives in its own module of this folder with `add_arguments(parser)` and `run(args) -> exit code`; this
 module only dispatches. The command modules import nothing heavy at module level (torch, transformers, datasets and
@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": ("crane_hf.commands.evaluate", "per-class metrics in the paper's layout on a dataset"),
     "demo": ("crane_hf.commands.demo", "the main job: score example images (offline: a small demo model)"),
     "export": ("crane_hf.commands.export", "export a model to ONNX or OpenVINO, verified against the model"),
+    "app": ("crane_hf.commands.app", "a Gradio app: try images, move thresholds live, save them"),
 }
 
 

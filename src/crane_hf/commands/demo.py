@@ -31,11 +31,22 @@ OFFLINE_BANNER = (
     "Running the same workflow on SMALL RANDOM backbones whose prompts are trained for a moment on synthetic\n"
     "defects. The files have the real format; the scores do NOT have Crane's accuracy."
 )
+OFFLINE_LIMITS = (
+    "What this offline demo CAN show: every step and file of the real workflow: prompt training, thresholds\n"
+    "calibrated on normal images, scores and verdicts, decision figures, report.html, and the app\n"
+    "(crane-hf app --model {model_dir}).\n"
+    "What it CANNOT show: how well Crane finds defects. Random backbones have never learned what images look like,\n"
+    "so their scores are close to chance: expect defects marked OK and normal images flagged. Judge detection only\n"
+    "with the paper's backbones (crane-hf predict IMAGES --model crane+/mvtec)."
+)
 
 
-def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int, seed: int = 0) -> list[float]:
+def train_demo_prompts(
+    model: Any, processor: Any, dataset_root: str, steps: int, seed: int = 0, progress: bool = False
+) -> list[float]:
     """A few Adam steps (the paper's optimizer settings) on the synthetic defects; returns the losses."""
     import torch
+    from tqdm.auto import tqdm
 
     from ..data import load_anomaly_dataset
 
@@ -44,6 +55,7 @@ def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.6, 0.999))
     model.train()
     losses = []
+    bar = tqdm(total=steps, desc="Training the demo prompts", unit="step", disable=not progress)
     for _ in range(steps):
         rows = dataset[torch.randperm(len(dataset), generator=generator)[:8].tolist()]
         inputs = processor(rows["image"], masks=rows["mask"])
@@ -52,8 +64,17 @@ def train_demo_prompts(model: Any, processor: Any, dataset_root: str, steps: int
         output.loss.backward()
         optimizer.step()
         losses.append(output.loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     model.eval()
     return losses
+
+
+def _phase(text: str, progress: bool) -> None:
+    """One line naming a phase that has no progress bar of its own (each takes a few seconds at most)."""
+    if progress:
+        print(f"{text} ...", file=sys.stderr, flush=True)
 
 
 def _write_examples(folder: str, seed: int) -> None:
@@ -90,12 +111,13 @@ def _offline_demo_model(folder: str, seed: int, steps: int, progress: bool) -> t
         test_good=4,
         test_defective=2,
         seed=seed + 1,
+        progress=progress,
     )
     clip, dino = small_random_backbones(seed, image_size=DEMO_IMAGE_SIZE)
     model = CraneForAnomalyDetection.from_backbones(clip, dino, image_size=DEMO_IMAGE_SIZE, soft_mean=True)
     processor = CraneImageProcessor.from_crane_config(model.config)
     started = time.perf_counter()
-    losses = train_demo_prompts(model, processor, training_data, steps, seed)
+    losses = train_demo_prompts(model, processor, training_data, steps, seed, progress)
     if progress:
         print(
             f"Trained the demo prompts for {steps} steps in {time.perf_counter() - started:.0f} s "
@@ -137,6 +159,7 @@ def run_demo(
             print(str(error).splitlines()[0] + "\n", file=sys.stderr)
     mode = "model" if model is not None else "offline-demo"
     with atomic_output_dir(output, overwrite, protected, command="demo") as staging:
+        _phase("Writing the example images", progress)
         _write_examples(os.path.join(staging, "images"), seed)
         if model is None:
             from ..presets import load_preset
@@ -148,9 +171,21 @@ def run_demo(
         model, processor = load_model(os.path.join(output, "demo-model"))
     examples = load_anomaly_dataset(os.path.join(output, "images"), split="test")
     paths = [os.path.join(output, "images", path) for path in examples["image_path"]]
-    report = predict_images(model, processor, paths, os.path.join(output, "predictions"), progress=progress)
+    notice = None
+    if mode == "offline-demo":
+        limits = OFFLINE_LIMITS.format(model_dir=os.path.join(output, "demo-model"))
+        notice = "OFFLINE DEMO on SMALL RANDOM backbones.\n" + limits
+        print(limits, file=sys.stderr)
+    predictions = os.path.join(output, "predictions")
+    report = predict_images(model, processor, paths, predictions, progress=progress, report_html=True, notice=notice)
     labels = dict(zip(paths, examples["label"]))
-    return {"mode": mode, "output": output, "rows": report.rows, "labels": labels}
+    return {
+        "mode": mode,
+        "output": output,
+        "rows": report.rows,
+        "labels": labels,
+        "report": os.path.join(os.path.abspath(predictions), "report.html"),
+    }
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -163,8 +198,9 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"{name:<36} {row['score']:>7.4f}  {decision:<8}  {truth}")
     print(
         f"\nWrote {len(result['rows'])} predictions to {output}/predictions/ "
-        "(predictions.csv, predictions.json, overlays/*.png)."
+        "(predictions.csv, predictions.json, overlays/*.png: image | heatmap | decision)."
     )
+    print(f"Open the report in a browser: {result['report']}")
     if result["mode"] == "offline-demo":
         from ..hub_availability import download_commands, local_dir_name
         from ..presets import load_preset

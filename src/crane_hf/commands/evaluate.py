@@ -6,7 +6,9 @@
 
 For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigma 4, as the paper) pixel
 AUROC, AUPRO and F1-max (pixel AP too, in the CSV and JSON), then the mean over classes, written as
-`metrics.md` (the paper's layout, in percent), `metrics.csv` and `metrics.json`. Both AUPRO definitions are
+`metrics.md` (the paper's layout, in percent), `metrics.csv` and `metrics.json`; with `--report` also
+`report.html` (the images sorted by score with their decision figures, the metric table, and each class's ROC and
+precision-recall curves with the F1-max point), to open from disk in a browser. Both AUPRO definitions are
 computed: "official" (MVTec-AD's, exact) and "legacy" (the official Crane code's 200 thresholds, which the paper's
 numbers use); the table shows `--aupro` (legacy under `--protocol paper`). What was computed (variant, E-Attn map
 source, D-Attn input, deep-prompt rounding, soft_mean, input size, smoothing, AUPRO variant and where the prompts
@@ -25,6 +27,7 @@ dataset instead (exit 2). Masks in a lossy format (JPEG) are binarised at mid-ra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,7 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
-    parser.add_argument("--save-overlays", action="store_true", help="also write a heatmap overlay per image")
+    parser.add_argument(
+        "--save-overlays",
+        action="store_true",
+        help="also write a decision figure per image (image | heatmap | decision)",
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="also write report.html (figures, metric table, ROC and PR curves)"
+    )
     parser.add_argument(
         "--strict",
         action="store_true",
@@ -91,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
     print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
+    if args.report:
+        print(f"Report: {os.path.join(os.path.abspath(args.output), 'report.html')}")
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
     return 3 if report["info"]["skipped"] else 0

@@ -1,4 +1,9 @@
-"""`crane-hf predict`: score image files and write a CSV/JSON table and heatmap overlays.
+"""`crane-hf predict`: score image files and write a CSV/JSON table, decision figures and (`--report`) report.html.
+
+Each scored image gets a decision figure (image | anomaly map with colour bar | pixels at or above the pixel
+threshold, with the file name, verdict, score and thresholds written on it: `reporting/decision_figure.py`); with
+`--report`, `report.html` shows the run sorted by score, filterable by verdict and class, with the score histogram
+and the threshold (`reporting/run_report.py`); it opens from disk, offline.
 
 The output folder is built under a temporary name and renamed when complete, so an interrupted run leaves nothing
 half-written; an existing output is only replaced with `--overwrite`, and only if crane-hf wrote it. The output is
@@ -43,10 +48,15 @@ class PredictionReport:
 
 
 def _output_name(index: int, path: str, suffix: str) -> str:
-    """A unique, readable file name: index, parent folder and file name (extension kept), e.g.
-    00003_scratch_000.jpg.png; shortened safely when long (`io.output_names.safe_file_name`)."""
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return safe_file_name(f"{index:05d}_{parent}_{os.path.basename(path)}", suffix)
+    """A unique, readable file name: index, up to three parent folders (the class of the MVTec-AD layout) and the
+    file name with its extension, e.g. 00003_coins_test_scratch_000.jpg.png; shortened safely when long
+    (`io.output_names.safe_file_name`)."""
+    return safe_file_name(f"{index:05d}_" + "_".join(_last_parts(path)), suffix)
+
+
+def _last_parts(path: str) -> list[str]:
+    """The file name and up to three folders above it: what a figure names its image by."""
+    return os.path.normpath(os.path.abspath(path)).split(os.sep)[-4:]
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -65,9 +75,9 @@ def _score_chunk(pipe, images, batch_size, params):
 
 def score_image_files(
     pipe: ZeroShotAnomalyDetectionPipeline, paths: list[str], batch_size: int, params: dict[str, Any], chunk_size: int
-) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+) -> Iterator[tuple[str, Any, dict[str, Any] | None, str | None]]:
     """Read and score `chunk_size` image files at a time (memory does not grow with their number); yields, for
-    each path, (path, pipeline output, None) or (path, None, the reason it was skipped)."""
+    each path, (path, decoded image, pipeline output, None) or (path, None, None, the reason it was skipped)."""
     from ..models.crane.image_reading import read_image
 
     for start in range(0, len(paths), chunk_size):
@@ -76,12 +86,14 @@ def score_image_files(
             try:
                 loaded.append((path, read_image(path)))
             except ValueError as error:
-                yield path, None, str(error).removeprefix(f"{path}: ")
-        names = [path for path, _ in loaded]
+                yield path, None, None, str(error).removeprefix(f"{path}: ")
         results = _score_chunk(pipe, [image for _, image in loaded], batch_size, params) if loaded else []
+        for (path, image), (output, error) in zip(loaded, results):
+            if output is not None:
+                yield path, image, output, None
+            else:
+                yield path, None, None, f"could not be scored ({error})"
         loaded.clear()  # the decoded images of this chunk are not kept
-        for path, (output, error) in zip(names, results):
-            yield (path, output, None) if output is not None else (path, None, f"could not be scored ({error})")
 
 
 def predict_images(
@@ -97,20 +109,29 @@ def predict_images(
     overwrite: bool = False,
     progress: bool = True,
     protected: list[tuple[str, str]] | None = None,
+    report_html: bool = False,
+    color_scale: str = "absolute",
+    notice: str | None = None,
 ) -> PredictionReport:
     """Score every image in `inputs` (files, folders, globs) and write the results to `output_dir`.
 
-    Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (heatmap and
-    threshold contour), optionally `maps/*.npy` (float32 smoothed maps) and `skipped.txt` (unreadable inputs).
+    Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (decision figures:
+    image | heatmap with colour bar | pixels at or above the pixel threshold, with name, verdict, score and
+    thresholds; colours on the absolute [0, 1] scale or, with `color_scale="image"`, stretched to each map),
+    optionally `maps/*.npy` (float32 smoothed maps), `skipped.txt` (unreadable inputs) and, with `report_html`,
+    `report.html` and its thumbnails `report_files/` (with `notice` highlighted at its top).
     The output may not be or contain an input, the model folder or a `protected` (what, path) folder; it is left
     out of the inputs, as are other crane-hf output folders (`io.image_files.find_image_inputs`).
     """
     from ..model_loading import make_pipeline
     from ..models.crane.thresholds import at_or_above, check_threshold
+    from ..reporting.decision_figure import COLOR_SCALES, save_decision_figure
 
     for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
         if value is not None:
             check_threshold(value, name)
+    if color_scale not in COLOR_SCALES:
+        raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
     require_positive("batch_size", batch_size)
     protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
     check_output_dir(output_dir, overwrite, protected)
@@ -118,12 +139,13 @@ def predict_images(
     paths = found.paths
     report = PredictionReport(skipped=list(found.skipped), output_dir=output_dir, left_out=found.left_out)
     pipe = make_pipeline(model, processor)
-    params: dict[str, Any] = {"return_overlay": write_overlays}
+    params: dict[str, Any] = {}
     if threshold is not None:
         params["threshold"] = threshold
     if pixel_threshold is not None:
         params["pixel_threshold"] = pixel_threshold
     decision = model.config.pixel_threshold if pixel_threshold is None else pixel_threshold
+    image_decision = model.config.image_threshold if threshold is None else threshold
     chunk_size = max(1, batch_size) * 4
     with atomic_output_dir(output_dir, overwrite=overwrite, protected=protected, command="predict") as staging:
         if write_overlays:
@@ -131,7 +153,7 @@ def predict_images(
         if save_maps:
             os.makedirs(os.path.join(staging, "maps"))
         bar = tqdm(total=len(paths), desc="Scoring", unit="image", disable=not progress)
-        for path, output, reason in score_image_files(pipe, paths, batch_size, params, chunk_size):
+        for path, image, output, reason in score_image_files(pipe, paths, batch_size, params, chunk_size):
             bar.update(1)
             if output is None:
                 report.skipped.append(SkippedFile(path, reason))
@@ -147,7 +169,16 @@ def predict_images(
             }
             if write_overlays:
                 row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
-                output["overlay"].save(path_inside(staging, row["overlay"]))
+                save_decision_figure(
+                    path_inside(staging, row["overlay"]),
+                    _display_rgb(image),
+                    output["anomaly_map"],
+                    score=output["score"],
+                    image_threshold=image_decision,
+                    pixel_threshold=decision,
+                    name=os.path.join(*_last_parts(path)),
+                    color_scale=color_scale,
+                )
             if save_maps:
                 np.save(
                     path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy"))),
@@ -156,7 +187,19 @@ def predict_images(
             report.rows.append(row)
         bar.close()
         _write_tables(staging, report, model, threshold, decision)
+        if report_html:
+            from ..reporting.run_report import write_report_for_predictions
+
+            write_report_for_predictions(staging, notice=notice, progress=progress)
     return report
+
+
+def _display_rgb(image: Any) -> np.ndarray:
+    """The image as the figure shows it: RGB uint8, converted as the processor converts it (16-bit, float...)."""
+    from ..models.crane.image_processing_crane import image_to_rgb_array
+
+    rgb = image_to_rgb_array(image)
+    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def prediction_protections(inputs: list[str], model_source: str | None) -> list[tuple[str, str]]:
@@ -206,6 +249,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-threshold", type=float, default=None, help="contour threshold (default: the model's)")
     parser.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlays")
     parser.add_argument("--save-maps", action="store_true", help="also write each smoothed map as .npy")
+    parser.add_argument(
+        "--color-scale",
+        choices=["absolute", "image"],
+        default="absolute",
+        help="heatmap colours: absolute 0-1 scores (comparable across images; default) or stretched to each image",
+    )
+    parser.add_argument("--report", action="store_true", help="also write report.html to review the run in a browser")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
@@ -245,12 +295,16 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             protected=protected,
+            report_html=args.report,
+            color_scale=args.color_scale,
         )
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     anomalous = sum(row["is_anomalous"] for row in report.rows)
     print(f"Scored {len(report.rows)} images ({anomalous} anomalous); results in {report.output_dir}")
+    if args.report:
+        print(f"Report: {os.path.join(os.path.abspath(report.output_dir), 'report.html')}")
     for folder in report.left_out:
         print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for item in report.skipped:

@@ -3,7 +3,8 @@
 The repository holds config.json (with `auto_map` and `custom_pipelines`), model.safetensors (backbones and
 prompts), preprocessor_config.json, the model and pipeline code, and a generated model card, so that
 `pipeline("zero-shot-anomaly-detection", model=repo_id, trust_remote_code=True)` works without crane_hf installed.
-`--dry-run OUT_DIR` writes exactly the folder that would be uploaded.
+`--dry-run OUT_DIR` writes exactly the folder that would be uploaded. `--space DIR` also writes a Hugging Face Space
+folder running `crane-hf app` on the published model (`crane_hf.reporting.space`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", metavar="OUT_DIR", default=None, help="write the folder here instead of uploading"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run folder")
+    parser.add_argument(
+        "--space",
+        metavar="SPACE_DIR",
+        default=None,
+        help="also write a Gradio Space folder running the app on the model",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run or --space folder")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
@@ -161,13 +168,15 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.dry_run:
             check_output_dir(args.dry_run, args.overwrite, protected)
+        if args.space:
+            _check_space_folder(args, protected)
         model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", allow_exported=False)
         if args.dry_run:
             with atomic_output_dir(args.dry_run, args.overwrite, protected, command="push --dry-run") as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)
             size = sum(os.path.getsize(os.path.join(args.dry_run, name)) for name in os.listdir(args.dry_run))
             print(f"Wrote the repository folder for {args.repo_id} to {args.dry_run} ({size / 2**20:.1f} MiB)")
-            return 0
+            return _write_space(args, protected)
         from huggingface_hub import HfApi
 
         api = HfApi(token=args.token)
@@ -181,4 +190,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     print(f"Published https://huggingface.co/{args.repo_id}")
+    return _write_space(args, protected)
+
+
+def _check_space_folder(args: argparse.Namespace, protected: list[tuple[str, str]]) -> None:
+    """Refuse, before the model is loaded, a --space folder that is, holds or lies in the --dry-run folder, or that
+    `check_output_dir` refuses."""
+    if args.dry_run:
+        space, dry_run = os.path.realpath(args.space), os.path.realpath(args.dry_run)
+        if os.path.commonpath([space, dry_run]) in (space, dry_run):
+            raise ValueError(
+                f"--space {args.space} and --dry-run {args.dry_run} must be separate folders, neither inside the "
+                "other."
+            )
+    check_output_dir(args.space, args.overwrite, protected)
+
+
+def _write_space(args: argparse.Namespace, protected: list[tuple[str, str]]) -> int:
+    """With --space: the Space folder of the app on `args.repo_id` (`reporting/space.py`)."""
+    if not args.space:
+        return 0
+    from ..reporting.space import write_space_folder
+
+    try:
+        with atomic_output_dir(args.space, args.overwrite, protected, command="push --space") as staging:
+            write_space_folder(staging, args.repo_id)
+    except (OSError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"Wrote the Space folder (app.py, requirements.txt, README.md) to {args.space}")
     return 0

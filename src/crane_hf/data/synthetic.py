@@ -238,6 +238,7 @@ def generate_synthetic_dataset(
     test_defective: int = 2,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> str:
     """Write the dataset (layout in the module docstring) to `output` atomically; returns `output`.
 
@@ -248,6 +249,7 @@ def generate_synthetic_dataset(
         train_good / test_good: normal images per class in train/good and test/good.
         test_defective: images per class and defect type.
         overwrite: replace an existing non-empty `output`.
+        progress: show a tqdm bar over the images written.
     """
     unknown = [c for c in classes if c not in SOURCES] + [d for d in defects if d not in DEFECTS]
     if unknown:
@@ -260,6 +262,10 @@ def generate_synthetic_dataset(
     plan = [("train", "good", train_good), ("test", "good", test_good)]
     plan += [("test", defect, test_defective) for defect in defects]
     splits: dict[str, list[AnomalyRecord]] = {"train": [], "test": []}
+    from tqdm.auto import tqdm
+
+    total = len(classes) * sum(count for _, _, count in plan)
+    bar = tqdm(total=total, desc="Writing synthetic images", unit="image", disable=not progress)
     with atomic_output_dir(output, overwrite=overwrite, command="data.synthetic") as staging:
         for class_name in classes:
             source = load_source(class_name)
@@ -275,6 +281,8 @@ def generate_synthetic_dataset(
                     splits[split].append(
                         AnomalyRecord(image_path, mask_path, int(mask is not None), class_name, defect)
                     )
+                    bar.update(1)
+        bar.close()
         write_meta_json(staging, splits)
         arguments = {
             "classes": list(classes),

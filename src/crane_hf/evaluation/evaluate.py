@@ -108,10 +108,14 @@ def score_dataset(
     sigma: float = 4.0,
     overlay_dir: str | None = None,
     progress: bool = True,
+    image_results: list[tuple[int, float, str]] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[int, str]]]:
     """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
 
-    Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
+    Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped.
+    `overlay_dir`: write each image's decision figure there (`_save_overlays`); `image_results`: a list that
+    receives (row, image score, figure path relative to `overlay_dir` or "") of every image scored with a finite
+    score and map."""
     from ..metrics import AnomalyMetricAccumulator
     from ..models.crane.gaussian_smoothing import gaussian_smooth
     from ..training.data_loading import ProcessedImages
@@ -146,33 +150,53 @@ def score_dataset(
                 accumulators.setdefault(name, AnomalyMetricAccumulator()).update(
                     labels[selected], scores[selected], masks=masks[selected], maps=maps[selected]
                 )
-            indices, maps = [row for row, ok in zip(indices, finite) if ok], maps[finite]
+            indices, maps, scores = [row for row, ok in zip(indices, finite) if ok], maps[finite], scores[finite]
+            figures = [""] * len(indices)
             if overlay_dir is not None:
-                _save_overlays(dataset, indices, maps, model.config.pixel_threshold, overlay_dir)
+                figures = _save_overlays(dataset, indices, maps, scores, model.config, overlay_dir)
+            if image_results is not None:
+                image_results.extend(zip(indices, scores.tolist(), figures))
     return accumulators, skipped
 
 
-def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
-    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data
-    (`io/output_names.py`: no separator or "..", extension kept, shortened) and checked to stay inside `folder`."""
+def _save_overlays(
+    dataset: Any, rows: list[int], maps: np.ndarray, scores: np.ndarray, config: Any, folder: str
+) -> list[str]:
+    """One decision figure per row (image | map at the image's size with colour bar | pixels at or above the pixel
+    threshold, with name, verdict, score and thresholds: `reporting/decision_figure.py`) at
+    `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data (`io/output_names.py`: no
+    separator or "..", extension kept, shortened) and checked to stay inside `folder`; returns the figures' paths
+    relative to `folder`."""
     from PIL import Image
 
     from ..io.output_names import path_inside, safe_file_name, source_file_name
     from ..models.crane.image_reading import read_encoded_image
-    from ..models.crane.visualization import render_overlay
+    from ..reporting.decision_figure import save_decision_figure
 
-    for row, anomaly_map in zip(rows, maps):
+    written = []
+    for row, anomaly_map, score in zip(rows, maps, scores):
         record = dataset[row]  # an undecoded row
         image = read_encoded_image(record["image"]).convert("RGB")
         resized = np.asarray(
             Image.fromarray(anomaly_map, mode="F").resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32
         )
         class_folder = safe_file_name(str(record["class_name"]))
-        path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}")
-        if os.path.exists(path):  # two rows with one safe name (a repeated entry, or "a/b" and "a__b"): keep both
-            path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}")
+        relative = f"{class_folder}/{source_file_name(str(record['image_path']), '.png')}"
+        if os.path.exists(path_inside(folder, relative)):  # two rows with one safe name ("a/b" and "a__b"): keep both
+            relative = f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}"
+        path = path_inside(folder, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        render_overlay(image, resized, threshold=threshold).save(path)
+        save_decision_figure(
+            path,
+            image,
+            np.clip(resized, 0.0, 1.0),  # bilinear resizing stays in range up to rounding
+            score=float(score),
+            image_threshold=config.image_threshold,
+            pixel_threshold=config.pixel_threshold,
+            name=str(record["image_path"]),
+        )
+        written.append(relative)
+    return written
 
 
 def metrics_table(results: dict[str, dict[str, float | None]], aupro: str) -> dict[str, dict[str, float | None]]:
@@ -322,6 +346,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
         # the others write their overlays into the same temporary folder.
         staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        image_results: list[tuple[int, float, str]] = []
         with state.split_between_processes(list(range(len(dataset)))) as shard:
             accumulators, skipped = score_dataset(
                 model,
@@ -330,10 +355,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 shard,
                 args.batch_size,
                 args.sigma,
-                os.path.join(staging, "overlays") if args.save_overlays else None,
+                os.path.join(staging, "overlays") if args.save_overlays or args.report else None,
                 state.is_main_process and not args.quiet,
+                image_results,
             )
-        gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+        states = {name: acc.state_dict() for name, acc in accumulators.items()}
+        gathered = gather_object([(states, skipped, image_results)])
         if not state.is_main_process:
             return {}
         return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, left_out, lossy)
@@ -381,8 +408,10 @@ def _report(
 
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
-    for states, shard_skipped in gathered:
+    all_results: list[tuple[int, float, str]] = []
+    for states, shard_skipped, shard_results in gathered:
         all_skipped.extend(shard_skipped)
+        all_results.extend(shard_results)
         for name, part in states.items():
             merged.setdefault(name, AnomalyMetricAccumulator()).merge(part)
     order = list(dict.fromkeys(dataset["class_name"]))
@@ -409,4 +438,50 @@ def _report(
         "lossy_masks": lossy,
     }
     write_report(staging, table, info)
+    if args.report:
+        _write_html_report(staging, dataset, sorted(all_results), table, info, model.config, not args.quiet)
     return {"table": table, "info": info}
+
+
+def _write_html_report(
+    folder: str,
+    dataset: Any,
+    results: list[tuple[int, float, str]],
+    table: dict[str, Any],
+    info: dict[str, Any],
+    config: Any,
+    progress: bool,
+) -> None:
+    """report.html: the scored images (`results`: row, score, decision figure below `overlays/`), the metric
+    table and each class's ROC and precision-recall curves (`reporting/run_report.py`)."""
+    from ..models.crane.thresholds import at_or_above
+    from ..reporting.run_report import write_run_report
+    from ..training.data_loading import image_file
+
+    rows = []
+    for row, score, figure in results:
+        record = dataset[row]
+        rows.append(
+            {
+                "path": image_file(record),
+                "name": str(record["image_path"]),
+                "class_name": str(record["class_name"]),
+                "label": int(record["label"]),
+                "score": score,
+                "is_anomalous": at_or_above(score, config.image_threshold),
+                "overlay": f"overlays/{figure}" if figure else "",
+            }
+        )
+    write_run_report(
+        folder,
+        rows,
+        image_threshold=config.image_threshold,
+        pixel_threshold=config.pixel_threshold,
+        title=f"crane-hf evaluate: {info['model']} on {', '.join(info['data'])}",
+        kind="evaluate",
+        model=str(info["model"]),
+        metrics=table,
+        metric_columns=TABLE_COLUMNS,
+        skipped=[{"path": item["image_path"], "reason": item["reason"]} for item in info["skipped"]],
+        progress=progress,
+    )

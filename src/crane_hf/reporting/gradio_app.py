@@ -1,0 +1,273 @@
+"""The Gradio app: drop images, see score, verdict and the decision figure, move the thresholds live, save them.
+
+    app = build_app(open_model, model_choices=["crane+/mvtec", "my-model/"], save_thresholds=save)
+    app.launch(server_name="127.0.0.1", server_port=7860)
+
+`crane-hf app --model ...` starts it (`crane_hf/commands/app.py`); `crane-hf push --space DIR` copies this module and
+`decision_figure.py` into a Hugging Face Space folder, where `open_model` is transformers' pipeline with remote code.
+So this module imports only gradio, numpy, Pillow and its neighbour `decision_figure` (no other part of crane_hf).
+
+The model runs once per image: its score and anomaly map stay in the session's state, and moving the image or pixel
+threshold (or the colour scale) only redraws the figure and the verdicts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .decision_figure import COLOR_SCALES, at_or_above, render_decision_figure, verdict
+
+MAX_IMAGES = 64  # images kept per session (each keeps its float32 map)
+
+
+@dataclass
+class AppModel:
+    """A loaded detector: `detector(image)` returns a dict with "score" (float in [0, 1]) and "anomaly_map" (float32
+    [H, W] at the image's size), as `pipeline("zero-shot-anomaly-detection")` does; the model's default thresholds;
+    `folder`: the local model folder thresholds can be saved to (None: not saveable, e.g. a preset or Hub id)."""
+
+    name: str
+    detector: Callable[[Any], dict[str, Any]]
+    image_threshold: float
+    pixel_threshold: float
+    folder: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_pipeline(cls, name: str, detector: Any, folder: str | None = None) -> AppModel:
+        config = detector.model.config
+        return cls(name, detector, float(config.image_threshold), float(config.pixel_threshold), folder)
+
+    def score(self, image: np.ndarray) -> tuple[float, np.ndarray]:
+        """(image score, anomaly map float32 [H, W]) of an RGB uint8 image; one image at a time per model."""
+        with self.lock:
+            result = self.detector(Image.fromarray(image))
+        anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
+        score = float(result["score"])
+        if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
+            raise ValueError("the model returned a non-finite score or map; nothing is shown.")
+        return score, anomaly_map
+
+
+def _rgb(image: Any) -> np.ndarray:
+    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8."""
+    if isinstance(image, str):
+        with Image.open(image) as opened:
+            opened.load()
+            return np.asarray(opened.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return array[:, :, :3]
+
+
+def _check_threshold(name: str, value: Any) -> float:
+    number = float(value)
+    if not np.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+    return number
+
+
+def render_state(
+    state: dict[str, Any], image_threshold: float, pixel_threshold: float, color_scale: str, selected: str | None
+) -> tuple[str, Image.Image | None, list[list[Any]]]:
+    """(result text, decision figure, table rows) of the session's images at the given thresholds; no model call."""
+    items = state.get("items", [])
+    if not items:
+        return "Upload or drop an image to score it.", None, []
+    image_threshold = _check_threshold("image threshold", image_threshold)
+    pixel_threshold = _check_threshold("pixel threshold", pixel_threshold)
+    table = [[item["name"], round(item["score"], 4), verdict(item["score"], image_threshold)] for item in items]
+    item = next((i for i in items if i["name"] == selected), items[-1])
+    decided = verdict(item["score"], image_threshold)
+    fraction = float(at_or_above(item["map"], pixel_threshold).mean())
+    text = (
+        f"### {decided}: score {item['score']:.4f}\n"
+        f"**{item['name']}** · image threshold {image_threshold:.3f} · pixel threshold {pixel_threshold:.3f} · "
+        f"{100 * fraction:.1f}% of the pixels at or above it · model {state.get('model', '')}"
+    )
+    figure = render_decision_figure(
+        item["image"],
+        item["map"],
+        score=item["score"],
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        name=item["name"],
+        color_scale=color_scale,
+    )
+    return text, figure, table
+
+
+def build_app(
+    open_model: Callable[[str], AppModel],
+    model_choices: Sequence[str],
+    save_thresholds: Callable[[AppModel, float, float], str] | None = None,
+    title: str = "Crane zero-shot anomaly detection",
+    description: str = "",
+    allow_custom_models: bool = True,
+) -> Any:
+    """The Gradio Blocks of the app (not launched).
+
+    Args:
+        open_model: loads (and may cache) a model from one of `model_choices` or a folder typed by the user; raises
+            `ValueError` / `OSError` with a message to show.
+        model_choices: presets, folders or Hub ids offered; the first is loaded when a session starts.
+        save_thresholds: writes the thresholds into the model's folder and returns a message; None hides saving.
+        allow_custom_models: let users type a model that is not in `model_choices` (a Space offers only its own).
+    """
+    import gradio as gr
+
+    def load(spec: str, state: dict[str, Any]):
+        state = dict(state or {})
+        try:
+            model = open_model(spec)
+        except (ValueError, OSError) as error:
+            return (state, f"**Could not load {spec}:** {error}", gr.update(), gr.update(), *_redraw(state))
+        state["model"] = spec
+        items = []
+        for item in state.get("items", []):  # the images already there, scored by the new model
+            score, anomaly_map = model.score(item["image"])
+            items.append({**item, "score": score, "map": anomaly_map})
+        state["items"] = items
+        saveable = "" if model.folder else " (a preset or Hub model: start the app on a model folder to save)"
+        status = f"Model **{spec}** · default thresholds image {model.image_threshold:.3f}, pixel " + (
+            f"{model.pixel_threshold:.3f}{saveable}"
+        )
+        return (
+            state,
+            status,
+            gr.update(value=model.image_threshold),
+            gr.update(value=model.pixel_threshold),
+            *_redraw(state, model.image_threshold, model.pixel_threshold),
+        )
+
+    def _redraw(state, image_threshold=None, pixel_threshold=None, color_scale="absolute", selected=None):
+        if image_threshold is None:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        text, figure, table = render_state(state, image_threshold, pixel_threshold, color_scale, selected)
+        names = [item["name"] for item in state.get("items", [])]
+        return text, figure, table, gr.update(choices=names, value=selected if selected in names else None)
+
+    def add_images(images: list[tuple[str, np.ndarray]], state, image_threshold, pixel_threshold, color_scale):
+        state = dict(state or {})
+        try:
+            model = open_model(state["model"])
+            scored = []
+            for name, image in images:
+                score, anomaly_map = model.score(image)
+                scored.append({"name": name, "image": image, "score": score, "map": anomaly_map})
+        except (ValueError, OSError, KeyError) as error:
+            return state, f"**Could not score the image:** {error}", None, [], gr.update()
+        items = [i for i in state.get("items", []) if i["name"] not in {s["name"] for s in scored}] + scored
+        state["items"] = items[-MAX_IMAGES:]
+        return state, *_redraw(state, image_threshold, pixel_threshold, color_scale, scored[-1]["name"])
+
+    def on_image(image, state, image_threshold, pixel_threshold, color_scale):
+        if image is None:
+            return state, gr.update(), gr.update(), gr.update(), gr.update()
+        name = f"upload-{len((state or {}).get('items', [])) + 1}"
+        return add_images([(name, _rgb(image))], state, image_threshold, pixel_threshold, color_scale)
+
+    def on_files(files, state, image_threshold, pixel_threshold, color_scale):
+        if not files:
+            return state, gr.update(), gr.update(), gr.update(), gr.update()
+        images = []
+        for file in files:
+            path = file if isinstance(file, str) else getattr(file, "name", str(file))
+            try:
+                images.append((os.path.basename(path), _rgb(path)))
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                return state, f"**{os.path.basename(path)}:** not a readable image ({error})", None, [], gr.update()
+        return add_images(images, state, image_threshold, pixel_threshold, color_scale)
+
+    def on_thresholds(state, image_threshold, pixel_threshold, color_scale, selected):
+        return _redraw(state or {}, image_threshold, pixel_threshold, color_scale, selected)
+
+    def on_save(state, image_threshold, pixel_threshold):
+        if save_thresholds is None:
+            return "Saving is not available here."
+        try:
+            model = open_model((state or {})["model"])
+            return save_thresholds(
+                model,
+                _check_threshold("image threshold", image_threshold),
+                _check_threshold("pixel threshold", pixel_threshold),
+            )
+        except (ValueError, OSError, KeyError) as error:
+            return f"**Not saved:** {error}"
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        state = gr.State({})
+        gr.Markdown(f"## {title}\n{description}")
+        with gr.Row():
+            model_box = gr.Dropdown(
+                choices=list(model_choices),
+                value=model_choices[0],
+                allow_custom_value=allow_custom_models,
+                interactive=allow_custom_models or len(model_choices) > 1,
+                label="model: preset, model folder or Hub id",
+                elem_id="model",
+                scale=3,
+            )
+            load_button = gr.Button("Load model", elem_id="load-model", scale=1)
+        status = gr.Markdown(elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image_input = gr.Image(
+                    label="image: upload, drop or paste",
+                    type="numpy",
+                    sources=["upload", "clipboard"],
+                    elem_id="image-input",
+                )
+                files_input = gr.File(
+                    label="or several images", file_count="multiple", file_types=["image"], elem_id="files-input"
+                )
+                image_threshold = gr.Slider(
+                    0.0, 1.0, value=0.5, step=0.001, label="image threshold", elem_id="image-threshold"
+                )
+                pixel_threshold = gr.Slider(
+                    0.0, 1.0, value=0.5, step=0.001, label="pixel threshold", elem_id="pixel-threshold"
+                )
+                color_scale = gr.Radio(
+                    list(COLOR_SCALES), value="absolute", label="heatmap colours", elem_id="color-scale"
+                )
+                if save_thresholds is not None:
+                    save_button = gr.Button("Save thresholds to the model folder", elem_id="save-thresholds")
+                    save_message = gr.Markdown(elem_id="save-message")
+            with gr.Column(scale=2):
+                result = gr.Markdown("Upload or drop an image to score it.", elem_id="result")
+                figure = gr.Image(label="decision figure", type="pil", interactive=False, elem_id="figure")
+                shown = gr.Dropdown(choices=[], label="image shown", elem_id="shown")
+                table = gr.Dataframe(
+                    headers=["image", "score", "verdict"], label="scored images", interactive=False, elem_id="table"
+                )
+        redraw_outputs = [result, figure, table, shown]
+        app.load(load, [model_box, state], [state, status, image_threshold, pixel_threshold, *redraw_outputs])
+        load_button.click(load, [model_box, state], [state, status, image_threshold, pixel_threshold, *redraw_outputs])
+        settings = [state, image_threshold, pixel_threshold, color_scale]
+        image_input.upload(on_image, [image_input, *settings], [state, *redraw_outputs])
+        files_input.upload(on_files, [files_input, *settings], [state, *redraw_outputs])
+        for control in (image_threshold, pixel_threshold, color_scale, shown):
+            control.change(on_thresholds, [*settings, shown], redraw_outputs, show_progress="hidden")
+        if save_thresholds is not None:
+            save_button.click(on_save, [state, image_threshold, pixel_threshold], save_message)
+    return app
+
+
+def launch_options() -> dict[str, Any]:
+    """`launch()` settings that keep the page offline: system fonts instead of Google Fonts, no analytics."""
+    import gradio as gr
+
+    theme = gr.themes.Default(
+        font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"], font_mono=["monospace"]
+    )
+    return {"theme": theme}

@@ -1,0 +1,199 @@
+"""crane-hf app (Gradio) in headless Chromium, saving thresholds safely, and the Space folder of push --space."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+from crane_hf.commands.app import save_thresholds_to_folder
+from crane_hf.commands.cli import main
+from crane_hf.io.output_names import MARKER_NAME
+from crane_hf.reporting.gradio_app import render_state
+
+from .browser import require, require_chromium
+from .test_reporting import keep_screenshot
+from .tiny_models import subprocess_environment, write_test_images
+
+try:
+    import gradio  # noqa: F401
+
+    GRADIO_MISSING = ""
+except ImportError:
+    GRADIO_MISSING = "gradio is not installed (pip install -e '.[test]')"
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def test_save_thresholds_writes_config_and_record(model_copy):
+    message = save_thresholds_to_folder(str(model_copy), 0.61, 0.42)
+    config = json.loads((model_copy / "config.json").read_text())
+    record = json.loads((model_copy / "calibration.json").read_text())
+    assert config["image_threshold"] == 0.61 and config["pixel_threshold"] == 0.42 and "0.6100" in message
+    assert record["previous"] == {"image_threshold": 0.5, "pixel_threshold": 0.5}
+    assert record["image"]["threshold"] == 0.61 and record["method"] == "set by hand in crane-hf app"
+    save_thresholds_to_folder(str(model_copy), 0.7, 0.4)  # its own calibration.json may be replaced
+    assert json.loads((model_copy / "calibration.json").read_text())["previous"]["image_threshold"] == 0.61
+
+
+def test_save_thresholds_never_writes_over_foreign_files(model_copy, tmp_path):
+    config_before = (model_copy / "config.json").read_bytes()
+    (model_copy / "calibration.json").write_text('{"notes": "mine"}')
+    with pytest.raises(ValueError, match="not written by crane-hf"):
+        save_thresholds_to_folder(str(model_copy), 0.6, 0.4)
+    assert (model_copy / "config.json").read_bytes() == config_before
+    assert (model_copy / "calibration.json").read_text() == '{"notes": "mine"}'
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        save_thresholds_to_folder(str(tmp_path / "nothing"), 0.6, 0.4)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="not the config of a crane model"):
+        save_thresholds_to_folder(str(other), 0.6, 0.4)
+    assert (other / "config.json").read_text() == '{"model_type": "bert"}'
+    (model_copy / "calibration.json").unlink()
+    for bad in (1.5, float("nan"), -0.1):
+        with pytest.raises(ValueError, match="threshold"):
+            save_thresholds_to_folder(str(model_copy), bad, 0.4)
+    assert (model_copy / "config.json").read_bytes() == config_before and not (
+        model_copy / "calibration.json"
+    ).exists()
+
+
+def test_thresholds_redraw_from_state_without_the_model():
+    anomaly_map = np.zeros((30, 40), np.float32)
+    anomaly_map[:10] = 0.8
+    state = {
+        "model": "m",
+        "items": [{"name": "a.png", "image": np.zeros((30, 40, 3), np.uint8), "score": 0.6, "map": anomaly_map}],
+    }
+    text, figure, table = render_state(state, 0.55, 0.5, "absolute", None)
+    assert text.startswith("### ANOMALOUS: score 0.6000") and "33.3% of the pixels" in text
+    assert table == [["a.png", 0.6, "ANOMALOUS"]] and figure.width > 600
+    text, _, table = render_state(state, 0.65, 0.9, "image", "a.png")
+    assert text.startswith("### OK") and "0.0% of the pixels" in text and table[0][2] == "OK"
+    with pytest.raises(ValueError, match="image threshold"):
+        render_state(state, 1.2, 0.5, "absolute", None)
+
+
+def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    require_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from crane_hf.commands import app as app_command
+
+    from .browser import headless_chromium, start_app
+
+    (image_path,) = write_test_images(tmp_path / "images", count=1)
+    expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
+    args = argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu")
+    app = app_command.build(args)
+    port = start_app(app)
+    driver = headless_chromium(1400, 1000)
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: "default thresholds" in d.find_element(By.ID, "model-status").text)
+        driver.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(image_path)
+        wait.until(lambda d: d.find_element(By.ID, "result").text.startswith(("ANOMALOUS:", "OK:")))
+        result = driver.find_element(By.ID, "result").text
+        assert f"score {expected:.4f}" in result
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#figure img"))
+
+        def set_threshold(element_id: str, value: float) -> str:
+            box = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input[type=number]")
+            box.clear()
+            box.send_keys(f"{value:.3f}\n")
+            label = "image" if element_id == "image-threshold" else "pixel"
+            wait.until(lambda d: f"{label} threshold {value:.3f}" in d.find_element(By.ID, "result").text)
+            return driver.find_element(By.ID, "result").text
+
+        below, above = round(expected - 0.005, 3), round(expected + 0.005, 3)
+        assert set_threshold("image-threshold", below).startswith("ANOMALOUS:")
+        assert set_threshold("image-threshold", above).startswith("OK:")
+        assert "0.0% of the pixels" in set_threshold("pixel-threshold", 1.0)
+        keep_screenshot(driver, tmp_path, "app.png")
+        driver.find_element(By.ID, "save-thresholds").click()
+        wait.until(lambda d: "Saved" in d.find_element(By.ID, "save-message").text)
+        config = json.loads((model_copy / "config.json").read_text())
+        assert config["image_threshold"] == pytest.approx(above) and config["pixel_threshold"] == 1.0
+    finally:
+        driver.quit()
+        app.close()
+
+
+SPACE_RUN = textwrap.dedent(
+    """
+    import sys
+    sys.modules["crane_hf"] = None  # the Space has no crane_hf
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import app
+    model = app.open_model(app.MODEL_ID)
+    score, anomaly_map = model.score(np.load(sys.argv[2]))
+    print(repr(score), anomaly_map.shape)
+    """
+)
+
+
+def test_push_space_writes_an_app_that_runs_without_crane_hf(tiny_model_dir, tmp_path):
+    require(GRADIO_MISSING)
+    repo, space = tmp_path / "repo", tmp_path / "space"
+    argv = ["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(repo), "--space", str(space)]
+    assert main(argv) == 0
+    # the Space's files, and crane-hf's manifest, which marks every folder it writes (io/output_safety.py)
+    assert sorted(os.listdir(space)) == [MARKER_NAME, "README.md", "app.py", "crane_app", "requirements.txt"]
+    shipped = [name for name in os.listdir(repo) if name.endswith(".py")]  # the model's remote code
+    assert "visualization.py" in shipped and not {"decision_figure.py", "gradio_app.py"} & set(shipped)
+    for name in shipped:
+        code = (repo / name).read_text()
+        assert not re.search(r"^\s*(import|from) (matplotlib|gradio|jinja2)", code, re.MULTILINE), name
+    front = (space / "README.md").read_text().split("---")[1]
+    for line in ("sdk: gradio", "app_file: app.py", "- acme/crane-tiny", "sdk_version: "):
+        assert line in front
+    assert "gradio>=" in (space / "requirements.txt").read_text()
+    assert "crane" not in (space / "requirements.txt").read_text()
+    picture = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    np.save(tmp_path / "picture.npy", picture)
+    (tmp_path / "run_space.py").write_text(SPACE_RUN)
+    env = {**subprocess_environment(), "CRANE_MODEL": str(repo), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env["PYTHONPATH"] = ""
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "run_space.py"), str(space), str(tmp_path / "picture.npy")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = pipeline("zero-shot-anomaly-detection", model=tiny_model_dir)(Image.fromarray(picture))["score"]
+    score, shape = result.stdout.strip().split(" ", 1)
+    assert float(score) == pytest.approx(expected, abs=1e-6) and shape == "(40, 50)"
+    assert main(argv) == 2  # both folders exist: nothing is overwritten without --overwrite
+
+
+def test_push_space_folder_is_refused_where_it_meets_the_dry_run_folder(tiny_model_dir, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    for space in (repo, repo / "space", tmp_path):  # the same folder, inside it, around it
+        argv = ["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(repo), "--space", str(space)]
+        assert main(argv) == 2
+        assert "must be separate folders, neither inside the other" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []  # refused before anything is written
