@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 
+from crane_hf.commands.cli import COMMANDS  # every command of the dispatcher (importing it is light)
+
 HEAVY = ("torch", "transformers", "datasets", "accelerate")
-COMMANDS = ("predict", "calibrate", "convert", "push", "train", "evaluate", "demo")
 
 
 def heavy_imports(command: list[str]) -> list[str]:
