@@ -1,6 +1,6 @@
 """`crane-hf export`: write a Crane / Crane+ model as an ONNX or OpenVINO folder that runs without PyTorch models.
 
-    crane-hf export crane+/mvtec --format openvino --output crane-plus-ov/
+    crane-hf export crane+/mvtec --format onnx --output crane-plus-onnx/
     crane-hf export my-model/ --format onnx --output my-model-onnx/ --image-size 336 --smoothed-maps
 
 The folder holds the graph (pixel values [batch, 3, S, S] -> anomaly_scores [batch], anomaly_maps [batch, S, S]
