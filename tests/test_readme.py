@@ -144,7 +144,7 @@ def test_readme_runs_end_to_end(workspace):
         "TQDM_DISABLE": "1",
     }
     result = subprocess.run(
-        ["bash", "-c", script], cwd=workspace, env=env, capture_output=True, text=True, timeout=1200
+        ["bash", "-c", script], cwd=workspace, env=env, capture_output=True, text=True, timeout=2400
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "OFFLINE DEMO" not in result.stderr  # the backbones were found in the cache: the real workflow ran

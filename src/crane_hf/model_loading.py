@@ -116,15 +116,12 @@ def model_kind(spec: str) -> str:
     """ "preset", "exported", "folder" or "hub": how `load_model` reads `spec` (see the module docstring).
 
     Raises:
-        FileNotFoundError / NotADirectoryError: see `check_model_source` (a folder without config.json, a path that
-            does not exist, a file).
         ValueError: `spec` is no preset, no folder here, and not a valid Hub id (the message lists the presets).
     """
     if is_preset_name(spec):
         return "preset"
     if is_exported_folder(spec):
         return "exported"
-    check_model_source(spec)
     if os.path.isdir(spec):
         return "folder"
     if not is_valid_hub_id(spec):
@@ -136,13 +133,17 @@ def model_kind(spec: str) -> str:
 
 
 def check_model_available(spec: str) -> str:
-    """`model_kind(spec)`, and for a Hub id that is not in the Hugging Face cache, that the Hub can be reached
-    (one connection attempt, no download retries).
+    """`model_kind(spec)`, after `check_model_source` (a folder without config.json, a path that does not exist and a
+    file are named as such), and for a Hub id that is not in the Hugging Face cache, that the Hub can be reached (one
+    connection attempt, no download retries).
 
     Raises:
+        FileNotFoundError / NotADirectoryError: see `check_model_source`.
         ValueError: see `model_kind`.
         OSError: a Hub id that is neither cached nor downloadable here (the message lists the presets).
     """
+    if not is_preset_name(spec):
+        check_model_source(spec)
     kind = model_kind(spec)
     if kind == "hub":
         reason = unavailable_reason(spec)

@@ -405,10 +405,12 @@ def train(args: argparse.Namespace) -> str:
     _check_arguments(args)
     for spec in args.data:
         DataSource.parse(spec)  # fail on a wrong path before loading backbones
-    check_backbones_available(args)  # before any output is created
     output_dir = os.path.abspath(args.output_dir)
     check_not_protected(output_dir, training_protections(args))
     check_writable(os.path.join(output_dir, TRAINING_LOG))  # before anything is loaded or created
+    if args.resume_from_checkpoint is None:  # _claim_output_dir's checks without the lock: local refusals first
+        check_output_dir(output_dir, overwrite=args.overwrite, protected=training_protections(args))
+    check_backbones_available(args)  # one connection attempt at most; before any output is created
     accelerator = _make_accelerator(args, output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     settings = _settings(args, accelerator)
