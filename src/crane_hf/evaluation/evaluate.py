@@ -295,7 +295,13 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     overrides.update(computation_overrides(args))
     device = str(state.device) if args.device == "auto" else args.device
     model, processor = load_model(
-        model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
+        model_spec,
+        clip=args.clip,
+        dino=args.dino,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+        device=device,
+        dtype=args.dtype,
+        **overrides,
     )
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
