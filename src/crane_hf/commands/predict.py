@@ -132,6 +132,7 @@ def predict_images(
             check_threshold(value, name)
     if color_scale not in COLOR_SCALES:
         raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
+    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None)  # before any work
     require_positive("batch_size", batch_size)
     protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
     check_output_dir(output_dir, overwrite, protected)
@@ -239,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument("--allow-backbone-mismatch", action="store_true", help="use a --clip whose token embeddings differ from the preset's fingerprint (a preset's prompts on other CLIP weights)")
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -278,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             clip=args.clip,
             dino=args.dino,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
             device=args.device,
             dtype=args.dtype,
             **computation_overrides(args),

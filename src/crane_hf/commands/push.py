@@ -156,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument("--allow-backbone-mismatch", action="store_true", help="use a --clip whose token embeddings differ from the preset's fingerprint (a preset's prompts on other CLIP weights)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +171,14 @@ def run(args: argparse.Namespace) -> int:
             check_output_dir(args.dry_run, args.overwrite, protected)
         if args.space:
             _check_space_folder(args, protected)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu", allow_exported=False)
+        model, processor = load_model(
+            args.model,
+            clip=args.clip,
+            dino=args.dino,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
+            device="cpu",
+            allow_exported=False,
+        )
         if args.dry_run:
             with atomic_output_dir(args.dry_run, args.overwrite, protected, command="push --dry-run") as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)

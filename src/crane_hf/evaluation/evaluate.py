@@ -321,7 +321,13 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     # "auto": the process's accelerate device; an exported folder runs on the CPU, which "auto" then means.
     device = str(state.device) if args.device == "auto" and model_kind(model_spec) != "exported" else args.device
     model, processor = load_model(
-        model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
+        model_spec,
+        clip=args.clip,
+        dino=args.dino,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+        device=device,
+        dtype=args.dtype,
+        **overrides,
     )
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):

@@ -114,7 +114,8 @@ def check_fingerprint(preset: Preset, token_embedding: torch.Tensor) -> None:
     if error > FINGERPRINT_RTOL:
         raise PresetBackboneMismatchError(
             f"This CLIP is not {preset.clip_backbone}, the backbone preset {preset.name} was trained with (token "
-            f"embeddings differ, relative error {error:.2e}). Pass allow_backbone_mismatch=True to use it anyway."
+            f"embeddings differ, relative error {error:.2e}). To use it anyway: allow_backbone_mismatch=True in Python, "
+            "--allow-backbone-mismatch on the command line (crane-hf predict, evaluate, push)."
         )
 
 
