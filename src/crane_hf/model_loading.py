@@ -116,7 +116,8 @@ def load_model(
     else:
         if clip or dino or allow_backbone_mismatch:
             raise ValueError(
-                "--clip/--dino/--allow-backbone-mismatch apply to presets only; a model folder names its own backbones."
+                "--clip/--dino/--allow-backbone-mismatch apply to presets only; a model folder names its own "
+                "backbones."
             )
         check_model_source(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
