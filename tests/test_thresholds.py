@@ -219,7 +219,9 @@ def test_thresholds_are_refused_under_another_computation_than_they_were_calibra
     assert before["eattn_map_source"] == "last_layer" and before["image_threshold"] == 0.5
     assert main(["calibrate", str(model_dir), str(normal), "--eattn-maps", "per_layer", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "computation changes with its new thresholds" in out and "eattn_map_source 'last_layer' -> 'per_layer'" in out
+    assert (
+        "computation changes with its new thresholds" in out and "eattn_map_source 'last_layer' -> 'per_layer'" in out
+    )
     config = json.loads((model_dir / "config.json").read_text())
     record = json.loads((model_dir / "calibration.json").read_text())
     assert config["eattn_map_source"] == "per_layer"
