@@ -112,7 +112,7 @@ def test_the_old_switch_with_a_new_field_follows_one_rule_everywhere(tmp_path, s
 
 
 def test_invalid_values_of_the_old_switch_and_the_new_fields_are_named_as_such(tmp_path):
-    with pytest.raises(ValueError, match="official_code_compat='yes' is not a valid value: .* must be true or false"):
+    with pytest.raises(ValueError, match=r"official_code_compat='yes' is not a valid value: .* must be true or false"):
         tiny_config("crane", official_code_compat="yes")
     saved = tiny_config("crane")
     saved.save_pretrained(tmp_path)
@@ -120,8 +120,10 @@ def test_invalid_values_of_the_old_switch_and_the_new_fields_are_named_as_such(t
     for edit, message in (
         ({"official_code_compat": None}, "official_code_compat=None is not a valid value"),
         ({"official_code_compat": "false"}, "official_code_compat='false' is not a valid value"),
-        ({"official_code_compat": False, "deep_prompt_rounding_dtype": "float32"}, "deep_prompt_rounding_dtype="
-         "'float32' is unknown; choose one of"),
+        (
+            {"official_code_compat": False, "deep_prompt_rounding_dtype": "float32"},
+            "deep_prompt_rounding_dtype='float32' is unknown; choose one of",
+        ),
         ({"eattn_map_source": None}, "eattn_map_source=None is unknown"),
     ):
         (tmp_path / "config.json").write_text(json.dumps({**data, **edit}))

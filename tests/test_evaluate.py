@@ -81,6 +81,7 @@ def test_evaluate_writes_the_paper_table_with_exact_metrics(evaluation_setup, ca
         "deep_prompt_rounding_dtype": "float16",
         "published_computation": True,
         "soft_mean": False,
+        "not_applicable": [],
         "feature_layers": [6],
         "image_size": 56,
         "smoothing_sigma": 4.0,
@@ -119,6 +120,30 @@ def test_overlays_and_legacy_aupro(evaluation_setup):
     assert coins["pixel_aupro"] == coins["pixel_aupro_legacy"] != coins["pixel_aupro_official"]
     assert len(os.listdir(output / "overlays" / "coins")) == 8
     assert not any(name.startswith(".") for name in os.listdir(work))
+
+
+def test_figures_and_report_refuse_thresholds_calibrated_for_another_computation(evaluation_setup, capsys):
+    """Decision figures and report.html state verdicts: thresholds calibrated under another computation are refused
+    before any work (as predict refuses them); the metrics alone need no threshold and run."""
+    import shutil
+
+    from .tiny_models import write_test_images
+
+    work, model_dir, data = evaluation_setup
+    model = work / "stale-model"
+    shutil.copytree(model_dir, model)
+    write_test_images(work / "stale-normal", count=4, size=(40, 40), seed=3)
+    assert main(["calibrate", str(model), str(work / "stale-normal"), "--eattn-maps", "per_layer", "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["evaluate", "--model", str(model), "--data", f"{data}:test:coins", "--eattn-maps", "last_layer", "--quiet"]
+    for option in ("--save-overlays", "--report"):
+        output = work / f"stale{option}"
+        assert main([*argv, "--output", str(output), option]) == 2
+        err = capsys.readouterr().err
+        assert "eattn_map_source 'per_layer' -> 'last_layer'" in err and "Recalibrate" in err, err
+        assert "Traceback" not in err and not output.exists()
+    assert main([*argv, "--output", str(work / "stale-metrics")]) == 0
+    assert (work / "stale-metrics" / "metrics.json").is_file()
 
 
 def test_computation_options_are_applied_and_recorded(evaluation_setup):

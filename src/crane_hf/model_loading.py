@@ -254,7 +254,8 @@ def load_model(
     else:
         if clip or dino or allow_backbone_mismatch:
             raise ValueError(
-                "--clip/--dino/--allow-backbone-mismatch apply to presets only; a model folder names its own backbones."
+                "--clip/--dino/--allow-backbone-mismatch apply to presets only; a model folder names its own "
+                "backbones."
             )
         if kind == "folder":
             check_folder_backbones(spec)

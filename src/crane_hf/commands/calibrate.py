@@ -212,10 +212,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if record["computation_changed"]:
-        changes = ", ".join(f"{name} {c['from']!r} -> {c['to']!r}" for name, c in record["computation_changed"].items())
+        changes = ", ".join(
+            f"{name} {c['from']!r} -> {c['to']!r}" for name, c in record["computation_changed"].items()
+        )
         print(
-            f"note: {args.model_dir} now computes what it was calibrated with here, no longer what it computed "
-            f"before: {changes} (saved into config.json; the previous settings are in calibration.json)"
+            f"note: {args.model_dir}'s computation changes with its new thresholds: {changes} (saved into "
+            "config.json; what it computed before, and the thresholds for that, are in calibration.json)"
         )
     for kind in ("image", "pixel"):
         item = record[kind]

@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
-    parser.add_argument("--allow-backbone-mismatch", action="store_true", help="use a --clip whose token embeddings differ from the preset's fingerprint (a preset's prompts on other CLIP weights)")
+    parser.add_argument(
+        "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
+    )
     parser.add_argument(
         "--save-overlays",
         action="store_true",

@@ -240,7 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
-    parser.add_argument("--allow-backbone-mismatch", action="store_true", help="use a --clip whose token embeddings differ from the preset's fingerprint (a preset's prompts on other CLIP weights)")
+    parser.add_argument(
+        "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
+    )
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

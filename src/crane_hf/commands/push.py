@@ -156,7 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
-    parser.add_argument("--allow-backbone-mismatch", action="store_true", help="use a --clip whose token embeddings differ from the preset's fingerprint (a preset's prompts on other CLIP weights)")
+    parser.add_argument(
+        "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

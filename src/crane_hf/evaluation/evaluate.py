@@ -259,11 +259,17 @@ def _computation_lines(record: dict[str, Any]) -> list[str]:
         source = prompts["converted_from"]
         origin += f" (converted from {source.get('checkpoint')}, sha256 {source.get('sha256')})"
     published = "the published code's" if record["published_computation"] else "differs from the published code's"
-    rounding = record["deep_prompt_rounding_dtype"] or "not rounded"
+    shown = {
+        "eattn_map_source": record["eattn_map_source"],
+        "dattn_input": record["dattn_input"],
+        "deep_prompt_rounding_dtype": record["deep_prompt_rounding_dtype"] or "not rounded",
+    }
+    for name in record.get("not_applicable", []):
+        shown[name] = f"not applicable to this {record['variant']}"
     return [
         f"- model: {record['variant']}, feature layers {record['feature_layers']}, prompts from {origin}",
-        f"- computation ({published}): E-Attn maps {record['eattn_map_source']}, D-Attn input "
-        f"{record['dattn_input']}, deep prompts {rounding}",
+        f"- computation ({published}): E-Attn maps {shown['eattn_map_source']}, D-Attn input "
+        f"{shown['dattn_input']}, deep prompts {shown['deep_prompt_rounding_dtype']}",
         f"- soft_mean {record['soft_mean']}, image size {record['image_size']}, smoothing sigma "
         f"{record['smoothing_sigma']}, AUPRO {record['aupro']}",
     ]
@@ -329,6 +335,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         **overrides,
     )
+    if args.save_overlays or args.report:
+        # The decision figures and the report state verdicts: thresholds calibrated under another computation (or
+        # sigma) do not hold for this one, so they are refused before any work, as predict refuses them.
+        model.config.check_thresholds(image=True, pixel=True, smoothing_sigma=args.sigma)
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
             warnings.simplefilter("always", category)

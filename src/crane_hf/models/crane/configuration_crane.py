@@ -486,7 +486,14 @@ class CraneConfig(PreTrainedConfig):
         length without deep prompts. Whatever their values, the model computes the same."""
         fields = []
         if not self.use_dattn:
-            fields += ["dattn_input", "dattn_beta", "dattn_gamma", "both_eattn_dattn", "dino_image_mean", "dino_image_std"]
+            fields += [
+                "dattn_input",
+                "dattn_beta",
+                "dattn_gamma",
+                "both_eattn_dattn",
+                "dino_image_mean",
+                "dino_image_std",
+            ]
         elif not self.both_eattn_dattn:
             fields.append("eattn_map_source")
         if self.num_deep_prompts == 0:
@@ -557,7 +564,8 @@ class CraneConfig(PreTrainedConfig):
         names = [name for name, asked in (("image_threshold", image), ("pixel_threshold", pixel)) if asked]
         changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in stale.items())
         raise ValueError(
-            f"the model's {' and '.join(names)} were calibrated for another computation than the one asked for "
+            f"the model's {' and '.join(names)} {'were' if len(names) > 1 else 'was'} calibrated for another "
+            "computation than the one asked for "
             f"({changes}): they do not hold for it, so no decision is made. Recalibrate under this computation "
             "(crane-hf calibrate with the same options), or give the thresholds explicitly (--threshold / "
             "--pixel-threshold; threshold= / pixel_threshold= in Python)."
