@@ -3,7 +3,7 @@
     python benchmarks/dattn_mask_flips.py --shape paper --images 2     # DINOv2-B/14-reg at S = 518
     python benchmarks/dattn_mask_flips.py --shape tiny --images 8
 
-D-Attn masks the logits A_ij = gamma (sim_ij - beta m) below 0 (spec section 3). An exported graph computes A from
+D-Attn masks the logits A_ij = gamma (sim_ij - beta m) below 0 (published D-Attn). An exported graph computes A from
 its own DINOv2 forward, so a logit within rounding of 0 can fall on the other side. This script exports a probe of
 the model's D-Attn inputs (`_dino_patch_tokens`, then A computed with the model's operations in float32, and A
 computed in float64 from the same float32 DINOv2 tokens), runs it in ONNX Runtime and OpenVINO (float32 inference

@@ -23,6 +23,7 @@ from crane_hf.export import (
     load_exported_detector,
 )
 from crane_hf.export.exporting import verify_export
+from crane_hf.io.output_names import MARKER_NAME
 from crane_hf.model_loading import make_pipeline
 from crane_hf.models.crane import modeling_crane
 from crane_hf.models.crane.d_attention import (
@@ -123,13 +124,11 @@ def test_exported_folder_describes_itself(exported, models):
     check = metadata["verification"]
     assert check["max_abs_diff_maps"] <= TOLERANCE and check["max_abs_diff_smoothed_maps"] <= TOLERANCE
     assert check["tolerance"] == 1e-4 and check["backend"] == "openvino" and check["eager_float32_mask_flips"] == 0
-    assert set(os.listdir(folder)) == {
-        "model.xml",
-        "model.bin",
-        "config.json",
-        "preprocessor_config.json",
-        EXPORT_FILE,
-    }
+    written = {"model.xml", "model.bin", "config.json", "preprocessor_config.json", EXPORT_FILE}
+    assert set(os.listdir(folder)) == written | {MARKER_NAME}  # the marker lists what the export wrote
+    with open(os.path.join(folder, MARKER_NAME), encoding="utf-8") as stream:
+        marker = json.load(stream)
+    assert marker["command"] == "export" and set(marker["files"]) == written, marker
     runner = ExportedCraneModel(folder)
     assert (runner.config.image_threshold, runner.config.pixel_threshold) == (0.37, 0.61)
     assert runner.config.image_size == SMALL_SIZE == runner.image_processor().image_size

@@ -35,6 +35,8 @@ import click
 import pytest
 from transformers import Dinov2WithRegistersModel
 
+from crane_hf.presets import list_presets
+
 from .image_files import write_image, write_mask
 from .tiny_models import (
     fingerprint_compatible_clip,
@@ -219,6 +221,10 @@ def needs_elsewhere(command: str) -> str | None:
         return "the paper's backbones at full size"
     if "--multi_gpu" in command:
         return "several GPUs"
+    if "my-model/" in shlex.split(command):
+        return "the reader's own model folder"
+    if "--help" not in command and set(shlex.split(command)) & set(list_presets()):
+        return "a preset's backbones (CLIP ViT-L/14@336, DINOv2) from the Hub"
     if command.startswith("python benchmarks/") and "--help" not in command:
         return "minutes of benchmark timing (the README's Development test runs the inference benchmark narrowed)"
     return None
@@ -437,23 +443,38 @@ METRICS_PRELUDE = textwrap.dedent(
 )
 
 
+EXPORT_PRELUDE = """import os, sys
+sys.path.insert(0, {root!r})
+from tests.tiny_models import tiny_model, write_test_images
+model = tiny_model("crane+")
+os.rename(write_test_images(".", count=1)[0], "part.png")
+"""
+
+
 def test_docs_python_snippets_run(tmp_path):
     """docs/data.md against stand-in datasets at its paths; docs/metrics.md with the names it leaves to the reader."""
     python_blocks = {}
     for path in DOCS:
         with open(path, encoding="utf-8") as stream:
             python_blocks[os.path.basename(path)] = re.findall(r"```python\n(.*?)```", stream.read(), re.DOTALL)
-    assert set(name for name, blocks in python_blocks.items() if blocks) == {"data.md", "metrics.md"}, python_blocks
+    assert set(name for name, blocks in python_blocks.items() if blocks) == {
+        "data.md",
+        "metrics.md",
+        "export.md",
+    }, python_blocks
     stand_in_datasets(tmp_path / "data")
+    (tmp_path / "export").mkdir()
     scripts = {
         "data.md": "\n".join(python_blocks["data.md"]).replace('"/data/', f'"{tmp_path / "data"}/'),
         # the prelude before each block: a block's own names (maps, ...) are not the next block's inputs
         "metrics.md": "\n".join(METRICS_PRELUDE + block for block in python_blocks["metrics.md"]),
+        # `model` and part.png are the reader's: a tiny random Crane+ and a test image, in a fresh folder
+        "export.md": EXPORT_PRELUDE.format(root=ROOT) + "\n".join(python_blocks["export.md"]),
     }
     for name, script in scripts.items():
         result = subprocess.run(
             [sys.executable, "-c", script],
-            cwd=ROOT,
+            cwd=tmp_path / "export" if name == "export.md" else ROOT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
             capture_output=True,
             text=True,
@@ -513,7 +534,9 @@ def messages_with_download_commands() -> dict[str, str]:
         texts[f"training {variant}"] = str(error.value)
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
-        _print_summary({"output": "demo", "rows": [], "labels": {}, "mode": "offline-demo"})
+        _print_summary(
+            {"output": "demo", "rows": [], "labels": {}, "mode": "offline-demo", "report": "demo/report.html"}
+        )
     texts["demo"] = summary.getvalue()
     return texts
 

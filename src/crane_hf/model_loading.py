@@ -98,7 +98,7 @@ def check_device(spec: str | None, device: str | torch.device | None) -> None:
     """Refuse, before anything is loaded, a device the model `spec` cannot run on: for an exported folder anything
     but the CPU ("auto" means the CPU there; the message names the folder), otherwise a device this machine does not
     have (`resolve_device`). Raises `ValueError`."""
-    if spec is not None and model_kind(spec) == "exported":
+    if spec is not None and is_exported_folder(spec):  # not model_kind: a missing folder is named where it loads
         from .export.runner import check_cpu_device
 
         check_cpu_device(device, spec)

@@ -260,7 +260,7 @@ def export_model(
         "weights": "float16" if float16_weights else "float32",
         "exported_with": _versions(),
     }
-    with atomic_output_dir(os.fspath(output_dir), overwrite=overwrite) as staging:
+    with atomic_output_dir(os.fspath(output_dir), overwrite=overwrite, command="export") as staging:
         graph_path = os.path.join(staging, FORMATS[format])
         if format == "onnx":
             export_onnx(graph, graph_path, size)

@@ -33,7 +33,8 @@ def dino_similarity_attention(dino_patches: torch.Tensor, beta: float, gamma: fl
     gradient), so the peak is two M x M matrices per image: the logits and the softmax. While a graph is traced
     for export, or inside `float64_dattn()`, the weights are `dino_similarity_attention_float64` instead.
     """
-    if torch.compiler.is_exporting() or _FLOAT64.get():
+    # Under torch.compile the context flag is not read (Dynamo cannot trace ContextVar.get): eager float32 there.
+    if torch.compiler.is_exporting() or (not torch.compiler.is_compiling() and _FLOAT64.get()):
         return dino_similarity_attention_float64(dino_patches, beta, gamma)
     logits = _logits_float32(dino_patches, beta, gamma)
     # Boolean, so exact; an AND with the off-diagonal (not a fill of the diagonal view) so that it also exports.
