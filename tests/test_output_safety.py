@@ -363,3 +363,30 @@ def test_evaluate_overlays_of_rows_with_one_safe_name_are_both_kept(tmp_path):
     rows[1]["class_name"] = "a_b"  # and both classes become a_b
     _save_overlays(rows, [0, 1], np.zeros((2, 8, 8), np.float32), 0.5, str(tmp_path / "overlays"))
     assert sorted(os.listdir(tmp_path / "overlays" / "a_b")) == ["x__y.png.png", "x__y.png~1.png"]
+
+
+@pytest.mark.parametrize("claimed", ["docs", "docs/", "docs/sub"])
+def test_a_manifest_owns_only_the_files_it_lists_never_a_folder_name(project, tiny_model_dir, claimed, capsys):
+    os.makedirs("forged/docs/sub")
+    Path("forged/docs/thesis.tex").write_text("mine")
+    Path("forged/docs/sub/figure.txt").write_text("mine too")
+    Path(f"forged/{MARKER_NAME}").write_text(json.dumps({"written_by": "crane-hf", "files": [claimed]}))
+    before = _snapshot("forged")
+    assert sorted(unowned_entries("forged")) == ["forged/docs/sub/figure.txt", "forged/docs/thesis.tex"]
+    assert _predict(tiny_model_dir, ["photos"], "forged", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "holds files crane-hf did not write" in error and "thesis.tex" in error
+    assert _snapshot("forged") == before
+
+
+def test_an_earlier_output_moved_inside_another_is_not_replaced_with_it(project, tiny_model_dir, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    assert _predict(tiny_model_dir, ["photos/part_0.png"], "archive_2024") == 0
+    os.rename("archive_2024", "results/archive_2024")  # the user keeps last year's results in this year's folder
+    archived = _snapshot("results/archive_2024")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err
+    assert "holds files crane-hf did not write" in error and "results/archive_2024/" in error
+    assert _snapshot("results/archive_2024") == archived
+    shutil.move("results/archive_2024", "archive_2024")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0  # its own files alone: replaced
