@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_output_names_are_unique_per_input_and_short(project, tiny_model_dir):
 
 def test_safe_names_and_paths_inside_the_output(tmp_path):
     assert safe_file_name("../../etc/passwd") == ".._.._etc_passwd"
-    assert safe_file_name("..") == "_.." and safe_file_name("") == "_" and safe_file_name("a\x00b\nc") == "a_b_c"
+    assert safe_file_name("..") == "___" and safe_file_name("") == "_" and safe_file_name("a\x00b\nc") == "a_b_c"
     assert source_file_name("good/000.png", ".png") != source_file_name("good/000.jpg", ".png")
     long_a, long_b = "é" * 300 + "a.png", "é" * 300 + "b.png"
     short_a, short_b = safe_file_name(long_a, ".png"), safe_file_name(long_b, ".png")
@@ -390,3 +391,38 @@ def test_an_earlier_output_moved_inside_another_is_not_replaced_with_it(project,
     assert _snapshot("results/archive_2024") == archived
     shutil.move("results/archive_2024", "archive_2024")
     assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0  # its own files alone: replaced
+
+
+WINDOWS_REFUSED = set('<>:"|?*\\/') | {chr(code) for code in range(32)}
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
+@pytest.mark.parametrize("suffix", ["", ".png"])
+def test_safe_file_names_are_portable(suffix):
+    texts = ["A:scratch", "C:\\x", 'a?b*<c>|"d', "con", "CON.png", "Lpt1", "nul .txt", "end.", "space ", "..", "."]
+    names = [safe_file_name(text, suffix) for text in texts]
+    for text, name in zip(texts, names):
+        assert not WINDOWS_REFUSED & set(name), (text, name)
+        assert not name.endswith((".", " ")) and not re.match(r"^[A-Za-z]:", name), (text, name)
+        assert name.split(".")[0].strip().upper() not in RESERVED, (text, name)
+    assert len(set(names)) == len(names)
+    assert safe_file_name("console") == "console" and safe_file_name("scratch 2.png") == "scratch 2.png"
+
+
+def test_evaluate_overlays_of_a_drive_like_class_name_are_written(tiny_model_dir, tmp_path):
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), ["brick"], ["spot"], image_size=32, train_good=0, test_good=2, test_defective=1
+    )
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    entries = meta["test"].pop("brick")
+    classes = {"A:scratch": entries[:1], "CON": entries[1:2], "dents.": entries[2:]}
+    for name, items in classes.items():
+        for entry in items:
+            entry["cls_name"] = name
+    meta["test"] = classes
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    output = tmp_path / "report"
+    argv = ["evaluate", "--model", tiny_model_dir, "--data", data, "--output", str(output), "--save-overlays"]
+    assert main([*argv, "--quiet"]) == 0
+    assert sorted(os.listdir(output / "overlays")) == ["A_scratch", "_CON", "dents_"]
+    assert sum(len(files) for _, _, files in os.walk(output / "overlays")) == 3

@@ -120,6 +120,8 @@ def score_dataset(
     dataset = images.dataset  # undecoded: reading a row decodes nothing
     loader = torch.utils.data.DataLoader(_EvaluationItems(images, rows), batch_size=batch_size, collate_fn=_collate)
     class_names = list(dataset["class_name"])
+    if overlay_dir is not None:
+        _check_overlay_folders(overlay_dir, class_names)  # before the first image is scored
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
     device = model.device
@@ -154,6 +156,15 @@ def score_dataset(
             if overlay_dir is not None:
                 _save_overlays(dataset, indices, maps, contour, overlay_dir)
     return accumulators, skipped
+
+
+def _check_overlay_folders(folder: str, class_names: Sequence[Any]) -> None:
+    """Refuse, naming it, a class whose overlay folder (`safe_file_name` of its name) would not stay inside
+    `folder` (`UnsafeOutputPathError`), before any image is scored."""
+    from ..io.output_names import path_inside, safe_file_name
+
+    for name in dict.fromkeys(str(name) for name in class_names):
+        path_inside(folder, safe_file_name(name))
 
 
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float | None, folder: str) -> None:
