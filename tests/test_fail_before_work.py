@@ -264,9 +264,7 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert (output / "checkpoint-epoch-2").is_dir()  # the complete checkpoint stays, to resume or publish
 
 
-def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
-    tiny_model_dir, tmp_path, monkeypatch, capsys
-):
+def test_a_full_disk_while_predicting_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     write_test_images(tmp_path / "photos", count=2)
@@ -277,5 +275,73 @@ def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
     monkeypatch.setattr(Image.Image, "save", disk_full)
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "photos"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{out / 'overlays' / '00000_photos_part_0.png.png'}'"
     assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_a_full_disk_while_evaluating_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    data = generate_synthetic_dataset(str(tmp_path / "data"), ["brick"], image_size=32, train_good=0, test_good=1)
+    real_open = open
+
+    def disk_full_at_the_metrics(path, *args, **kwargs):
+        if os.path.basename(str(path)) == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_io, "open", disk_full_at_the_metrics, raising=False)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", data, "--output", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{out / 'metrics.json'}'"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+@pytest.fixture
+def calibrated(tiny_model_dir, tmp_path):
+    """A copy of the tiny model calibrated once, and the normal images it was calibrated on."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_test_images(tmp_path / "normal", count=2)
+    assert main(["calibrate", str(model), str(tmp_path / "normal"), "--quiet"]) == 0
+    return model, tmp_path / "normal"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+def test_a_full_disk_while_calibrating_names_the_file_and_changes_nothing(calibrated, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    model, normal = calibrated
+    before = _files(model)
+
+    def disk_full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "fsync", disk_full)
+    assert main(["calibrate", str(model), str(normal), "--fpr", "0.5", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{model / 'calibration.json'}'"
+    assert _files(model) == before  # no temporary file left, no file changed
+
+
+def test_calibrate_writes_config_and_record_together_or_neither(calibrated, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    model, normal = calibrated
+    before = _files(model)
+    real_replace = os.replace
+
+    def fail_at_the_config(source, target):
+        if os.path.basename(target) == "config.json":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic_io.os, "replace", fail_at_the_config)
+    assert main(["calibrate", str(model), str(normal), "--fpr", "0.5", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 5] Input/output error: '{model / 'config.json'}'"
+    assert _files(model) == before  # calibration.json, replaced first, has its previous content back

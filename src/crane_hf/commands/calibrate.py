@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_many
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
 from .cli_support import one_line, require_positive, require_range
@@ -175,8 +175,12 @@ def _calibrate(
     config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     config["threshold_computation"] = model.config.inference_computation  # what the thresholds hold for
-    atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
-    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_many(  # both or neither: config.json's thresholds and the record of how they were obtained
+        {
+            os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+            config_path: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        }
+    )
     return record
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, protected_paths
@@ -148,12 +148,13 @@ def predict_images(
             }
             if write_overlays:
                 row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
-                output["overlay"].save(path_inside(staging, row["overlay"]))
+                target = path_inside(staging, row["overlay"])
+                with naming_write_errors(target):
+                    output["overlay"].save(target)
             if save_maps:
-                np.save(
-                    path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy"))),
-                    output["anomaly_map"],
-                )
+                target = path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy")))
+                with naming_write_errors(target):
+                    np.save(target, output["anomaly_map"])
             report.rows.append(row)
         bar.close()
         _write_tables(staging, report, model, threshold, decision)
@@ -174,8 +175,7 @@ def _write_tables(
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(report.rows)
-    with open(os.path.join(folder, "predictions.csv"), "w", encoding="utf-8", newline="") as stream:
-        stream.write(buffer.getvalue())
+    write_text_file(os.path.join(folder, "predictions.csv"), buffer.getvalue())
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
         "computation": computation_summary(model),
@@ -185,11 +185,10 @@ def _write_tables(
         "skipped": [asdict(item) for item in report.skipped],
         "left_out": report.left_out,
     }
-    with open(os.path.join(folder, "predictions.json"), "w", encoding="utf-8") as stream:
-        json.dump(summary, stream, indent=2)
+    write_text_file(os.path.join(folder, "predictions.json"), json.dumps(summary, indent=2))
     if report.skipped:
-        with open(os.path.join(folder, "skipped.txt"), "w", encoding="utf-8") as stream:
-            stream.writelines(f"{item.path}\t{item.reason}\n" for item in report.skipped)
+        lines = "".join(f"{item.path}\t{item.reason}\n" for item in report.skipped)
+        write_text_file(os.path.join(folder, "skipped.txt"), lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

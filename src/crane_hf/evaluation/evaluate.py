@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.output_safety import on_main_process, protected_paths
 
 TABLE_COLUMNS = (
@@ -188,7 +188,8 @@ def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: f
         if os.path.exists(path):  # two rows with one safe name (a repeated entry, or "a/b" and "a__b"): keep both
             path = path_inside(folder, f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        render_overlay(image, resized, threshold=threshold).save(path)
+        with naming_write_errors(path):
+            render_overlay(image, resized, threshold=threshold).save(path)
 
 
 def metrics_table(results: dict[str, dict[str, float | None]], aupro: str) -> dict[str, dict[str, float | None]]:
@@ -274,21 +275,18 @@ def write_report(folder: str, table: dict[str, dict[str, float | None]], info: d
     if info.get("computation"):
         head, _, rest = markdown.partition("\n\n")
         markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
-    with open(os.path.join(folder, "metrics.md"), "w", encoding="utf-8") as stream:
-        stream.write(markdown)
+    write_text_file(os.path.join(folder, "metrics.md"), markdown)
     columns = sorted({key for row in table.values() for key in row})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["class", *columns])
     for name, row in table.items():
         writer.writerow([name, *("" if row.get(key) is None else f"{row[key]:.6f}" for key in columns)])
-    with open(os.path.join(folder, "metrics.csv"), "w", encoding="utf-8", newline="") as stream:
-        stream.write(buffer.getvalue())
-    with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as stream:
-        json.dump({**info, "metrics": table}, stream, indent=2)
+    write_text_file(os.path.join(folder, "metrics.csv"), buffer.getvalue())
+    write_text_file(os.path.join(folder, "metrics.json"), json.dumps({**info, "metrics": table}, indent=2))
     if info["skipped"]:
-        with open(os.path.join(folder, "skipped.txt"), "w", encoding="utf-8") as stream:
-            stream.writelines(f"{item['image_path']}\t{item['reason']}\n" for item in info["skipped"])
+        lines = "".join(f"{item['image_path']}\t{item['reason']}\n" for item in info["skipped"])
+        write_text_file(os.path.join(folder, "skipped.txt"), lines)
 
 
 def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..computation_options import computation_overrides
 from ..data import DataSource, load_data_source
-from ..io.atomic import OutputExistsError
+from ..io.atomic import OutputExistsError, naming_write_errors
 from ..io.output_safety import (
     MARKER_NAME,
     UnsafeOutputError,
@@ -543,7 +543,7 @@ def _train_epoch(
             record = {name: round(float(v), 6) for name, v in zip(LOSS_NAMES, losses)}
             accelerator.log(record, step=state["global_step"])
             if accelerator.is_main_process:
-                with open(log_path, "a", encoding="utf-8") as log:
+                with naming_write_errors(log_path), open(log_path, "a", encoding="utf-8") as log:
                     log.write(json.dumps({"epoch": epoch, "step": state["global_step"], **record}) + "\n")
             progress.set_postfix({k.replace("_loss", ""): f"{v:.4f}" for k, v in record.items()})
             progress.update(1)
