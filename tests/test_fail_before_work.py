@@ -5,6 +5,8 @@ loaded; SIGINT / SIGTERM exit 130 / 143 with one line and no temporary files; an
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -345,3 +347,20 @@ def test_calibrate_writes_config_and_record_together_or_neither(calibrated, monk
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == f"error: [Errno 5] Input/output error: '{model / 'config.json'}'"
     assert _files(model) == before  # calibration.json, replaced first, has its previous content back
+
+
+def test_calibrate_and_train_take_one_lock_per_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import crane_hf.commands.calibrate as calibrate_module
+    import crane_hf.training.train as train_module
+    from crane_hf.io.output_safety import output_lock
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_test_images(tmp_path / "normal", count=1)
+    monkeypatch.setattr(calibrate_module, "_calibrate", lambda *a: pytest.fail("scored while the folder is locked"))
+    with output_lock(str(model)):  # the lock a training run writing this folder holds (`_claim_output_dir`)
+        assert main(["calibrate", str(model) + "/", str(tmp_path / "normal"), "--quiet"]) == 2
+    assert "is being written by another crane-hf run" in capsys.readouterr().err
+    args = argparse.Namespace(output_dir=str(model), overwrite=True, data=[], clip=None, dino=None, epochs=1)
+    refused = pytest.raises(BlockingIOError, match="is being written by another crane-hf run")
+    with calibrate_module.calibration_lock(str(model)), contextlib.ExitStack() as claim, refused:
+        train_module._claim_output_dir(args, None, claim)  # a calibration of the folder: training it is refused

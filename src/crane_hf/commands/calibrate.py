@@ -86,10 +86,13 @@ def calibrate_folder(
 
 @contextlib.contextmanager
 def calibration_lock(model_dir: str) -> Iterator[None]:
-    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there.
+
+    The lock is the folder's own (`output_lock(model_dir)`), the one `train` holds on its output folder: a
+    calibration of a folder that a training run is writing, or the reverse, is refused."""
     config_path = os.path.join(model_dir, "config.json")
     check_writable(config_path)
-    with output_lock(config_path):
+    with output_lock(model_dir):
         for name in ("config.json", "calibration.json"):
             clean_stale_temporaries(os.path.join(model_dir, name))
         yield
