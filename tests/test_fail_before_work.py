@@ -105,6 +105,17 @@ def test_a_missing_model_folder_is_named_before_anything_is_written(tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize("spec", ["./model", "../model", "model", "models/crane", "~/nope-model"])
+def test_a_missing_local_looking_model_is_named_not_sought_on_the_hub(tmp_path, monkeypatch, spec, capsys):
+    write_test_images(tmp_path / "work" / "photos", count=1)
+    (tmp_path / "work" / "models").mkdir()  # "models/crane": its first component is a local folder
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["predict", "photos", "--model", spec, "--output", "out", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such model folder: {spec}"
+    assert not os.path.exists("out")
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "x", "--batch-size", "abc"])

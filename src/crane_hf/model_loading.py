@@ -128,8 +128,18 @@ def load_model(
 
 
 def check_model_source(spec: str) -> None:
-    """Refuse a model folder that does not exist or has no config.json, naming it (Hub ids pass through)."""
-    looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1  # else a Hub id
+    """Refuse a model folder that does not exist or has no config.json, naming it (Hub ids pass through).
+
+    A missing `spec` is a missing folder, not a Hub id, when it looks local: absolute, starting with "." or "~",
+    more than one "/", no "/" at all (Hub ids of Crane models are "owner/name"), or its first component is an
+    existing local folder ("models/crane" where ./models exists)."""
+    parts = spec.replace(os.sep, "/").split("/")
+    looks_local = (
+        os.path.isabs(spec)
+        or spec.startswith((".", "~"))
+        or len(parts) != 2
+        or os.path.isdir(os.path.expanduser(parts[0]))
+    )
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
