@@ -82,6 +82,14 @@ def test_outputs_that_are_or_contain_what_the_run_reads_are_refused(
     assert _snapshot(tmp_path) == before  # nothing deleted, changed or created
 
 
+def test_a_quoted_tilde_output_is_checked_and_written_at_the_same_place(project, tiny_model_dir, tmp_path, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "~", "--overwrite") == 2  # the shell left "~" alone: still home
+    assert "it is the home folder" in capsys.readouterr().err
+    assert _predict(tiny_model_dir, ["photos"], "~/results") == 0
+    assert read_marker(str(tmp_path / "home" / "results"))["command"] == "predict"
+    assert not os.path.exists("~")  # not written to ./~ after checking ~
+
+
 def test_an_output_containing_an_input_file_is_refused(project, tiny_model_dir, capsys):
     assert _predict(tiny_model_dir, ["photos/part_0.png"], "photos", "--overwrite") == 2
     assert "it contains an input (photos/part_0.png)" in capsys.readouterr().err

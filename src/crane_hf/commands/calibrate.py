@@ -34,7 +34,7 @@ from ..computation_options import add_computation_arguments, computation_overrid
 from ..io.atomic import atomic_write_many
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
-from .cli_support import one_line, require_positive, require_range
+from .cli_support import local_path, one_line, require_positive, require_range
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -188,7 +188,7 @@ def _calibrate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="model folder to calibrate (its config.json is updated)")
+    parser.add_argument("model_dir", type=local_path, help="model folder to calibrate (its config.json is updated)")
     parser.add_argument("inputs", nargs="+", help="normal (defect-free) images: files, folders or globs")
     parser.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate (default 0.01)")
     parser.add_argument("--pixel-fpr", type=float, default=0.01, help="target pixel false-positive rate")

@@ -26,7 +26,7 @@ from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli_support import one_line, require_positive, require_range
+from .cli_support import local_path, one_line, require_positive, require_range
 
 if TYPE_CHECKING:
     from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
@@ -199,7 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )
-    parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="crane-hf-predictions", type=local_path, help="folder to write (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(

@@ -49,7 +49,8 @@ class OutputInUseError(BlockingIOError):
 
 
 def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    """`path` as it will be written (no "~" expansion: the command line expands it once, `local_path`)."""
+    return os.path.realpath(os.path.abspath(path))
 
 
 def _contains(folder: str, path: str) -> bool:
