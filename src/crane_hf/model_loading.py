@@ -143,10 +143,26 @@ def check_model_source(spec: str) -> None:
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
+        check_json_sizes(spec)
     elif os.path.exists(spec):
         raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
     elif looks_local:
         raise FileNotFoundError(f"no such model folder: {spec}")
+
+
+MAX_JSON_BYTES = 16 * 2**20  # the largest JSON file read from a model folder (a real config.json is a few kB)
+
+
+def check_json_sizes(folder: str, limit: int = MAX_JSON_BYTES) -> None:
+    """Refuse, naming it, a JSON file of the model folder `folder` (config.json, preprocessor_config.json, the
+    shard index, ...) larger than `limit` bytes, before anything reads it whole (`ValueError`)."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.isfile(path) and os.path.getsize(path) > limit:
+            raise ValueError(
+                f"{path}: refused, {os.path.getsize(path):,} bytes exceeds the limit of {limit:,} bytes for a JSON "
+                "file of a model folder."
+            )
 
 
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:

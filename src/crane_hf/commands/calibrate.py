@@ -67,7 +67,7 @@ def calibrate_folder(
     `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
     thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
     """
-    from ..model_loading import resolve_device
+    from ..model_loading import check_json_sizes, resolve_device
     from ..models.crane.configuration_crane import CraneConfig
 
     config_overrides = dict(config_overrides or {})
@@ -80,6 +80,7 @@ def calibrate_folder(
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
+    check_json_sizes(model_dir)
     with calibration_lock(model_dir):
         return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
 
