@@ -5,6 +5,8 @@ loaded; SIGINT / SIGTERM exit 130 / 143 with one line and no temporary files; an
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -101,6 +103,17 @@ def test_a_missing_model_folder_is_named_before_anything_is_written(tmp_path, ca
     assert main(["predict", str(tmp_path / "photos"), "--model", str(tmp_path / "nope"), "--output", str(out)]) == 2
     assert f"no such model folder: {tmp_path / 'nope'}" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["./model", "../model", "model", "models/crane", "~/nope-model"])
+def test_a_missing_local_looking_model_is_named_not_sought_on_the_hub(tmp_path, monkeypatch, spec, capsys):
+    write_test_images(tmp_path / "work" / "photos", count=1)
+    (tmp_path / "work" / "models").mkdir()  # "models/crane": its first component is a local folder
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["predict", "photos", "--model", spec, "--output", "out", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such model folder: {spec}"
+    assert not os.path.exists("out")
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -244,6 +257,7 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert main(["train", *tiny_training_args(backbones, synthetic, output), "--cpu"]) == 0
     published = {name: (output / name).read_bytes() for name in os.listdir(output) if (output / name).is_file()}
     del published["training_log.jsonl"]  # appended to while training, not published
+    del published[".crane-hf-output.json"]  # the manifest: it lists the complete checkpoint of epoch 2 too
     real_copy = atomic_io.shutil.copyfileobj
 
     def disk_full_at_the_weights(source, target, *args):  # the disk fills up while the weights are published
@@ -263,9 +277,7 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert (output / "checkpoint-epoch-2").is_dir()  # the complete checkpoint stays, to resume or publish
 
 
-def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
-    tiny_model_dir, tmp_path, monkeypatch, capsys
-):
+def test_a_full_disk_while_predicting_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     write_test_images(tmp_path / "photos", count=2)
@@ -276,5 +288,90 @@ def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
     monkeypatch.setattr(Image.Image, "save", disk_full)
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "photos"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{out / 'overlays' / '00000_photos_part_0.png.png'}'"
     assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_a_full_disk_while_evaluating_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    data = generate_synthetic_dataset(str(tmp_path / "data"), ["brick"], image_size=32, train_good=0, test_good=1)
+    real_open = open
+
+    def disk_full_at_the_metrics(path, *args, **kwargs):
+        if os.path.basename(str(path)) == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_io, "open", disk_full_at_the_metrics, raising=False)
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", data, "--output", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{out / 'metrics.json'}'"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+@pytest.fixture
+def calibrated(tiny_model_dir, tmp_path):
+    """A copy of the tiny model calibrated once, and the normal images it was calibrated on."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_test_images(tmp_path / "normal", count=2)
+    assert main(["calibrate", str(model), str(tmp_path / "normal"), "--quiet"]) == 0
+    return model, tmp_path / "normal"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+def test_a_full_disk_while_calibrating_names_the_file_and_changes_nothing(calibrated, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    model, normal = calibrated
+    before = _files(model)
+
+    def disk_full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "fsync", disk_full)
+    assert main(["calibrate", str(model), str(normal), "--fpr", "0.5", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 28] No space left on device: '{model / 'calibration.json'}'"
+    assert _files(model) == before  # no temporary file left, no file changed
+
+
+def test_calibrate_writes_config_and_record_together_or_neither(calibrated, monkeypatch, capsys):
+    import crane_hf.io.atomic as atomic_io
+
+    model, normal = calibrated
+    before = _files(model)
+    real_replace = os.replace
+
+    def fail_at_the_config(source, target):
+        if os.path.basename(target) == "config.json":
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic_io.os, "replace", fail_at_the_config)
+    assert main(["calibrate", str(model), str(normal), "--fpr", "0.5", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"error: [Errno 5] Input/output error: '{model / 'config.json'}'"
+    assert _files(model) == before  # calibration.json, replaced first, has its previous content back
+
+
+def test_calibrate_and_train_take_one_lock_per_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import crane_hf.commands.calibrate as calibrate_module
+    import crane_hf.training.train as train_module
+    from crane_hf.io.output_safety import output_lock
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    write_test_images(tmp_path / "normal", count=1)
+    monkeypatch.setattr(calibrate_module, "_calibrate", lambda *a: pytest.fail("scored while the folder is locked"))
+    with output_lock(str(model)):  # the lock a training run writing this folder holds (`_claim_output_dir`)
+        assert main(["calibrate", str(model) + "/", str(tmp_path / "normal"), "--quiet"]) == 2
+    assert "is being written by another crane-hf run" in capsys.readouterr().err
+    args = argparse.Namespace(output_dir=str(model), overwrite=True, data=[], clip=None, dino=None, epochs=1)
+    refused = pytest.raises(BlockingIOError, match="is being written by another crane-hf run")
+    with calibrate_module.calibration_lock(str(model)), contextlib.ExitStack() as claim, refused:
+        train_module._claim_output_dir(args, None, claim)  # a calibration of the folder: training it is refused

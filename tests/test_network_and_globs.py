@@ -43,6 +43,15 @@ def _bomb_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+REDIRECTS = {
+    "ftp": "ftp://127.0.0.1:1/x.png",
+    "file": "file:///etc/passwd",
+    "data": "data:image/png;base64,AAAA",
+    "gopher": "gopher://127.0.0.1:1/x",
+    "ok": "/ok.png",
+}
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -70,6 +79,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(b"x" * (1 if pause else 65536))
                     self.wfile.flush()
                     time.sleep(pause)
+            elif self.path.startswith("/redirect-to-"):
+                self.send_response(302)
+                self.send_header("Location", REDIRECTS[self.path.removeprefix("/redirect-to-")])
+                self.end_headers()
             else:
                 self.send_error(404, "Not Found")
         except (BrokenPipeError, ConnectionResetError):
@@ -163,6 +176,21 @@ def test_a_trickling_server_is_cut_at_the_deadline(server):
 def test_only_http_urls_are_fetched():
     with pytest.raises(ValueError, match="only http:// and https:// URLs are read"):
         read_image_url("file:///etc/passwd")
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "file", "data", "gopher"])
+def test_a_redirect_to_another_scheme_is_refused(server, scheme):
+    url = f"{server}/redirect-to-{scheme}"
+    outcome, _ = _bounded(lambda: read_image_url(url))
+    error = outcome.get("error")
+    assert isinstance(error, ValueError), outcome
+    assert (
+        str(error) == f"{url}: refused, it redirects to {REDIRECTS[scheme]} (only http:// and https:// are followed)"
+    )
+
+
+def test_a_redirect_within_http_is_followed(server):
+    assert read_image_url(f"{server}/redirect-to-ok").size == (30, 20)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,14 @@ def test_outputs_that_are_or_contain_what_the_run_reads_are_refused(
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith(f"error: refusing to write {output}: {named}")
     assert _snapshot(tmp_path) == before  # nothing deleted, changed or created
+
+
+def test_a_quoted_tilde_output_is_checked_and_written_at_the_same_place(project, tiny_model_dir, tmp_path, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "~", "--overwrite") == 2  # the shell left "~" alone: still home
+    assert "it is the home folder" in capsys.readouterr().err
+    assert _predict(tiny_model_dir, ["photos"], "~/results") == 0
+    assert read_marker(str(tmp_path / "home" / "results"))["command"] == "predict"
+    assert not os.path.exists("~")  # not written to ./~ after checking ~
 
 
 def test_an_output_containing_an_input_file_is_refused(project, tiny_model_dir, capsys):
@@ -245,7 +254,7 @@ def test_output_names_are_unique_per_input_and_short(project, tiny_model_dir):
 
 def test_safe_names_and_paths_inside_the_output(tmp_path):
     assert safe_file_name("../../etc/passwd") == ".._.._etc_passwd"
-    assert safe_file_name("..") == "_.." and safe_file_name("") == "_" and safe_file_name("a\x00b\nc") == "a_b_c"
+    assert safe_file_name("..") == "___" and safe_file_name("") == "_" and safe_file_name("a\x00b\nc") == "a_b_c"
     assert source_file_name("good/000.png", ".png") != source_file_name("good/000.jpg", ".png")
     long_a, long_b = "é" * 300 + "a.png", "é" * 300 + "b.png"
     short_a, short_b = safe_file_name(long_a, ".png"), safe_file_name(long_b, ".png")
@@ -368,3 +377,65 @@ def test_evaluate_overlays_of_rows_with_one_safe_name_are_both_kept(tmp_path):
     written = _save_overlays(rows, [0, 1], maps, scores, thresholds, str(tmp_path / "overlays"))
     assert written == ["a_b/x__y.png.png", "a_b/x__y.png~1.png"]
     assert sorted(os.listdir(tmp_path / "overlays" / "a_b")) == ["x__y.png.png", "x__y.png~1.png"]
+
+
+@pytest.mark.parametrize("claimed", ["docs", "docs/", "docs/sub"])
+def test_a_manifest_owns_only_the_files_it_lists_never_a_folder_name(project, tiny_model_dir, claimed, capsys):
+    os.makedirs("forged/docs/sub")
+    Path("forged/docs/thesis.tex").write_text("mine")
+    Path("forged/docs/sub/figure.txt").write_text("mine too")
+    Path(f"forged/{MARKER_NAME}").write_text(json.dumps({"written_by": "crane-hf", "files": [claimed]}))
+    before = _snapshot("forged")
+    assert sorted(unowned_entries("forged")) == ["forged/docs/sub/figure.txt", "forged/docs/thesis.tex"]
+    assert _predict(tiny_model_dir, ["photos"], "forged", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "holds files crane-hf did not write" in error and "thesis.tex" in error
+    assert _snapshot("forged") == before
+
+
+def test_an_earlier_output_moved_inside_another_is_not_replaced_with_it(project, tiny_model_dir, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    assert _predict(tiny_model_dir, ["photos/part_0.png"], "archive_2024") == 0
+    os.rename("archive_2024", "results/archive_2024")  # the user keeps last year's results in this year's folder
+    archived = _snapshot("results/archive_2024")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err
+    assert "holds files crane-hf did not write" in error and "results/archive_2024/" in error
+    assert _snapshot("results/archive_2024") == archived
+    shutil.move("results/archive_2024", "archive_2024")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0  # its own files alone: replaced
+
+
+WINDOWS_REFUSED = set('<>:"|?*\\/') | {chr(code) for code in range(32)}
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
+@pytest.mark.parametrize("suffix", ["", ".png"])
+def test_safe_file_names_are_portable(suffix):
+    texts = ["A:scratch", "C:\\x", 'a?b*<c>|"d', "con", "CON.png", "Lpt1", "nul .txt", "end.", "space ", "..", "."]
+    names = [safe_file_name(text, suffix) for text in texts]
+    for text, name in zip(texts, names):
+        assert not WINDOWS_REFUSED & set(name), (text, name)
+        assert not name.endswith((".", " ")) and not re.match(r"^[A-Za-z]:", name), (text, name)
+        assert name.split(".")[0].strip().upper() not in RESERVED, (text, name)
+    assert len(set(names)) == len(names)
+    assert safe_file_name("console") == "console" and safe_file_name("scratch 2.png") == "scratch 2.png"
+
+
+def test_evaluate_overlays_of_a_drive_like_class_name_are_written(tiny_model_dir, tmp_path):
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), ["brick"], ["spot"], image_size=32, train_good=0, test_good=2, test_defective=1
+    )
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    entries = meta["test"].pop("brick")
+    classes = {"A:scratch": entries[:1], "CON": entries[1:2], "dents.": entries[2:]}
+    for name, items in classes.items():
+        for entry in items:
+            entry["cls_name"] = name
+    meta["test"] = classes
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    output = tmp_path / "report"
+    argv = ["evaluate", "--model", tiny_model_dir, "--data", data, "--output", str(output), "--save-overlays"]
+    assert main([*argv, "--quiet"]) == 0
+    assert sorted(os.listdir(output / "overlays")) == ["A_scratch", "_CON", "dents_"]
+    assert sum(len(files) for _, _, files in os.walk(output / "overlays")) == 3

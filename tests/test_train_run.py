@@ -17,6 +17,7 @@ import crane_hf.training.train as train_module
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.commands.train import main
 from crane_hf.data import load_data_source
+from crane_hf.io.output_safety import MARKER_NAME, read_marker, unowned_entries
 from crane_hf.models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from crane_hf.training.checkpoints import prompt_tensors
 from crane_hf.training.data_loading import ProcessedImages
@@ -102,6 +103,7 @@ def test_run_killed_after_epoch_1_resumes_to_the_same_prompts(
     monkeypatch.undo()
     assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-epoch-1"]
     assert not (output / "model.safetensors").exists()
+    assert unowned_entries(str(output)) == []  # the checkpoint and the log are listed, file by file
     # Another run into the same folder is refused; resuming it is not.
     assert main(_args(backbones, synthetic, output)) == 2
     assert main(_args(backbones, synthetic, output, "--resume-from-checkpoint", "latest")) == 0
@@ -109,6 +111,50 @@ def test_run_killed_after_epoch_1_resumes_to_the_same_prompts(
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     log = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, 9))
+    files = read_marker(str(output))["files"]
+    assert unowned_entries(str(output)) == [] and not [entry for entry in files if entry.endswith("/")]
+    assert "checkpoint-epoch-2/training_state/optimizer.bin" in files and "config.json" in files
+
+
+def test_a_train_output_lists_every_file_it_wrote(uninterrupted):
+    files = set(read_marker(str(uninterrupted))["files"])
+    written = {
+        os.path.relpath(os.path.join(root, name), uninterrupted).replace(os.sep, "/")
+        for root, _, names in os.walk(uninterrupted)
+        for name in names
+    } - {MARKER_NAME}
+    assert files == written and unowned_entries(str(uninterrupted)) == []
+
+
+@pytest.mark.parametrize("marker", [None, {"written_by": "crane-hf", "command": "predict", "files": []}])
+def test_resuming_in_place_needs_a_folder_train_wrote(uninterrupted, backbones, synthetic, tmp_path, marker, capsys):
+    folder = tmp_path / "userdir"
+    shutil.copytree(uninterrupted / "checkpoint-epoch-1", folder / "checkpoint-epoch-1")
+    (folder / "config.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("keep")
+    if marker is not None:
+        (folder / MARKER_NAME).write_text(json.dumps(marker))
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    args = _args(backbones, synthetic, folder, "--resume-from-checkpoint", str(folder / "checkpoint-epoch-1"))
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"refusing to resume in {folder}" in error
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+def test_resuming_in_place_refuses_to_replace_a_file_train_did_not_list(
+    uninterrupted, backbones, synthetic, tmp_path, capsys
+):
+    folder = tmp_path / "run"
+    shutil.copytree(uninterrupted, folder)
+    marker = json.loads((folder / MARKER_NAME).read_text())
+    marker["files"].remove("config.json")  # the user's own config.json, put there after the run
+    (folder / MARKER_NAME).write_text(json.dumps(marker))
+    (folder / "config.json").write_text('{"mine": true}')
+    args = _args(backbones, synthetic, folder, "--resume-from-checkpoint", str(folder / "checkpoint-epoch-1"))
+    assert main([*args, "--overwrite"]) == 2
+    assert f"would replace files crane-hf did not write ({folder / 'config.json'})" in capsys.readouterr().err
+    assert (folder / "config.json").read_text() == '{"mine": true}'
 
 
 def test_resume_refuses_changed_settings(uninterrupted, backbones, synthetic, capsys):

@@ -191,3 +191,24 @@ def test_a_missing_config_is_named_as_missing(folder):
     save_file({}, str(folder / "x.safetensors"))
     with pytest.raises(NotADirectoryError, match="is a file; give the model folder"):
         load_model(str(folder / "x.safetensors"), device="cpu")
+
+
+def test_an_oversized_json_file_of_a_model_folder_is_refused_before_it_is_read(tiny_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from crane_hf.model_loading import MAX_JSON_BYTES
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = model / "config.json"
+    with open(config, "ab") as stream:  # one byte over the limit: refused from its size, never read
+        stream.truncate(MAX_JSON_BYTES + 1)
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "photos" / "a.png")
+    expected = f"error: {config}: refused, {MAX_JSON_BYTES + 1:,} bytes exceeds the limit of {MAX_JSON_BYTES:,} bytes"
+    for argv in (
+        ["predict", str(tmp_path / "photos"), "--model", str(model), "--output", str(tmp_path / "out"), "--quiet"],
+        ["calibrate", str(model), str(tmp_path / "photos"), "--quiet"],
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().startswith(expected), argv
+    assert not (tmp_path / "out").exists()

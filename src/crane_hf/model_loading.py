@@ -296,16 +296,41 @@ def _load_exported(
 
 
 def check_model_source(spec: str) -> None:
-    """Refuse a model folder that does not exist (listing the presets) or has no config.json, and a file, naming
-    them (Hub ids pass through)."""
-    looks_local = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1  # else a Hub id
+    """Refuse a model folder that does not exist or has no config.json, naming it (Hub ids pass through).
+
+    A missing `spec` is a missing folder, not a Hub id, when it looks local: absolute, starting with "." or "~",
+    more than one "/", no "/" at all (Hub ids of Crane models are "owner/name"), or its first component is an
+    existing local folder ("models/crane" where ./models exists)."""
+    parts = spec.replace(os.sep, "/").split("/")
+    looks_local = (
+        os.path.isabs(spec)
+        or spec.startswith((".", "~"))
+        or len(parts) != 2
+        or os.path.isdir(os.path.expanduser(parts[0]))
+    )
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
+        check_json_sizes(spec)
     elif os.path.exists(spec):
         raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
     elif looks_local:
         raise FileNotFoundError(f"no such model folder: {spec}. " + _presets_hint(spec))
+
+
+MAX_JSON_BYTES = 16 * 2**20  # the largest JSON file read from a model folder (a real config.json is a few kB)
+
+
+def check_json_sizes(folder: str, limit: int = MAX_JSON_BYTES) -> None:
+    """Refuse, naming it, a JSON file of the model folder `folder` (config.json, preprocessor_config.json, the
+    shard index, ...) larger than `limit` bytes, before anything reads it whole (`ValueError`)."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.isfile(path) and os.path.getsize(path) > limit:
+            raise ValueError(
+                f"{path}: refused, {os.path.getsize(path):,} bytes exceeds the limit of {limit:,} bytes for a JSON "
+                "file of a model folder."
+            )
 
 
 def _processor_for(spec: str, model: CraneForAnomalyDetection) -> CraneImageProcessor:

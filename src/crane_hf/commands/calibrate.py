@@ -31,10 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_many
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
-from .cli_support import one_line, require_positive, require_range
+from .cli_support import local_path, one_line, require_positive, require_range
 
 
 def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def calibrate_folder(
     `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
     thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
     """
-    from ..model_loading import check_device
+    from ..model_loading import check_device, check_json_sizes
     from ..models.crane.configuration_crane import CraneConfig
 
     config_overrides = dict(config_overrides or {})
@@ -80,16 +80,20 @@ def calibrate_folder(
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
+    check_json_sizes(model_dir)
     with calibration_lock(model_dir):
         return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
 
 
 @contextlib.contextmanager
 def calibration_lock(model_dir: str) -> Iterator[None]:
-    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there."""
+    """Check that `model_dir` can be written, hold its lock, and remove temporary files a killed run left there.
+
+    The lock is the folder's own (`output_lock(model_dir)`), the one `train` holds on its output folder: a
+    calibration of a folder that a training run is writing, or the reverse, is refused."""
     config_path = os.path.join(model_dir, "config.json")
     check_writable(config_path)
-    with output_lock(config_path):
+    with output_lock(model_dir):
         for name in ("config.json", "calibration.json"):
             clean_stale_temporaries(os.path.join(model_dir, name))
         yield
@@ -175,14 +179,20 @@ def _calibrate(
     config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
     config["threshold_computation"] = model.config.inference_computation  # what the thresholds hold for
-    atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
-    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_many(  # both or neither: config.json's thresholds and the record of how they were obtained
+        {
+            os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+            config_path: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        }
+    )
     return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model_dir", help="model folder or exported folder (crane-hf export) to calibrate (its config.json is updated)"
+        "model_dir",
+        type=local_path,
+        help="model folder or exported folder (crane-hf export) to calibrate (its config.json is updated)",
     )
     parser.add_argument("inputs", nargs="+", help="normal (defect-free) images: files, folders or globs")
     parser.add_argument("--fpr", type=float, default=0.01, help="target image false-positive rate (default 0.01)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,12 @@ def require_range(
         raise ValueError(f"{name} {value:g}: must be in {interval}")
 
 
+def local_path(text: str) -> str:
+    """argparse type of the folders and files a command writes: "~" expanded once, here, so that the path checked
+    (protected folders, existing contents) is the path written, also when the shell left a quoted "~" alone."""
+    return os.path.expanduser(text)
+
+
 def require_positive(name: str, value: int | None) -> None:
     """Raise `ValueError` unless the integer `value` (None: not given) is at least 1."""
     if value is not None and value < 1:
@@ -111,6 +118,7 @@ __all__ = [
     "EXIT_CODES_HELP",
     "OneLineArgumentParser",
     "Terminated",
+    "local_path",
     "one_line",
     "require_positive",
     "require_range",

@@ -17,7 +17,7 @@ from ..computation_options import add_computation_arguments, computation_overrid
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
 from .cli import HelpFormatter
-from .cli_support import one_line, run_command
+from .cli_support import local_path, one_line, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dino", default=None, help="DINOv2 backbone for Crane+: Hub id or local folder")
     parser.add_argument("--checkpoint", required=True, help="official prompt checkpoint, e.g. epoch_5.pth")
     parser.add_argument("--variant", required=True, choices=["crane", "crane+"])
-    parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout)")
+    parser.add_argument("--output", required=True, type=local_path, help="folder to write (save_pretrained layout)")
     parser.add_argument("--image-size", type=int, default=None, help="input side S (default: 518)")
     parser.add_argument("--allow-backbone-mismatch", action="store_true", help="convert despite a CLIP mismatch")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -20,7 +20,7 @@ from typing import Any
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
 from ..presets import DEFAULT_PRESET, BackboneUnavailableError
-from .cli_support import one_line, require_positive
+from .cli_support import local_path, one_line, require_positive
 
 DEMO_TRAIN_CLASSES = ("brick", "grass", "gravel", "tissue")
 DEMO_EXAMPLE_CLASSES = ("coins", "moon")
@@ -220,7 +220,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="crane-hf-demo", help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="crane-hf-demo", type=local_path, help="folder to write (default: %(default)s)"
+    )
     parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id (online mode)")
     parser.add_argument("--offline", action="store_true", help="skip the Hub: run the small offline demo model")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the offline demo prompts")

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from ..computation_options import add_computation_arguments
 from ..io.output_safety import check_output_dir
 from .cli import HelpFormatter
-from .cli_support import one_line, require_positive, require_range, run_command
+from .cli_support import local_path, one_line, require_positive, require_range, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
     )
-    parser.add_argument("--output", default="crane-hf-evaluation", help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="crane-hf-evaluation", type=local_path, help="folder to write (default: %(default)s)"
+    )
     parser.add_argument("--protocol", choices=["paper"], default=None, help="the published setting for the dataset")
     parser.add_argument("--dataset", default=None, help="dataset name for --protocol paper (default: the folder name)")
     parser.add_argument("--variant", choices=["crane", "crane+"], default="crane+", help="model for --protocol paper")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_support import local_path
+
 # Literal here (equal to exporting.FORMATS and DEFAULT_TOLERANCE, checked by the tests) so that --help loads no torch.
 FORMAT_CHOICES = ("onnx", "openvino")
 DEFAULT_TOLERANCE = 1e-4
@@ -24,7 +26,7 @@ DEFAULT_TOLERANCE = 1e-4
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="preset name, model folder or Hub id")
     parser.add_argument("--format", required=True, choices=FORMAT_CHOICES, help="onnx or openvino")
-    parser.add_argument("--output", required=True, help="folder to write")
+    parser.add_argument("--output", required=True, type=local_path, help="folder to write")
     parser.add_argument("--image-size", type=int, default=None, help="input side S (default: the model's)")
     parser.add_argument(
         "--smoothed-maps", action="store_true", help="also output the maps smoothed with the model's sigma"

@@ -27,11 +27,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli_support import one_line, require_positive, require_range
+from .cli_support import local_path, one_line, require_positive, require_range
 
 if TYPE_CHECKING:
     from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
@@ -170,21 +170,22 @@ def predict_images(
             }
             if write_overlays:
                 row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
-                save_decision_figure(
-                    path_inside(staging, row["overlay"]),
-                    _display_rgb(image),
-                    output["anomaly_map"],
-                    score=output["score"],
-                    image_threshold=image_decision,
-                    pixel_threshold=decision,
-                    name=os.path.join(*_last_parts(path)),
-                    color_scale=color_scale,
-                )
+                target = path_inside(staging, row["overlay"])
+                with naming_write_errors(target):
+                    save_decision_figure(
+                        target,
+                        _display_rgb(image),
+                        output["anomaly_map"],
+                        score=output["score"],
+                        image_threshold=image_decision,
+                        pixel_threshold=decision,
+                        name=os.path.join(*_last_parts(path)),
+                        color_scale=color_scale,
+                    )
             if save_maps:
-                np.save(
-                    path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy"))),
-                    output["anomaly_map"],
-                )
+                target = path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy")))
+                with naming_write_errors(target):
+                    np.save(target, output["anomaly_map"])
             report.rows.append(row)
         bar.close()
         _write_tables(staging, report, model, threshold, decision)
@@ -217,8 +218,7 @@ def _write_tables(
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(report.rows)
-    with open(os.path.join(folder, "predictions.csv"), "w", encoding="utf-8", newline="") as stream:
-        stream.write(buffer.getvalue())
+    write_text_file(os.path.join(folder, "predictions.csv"), buffer.getvalue())
     summary = {
         "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
         "computation": computation_summary(model),
@@ -228,11 +228,10 @@ def _write_tables(
         "skipped": [asdict(item) for item in report.skipped],
         "left_out": report.left_out,
     }
-    with open(os.path.join(folder, "predictions.json"), "w", encoding="utf-8") as stream:
-        json.dump(summary, stream, indent=2)
+    write_text_file(os.path.join(folder, "predictions.json"), json.dumps(summary, indent=2))
     if report.skipped:
-        with open(os.path.join(folder, "skipped.txt"), "w", encoding="utf-8") as stream:
-            stream.writelines(f"{item.path}\t{item.reason}\n" for item in report.skipped)
+        lines = "".join(f"{item.path}\t{item.reason}\n" for item in report.skipped)
+        write_text_file(os.path.join(folder, "skipped.txt"), lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,7 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )
-    parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="crane-hf-predictions", type=local_path, help="folder to write (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(

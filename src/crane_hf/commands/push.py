@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli_support import one_line
+from .cli_support import local_path, one_line
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -144,12 +144,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/crane-plus-pcb")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument(
-        "--dry-run", metavar="OUT_DIR", default=None, help="write the folder here instead of uploading"
+        "--dry-run",
+        metavar="OUT_DIR",
+        default=None,
+        type=local_path,
+        help="write the folder here instead of uploading",
     )
     parser.add_argument(
         "--space",
         metavar="SPACE_DIR",
         default=None,
+        type=local_path,
         help="also write a Gradio Space folder running the app on the model",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run or --space folder")

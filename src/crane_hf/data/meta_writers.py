@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..commands.cli_support import local_path
 from ..io.atomic import OutputExistsError
 from .layouts import read_visa_csv, scan_class_folders
 from .meta_json import write_meta_json
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", choices=sorted(WRITERS), help="which dataset's layout to read")
     parser.add_argument("root", nargs="?", help="the folder the dataset was extracted to")
-    parser.add_argument("--output", help="where to write the index (default: <root>/meta.json)")
+    parser.add_argument("--output", type=local_path, help="where to write the index (default: <root>/meta.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing meta.json")
     parser.add_argument("--list", action="store_true", help="list the supported datasets and exit")
     args = parser.parse_args(argv)

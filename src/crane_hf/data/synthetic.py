@@ -42,7 +42,11 @@ except ImportError as error:  # an optional dependency: only the synthetic datas
         'pip install scikit-image (in a clone of crane_hf: pip install -e ".[synthetic]", the synthetic extra).'
     ) from error
 
-from ..commands.cli_support import one_line, run_command  # `python -m crane_hf.data.synthetic` is a command
+from ..commands.cli_support import (
+    local_path,
+    one_line,
+    run_command,
+)  # `python -m crane_hf.data.synthetic` is a command
 from ..io.atomic import atomic_output_dir, atomic_write_text
 from .meta_json import write_meta_json
 from .records import AnomalyRecord
@@ -303,7 +307,9 @@ def _names(value: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="folder to create (must not exist unless --overwrite)")
+    parser.add_argument(
+        "--output", required=True, type=local_path, help="folder to create (must not exist unless --overwrite)"
+    )
     parser.add_argument("--classes", type=_names, default=list(DEFAULT_CLASSES), help="comma-separated sources")
     parser.add_argument("--defects", type=_names, default=list(DEFECTS), help="comma-separated defect types")
     parser.add_argument("--image-size", type=int, default=128)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io.atomic import atomic_output_dir
+from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.output_safety import on_main_process, protected_paths
 
 TABLE_COLUMNS = (
@@ -124,6 +124,8 @@ def score_dataset(
     dataset = images.dataset  # undecoded: reading a row decodes nothing
     loader = torch.utils.data.DataLoader(_EvaluationItems(images, rows), batch_size=batch_size, collate_fn=_collate)
     class_names = list(dataset["class_name"])
+    if overlay_dir is not None:
+        _check_overlay_folders(overlay_dir, class_names)  # before the first image is scored
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
     device = model.device
@@ -159,6 +161,15 @@ def score_dataset(
     return accumulators, skipped
 
 
+def _check_overlay_folders(folder: str, class_names: Sequence[Any]) -> None:
+    """Refuse, naming it, a class whose overlay folder (`safe_file_name` of its name) would not stay inside
+    `folder` (`UnsafeOutputPathError`), before any image is scored."""
+    from ..io.output_names import path_inside, safe_file_name
+
+    for name in dict.fromkeys(str(name) for name in class_names):
+        path_inside(folder, safe_file_name(name))
+
+
 def _save_overlays(
     dataset: Any, rows: list[int], maps: np.ndarray, scores: np.ndarray, config: Any, folder: str
 ) -> list[str]:
@@ -186,15 +197,16 @@ def _save_overlays(
             relative = f"{class_folder}/{source_file_name(str(record['image_path']), f'~{row}.png')}"
         path = path_inside(folder, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_decision_figure(
-            path,
-            image,
-            np.clip(resized, 0.0, 1.0),  # bilinear resizing stays in range up to rounding
-            score=float(score),
-            image_threshold=config.image_threshold,
-            pixel_threshold=config.pixel_threshold,
-            name=str(record["image_path"]),
-        )
+        with naming_write_errors(path):
+            save_decision_figure(
+                path,
+                image,
+                np.clip(resized, 0.0, 1.0),  # bilinear resizing stays in range up to rounding
+                score=float(score),
+                image_threshold=config.image_threshold,
+                pixel_threshold=config.pixel_threshold,
+                name=str(record["image_path"]),
+            )
         written.append(relative)
     return written
 
@@ -283,21 +295,18 @@ def write_report(folder: str, table: dict[str, dict[str, float | None]], info: d
     if info.get("computation"):
         head, _, rest = markdown.partition("\n\n")
         markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
-    with open(os.path.join(folder, "metrics.md"), "w", encoding="utf-8") as stream:
-        stream.write(markdown)
+    write_text_file(os.path.join(folder, "metrics.md"), markdown)
     columns = sorted({key for row in table.values() for key in row})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["class", *columns])
     for name, row in table.items():
         writer.writerow([name, *("" if row.get(key) is None else f"{row[key]:.6f}" for key in columns)])
-    with open(os.path.join(folder, "metrics.csv"), "w", encoding="utf-8", newline="") as stream:
-        stream.write(buffer.getvalue())
-    with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as stream:
-        json.dump({**info, "metrics": table}, stream, indent=2)
+    write_text_file(os.path.join(folder, "metrics.csv"), buffer.getvalue())
+    write_text_file(os.path.join(folder, "metrics.json"), json.dumps({**info, "metrics": table}, indent=2))
     if info["skipped"]:
-        with open(os.path.join(folder, "skipped.txt"), "w", encoding="utf-8") as stream:
-            stream.writelines(f"{item['image_path']}\t{item['reason']}\n" for item in info["skipped"])
+        lines = "".join(f"{item['image_path']}\t{item['reason']}\n" for item in info["skipped"])
+        write_text_file(os.path.join(folder, "skipped.txt"), lines)
 
 
 def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from .output_names import TEMP_TAG
 from .output_safety import (
@@ -73,7 +74,10 @@ def atomic_output_dir(
             retire_and_replace(staging, path)
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
-            if error.filename is None and error.errno is not None:  # e.g. a full disk: name the output
+            named = str(error.filename) if error.filename is not None else None
+            if named is not None and named.startswith(staging + os.sep):  # name the file as it would have been
+                raise OSError(error.errno, error.strerror, path + named[len(staging) :]) from error
+            if named is None and error.errno is not None:  # e.g. a full disk: name the output
                 raise OSError(error.errno, error.strerror, path) from error
             raise
         except BaseException:
@@ -81,51 +85,110 @@ def atomic_output_dir(
             raise
 
 
+@contextlib.contextmanager
+def naming_write_errors(path: str) -> Iterator[None]:
+    """Re-raise an `OSError` that names no file (a full disk, an I/O error while writing) as the same error
+    naming `path`, so that its one-line message says which file could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, path) from error
+
+
+def write_text_file(path: str, text: str) -> None:
+    """Write `text` (UTF-8, line ends as given) to `path`, a file inside a folder the caller publishes atomically;
+    an error names `path` (`naming_write_errors`)."""
+    with naming_write_errors(path), open(path, "w", encoding="utf-8", newline="") as stream:
+        stream.write(text)
+
+
 def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`; an error while writing
+    (a full disk) names `path` and leaves the previous file as it was."""
     check_can_write(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(staging, 0o666 & ~_current_umask())
-        os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(staging)
-        raise
+    atomic_write_many({path: data})
+
+
+def atomic_write_many(contents: dict[str, bytes]) -> None:
+    """Write several files (target path -> bytes) all or nothing, e.g. calibrate's config.json and
+    calibration.json, which must describe the same thresholds.
+
+    Every file is written under a temporary name in its folder
+    first (an error names the target: `naming_write_errors`), and the targets are replaced only when all are
+    complete; if a replacement fails, the targets already replaced get their previous content back. So a failure
+    leaves every previous file as it was, and no half-written file under a target's name.
+    """
+    _stage_and_replace({path: (lambda stream, data=data: stream.write(data), None) for path, data in contents.items()})
 
 
 def atomic_write_files(sources: dict[str, str], folder: str) -> None:
-    """Copy files (name in `folder` -> source path) all or nothing: every copy is written under a temporary name
-    first and renamed only when all are complete, so a failure while writing (a full disk, an unwritable folder)
-    leaves the previous files of `folder` as they were. Modes are copied from the sources."""
+    """Copy files (name in `folder` -> source path) all or nothing (`atomic_write_many`): a failure while writing
+    (a full disk, an unwritable folder) leaves the previous files of `folder` as they were. Modes are copied from
+    the sources."""
+
+    def copier(source: str) -> Callable[[Any], None]:
+        def copy(stream: Any) -> None:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, stream)
+
+        return copy
+
+    _stage_and_replace({os.path.join(folder, name): (copier(source), source) for name, source in sources.items()})
+
+
+def _stage_and_replace(writers: dict[str, tuple[Callable[[Any], Any], str | None]]) -> None:
+    """Write each target (path -> (write(stream), source whose mode to copy or None)) to a temporary file beside it,
+    then rename them all onto their targets, restoring the replaced ones if a rename fails."""
     staged: list[tuple[str, str]] = []
+    backups: list[tuple[str, str]] = []
+    replaced: list[str] = []
     try:
-        for name, source in sources.items():
-            handle, staging = tempfile.mkstemp(prefix=f".{name}{TEMP_TAG}", dir=folder)
-            staged.append((staging, os.path.join(folder, name)))
-            try:
-                with os.fdopen(handle, "wb") as stream, open(source, "rb") as original:
-                    shutil.copyfileobj(original, stream)
+        for target, (write, mode_source) in writers.items():
+            folder, name = os.path.split(os.path.abspath(target))
+            with naming_write_errors(target):
+                handle, staging = tempfile.mkstemp(prefix=f".{name}{TEMP_TAG}", dir=folder)
+                staged.append((staging, target))
+                with os.fdopen(handle, "wb") as stream:
+                    write(stream)
                     stream.flush()
                     os.fsync(stream.fileno())
-            except OSError as error:
-                if error.filename or error.errno is None:
-                    raise
-                raise OSError(error.errno, error.strerror, os.path.join(folder, name)) from error
-            shutil.copymode(source, staging)
+                if mode_source is None:
+                    os.chmod(staging, 0o666 & ~_current_umask())
+                else:
+                    shutil.copymode(mode_source, staging)
+        if len(staged) > 1:  # keep the previous files (hard links) until every target is replaced
+            for _, target in staged:
+                if os.path.isfile(target):
+                    folder, name = os.path.split(os.path.abspath(target))
+                    backup = os.path.join(folder, f".{name}{TEMP_TAG}previous")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(backup)
+                    try:
+                        os.link(target, backup)
+                    except OSError:  # a file system without hard links
+                        shutil.copyfile(target, backup)
+                    backups.append((backup, target))
         for staging, target in staged:
-            os.replace(staging, target)
+            with naming_write_errors(target):
+                os.replace(staging, target)
+            replaced.append(target)
     except BaseException:
+        for backup, target in backups:
+            if target in replaced:
+                with contextlib.suppress(OSError):
+                    os.replace(backup, target)
         for staging, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(staging)
         raise
+    finally:
+        for backup, _ in backups:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(backup)
 
 
 def atomic_write_text(path: str, text: str, overwrite: bool = True) -> None:

@@ -2,9 +2,11 @@
 
 Two rules, for every command that writes a file named after its input:
 
-- `safe_file_name` turns any text into one file name component: no separator, no "." or "..", no control or NUL
-  character, at most `MAX_NAME_BYTES` bytes of UTF-8 (longer names keep their start and their end, with a hash
-  of the whole name between them, so two long names that differ only in the middle stay different);
+- `safe_file_name` turns any text into one portable file name component: no separator, no "." or "..", no
+  control or NUL character, none of the characters Windows file systems refuse (`<>:"|?*`, so no drive-like
+  prefix such as `A:`), no trailing dot or space, no reserved device name (CON, NUL, COM1, ...), at most
+  `MAX_NAME_BYTES` bytes of UTF-8 (longer names keep their start and their end, with a hash of the whole name
+  between them, so two long names that differ only in the middle stay different);
 - `path_inside` joins a relative path to an output folder and refuses, naming the path, anything that would
   leave the folder: absolute paths, drive letters, ".." components, and existing symbolic links that lead out.
 """
@@ -24,7 +26,9 @@ MARKER_NAME = ".crane-hf-output.json"
 TEMP_TAG = ".crane-hf-tmp-"
 OLD_TAG = ".crane-hf-old-"
 LOCK_TAG = ".crane-hf-lock"
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
+# Names Windows reserves for devices, whatever their extension ("CON.png" included).
+_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9\u00b9\u00b2\u00b3]|LPT[0-9\u00b9\u00b2\u00b3])( *$| *\.)", re.I)
 
 
 class UnsafeOutputPathError(ValueError):
@@ -46,14 +50,16 @@ def _shorten(name: str, limit: int) -> str:
 def safe_file_name(text: str, suffix: str = "", limit: int = MAX_NAME_BYTES) -> str:
     """`text` as a single file name ending in `suffix`, within `limit` bytes (see the module docstring).
 
-    Separators and control characters become "_", a name made only of dots gets a leading "_", and an empty
-    name becomes "_". Different `text` values of at most `limit` bytes map to different names unless they differ
-    only in those characters.
+    Separators, control characters and `<>:"|?*` become "_", as do trailing dots and spaces of the whole name; a
+    name made only of dots, or a reserved device name, gets a leading "_"; an empty name becomes "_". Different
+    `text` values of at most `limit` bytes map to different names unless they differ only in those characters.
     """
     name = _UNSAFE.sub("_", text) or "_"
-    if set(name) == {"."}:
+    if set(name) == {"."} or _RESERVED.match(name):
         name = "_" + name
-    return _shorten(name, limit - len(suffix.encode("utf-8"))) + suffix
+    name = _shorten(name, limit - len(suffix.encode("utf-8"))) + suffix
+    stripped = name.rstrip(". ")
+    return stripped + "_" * (len(name) - len(stripped))
 
 
 def source_file_name(relative_path: str, suffix: str) -> str:

@@ -1,9 +1,11 @@
 """Which folders crane-hf may create, replace or clean, so that nothing it did not write is ever deleted.
 
 - Marker and manifest: every output folder crane-hf creates holds `MARKER_NAME`, a JSON file naming the command
-  that wrote it and every file it wrote ("files"; an entry ending in "/" claims a whole subfolder, as the training
-  logs). `--overwrite` replaces a folder only if it holds the marker and nothing but the files listed (subfolders
-  with their own marker are checked against theirs); anything else is refused, naming the files.
+  that wrote it and every file it wrote ("files", one relative path per file). Ownership is file by file:
+  `--overwrite` replaces a folder only if it holds the marker and every file under it, at any depth, is listed
+  there. A listed folder name, an entry ending in "/" or a subfolder with a marker of its own vouches for nothing
+  (a forged or moved manifest cannot hand over files it does not list); anything else is refused, naming the
+  files.
 - Protected folders: an output is refused when it is, or contains, the current working folder, the home folder,
   "/" or a folder the command reads (inputs, the model, the dataset root, backbones), compared on real paths.
 - One run per output: `output_lock` takes an exclusive `flock` on `.<name>.crane-hf-lock` beside the output for
@@ -47,7 +49,8 @@ class OutputInUseError(BlockingIOError):
 
 
 def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    """`path` as it will be written (no "~" expansion: the command line expands it once, `local_path`)."""
+    return os.path.realpath(os.path.abspath(path))
 
 
 def _contains(folder: str, path: str) -> bool:
@@ -147,18 +150,51 @@ def write_marker(
 
 
 def claim_entries(folder: str, entries: Iterable[str], command: str | None) -> None:
-    """Add `entries` (files, or "sub/" for a whole subfolder) to the manifest of `folder`, creating the marker."""
+    """Add the files `entries` (paths relative to `folder`, "/" separated) to the manifest of `folder`, creating
+    the marker; listed files that no longer exist are dropped from it, so that a later file of that name is not
+    taken for crane-hf's."""
     marker = read_marker(folder) or {}
-    write_marker(folder, marker.get("command") or command, files=[*marker.get("files", []), *entries])
+    listed = [*marker.get("files", []), *entries]
+    kept = [e for e in listed if isinstance(e, str) and os.path.lexists(os.path.join(folder, *e.split("/")))]
+    write_marker(folder, marker.get("command") or command, files=kept)
+
+
+FileSignature = tuple[int, int, int]
+
+
+def file_signatures(folder: str) -> dict[str, FileSignature]:
+    """Every file (and link) under `folder` but its marker, relative path -> (inode, mtime in ns, size): taken
+    before a run writes into a folder, so that `claim_changed` can tell the files the run wrote."""
+    found = {}
+    for path in _listing(folder) if os.path.isdir(folder) else []:
+        info = os.lstat(os.path.join(folder, *path.split("/")))
+        found[path] = (info.st_ino, info.st_mtime_ns, info.st_size)
+    return found
+
+
+def claim_changed(
+    folder: str, before: dict[str, FileSignature], prefixes: Sequence[str], command: str | None
+) -> list[str]:
+    """List in the manifest of `folder` the files under it that are new or changed since `before`
+    (`file_signatures`) and whose relative path starts with one of `prefixes`: the files a run wrote where it
+    writes, and no file a user dropped elsewhere meanwhile. Returns the paths claimed."""
+    now = file_signatures(folder)
+    changed = [
+        path for path, signature in now.items() if before.get(path) != signature and path.startswith(tuple(prefixes))
+    ]
+    if changed:
+        claim_entries(folder, changed, command)
+    return changed
 
 
 def unowned_entries(folder: str) -> list[str]:
-    """Paths under `folder` that its manifest does not list (the folder itself when it has no marker)."""
+    """Files and links under `folder`, at any depth, that its manifest does not list (the folder itself when it
+    has no marker). A folder is owned only through the files it holds: a listed folder name, an entry ending in
+    "/", or a subfolder's own marker owns nothing."""
     marker = read_marker(folder)
     if marker is None:
         return [folder]
-    listed = {entry for entry in marker.get("files", []) if isinstance(entry, str)}
-    claimed = tuple(entry for entry in listed if entry.endswith("/"))
+    listed = {entry for entry in marker.get("files", []) if isinstance(entry, str) and not entry.endswith("/")}
     found: list[str] = []
 
     def visit(directory: str, prefix: str) -> None:
@@ -167,14 +203,9 @@ def unowned_entries(folder: str) -> list[str]:
                 relative = prefix + entry.name
                 if (not prefix and entry.name == MARKER_NAME) or _is_temporary(entry):
                     continue
-                if relative in listed or relative.startswith(claimed):
-                    continue
                 if entry.is_dir(follow_symlinks=False):
-                    if is_crane_hf_output(entry.path):
-                        found.extend(unowned_entries(entry.path))
-                    else:
-                        visit(entry.path, relative + "/")
-                else:
+                    visit(entry.path, relative + "/")
+                elif relative not in listed:
                     found.append(entry.path)
 
     visit(folder, "")
@@ -396,10 +427,12 @@ __all__ = [
     "check_output_dir",
     "check_replaceable",
     "check_writable",
+    "claim_changed",
     "claim_entries",
     "clean_stale_temporaries",
     "clean_stale_temporaries_in",
     "default_protected",
+    "file_signatures",
     "is_crane_hf_output",
     "make_staging_dir",
     "on_main_process",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..commands.cli_support import local_path
 from ..computation_options import add_computation_arguments
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP backbone: Hub id or local folder")
     parser.add_argument("--dino", default=None, help=f"DINOv2 backbone for crane+ (default {DEFAULT_DINO})")
     parser.add_argument("--variant", choices=("crane", "crane+"), default="crane", help="Crane or Crane+ (D-Attn)")
-    parser.add_argument("--output-dir", required=True, help="checkpoints and the final prompts go here")
+    parser.add_argument(
+        "--output-dir", required=True, type=local_path, help="checkpoints and the final prompts go here"
+    )
     parser.add_argument("--epochs", type=int, default=5, help="paper: 5")
     parser.add_argument("--batch-size", type=int, default=8, help="images per process and step; paper: 8")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate; paper: 1e-3")
@@ -43,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-features", action="store_true", help="compute each image's backbone outputs once, on disk"
     )
-    parser.add_argument("--feature-cache-dir", help=f"where to cache them (default <output-dir>/{FEATURE_CACHE})")
+    parser.add_argument(
+        "--feature-cache-dir", type=local_path, help=f"where to cache them (default <output-dir>/{FEATURE_CACHE})"
+    )
     parser.add_argument(
         "--keep-feature-cache", action="store_true", help="keep the default cache folder after a successful run"
     )

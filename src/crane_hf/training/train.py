@@ -45,18 +45,23 @@ from ..hub_availability import (
     local_dir_name,
     unavailable_reason,
 )
-from ..io.atomic import OutputExistsError
+from ..io.atomic import OutputExistsError, naming_write_errors
 from ..io.output_safety import (
+    MARKER_NAME,
+    UnsafeOutputError,
     check_not_protected,
     check_output_dir,
     check_replaceable,
     check_writable,
+    claim_changed,
     claim_entries,
     clean_stale_temporaries,
     clean_stale_temporaries_in,
+    file_signatures,
     on_main_process,
     output_lock,
     protected_paths,
+    read_marker,
     unowned_entries,
 )
 from ..models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
@@ -227,24 +232,58 @@ def training_protections(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [*protected_paths("the dataset root", roots), *protected_paths("a backbone", [args.clip, args.dino])]
 
 
+# What a training run writes in its output folder besides the published model files (`publish_model` lists those):
+# the files it writes there are listed in the folder's manifest one by one (`claim_changed`).
+RUN_FILE_PREFIXES = (TRAINING_LOG, "logs/", f"{FEATURE_CACHE}/", CHECKPOINT_PREFIX)
+
+
 def _prepare_output_dir(
     args: argparse.Namespace, resume: str | None, accelerator: Accelerator, claim: contextlib.ExitStack
-) -> bool:
+) -> tuple[bool, dict[str, Any]]:
     """Claim `--output-dir` for this run (main process: its lock, held until `claim` closes; what killed runs left
     there removed) and refuse to write over an earlier run's outputs unless `--overwrite`, which needs a folder
-    holding only files crane-hf wrote (resuming in place is allowed). Returns whether this run created the folder.
-    Every process raises the main process's refusal."""
+    holding only files crane-hf wrote. Resuming in place needs a folder `train` wrote (its marker), whose files
+    this run replaces listed in its manifest. Returns whether this run created the folder, and the signatures of
+    the files in it before the run (`output_safety.file_signatures`). Every process raises the main process's
+    refusal."""
     return on_main_process(accelerator, lambda: _claim_output_dir(args, resume, claim))
 
 
-def _claim_output_dir(args: argparse.Namespace, resume: str | None, claim: contextlib.ExitStack) -> bool:
+def _check_resume_in_place(output_dir: str, resume: str) -> None:
+    """Refuse to resume in `output_dir` unless `train` wrote it (its marker) and lists every existing file that
+    resuming replaces there (the published model files and the training log)."""
+    marker = read_marker(output_dir)
+    if marker is None or marker.get("command") != "train":
+        raise UnsafeOutputError(
+            f"refusing to resume in {output_dir}: it was not written by crane-hf train (no {MARKER_NAME} of train); "
+            "resuming replaces its config.json and model files. Resume into a new --output-dir instead."
+        )
+    listed = set(marker.get("files", []))
+    replaced = [name for name in os.listdir(resume) if os.path.isfile(os.path.join(resume, name))]
+    foreign = [
+        os.path.join(output_dir, name)
+        for name in sorted({*replaced, TRAINING_LOG} - {MARKER_NAME})
+        if os.path.lexists(os.path.join(output_dir, name)) and name not in listed
+    ]
+    if foreign:
+        raise UnsafeOutputError(
+            f"refusing to resume in {output_dir}: resuming would replace files crane-hf did not write "
+            f"({', '.join(foreign)}). Move them away or resume into a new --output-dir."
+        )
+
+
+def _claim_output_dir(
+    args: argparse.Namespace, resume: str | None, claim: contextlib.ExitStack
+) -> tuple[bool, dict[str, Any]]:
     output_dir = os.path.abspath(args.output_dir)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     claim.enter_context(output_lock(output_dir))
     clean_stale_temporaries(output_dir)
     clean_stale_temporaries_in(output_dir)
     resuming_in_place = resume is not None and os.path.dirname(os.path.abspath(resume)) == output_dir
-    if not resuming_in_place:
+    if resuming_in_place:
+        _check_resume_in_place(output_dir, resume)
+    else:
         if not args.overwrite:
             check_output_dir(output_dir, overwrite=False, protected=training_protections(args))
         else:
@@ -261,14 +300,23 @@ def _claim_output_dir(args: argparse.Namespace, resume: str | None, claim: conte
             if name.startswith(CHECKPOINT_PREFIX) or name in ("logs", TRAINING_LOG):
                 path = os.path.join(output_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    claim_entries(output_dir, [TRAINING_LOG, "logs/", f"{FEATURE_CACHE}/"], "train")
-    return created
+    claim_entries(output_dir, [], "train")
+    return created, file_signatures(output_dir)
 
 
-def _remove_unfinished_output(output_dir: str) -> None:
+def _claim_run_files(output_dir: str, before: dict[str, Any]) -> None:
+    """List in the manifest of `output_dir` the files this run wrote there (new or changed since `before`, where
+    training writes: `RUN_FILE_PREFIXES`)."""
+    claim_changed(output_dir, before, RUN_FILE_PREFIXES, "train")
+
+
+def _remove_unfinished_output(output_dir: str, before: dict[str, Any]) -> None:
     """After a failed run that created `output_dir` and finished no checkpoint: remove it, if it holds only files
     this run wrote, so that no half-made output folder is left."""
-    if list_checkpoints(output_dir) or not os.path.isdir(output_dir) or unowned_entries(output_dir):
+    if not os.path.isdir(output_dir):
+        return
+    _claim_run_files(output_dir, before)
+    if list_checkpoints(output_dir) or unowned_entries(output_dir):
         return
     shutil.rmtree(output_dir, ignore_errors=True)
 
@@ -417,12 +465,15 @@ def train(args: argparse.Namespace) -> str:
     if resume:
         _check_resume_settings(read_trainer_state(resume)["settings"], settings, resume)
     with contextlib.ExitStack() as claim:
-        created = _prepare_output_dir(args, resume, accelerator, claim)
+        created, before = _prepare_output_dir(args, resume, accelerator, claim)
         try:
-            return _train(args, accelerator, resume, settings, output_dir)
+            return _train(args, accelerator, resume, settings, output_dir, before)
         except BaseException:
-            if created and accelerator.is_main_process:
-                _remove_unfinished_output(output_dir)
+            if accelerator.is_main_process:
+                if created:
+                    _remove_unfinished_output(output_dir, before)
+                elif os.path.isdir(output_dir):
+                    _claim_run_files(output_dir, before)
             raise
 
 
@@ -432,8 +483,9 @@ def _train(
     resume: str | None,
     settings: dict[str, Any],
     output_dir: str,
+    before: dict[str, Any],
 ) -> str:
-    """The training run itself, once the output folder is claimed."""
+    """The training run itself, once the output folder is claimed (`before`: its files' signatures then)."""
     set_seed(args.seed)
     model = build_model(args)
     settings["backbones_sha256"] = module_fingerprint([model.clip, model.dino])
@@ -469,12 +521,16 @@ def _train(
         state["epoch"] = epoch
         state["history"].append(summary)
         save_checkpoint(accelerator, model, processor, checkpoint_path(output_dir, epoch), state, args.overwrite)
+        if accelerator.is_main_process:
+            _claim_run_files(output_dir, before)
     if accelerator.is_main_process:
         publish_model(checkpoint_path(output_dir, state["epoch"]), output_dir)
         if args.cache_features and not args.feature_cache_dir and not args.keep_feature_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        _claim_run_files(output_dir, before)  # and the logs, complete now
     return output_dir
 
 
@@ -530,7 +586,7 @@ def _train_epoch(
             record = {name: round(float(v), 6) for name, v in zip(LOSS_NAMES, losses)}
             accelerator.log(record, step=state["global_step"])
             if accelerator.is_main_process:
-                with open(log_path, "a", encoding="utf-8") as log:
+                with naming_write_errors(log_path), open(log_path, "a", encoding="utf-8") as log:
                     log.write(json.dumps({"epoch": epoch, "step": state["global_step"], **record}) + "\n")
             progress.set_postfix({k.replace("_loss", ""): f"{v:.4f}" for k, v in record.items()})
             progress.update(1)

@@ -12,7 +12,8 @@ Every image file is read by one rule, whichever way it arrives (path, bytes, `da
   downloads with `read_image_bytes`) or PIL object (`CraneImageProcessor` applies it);
 - the decoded image keeps its file `format` ("JPEG", "PNG", ...), so that a lossy mask can be recognised;
 - URLs (`read_image_url`, with the standard library's HTTP client, so that the model folder needs nothing more) have
-  a default timeout that also bounds the whole download, and a byte limit.
+  a default timeout that also bounds the whole download, and a byte limit; only http(s) is spoken, and a redirect
+  to any other scheme (ftp://, file://, data:) is refused.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def read_image_url(
     chunks, size = [], 0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "crane-hf"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _http_only_opener(url).open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise ValueError(f"{url}: refused, {int(declared):,} bytes exceeds the limit of {max_bytes:,} bytes")
@@ -99,6 +100,36 @@ def read_image_url(
     except (OSError, http.client.HTTPException) as error:
         raise ValueError(f"{url}: could not be downloaded ({error})") from error
     return read_image_bytes(b"".join(chunks), url, max_pixels)
+
+
+def _http_only_opener(url: str) -> Any:
+    """A urllib opener that speaks http(s) only: no file://, ftp:// or data: handler, and a redirect to any other
+    scheme is refused (`ValueError` naming `url` and the target), where urllib's default opener follows ftp://."""
+    import urllib.parse
+    import urllib.request
+
+    class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+        def http_error_302(self, req, fp, code, msg, headers):
+            location = headers.get("location") or headers.get("uri")
+            target = urllib.parse.urljoin(req.full_url, location) if location else ""
+            if target and urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+                raise ValueError(f"{url}: refused, it redirects to {target} (only http:// and https:// are followed)")
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        HttpOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 def read_encoded_image(value: Mapping[str, Any], max_pixels: int | None = None) -> Image.Image:
