@@ -166,7 +166,7 @@ def _start(argv: list[str], cwd) -> subprocess.Popen:
 def _wait_for(folder, prefix: str, process: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
-        if any(name.startswith(prefix) for name in os.listdir(folder)):
+        if os.path.isdir(folder) and any(name.startswith(prefix) for name in os.listdir(folder)):
             return
         time.sleep(0.02)
     raise AssertionError(f"no {prefix}* appeared (exit code {process.poll()})")
@@ -179,7 +179,7 @@ def test_sigint_and_sigterm_end_with_one_line_and_no_temporary_files(tiny_model_
     write_test_images(tmp_path / "many", count=200)
     process = _start(["predict", "many", "--model", tiny_model_dir, "--output", "out", "--quiet"], tmp_path)
     try:
-        _wait_for(tmp_path, ".out.crane-hf-tmp-", process)
+        _wait_for(tmp_path / ".out.crane-hf-partial", "rows", process)
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -187,7 +187,9 @@ def test_sigint_and_sigterm_end_with_one_line_and_no_temporary_files(tiny_model_
     assert process.returncode == code
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"crane-hf: {word} (") and "Traceback" not in stderr
-    assert sorted(os.listdir(tmp_path)) == ["many"]  # no output, no temporary folder, no lock file
+    assert "rerun the same command with --resume" in stderr
+    # No output, no temporary folder, no lock file: only the finished images, kept for --resume.
+    assert sorted(os.listdir(tmp_path)) == [".out.crane-hf-partial", "many"]
 
 
 def test_evaluate_interrupted_leaves_nothing(tiny_model_dir, tmp_path):

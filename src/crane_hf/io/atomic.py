@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator
 
 from .output_names import TEMP_TAG
 from .output_safety import (
+    PARTIAL_SETTINGS,
     OutputExistsError,
     check_output_dir,
     clean_stale_temporaries,
     make_staging_dir,
+    open_partial,
     output_lock,
     retire_and_replace,
     write_marker,
@@ -41,6 +43,17 @@ def check_can_write(path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def _claimed(path: str, overwrite: bool, protected: list[tuple[str, str]]) -> Iterator[None]:
+    """Check the output `path`, hold its lock, remove what killed runs left beside it and check again."""
+    check_output_dir(path, overwrite, protected)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with output_lock(path):
+        clean_stale_temporaries(path)
+        check_output_dir(path, overwrite, protected)
+        yield
+
+
+@contextlib.contextmanager
 def atomic_output_dir(
     path: str,
     overwrite: bool = False,
@@ -59,11 +72,7 @@ def atomic_output_dir(
     """
     path = os.path.abspath(path)
     protected = list(protected)
-    check_output_dir(path, overwrite, protected)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with output_lock(path):
-        clean_stale_temporaries(path)
-        check_output_dir(path, overwrite, protected)
+    with _claimed(path, overwrite, protected):
         staging = make_staging_dir(path, command)
         try:
             yield staging
@@ -78,6 +87,40 @@ def atomic_output_dir(
             raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def resumable_output_dir(
+    path: str,
+    overwrite: bool,
+    protected: Iterable[tuple[str, str]],
+    command: str,
+    resume: bool,
+    settings: dict,
+) -> Iterator[tuple[str, str]]:
+    """`atomic_output_dir` for a run that can be resumed: yields (folder, "new" | "resumed" | "discarded").
+
+    The same checks, lock and cleaning as `atomic_output_dir`; the run works in the partial folder of `path`
+    (`output_safety.open_partial`: taken up with `resume` when made with equal `settings`), which is kept when the
+    body raises or the process is interrupted or killed, so that a later run with `--resume` finishes it. When
+    the body returns, the folder gets its manifest and replaces `path` in one rename; if that is refused (an output
+    appeared meanwhile) the folder is removed.
+    """
+    path = os.path.abspath(path)
+    protected = list(protected)
+    with _claimed(path, overwrite, protected):
+        folder, outcome = open_partial(path, command, resume, settings)
+        yield folder, outcome
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, PARTIAL_SETTINGS))
+            write_marker(folder, command)
+            os.chmod(folder, 0o777 & ~_current_umask())
+            check_output_dir(path, overwrite, protected)  # an output that appeared meanwhile is not replaced
+            retire_and_replace(folder, path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
             raise
 
 
