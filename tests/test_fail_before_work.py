@@ -19,6 +19,7 @@ import torch
 import crane_hf.model_loading as model_loading
 from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset
+from crane_hf.io.output_safety import read_marker
 
 from .tiny_models import subprocess_environment, write_test_images
 from .training_fixtures import backbones, synthetic, tiny_training_args
@@ -265,7 +266,7 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert (output / "checkpoint-epoch-2").is_dir()  # the complete checkpoint stays, to resume or publish
 
 
-def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
+def test_a_full_disk_while_predicting_names_the_output_and_keeps_only_the_marked_partial_results(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     from PIL import Image
@@ -278,5 +279,9 @@ def test_a_full_disk_while_predicting_names_the_output_and_leaves_nothing(
     monkeypatch.setattr(Image.Image, "save", disk_full)
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "photos"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
-    assert sorted(os.listdir(tmp_path)) == ["photos"]
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
+    # No output: only the marked partial folder, whose finished images a rerun with --resume keeps.
+    assert "rerun the same command with --resume" in error
+    assert sorted(os.listdir(tmp_path)) == [".out.crane-hf-partial", "photos"]
+    assert read_marker(str(tmp_path / ".out.crane-hf-partial"))["state"] == "partial"

@@ -103,7 +103,8 @@ def resumable_output_dir(
 
     The same checks, lock and cleaning as `atomic_output_dir`; the run works in the partial folder of `path`
     (`output_safety.open_partial`: taken up with `resume` when made with equal `settings`), which is kept when the
-    body raises or the process is interrupted or killed, so that a later run with `--resume` finishes it. When
+    body raises (an `OSError` naming no file, such as a full disk, is raised again naming `path`) or the process
+    is interrupted or killed, so that a later run with `--resume` finishes it. When
     the body returns, the folder gets its manifest and replaces `path` in one rename; if that is refused (an output
     appeared meanwhile) the folder is removed.
     """
@@ -111,7 +112,12 @@ def resumable_output_dir(
     protected = list(protected)
     with _claimed(path, overwrite, protected):
         folder, outcome = open_partial(path, command, resume, settings)
-        yield folder, outcome
+        try:
+            yield folder, outcome
+        except OSError as error:  # the partial folder is kept for --resume
+            if error.filename is None and error.errno is not None:  # e.g. a full disk: name the output
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, PARTIAL_SETTINGS))
