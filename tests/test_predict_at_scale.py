@@ -41,12 +41,24 @@ def images(tmp_path, monkeypatch):
     return tmp_path / "imgs"
 
 
+def _cards(folder: str) -> list[dict[str, str]]:
+    """The cards of a report.html (one per scored image): their data- attributes."""
+    with open(os.path.join(folder, "report.html"), encoding="utf-8") as stream:
+        html = stream.read()
+    return [dict(re.findall(r'data-(\w+)="([^"]*)"', card)) for card in re.findall(r'<li class="card[^>]*>', html)]
+
+
 def test_two_processes_write_the_tables_of_one(images, tiny_model_dir, capsys):
     common = ["--model", tiny_model_dir, "--quiet", "--batch-size", "2", "--save-maps", "--tables", "csv,json,jsonl"]
+    common += ["--report", "--color-scale", "image"]
     assert main(["predict", "imgs", "--output", "one", "--workers", "0", *common]) == 3
     assert main(["predict", "imgs", "--output", "two", "--num-processes", "2", "--workers", "1", *common]) == 3
     one, two = _snapshot("one"), _snapshot("two")
-    assert one == two  # tables, overlays, maps and manifest, byte for byte
+    assert one == two  # tables, decision figures, maps, report.html, its thumbnails and manifest, byte for byte
+    assert len(_cards("two")) == 9 and "report_files/thumbnails/000008.jpg" in one
+    with Image.open("two/" + _rows("two")[4]["overlay"]) as figure:  # written by the second process
+        assert figure.text["Source"].endswith(os.path.join("imgs", "part_4.png"))
+        assert figure.text["Color scale"] == "image"
     rows = _rows("one")
     assert [os.path.basename(row["path"]) for row in rows] == [f"part_{i}.png" for i in range(9)]
     assert len({row["overlay"] for row in rows}) == 9 and all(row["sha256"] for row in rows)
@@ -151,8 +163,12 @@ def test_interrupted_then_resumed_in_process_with_other_settings_refused(images,
     assert last.startswith("error: --resume:") and "threshold None" in last and "Traceback" not in error
     assert main([*argv, "--resume", "--no-overlays"]) == 2
     assert "overlays True" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert main([*argv, "--resume"]) == 3
+    assert main([*argv, "--resume", "--report"]) == 3  # the report is no run setting: it is built at the end
     assert "(3 of them scored by the interrupted run" in capsys.readouterr().out  # the 4th record: broken.png
+    cards, rows = _cards("out"), _rows("out")
+    assert len(cards) == len(rows) == 9  # the interrupted run's images too
+    assert sorted(float(card["score"]) for card in cards) == sorted(float(row["score"]) for row in rows)
+    assert all(os.path.isfile(os.path.join("out", row["overlay"])) for row in rows)
     assert main([*argv, "--overwrite"]) == 3  # a plain run starts over
     assert len(_rows("out")) == 9
 
