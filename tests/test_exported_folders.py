@@ -261,3 +261,58 @@ def test_an_inconsistent_folder_is_refused(folders, tmp_path):
     )  # the graph has no smoothed output
     with pytest.raises(ValueError, match=r"the graph takes .* not \['pixel_values'\] -> .* as crane_export\.json"):
         load_model(folder)
+
+
+def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_graph(
+    folders, tmp_path, monkeypatch, capsys
+):
+    import crane_hf.prediction.sharded_prediction as sharded_prediction
+
+    from .tiny_models import subprocess_environment
+
+    for name, value in subprocess_environment().items():  # the launched processes import this checkout
+        monkeypatch.setenv(name, value)
+    exported = _copy(folders, tmp_path, "onnx-copy")
+    write_test_images(tmp_path / "images", count=5, size=(48, 64))
+    common = ["predict", str(tmp_path / "images"), "--model", exported, "--batch-size", "2", "--quiet"]
+    common += ["--workers", "0"]
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    assert main([*common, "--output", str(tmp_path / "two"), "--num-processes", "2"]) == 0
+    # An exported graph is not batch-invariant as the eager model is (docs/export.md): the same rows and decisions,
+    # scores within float32 rounding of another batch composition.
+    _assert_same_rows(_rows(tmp_path / "two"), _rows(tmp_path / "one"))
+
+    real, calls = sharded_prediction._score_batch, []
+
+    def interrupted_after_one_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_one_batch)
+    assert main([*common, "--output", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+    import onnx
+
+    graph = os.path.join(exported, json.loads(pathlib.Path(exported, EXPORT_FILE).read_text())["graph_file"])
+    original = pathlib.Path(graph).read_bytes()
+    changed = onnx.load(graph)
+    changed.doc_string = "another graph"  # other bytes, the same numbers: still not the graph that scored them
+    onnx.save(changed, graph)
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "resumed"), "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --resume: the partial results") and "computed with model" in last
+    pathlib.Path(graph).write_bytes(original)
+    assert main([*common, "--output", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert "(2 of them scored by the interrupted run" in capsys.readouterr().out
+    _assert_same_rows(_rows(tmp_path / "resumed"), _rows(tmp_path / "one"))
+
+
+def _assert_same_rows(rows: list[dict], reference: list[dict], tolerance: float = 1e-6) -> None:
+    assert [(row["path"], row["overlay"]) for row in rows] == [(row["path"], row["overlay"]) for row in reference]
+    for row, expected in zip(rows, reference):
+        assert abs(row["score"] - expected["score"]) <= tolerance
+        assert abs(row["max_pixel_score"] - expected["max_pixel_score"]) <= tolerance
+        assert row["is_anomalous"] == expected["is_anomalous"]

@@ -21,6 +21,7 @@ import torch
 import crane_hf.model_loading as model_loading
 from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset
+from crane_hf.io.output_safety import read_marker
 
 from .tiny_models import subprocess_environment, write_test_images
 from .training_fixtures import backbones, synthetic, tiny_training_args
@@ -179,7 +180,7 @@ def _start(argv: list[str], cwd) -> subprocess.Popen:
 def _wait_for(folder, prefix: str, process: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
-        if any(name.startswith(prefix) for name in os.listdir(folder)):
+        if os.path.isdir(folder) and any(name.startswith(prefix) for name in os.listdir(folder)):
             return
         time.sleep(0.02)
     raise AssertionError(f"no {prefix}* appeared (exit code {process.poll()})")
@@ -192,7 +193,7 @@ def test_sigint_and_sigterm_end_with_one_line_and_no_temporary_files(tiny_model_
     write_test_images(tmp_path / "many", count=200)
     process = _start(["predict", "many", "--model", tiny_model_dir, "--output", "out", "--quiet"], tmp_path)
     try:
-        _wait_for(tmp_path, ".out.crane-hf-tmp-", process)
+        _wait_for(tmp_path / ".out.crane-hf-partial", "rows", process)
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -200,7 +201,9 @@ def test_sigint_and_sigterm_end_with_one_line_and_no_temporary_files(tiny_model_
     assert process.returncode == code
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"crane-hf: {word} (") and "Traceback" not in stderr
-    assert sorted(os.listdir(tmp_path)) == ["many"]  # no output, no temporary folder, no lock file
+    assert "rerun the same command with --resume" in stderr
+    # No output, no temporary folder, no lock file: only the finished images, kept for --resume.
+    assert sorted(os.listdir(tmp_path)) == [".out.crane-hf-partial", "many"]
 
 
 def test_evaluate_interrupted_leaves_nothing(tiny_model_dir, tmp_path):
@@ -277,7 +280,9 @@ def test_train_failing_while_publishing_keeps_the_previous_model_files(
     assert (output / "checkpoint-epoch-2").is_dir()  # the complete checkpoint stays, to resume or publish
 
 
-def test_a_full_disk_while_predicting_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_predicting_names_the_output_and_keeps_only_the_marked_partial_results(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     from PIL import Image
 
     write_test_images(tmp_path / "photos", count=2)
@@ -288,9 +293,16 @@ def test_a_full_disk_while_predicting_names_the_file_and_leaves_nothing(tiny_mod
     monkeypatch.setattr(Image.Image, "save", disk_full)
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "photos"), "--model", tiny_model_dir, "--output", str(out), "--quiet"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error == f"error: [Errno 28] No space left on device: '{out / 'overlays' / '00000_photos_part_0.png.png'}'"
-    assert sorted(os.listdir(tmp_path)) == ["photos"]
+    error = capsys.readouterr().err
+    # The file that could not be written, in the partial folder a rerun with --resume takes up.
+    last = error.strip().splitlines()[-1]
+    partial = tmp_path / ".out.crane-hf-partial"
+    assert last.startswith(f"error: [Errno 28] No space left on device: '{partial / 'overlays'}{os.sep}"), last
+    assert last.endswith(".png'"), last
+    # No output: only the marked partial folder, whose finished images a rerun with --resume keeps.
+    assert "rerun the same command with --resume" in error
+    assert sorted(os.listdir(tmp_path)) == [".out.crane-hf-partial", "photos"]
+    assert read_marker(str(tmp_path / ".out.crane-hf-partial"))["state"] == "partial"
 
 
 def test_a_full_disk_while_evaluating_names_the_file_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):

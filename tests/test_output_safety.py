@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import crane_hf.commands.predict as predict_module
+import crane_hf.prediction.sharded_prediction as sharded_prediction
 from crane_hf.commands.cli import main
 from crane_hf.data import generate_synthetic_dataset
 from crane_hf.io.output_names import (
@@ -200,15 +200,15 @@ def test_two_concurrent_runs_on_one_output_cannot_both_succeed(project, tiny_mod
 
 
 def test_an_output_that_appears_during_the_run_is_not_replaced(project, tiny_model_dir, monkeypatch, capsys):
-    real_write_tables = predict_module._write_tables
+    real_write_tables = sharded_prediction.write_tables
 
     def someone_else_writes_the_output(folder, *args):
         os.makedirs(os.path.join(project, "results"))
         with open(os.path.join(project, "results", "theirs.txt"), "w") as stream:
             stream.write("theirs")
-        real_write_tables(folder, *args)
+        return real_write_tables(folder, *args)
 
-    monkeypatch.setattr(predict_module, "_write_tables", someone_else_writes_the_output)
+    monkeypatch.setattr(sharded_prediction, "write_tables", someone_else_writes_the_output)
     assert _predict(tiny_model_dir, ["photos"], "results") == 2
     assert "already exists" in capsys.readouterr().err
     assert os.listdir("results") == ["theirs.txt"] and Path("results/theirs.txt").read_text() == "theirs"
@@ -331,13 +331,13 @@ def test_a_sigkilled_run_leaves_temporaries_that_the_next_run_cleans(project, ti
         [*command, "--output", "results", "--quiet"], env=subprocess_environment(), stderr=subprocess.DEVNULL
     )
     try:
-        _wait_for_staging(".results.crane-hf-tmp-", process)
+        _wait_for_staging(".results.crane-hf-partial", process)
     finally:
         process.kill()
         process.wait(timeout=60)
     left = [name for name in os.listdir(".") if name.startswith(".results.")]
-    assert any(".crane-hf-tmp-" in name for name in left)
-    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    assert ".results.crane-hf-partial" in left  # kept for --resume (tests/test_predict_at_scale.py)
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0  # without --resume: discarded, started over
     assert [name for name in os.listdir(".") if name.startswith(".")] == []
     assert unowned_entries("results") == []
 

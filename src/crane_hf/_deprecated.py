@@ -8,7 +8,8 @@ the module moved whole (so that monkeypatching the old path reaches the code), o
 names of the modules its contents went to, looked up in the order of `MOVED`.
 
 Run as programs, the old paths the README and docs use keep running their command, without a warning:
-`python -m crane_hf.train` (also under `accelerate launch -m`), `python -m crane_hf.evaluate`,
+`python -m crane_hf.train` and `python -m crane_hf.predict` (also under `accelerate launch -m`),
+`python -m crane_hf.evaluate`,
 `python -m crane_hf.convert_original` and `python -m crane_hf.cli`.
 """
 
@@ -67,6 +68,7 @@ PROGRAMS = {
     "cli": "crane_hf.commands.cli",
     "convert_original": "crane_hf.commands.convert",
     "evaluate": "crane_hf.commands.evaluate",
+    "predict": "crane_hf.commands.predict",
     "train": "crane_hf.commands.train",
 }
 

@@ -26,6 +26,7 @@ EXIT_CODES_HELP = """exit codes:
   3    finished, but some inputs were skipped (each named on stderr with the reason, and in skipped.txt)
   130  interrupted by Ctrl-C (SIGINT); 143: terminated (SIGTERM). Temporary files are removed, nothing
        half-written is published; a later run on the same output cleans what a killed (SIGKILL) run left
+       (predict keeps the images it finished for --resume)
   1    a bug in crane-hf: the only case that prints a traceback
 
 Outputs: crane-hf writes each output folder under a temporary name and renames it when complete; it refuses

@@ -1,62 +1,60 @@
-"""`crane-hf predict`: score image files and write a CSV/JSON table, decision figures and (`--report`) report.html.
+"""`crane-hf predict`: score images and write a predictions table (CSV, JSON, JSON Lines, Parquet), decision
+figures and (`--report`) report.html; on one process or many, resumable.
+
+    crane-hf predict /data/line3 --model crane+/mvtec --output results
+    crane-hf predict --paths-from todays-images.txt --model DIR --output results --resume
+    crane-hf predict --dataset '/data/archive/*.parquet' --model DIR --output out --num-processes 4 --tables parquet
+    accelerate launch --multi_gpu --num_processes 4 -m crane_hf.predict /data/archive --model DIR --output results
+
+Inputs: image files, folders (searched recursively), glob patterns, a text file of paths (--paths-from), or the
+image column of a `datasets` dataset (--dataset: Parquet files, a folder saved with save_to_disk, or a Hub id).
+Images are read and preprocessed in DataLoader workers (--workers) while the model runs; results are appended to
+per-process shards as they are produced, flushed per batch, and merged into the tables when every image is done,
+so memory does not grow with the number of images. --num-processes (or `accelerate launch`) splits the images over
+processes and devices without padding or duplicates; the tables equal a one-process run's, row for row.
 
 Each scored image gets a decision figure (image | anomaly map with colour bar | pixels at or above the pixel
-threshold, with the file name, verdict, score and thresholds written on it: `reporting/decision_figure.py`); with
-`--report`, `report.html` shows the run sorted by score, filterable by verdict and class, with the score histogram
-and the threshold (`reporting/run_report.py`); it opens from disk, offline.
+threshold, with the file name, verdict, score and thresholds written on it: `reporting/decision_figure.py`), written
+by the process that scored it; with `--report`, the main process builds `report.html` from the merged rows once every
+image is done (on --resume, the rows of the interrupted run too): the run sorted by score, filterable by verdict and
+class, with the score histogram and the threshold (`reporting/run_report.py`); it opens from disk, offline.
 
-The output folder is built under a temporary name and renamed when complete, so an interrupted run leaves nothing
-half-written; an existing output is only replaced with `--overwrite`, and only if crane-hf wrote it. The output is
-never read as input (nor any other crane-hf output folder inside the inputs), and may not be or contain an input,
-the model folder, the working, home or root folder (`io/output_safety.py`).
+Until it completes, a run works in `.OUTPUT.crane-hf-partial` beside the output; an interrupted or killed run
+keeps it, and the same command with --resume scores only the images not done yet (recognised by path and SHA-256 of
+their bytes; a run without --resume starts over). The output appears only when complete, is never read as input
+and may not be or contain an input, the model folder, the working, home or root folder (`io/output_safety.py`);
+an existing output is only replaced with --overwrite, and only if crane-hf wrote it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
+import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-from tqdm.auto import tqdm
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from ..computation_options import add_computation_arguments, computation_overrides
-from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
-from ..io.image_files import SkippedFile, find_image_inputs
-from ..io.output_names import path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli_support import local_path, one_line, require_positive, require_range
+from ..prediction.sharded_prediction import (
+    CSV_COLUMNS,
+    PredictionReport,
+    predict_images,
+    prediction_protections,
+)
+from .cli_support import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_SKIPPED,
+    local_path,
+    one_line,
+    require_positive,
+    require_range,
+    run_command,
+)
 
-if TYPE_CHECKING:
-    from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
-
-CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
-
-
-@dataclass
-class PredictionReport:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-    output_dir: str | None = None
-    left_out: list[str] = field(default_factory=list)  # crane-hf output folders not searched
-
-
-def _output_name(index: int, path: str, suffix: str) -> str:
-    """A unique, readable file name: index, up to three parent folders (the class of the MVTec-AD layout) and the
-    file name with its extension, e.g. 00003_coins_test_scratch_000.jpg.png; shortened safely when long
-    (`io.output_names.safe_file_name`)."""
-    return safe_file_name(f"{index:05d}_" + "_".join(_last_parts(path)), suffix)
-
-
-def _last_parts(path: str) -> list[str]:
-    """The file name and up to three folders above it: what a figure names its image by."""
-    return os.path.normpath(os.path.abspath(path)).split(os.sep)[-4:]
+LAUNCHED_BY = "CRANE_HF_PREDICT_LAUNCHED"  # set in the processes `--num-processes` launches
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -74,10 +72,11 @@ def _score_chunk(pipe, images, batch_size, params):
 
 
 def score_image_files(
-    pipe: ZeroShotAnomalyDetectionPipeline, paths: list[str], batch_size: int, params: dict[str, Any], chunk_size: int
+    pipe: Any, paths: list[str], batch_size: int, params: dict[str, Any], chunk_size: int
 ) -> Iterator[tuple[str, Any, dict[str, Any] | None, str | None]]:
-    """Read and score `chunk_size` image files at a time (memory does not grow with their number); yields, for
-    each path, (path, decoded image, pipeline output, None) or (path, None, None, the reason it was skipped)."""
+    """Read and score `chunk_size` image files at a time in this process (memory does not grow with their number;
+    `crane-hf calibrate` keeps every map's histogram); yields, for each path, (path, decoded image, pipeline output,
+    None) or (path, None, None, the reason it was skipped)."""
     from ..models.crane.image_reading import read_image
 
     for start in range(0, len(paths), chunk_size):
@@ -96,146 +95,22 @@ def score_image_files(
         loaded.clear()  # the decoded images of this chunk are not kept
 
 
-def predict_images(
-    model: Any,
-    processor: Any,
-    inputs: list[str],
-    output_dir: str,
-    batch_size: int = 8,
-    threshold: float | None = None,
-    pixel_threshold: float | None = None,
-    write_overlays: bool = True,
-    save_maps: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    protected: list[tuple[str, str]] | None = None,
-    report_html: bool = False,
-    color_scale: str = "absolute",
-    notice: str | None = None,
-) -> PredictionReport:
-    """Score every image in `inputs` (files, folders, globs) and write the results to `output_dir`.
-
-    Writes `predictions.csv` and `predictions.json` (one row per scored image), `overlays/*.png` (decision figures:
-    image | heatmap with colour bar | pixels at or above the pixel threshold, with name, verdict, score and
-    thresholds; colours on the absolute [0, 1] scale or, with `color_scale="image"`, stretched to each map),
-    optionally `maps/*.npy` (float32 smoothed maps), `skipped.txt` (unreadable inputs) and, with `report_html`,
-    `report.html` and its thumbnails `report_files/` (with `notice` highlighted at its top).
-    The output may not be or contain an input, the model folder or a `protected` (what, path) folder; it is left
-    out of the inputs, as are other crane-hf output folders (`io.image_files.find_image_inputs`).
-    """
-    from ..model_loading import make_pipeline
-    from ..models.crane.thresholds import at_or_above, check_threshold
-    from ..reporting.decision_figure import COLOR_SCALES, save_decision_figure
-
-    for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
-        if value is not None:
-            check_threshold(value, name)
-    if color_scale not in COLOR_SCALES:
-        raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
-    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None)  # before any work
-    require_positive("batch_size", batch_size)
-    protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
-    check_output_dir(output_dir, overwrite, protected)
-    found = find_image_inputs(inputs, exclude=[output_dir])
-    paths = found.paths
-    report = PredictionReport(skipped=list(found.skipped), output_dir=output_dir, left_out=found.left_out)
-    pipe = make_pipeline(model, processor)
-    params: dict[str, Any] = {}
-    if threshold is not None:
-        params["threshold"] = threshold
-    if pixel_threshold is not None:
-        params["pixel_threshold"] = pixel_threshold
-    decision = model.config.pixel_threshold if pixel_threshold is None else pixel_threshold
-    image_decision = model.config.image_threshold if threshold is None else threshold
-    chunk_size = max(1, batch_size) * 4
-    with atomic_output_dir(output_dir, overwrite=overwrite, protected=protected, command="predict") as staging:
-        if write_overlays:
-            os.makedirs(os.path.join(staging, "overlays"))
-        if save_maps:
-            os.makedirs(os.path.join(staging, "maps"))
-        bar = tqdm(total=len(paths), desc="Scoring", unit="image", disable=not progress)
-        for path, image, output, reason in score_image_files(pipe, paths, batch_size, params, chunk_size):
-            bar.update(1)
-            if output is None:
-                report.skipped.append(SkippedFile(path, reason))
-                continue
-            index = len(report.rows)
-            row = {
-                "path": path,
-                "score": float(output["score"]),  # unrounded: the decision is made on this value
-                "is_anomalous": bool(output["is_anomalous"]),
-                "max_pixel_score": round(float(output["anomaly_map"].max()), 6),
-                "anomalous_pixel_fraction": round(float(at_or_above(output["anomaly_map"], decision).mean()), 6),
-                "overlay": "",
-            }
-            if write_overlays:
-                row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
-                target = path_inside(staging, row["overlay"])
-                with naming_write_errors(target):
-                    save_decision_figure(
-                        target,
-                        _display_rgb(image),
-                        output["anomaly_map"],
-                        score=output["score"],
-                        image_threshold=image_decision,
-                        pixel_threshold=decision,
-                        name=os.path.join(*_last_parts(path)),
-                        color_scale=color_scale,
-                    )
-            if save_maps:
-                target = path_inside(staging, os.path.join("maps", _output_name(index, path, ".npy")))
-                with naming_write_errors(target):
-                    np.save(target, output["anomaly_map"])
-            report.rows.append(row)
-        bar.close()
-        _write_tables(staging, report, model, threshold, decision)
-        if report_html:
-            from ..reporting.run_report import write_report_for_predictions
-
-            write_report_for_predictions(staging, notice=notice, progress=progress)
-    return report
-
-
-def _display_rgb(image: Any) -> np.ndarray:
-    """The image as the figure shows it: RGB uint8, converted as the processor converts it (16-bit, float...)."""
-    from ..models.crane.image_processing_crane import image_to_rgb_array
-
-    rgb = image_to_rgb_array(image)
-    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def prediction_protections(inputs: list[str], model_source: str | None) -> list[tuple[str, str]]:
-    """The folders an output of `predict` (or `calibrate`) may not be or contain: the inputs and the model folder."""
-    return [*protected_paths("an input", inputs), *protected_paths("the model folder", [model_source])]
-
-
-def _write_tables(
-    folder: str, report: PredictionReport, model: Any, threshold: float | None, pixel_threshold: float
-) -> None:
-    from ..model_loading import computation_summary
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    writer.writerows(report.rows)
-    write_text_file(os.path.join(folder, "predictions.csv"), buffer.getvalue())
-    summary = {
-        "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
-        "computation": computation_summary(model),
-        "image_threshold": model.config.image_threshold if threshold is None else threshold,
-        "pixel_threshold": pixel_threshold,
-        "predictions": report.rows,
-        "skipped": [asdict(item) for item in report.skipped],
-        "left_out": report.left_out,
-    }
-    write_text_file(os.path.join(folder, "predictions.json"), json.dumps(summary, indent=2))
-    if report.skipped:
-        lines = "".join(f"{item.path}\t{item.reason}\n" for item in report.skipped)
-        write_text_file(os.path.join(folder, "skipped.txt"), lines)
+def default_workers() -> int:
+    """DataLoader workers by default: half the CPU cores, 1 to 4."""
+    return min(4, max(1, (os.cpu_count() or 2) // 2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--paths-from", default=None, help="a text file of image paths, one per line")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="score the image column of a datasets dataset: Parquet files (a file, folder or glob), a folder saved "
+        "with save_to_disk, or a Hub dataset id",
+    )
+    parser.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
+    parser.add_argument("--image-column", default="image", help="image column of --dataset (default: %(default)s)")
     parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
@@ -245,8 +120,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", default="crane-hf-predictions", type=local_path, help="folder to write (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (and process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"DataLoader processes reading and preprocessing images (0: none; default: {default_workers()} here, "
+        "half the CPU cores, 1 to 4)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="processes to split the images over (launched with accelerate; one per GPU where there are GPUs)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="finish the interrupted run on --output: score only the images not done"
+    )
+    parser.add_argument(
+        "--tables", default="csv,json", help="tables to write, among csv, json, jsonl, parquet (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (the process's accelerate device), cpu, cuda, cuda:1")
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as loaded)"
     )
@@ -266,53 +160,202 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_computation_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..model_loading import check_device, load_model
+def _tables(args: argparse.Namespace) -> tuple[str, ...]:
+    from ..prediction.result_shards import TABLE_FORMATS
 
+    names = tuple(dict.fromkeys(name.strip() for name in args.tables.split(",") if name.strip()))
+    unknown = [name for name in names if name not in TABLE_FORMATS]
+    if unknown or not names:
+        raise ValueError(f"--tables {args.tables}: choose among {', '.join(TABLE_FORMATS)} (comma-separated)")
+    return names
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The positional inputs and the paths listed in --paths-from (one per line; blank lines ignored)."""
+    inputs = list(args.inputs)
+    if args.paths_from is not None:
+        try:
+            with open(args.paths_from, encoding="utf-8") as stream:
+                inputs += [line.rstrip("\r\n") for line in stream if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--paths-from {args.paths_from}: cannot be read ({one_line(error)})") from error
+    if args.dataset is not None and inputs:
+        raise ValueError("--dataset: give either a dataset or image files/folders/--paths-from, not both")
+    if args.dataset is None and not inputs:
+        raise ValueError("inputs: name image files, folders or glob patterns, --paths-from FILE or --dataset")
+    return inputs
+
+
+def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every check that needs no model: arguments, the device, inputs and the output. Returns the protected
+    (what, path) folders of the output."""
+    from ..model_loading import check_device, check_model_source
+
+    require_positive("--batch-size", args.batch_size)
+    require_positive("--num-processes", args.num_processes)
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be at least 0")
+    require_range("--threshold", args.threshold, 0.0, 1.0)
+    require_range("--pixel-threshold", args.pixel_threshold, 0.0, 1.0)
+    _tables(args)
+    check_model_source(args.model)
+    check_device(args.model, args.device)
+    inputs = _inputs(args)
+    if args.dataset is not None:
+        from ..prediction.dataset_inputs import parquet_files
+
+        parquet_files(args.dataset)
+    protected = [
+        *prediction_protections(inputs, args.model),
+        *protected_paths("a backbone", [args.clip, args.dino]),
+        *protected_paths("the dataset", [args.dataset]),
+    ]
+    check_output_dir(args.output, args.overwrite, protected)
+    return protected
+
+
+def run(args: argparse.Namespace) -> int:
     try:  # every argument, the device and the output are checked before the model is loaded
-        require_positive("--batch-size", args.batch_size)
-        require_range("--threshold", args.threshold, 0.0, 1.0)
-        require_range("--pixel-threshold", args.pixel_threshold, 0.0, 1.0)
-        check_device(args.model, args.device)
-        protected = [
-            *prediction_protections(args.inputs, args.model),
-            *protected_paths("a backbone", [args.clip, args.dino]),
-        ]
-        check_output_dir(args.output, args.overwrite, protected)
-        model, processor = load_model(
-            args.model,
-            clip=args.clip,
-            dino=args.dino,
-            allow_backbone_mismatch=args.allow_backbone_mismatch,
-            device=args.device,
-            dtype=args.dtype,
-            **computation_overrides(args),
-        )
-        report = predict_images(
-            model,
-            processor,
-            args.inputs,
-            args.output,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            pixel_threshold=args.pixel_threshold,
-            write_overlays=not args.no_overlays,
-            save_maps=args.save_maps,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-            protected=protected,
-            report_html=args.report,
-            color_scale=args.color_scale,
-        )
+        protected = check_arguments(args)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.num_processes > 1 and world == 1:
+            return _launch(args)
+        if world > 1 and args.num_processes not in (1, world):
+            raise ValueError(f"--num-processes {args.num_processes}: launched as {world} processes")
+        report = _predict(args, protected)
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    anomalous = sum(row["is_anomalous"] for row in report.rows)
-    print(f"Scored {len(report.rows)} images ({anomalous} anomalous); results in {report.output_dir}")
+        return EXIT_ERROR
+    if not report.main_process:
+        return EXIT_OK
+    print(f"Scored {report.scored} images ({report.anomalous} anomalous); results in {report.output_dir}")
+    if report.resumed:
+        print(f"({report.resumed} of them scored by the interrupted run that --resume finished)")
     if args.report:
         print(f"Report: {os.path.join(os.path.abspath(report.output_dir), 'report.html')}")
     for folder in report.left_out:
         print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for item in report.skipped:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
-    return 3 if report.skipped else 0
+    if report.skipped and world > 1:  # a launcher reports a non-zero exit of a process as its failure
+        print(f"note: {len(report.skipped)} inputs skipped, listed in skipped.txt (exit code 0 under a launcher)")
+        return EXIT_OK
+    return EXIT_SKIPPED if report.skipped else EXIT_OK
+
+
+def _predict(args: argparse.Namespace, protected: list[tuple[str, str]]) -> PredictionReport:
+    from accelerate import PartialState
+
+    from ..model_loading import load_model, model_kind
+
+    device = args.device
+    if device == "auto" and model_kind(args.model) != "exported":  # an exported folder runs on the CPU
+        import torch
+
+        device = str(PartialState(cpu=not torch.accelerator.is_available()).device)
+    model, processor = load_model(
+        args.model,
+        clip=args.clip,
+        dino=args.dino,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+        device=device,
+        dtype=args.dtype,
+        **computation_overrides(args),
+    )
+    common: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "threshold": args.threshold,
+        "pixel_threshold": args.pixel_threshold,
+        "write_overlays": not args.no_overlays,
+        "save_maps": args.save_maps,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+        "protected": protected,
+        "resume": args.resume,
+        "workers": default_workers() if args.workers is None else args.workers,
+        "formats": _tables(args),
+        "report_html": args.report,
+        "color_scale": args.color_scale,
+    }
+    if args.dataset is not None:
+        from ..prediction.dataset_inputs import predict_dataset
+
+        return predict_dataset(model, processor, args.dataset, args.split, args.image_column, args.output, **common)
+    return predict_images(model, processor, _inputs(args), args.output, **common)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this command on `--num-processes` processes with `accelerate launch` (gloo where there is no GPU) and
+    report as one process would: exit 3 when inputs were skipped."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(args.num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "crane_hf.commands.predict",
+        *args._argv,
+    ]
+    process = subprocess.Popen(command, env={**os.environ, LAUNCHED_BY: "1"}, start_new_session=True)
+    try:
+        code = process.wait()
+    except BaseException:  # interrupted: stop the processes; their partial results are kept for --resume
+        import signal
+
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+        raise
+    if code != 0:
+        print(
+            f"error: the {args.num_processes} processes of predict did not complete (exit code {code}; their messages "
+            "are above); finished images are kept: rerun with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return EXIT_SKIPPED if os.path.exists(os.path.join(args.output, "skipped.txt")) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m crane_hf.predict` / `accelerate launch -m crane_hf.predict`: the predict command."""
+    from .cli import HelpFormatter
+    from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser
+
+    parser = OneLineArgumentParser(
+        prog="python -m crane_hf.predict", description=__doc__, epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter
+    )
+    add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args._argv = argv
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "PredictionReport",
+    "add_arguments",
+    "main",
+    "predict_images",
+    "prediction_protections",
+    "run",
+    "score_image_files",
+]

@@ -16,10 +16,12 @@ from typing import Any
 
 from .output_names import TEMP_TAG
 from .output_safety import (
+    PARTIAL_SETTINGS,
     OutputExistsError,
     check_output_dir,
     clean_stale_temporaries,
     make_staging_dir,
+    open_partial,
     output_lock,
     retire_and_replace,
     write_marker,
@@ -42,6 +44,17 @@ def check_can_write(path: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def _claimed(path: str, overwrite: bool, protected: list[tuple[str, str]]) -> Iterator[None]:
+    """Check the output `path`, hold its lock, remove what killed runs left beside it and check again."""
+    check_output_dir(path, overwrite, protected)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with output_lock(path):
+        clean_stale_temporaries(path)
+        check_output_dir(path, overwrite, protected)
+        yield
+
+
+@contextlib.contextmanager
 def atomic_output_dir(
     path: str,
     overwrite: bool = False,
@@ -60,11 +73,7 @@ def atomic_output_dir(
     """
     path = os.path.abspath(path)
     protected = list(protected)
-    check_output_dir(path, overwrite, protected)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with output_lock(path):
-        clean_stale_temporaries(path)
-        check_output_dir(path, overwrite, protected)
+    with _claimed(path, overwrite, protected):
         staging = make_staging_dir(path, command)
         try:
             yield staging
@@ -102,6 +111,45 @@ def write_text_file(path: str, text: str) -> None:
     an error names `path` (`naming_write_errors`)."""
     with naming_write_errors(path), open(path, "w", encoding="utf-8", newline="") as stream:
         stream.write(text)
+
+
+def resumable_output_dir(
+    path: str,
+    overwrite: bool,
+    protected: Iterable[tuple[str, str]],
+    command: str,
+    resume: bool,
+    settings: dict,
+) -> Iterator[tuple[str, str]]:
+    """`atomic_output_dir` for a run that can be resumed: yields (folder, "new" | "resumed" | "discarded").
+
+    The same checks, lock and cleaning as `atomic_output_dir`; the run works in the partial folder of `path`
+    (`output_safety.open_partial`: taken up with `resume` when made with equal `settings`), which is kept when the
+    body raises (an `OSError` naming no file, such as a full disk, is raised again naming `path`) or the process
+    is interrupted or killed, so that a later run with `--resume` finishes it. When
+    the body returns, the folder gets its manifest and replaces `path` in one rename; if that is refused (an output
+    appeared meanwhile) the folder is removed.
+    """
+    path = os.path.abspath(path)
+    protected = list(protected)
+    with _claimed(path, overwrite, protected):
+        folder, outcome = open_partial(path, command, resume, settings)
+        try:
+            yield folder, outcome
+        except OSError as error:  # the partial folder is kept for --resume
+            if error.filename is None and error.errno is not None:  # e.g. a full disk: name the output
+                raise OSError(error.errno, error.strerror, path) from error
+            raise
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, PARTIAL_SETTINGS))
+            write_marker(folder, command)
+            os.chmod(folder, 0o777 & ~_current_umask())
+            check_output_dir(path, overwrite, protected)  # an output that appeared meanwhile is not replaced
+            retire_and_replace(folder, path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes, overwrite: bool = True) -> None:

@@ -26,6 +26,7 @@ MARKER_NAME = ".crane-hf-output.json"
 TEMP_TAG = ".crane-hf-tmp-"
 OLD_TAG = ".crane-hf-old-"
 LOCK_TAG = ".crane-hf-lock"
+PARTIAL_TAG = ".crane-hf-partial"  # the results of a resumable run while it runs (`output_safety.open_partial`)
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
 # Names Windows reserves for devices, whatever their extension ("CON.png" included).
 _RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9\u00b9\u00b2\u00b3]|LPT[0-9\u00b9\u00b2\u00b3])( *$| *\.)", re.I)
@@ -102,6 +103,7 @@ __all__ = [
     "MARKER_NAME",
     "MAX_NAME_BYTES",
     "OLD_TAG",
+    "PARTIAL_TAG",
     "TEMP_TAG",
     "UnsafeOutputPathError",
     "path_inside",

@@ -9,11 +9,15 @@
 - Protected folders: an output is refused when it is, or contains, the current working folder, the home folder,
   "/" or a folder the command reads (inputs, the model, the dataset root, backbones), compared on real paths.
 - One run per output: `output_lock` takes an exclusive `flock` on `.<name>.crane-hf-lock` beside the output for
-  the whole run; a second run on the same output is refused at once (the kernel drops the lock of a killed run).
+  the whole run; a second run on the same output is refused at once (the kernel drops the lock of a killed run;
+  processes forked meanwhile, such as DataLoader workers, close their copy at once, so they never keep it).
 - Temporary folders are named `.<name>.crane-hf-tmp-*` and hold the marker from their creation; folders that a
   killed run left (`.crane-hf-tmp-*`, `.crane-hf-old-*`) are recognised by name and marker and removed by the next
   run on that output, which holds the lock; a retired previous output is put back if the new one never arrived.
 - Writability: the folder that will receive the output is probed with a temporary file before any work.
+- Resumable runs (`crane-hf predict`) work in `.<name>.crane-hf-partial` beside the output (`open_partial`): marked
+  from its creation, kept when the run is interrupted or killed, taken up by a run with `--resume` when it was
+  made with the same settings, and otherwise removed (after its marker is checked) by the next run on the output.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent runs are then not detected
     fcntl = None
 
-from .output_names import LOCK_TAG, MARKER_NAME, OLD_TAG, TEMP_TAG
+from .output_names import LOCK_TAG, MARKER_NAME, OLD_TAG, PARTIAL_TAG, TEMP_TAG
 
 SHOWN = 5  # offending files named in a message
 
@@ -215,7 +219,7 @@ def unowned_entries(folder: str) -> list[str]:
 def _is_temporary(entry: os.DirEntry) -> bool:
     """A lock, temporary file or marked temporary folder of crane-hf (recognised by name, and marker for folders)."""
     name = entry.name
-    if not name.startswith(".") or not any(tag in name for tag in (TEMP_TAG, OLD_TAG, LOCK_TAG)):
+    if not name.startswith(".") or not any(tag in name for tag in (TEMP_TAG, OLD_TAG, LOCK_TAG, PARTIAL_TAG)):
         return False
     return not entry.is_dir(follow_symlinks=False) or is_crane_hf_output(entry.path)
 
@@ -311,6 +315,22 @@ def check_output_dir(path: str, overwrite: bool, protected: Iterable[tuple[str, 
     check_writable(path)
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the output locks this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a child forked while locks were held (e.g. a DataLoader worker): close its copies of the lock files, so
+    that a lock ends with the process that took it, not with the last of its children."""
+    for handle in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(handle)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def output_lock(path: str) -> Iterator[None]:
     """Hold the exclusive lock of the output `path` (its parent folder must exist); `OutputInUseError` if taken."""
@@ -337,11 +357,13 @@ def output_lock(path: str) -> Iterator[None]:
         if same:  # not a lock file that its previous holder removed while we waited for it
             break
         os.close(handle)
+    _HELD_LOCKS.add(handle)
     try:
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
         yield
     finally:
+        _HELD_LOCKS.discard(handle)
         with contextlib.suppress(FileNotFoundError):
             os.remove(lock_path)
         os.close(handle)
@@ -406,6 +428,57 @@ def make_staging_dir(path: str, command: str | None) -> str:
     return staging
 
 
+PARTIAL_SETTINGS = "run-settings.json"
+
+
+def partial_dir(path: str) -> str:
+    """The folder where a resumable run on the output `path` keeps its results until it completes."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{PARTIAL_TAG}")
+
+
+def open_partial(path: str, command: str, resume: bool, settings: dict[str, Any]) -> tuple[str, str]:
+    """Open the partial folder of the output `path` for a resumable run (call it holding `output_lock(path)`).
+
+    Returns (folder, what happened): "resumed" (`resume` and a partial folder of `command` made with equal
+    `settings`: its results are kept), "discarded" (a partial folder existed and `resume` was not asked: removed)
+    or "new". Raises `UnsafeOutputError` if the folder exists without crane-hf's marker of a partial `command` run
+    (never removed), and `ValueError` naming the first differing setting when resuming with other `settings`.
+    """
+    folder = partial_dir(path)
+    outcome = "new"
+    if os.path.lexists(folder):
+        marker = read_marker(folder) if os.path.isdir(folder) and not os.path.islink(folder) else None
+        if marker is None or marker.get("state") != "partial" or marker.get("command") != command:
+            raise UnsafeOutputError(
+                f"refusing to use {folder}: it is not the partial results of a crane-hf {command} run; move it away."
+            )
+        if resume:
+            try:
+                with open(os.path.join(folder, PARTIAL_SETTINGS), encoding="utf-8") as stream:
+                    previous = json.load(stream)
+            except (OSError, ValueError):
+                previous = None
+            current = json.loads(json.dumps(settings))
+            if not isinstance(previous, dict):
+                raise ValueError(f"--resume: {folder} holds no readable {PARTIAL_SETTINGS}; rerun without --resume.")
+            for key in sorted(set(previous) | set(current)):
+                if previous.get(key) != current.get(key):
+                    raise ValueError(
+                        f"--resume: the partial results in {folder} were computed with {key} {previous.get(key)!r}, "
+                        f"this run has {current.get(key)!r}; rerun with the same settings, or without --resume to "
+                        "start over."
+                    )
+            return folder, "resumed"
+        shutil.rmtree(folder)
+        outcome = "discarded"
+    os.mkdir(folder)
+    write_marker(folder, command, state="partial", files=[])
+    with open(os.path.join(folder, PARTIAL_SETTINGS), "w", encoding="utf-8") as stream:
+        json.dump(settings, stream, indent=1, sort_keys=True)
+    return folder, outcome
+
+
 def retire_and_replace(staging: str, path: str) -> None:
     """Put the complete folder `staging` at `path`, moving an existing `path` aside first and deleting it after."""
     if not os.path.lexists(path):
@@ -420,6 +493,7 @@ def retire_and_replace(staging: str, path: str) -> None:
 
 __all__ = [
     "MARKER_NAME",
+    "PARTIAL_SETTINGS",
     "OutputExistsError",
     "OutputInUseError",
     "UnsafeOutputError",
@@ -436,7 +510,9 @@ __all__ = [
     "is_crane_hf_output",
     "make_staging_dir",
     "on_main_process",
+    "open_partial",
     "output_lock",
+    "partial_dir",
     "protected_paths",
     "read_marker",
     "retire_and_replace",

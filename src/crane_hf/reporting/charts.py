@@ -38,11 +38,12 @@ class OperatingPoint:
 def svg_data_uri(figure: Figure) -> str:
     """The figure as an SVG data URI (text kept as text), for an `<img src=...>` that needs no other file.
 
-    An `<img>` keeps the SVG's internal ids apart from the page's and from the other charts'."""
+    An `<img>` keeps the SVG's internal ids apart from the page's and from the other charts'. The same figure gives
+    the same bytes (fixed ids, no date): a report does not depend on when or by how many processes it was made."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "crane-hf"}):
-        figure.savefig(buffer, format="svg")
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
     return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -236,15 +236,30 @@ def write_report_for_predictions(folder: str, notice: str | None = None, progres
     for key in ("predictions", "image_threshold", "pixel_threshold"):
         if key not in summary:
             raise ValueError(f"{source}: no {key!r} field; is this a crane-hf predict folder?")
+    return write_predictions_report(
+        folder, summary["predictions"], summary, summary.get("skipped", []), notice=notice, progress=progress
+    )
+
+
+def write_predictions_report(
+    folder: str,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    skipped: Iterable[Mapping[str, str]] = (),
+    notice: str | None = None,
+    progress: bool = False,
+) -> str:
+    """`write_run_report` for the `rows` of a `crane-hf predict` run (path, score, is_anomalous, overlay...) and
+    the head of its predictions.json (`summary`: model, image_threshold, pixel_threshold); returns the page's path."""
     model = summary.get("model")
     return write_run_report(
         folder,
-        summary["predictions"],
+        rows,
         image_threshold=summary["image_threshold"],
         pixel_threshold=summary["pixel_threshold"],
-        title=f"crane-hf predict: {len(summary['predictions'])} images" + (f", model {model}" if model else ""),
+        title=f"crane-hf predict: {len(rows)} images" + (f", model {model}" if model else ""),
         model=model,
         notice=notice,
-        skipped=summary.get("skipped", []),
+        skipped=list(skipped),
         progress=progress,
     )

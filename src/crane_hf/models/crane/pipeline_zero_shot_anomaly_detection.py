@@ -88,6 +88,28 @@ def _as_uint8(rgb: np.ndarray) -> np.ndarray:
     return rgb if rgb.dtype == np.uint8 else (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
+def model_inputs_for_image(
+    image_processor: Any, image: Any, dtype: torch.dtype | None, keep_image: bool = False, source: str | None = None
+) -> dict[str, Any]:
+    """What `ZeroShotAnomalyDetectionPipeline.preprocess` gives for a decoded image (PIL image or array): a dict
+    with `pixel_values` (float [1, 3, S, S] in `dtype`, default float32), `original_size` (int64 [1, 2]: height,
+    width) and, with `keep_image`, `image` (uint8 RGB [H, W, 3], for overlays). A module-level function so that
+    batch commands can run it in DataLoader worker processes. Raises `ValueError` (prefixed with `source`, a file
+    name or URL, where given) for images that cannot be converted to RGB (e.g. NaN values)."""
+    try:
+        rgb = image_to_rgb_array(image)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}" if source else str(error)) from error
+    inputs = image_processor(rgb, return_tensors="pt")
+    model_inputs = {
+        "pixel_values": inputs["pixel_values"].to(dtype or torch.float32),
+        "original_size": inputs["original_sizes"],
+    }
+    if keep_image:
+        model_inputs["image"] = _as_uint8(rgb)
+    return model_inputs
+
+
 class ZeroShotAnomalyDetectionPipeline(Pipeline):
     """Anomaly detection with a Crane model.
 
@@ -180,18 +202,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = read_image_url(image, timeout=timeout)
         elif isinstance(image, str):
             image = read_image(image)
-        try:
-            rgb = image_to_rgb_array(image)
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}" if source else str(error)) from error
-        inputs = self.image_processor(rgb, return_tensors="pt")
-        model_inputs = {
-            "pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32),
-            "original_size": inputs["original_sizes"],
-        }
-        if keep_image:
-            model_inputs["image"] = _as_uint8(rgb)
-        return model_inputs
+        return model_inputs_for_image(self.image_processor, image, self.dtype, keep_image, source)
 
     def _forward(self, model_inputs: dict[str, Any], smoothing_sigma: float | None = None) -> dict[str, Any]:
         """Model, then smoothing and resizing of the whole batch on the model's device."""

@@ -1,0 +1,256 @@
+"""`crane-hf predict` at scale (docs/robustness.md, "Interrupted and resumed predictions"; docs/architecture.md):
+several processes write the tables of one, a killed run resumed ends with the table of an uninterrupted run,
+results are written as they are produced and never held, and datasets and lists of paths are inputs like folders."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import crane_hf.prediction.sharded_prediction as sharded_prediction
+from crane_hf.commands.cli import main
+from crane_hf.prediction.result_shards import read_records, shard_paths
+
+from .test_output_safety import _snapshot
+from .tiny_models import subprocess_environment, write_test_images
+
+
+def _rows(folder) -> list[dict[str, str]]:
+    with open(os.path.join(folder, "predictions.csv"), encoding="utf-8", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture
+def images(tmp_path, monkeypatch):
+    """Nine small images and an unreadable one, in the working folder; child processes see this checkout."""
+    for name, value in subprocess_environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    write_test_images(tmp_path / "imgs", count=9)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    return tmp_path / "imgs"
+
+
+def _cards(folder: str) -> list[dict[str, str]]:
+    """The cards of a report.html (one per scored image): their data- attributes."""
+    with open(os.path.join(folder, "report.html"), encoding="utf-8") as stream:
+        html = stream.read()
+    return [dict(re.findall(r'data-(\w+)="([^"]*)"', card)) for card in re.findall(r'<li class="card[^>]*>', html)]
+
+
+def test_two_processes_write_the_tables_of_one(images, tiny_model_dir, capsys):
+    common = ["--model", tiny_model_dir, "--quiet", "--batch-size", "2", "--save-maps", "--tables", "csv,json,jsonl"]
+    common += ["--report", "--color-scale", "image"]
+    assert main(["predict", "imgs", "--output", "one", "--workers", "0", *common]) == 3
+    assert main(["predict", "imgs", "--output", "two", "--num-processes", "2", "--workers", "1", *common]) == 3
+    one, two = _snapshot("one"), _snapshot("two")
+    assert one == two  # tables, decision figures, maps, report.html, its thumbnails and manifest, byte for byte
+    assert len(_cards("two")) == 9 and "report_files/thumbnails/000008.jpg" in one
+    with Image.open("two/" + _rows("two")[4]["overlay"]) as figure:  # written by the second process
+        assert figure.text["Source"].endswith(os.path.join("imgs", "part_4.png"))
+        assert figure.text["Color scale"] == "image"
+    rows = _rows("one")
+    assert [os.path.basename(row["path"]) for row in rows] == [f"part_{i}.png" for i in range(9)]
+    assert len({row["overlay"] for row in rows}) == 9 and all(row["sha256"] for row in rows)
+    assert "broken.png" in one["skipped.txt"].decode()
+    assert [json.loads(line)["path"] for line in one["predictions.jsonl"].decode().splitlines()] == [
+        row["path"] for row in rows
+    ]
+    assert not [name for name in os.listdir(".") if name.startswith(".")]  # no partial folder, no lock left
+
+
+def _wait_for_records(folder: str, count: int, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if sum(len(list(read_records(path))) for path in shard_paths(folder)) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} records appeared (exit code {process.poll()})")
+
+
+def _kill_process_group(process: subprocess.Popen, seconds: float = 60) -> None:
+    """SIGKILL the session `process` leads (it and its DataLoader workers: the kill of a whole run) and wait until
+    none of them is left, so that nothing outlives the test."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _group_alive(process.pid):
+        time.sleep(0.05)
+    assert not _group_alive(process.pid), f"processes of group {process.pid} survived SIGKILL"
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of `group` is still running (zombies that wait for their reaper do not count)."""
+    if not os.path.isdir("/proc"):  # no procfs: the kill of the group is all that can be checked
+        return False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_a_killed_run_resumed_ends_with_the_table_of_an_uninterrupted_run(images, tiny_model_dir):
+    write_test_images(images / "more", count=100, seed=3)
+    command = [sys.executable, "-m", "crane_hf.commands.cli", "predict", "imgs", "--model", tiny_model_dir]
+    command += ["--quiet", "--batch-size", "4", "--workers", "1"]
+    process = subprocess.Popen(
+        [*command, "--output", "out"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        _wait_for_records(".out.crane-hf-partial", 8, process)
+    finally:
+        _kill_process_group(process)
+    (shard,) = shard_paths(".out.crane-hf-partial")
+    records = list(read_records(shard))
+    assert 8 <= len(records) < 110  # killed in the middle
+    with open(shard, "a", encoding="utf-8") as stream:  # a kill while a line was written leaves it torn
+        stream.write('{"index": 60, "path": "imgs/more/part_5')
+    changed = next(record["path"] for record in records if "skipped" not in record)
+    pixels = np.full((48, 64, 3), 200, np.uint8)
+    Image.fromarray(pixels).save(changed)  # changed after it was scored: scored again on resume
+    resumed = subprocess.run([*command, "--output", "out", "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 3, resumed.stderr
+    kept = int(re.search(r"\((\d+) of them scored by the interrupted run", resumed.stdout).group(1))
+    assert kept == sum("skipped" not in record for record in records) - 1
+    fresh = subprocess.run([*command, "--output", "fresh"], capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 3, fresh.stderr
+    assert _snapshot("out") == _snapshot("fresh")  # nothing lost, nothing twice, the changed image rescored
+    rows = _rows("out")
+    assert len(rows) == len({row["path"] for row in rows}) == 109
+    assert not [name for name in os.listdir(".") if name.startswith(".")]
+
+
+def test_interrupted_then_resumed_in_process_with_other_settings_refused(images, tiny_model_dir, monkeypatch, capsys):
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--batch-size", "2"]
+    real, calls = sharded_prediction._score_batch, []
+
+    def interrupted_after_two_batches(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_two_batches)
+    assert main([*argv, "--workers", "0"]) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    (shard,) = shard_paths(".out.crane-hf-partial")
+    assert len(list(read_records(shard))) == 4  # both finished batches were on disk before the interruption
+    assert not os.path.exists("out")
+    monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+    assert main([*argv, "--resume", "--threshold", "0.25"]) == 2  # checked once the model is loaded
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]
+    assert last.startswith("error: --resume:") and "threshold None" in last and "Traceback" not in error
+    assert main([*argv, "--resume", "--no-overlays"]) == 2
+    assert "overlays True" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*argv, "--resume", "--report"]) == 3  # the report is no run setting: it is built at the end
+    assert "(3 of them scored by the interrupted run" in capsys.readouterr().out  # the 4th record: broken.png
+    cards, rows = _cards("out"), _rows("out")
+    assert len(cards) == len(rows) == 9  # the interrupted run's images too
+    assert sorted(float(card["score"]) for card in cards) == sorted(float(row["score"]) for row in rows)
+    assert all(os.path.isfile(os.path.join("out", row["overlay"])) for row in rows)
+    assert main([*argv, "--overwrite"]) == 3  # a plain run starts over
+    assert len(_rows("out")) == 9
+
+
+def test_a_plain_run_discards_partial_results_and_says_so(images, tiny_model_dir, monkeypatch, capsys):
+    real = sharded_prediction._score_batch
+    monkeypatch.setattr(sharded_prediction, "_score_batch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
+    assert main(argv) == 130
+    monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+    assert main(argv) == 3
+    assert "note: discarded the partial results of an interrupted run on out" in capsys.readouterr().err
+
+
+def test_partial_folders_crane_hf_did_not_write_are_never_used_or_removed(images, tiny_model_dir, capsys):
+    os.makedirs(".out.crane-hf-partial")
+    (images.parent / ".out.crane-hf-partial" / "mine.txt").write_text("mine")
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet"]
+    assert main(argv) == 2
+    assert "is not the partial results of a crane-hf predict run" in capsys.readouterr().err
+    assert (images.parent / ".out.crane-hf-partial" / "mine.txt").read_text() == "mine"
+
+
+def test_results_are_on_disk_as_they_are_produced_and_not_held(images, tiny_model_dir, monkeypatch):
+    """Structural check of flat memory (benchmarks/predict_throughput.py measures it): after each batch the shard on
+    disk holds every record so far, and the report holds counts, not rows."""
+    real, seen = sharded_prediction._score_batch, []
+
+    def checking(pipe, batch, *args):
+        folder = args[3]  # (forward_params, postprocess_params, decision, folder, save_maps, figures)
+        seen.append(sum(len(list(read_records(path))) for path in shard_paths(folder)))
+        return real(pipe, batch, *args)
+
+    monkeypatch.setattr(sharded_prediction, "_score_batch", checking)
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--batch-size", "3"]
+    assert main([*argv, "--workers", "0", "--no-overlays"]) == 3
+    assert seen == [0, 3, 6, 9]  # flushed after every batch
+    report_fields = set(vars(sharded_prediction.PredictionReport()))
+    assert "rows" not in report_fields and {"scored", "anomalous"} <= report_fields
+
+
+def test_a_list_of_paths_and_a_parquet_dataset_give_the_rows_of_the_folder(images, tiny_model_dir):
+    import datasets
+
+    argv = ["--model", tiny_model_dir, "--quiet", "--no-overlays", "--tables", "csv,parquet"]
+    assert main(["predict", "imgs", "--output", "folder", *argv]) == 3
+    paths = sorted(str(path.relative_to(images.parent)) for path in images.glob("part_*.png"))
+    (images.parent / "list.txt").write_text("\n".join(paths) + "\n\n")
+    assert main(["predict", "--paths-from", "list.txt", "--output", "listed", *argv]) == 0
+    table = datasets.Dataset.from_dict({"image": paths, "image_path": paths}).cast_column("image", datasets.Image())
+    table.map(lambda row: row).to_parquet("images.parquet")  # the image bytes embedded in the file
+    assert main(["predict", "--dataset", "images.parquet", "--output", "dataset", *argv]) == 0
+    expected = [row for row in _rows("folder")]
+    assert _rows("listed") == expected and _rows("dataset") == expected
+    parquet = datasets.Dataset.from_parquet("dataset/predictions.parquet")
+    assert parquet["score"] == [float(row["score"]) for row in expected]
+
+
+def test_torn_last_lines_are_ignored_and_other_damage_refused(tmp_path):
+    shard = tmp_path / "rows" / "run-0001-process-00000.jsonl"
+    shard.parent.mkdir()
+    good = json.dumps({"index": 0, "path": "a.png", "run": 1, "skipped": "x"})
+    shard.write_text(good + "\n" + '{"index": 1, "pa')
+    assert [record["path"] for record in read_records(str(shard))] == ["a.png"]
+    shard.write_text(good + "\n" + "garbage\n" + good + "\n")
+    with pytest.raises(ValueError, match=r"run-0001-process-00000.jsonl, line 2: not a prediction record"):
+        list(read_records(str(shard)))
+
+
+def test_bad_arguments_are_one_line_before_any_work(images, tiny_model_dir, capsys):
+    base = ["predict", "--model", tiny_model_dir, "--output", "out", "--quiet"]
+    cases = [
+        ([*base, "imgs", "--tables", "csv,xlsx"], "--tables csv,xlsx: choose among"),
+        ([*base, "imgs", "--num-processes", "0"], "--num-processes 0: must be at least 1"),
+        ([*base, "imgs", "--workers", "-1"], "--workers -1: must be at least 0"),
+        ([*base], "inputs: name image files"),
+        ([*base, "--paths-from", "missing.txt"], "--paths-from missing.txt: cannot be read"),
+        ([*base, "imgs", "--dataset", "x.parquet"], "--dataset: give either"),
+        ([*base, "--dataset", "none/*.parquet"], "--dataset none/*.parquet: cannot be loaded"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and message in error, (argv, error)
+    assert not os.path.exists("out") and not [name for name in os.listdir(".") if name.startswith(".")]
