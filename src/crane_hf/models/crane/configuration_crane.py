@@ -19,6 +19,7 @@ from typing import Any
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
 from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
+from .reference_memory import FEW_SHOT_FEATURES
 from .thresholds import THRESHOLD_FIELDS, check_threshold
 
 # OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
@@ -180,6 +181,13 @@ class CraneConfig(PreTrainedConfig):
             configs saved with it load as they computed: True means the published values above, False means
             "per_layer", "layer_input" and `None`. It is not saved; giving it together with a conflicting new
             field raises `ValueError`.
+        few_shot_fusion_weight (`float`): weight w of the few-shot branch when a reference memory (few-shot) is used:
+            fused map = (1 - w) * zero-shot map + w * few-shot map, and the same for the image scores. Default 0.5,
+            the average of the two as WinCLIP+ (Jeong et al., CVPR 2023) combines them; 1: few-shot alone
+            (`reference_memory.py`). Without a reference memory it has no effect.
+        few_shot_features (`str`): which memory features the few-shot map compares: "all" (default: every distinct
+            dense CLIP map and, for Crane+, the DINOv2 patch tokens, averaged), "clip" or "dino" (Crane+ only; the
+            AnomalyDINO setting).
         clip_backbone / dino_backbone (`str`, *optional*): where the backbone weights come from (Hub id or local
             folder); recorded by `from_backbones`, needed to load a prompts-only checkpoint.
         backbones_in_checkpoint (`bool`): whether the saved weights include the backbones (False for a
@@ -226,6 +234,8 @@ class CraneConfig(PreTrainedConfig):
         eattn_map_source: str = "last_layer",
         dattn_input: str = "after_attention",
         deep_prompt_rounding_dtype: str | None = "float16",
+        few_shot_fusion_weight: float = 0.5,
+        few_shot_features: str = "all",
         clip_backbone: str | None = None,
         dino_backbone: str | None = None,
         backbones_in_checkpoint: bool = True,
@@ -287,6 +297,8 @@ class CraneConfig(PreTrainedConfig):
         self.eattn_map_source = computation["eattn_map_source"]
         self.dattn_input = computation["dattn_input"]
         self.deep_prompt_rounding_dtype = computation["deep_prompt_rounding_dtype"]
+        self.few_shot_fusion_weight = float(few_shot_fusion_weight)
+        self.few_shot_features = few_shot_features
         self.clip_backbone = clip_backbone
         self.dino_backbone = dino_backbone
         self.backbones_in_checkpoint = bool(backbones_in_checkpoint)
@@ -518,6 +530,15 @@ class CraneConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.pooling_alpha <= 1.0:
             raise ValueError(f"pooling_alpha={self.pooling_alpha} must be in [0, 1].")
+        if not 0.0 <= self.few_shot_fusion_weight <= 1.0:
+            raise ValueError(f"few_shot_fusion_weight={self.few_shot_fusion_weight} must be in [0, 1].")
+        if self.few_shot_features not in FEW_SHOT_FEATURES:
+            raise ValueError(
+                f"few_shot_features={self.few_shot_features!r} is unknown; choose one of "
+                f"{', '.join(FEW_SHOT_FEATURES)}."
+            )
+        if self.few_shot_features == "dino" and self.dino_config is None:
+            raise ValueError("few_shot_features='dino' needs Crane+ (a DINOv2 backbone); this config is Crane.")
         for name in ("logit_temperature", "image_loss_temperature", "smoothing_sigma", "dattn_gamma", "dattn_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
