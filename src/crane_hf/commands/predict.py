@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
+from ..few_shot_options import add_reference_arguments, check_reference, load_reference_memory
 from ..io.atomic import atomic_output_dir
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
+FEW_SHOT_COLUMNS = ("zero_shot_score", "few_shot_score")  # with a reference memory: the two branches of "score"
 
 
 @dataclass
@@ -145,6 +147,7 @@ def predict_images(
                 "anomalous_pixel_fraction": round(float(at_or_above(output["anomaly_map"], decision).mean()), 6),
                 "overlay": "",
             }
+            row.update({name: float(output[name]) for name in FEW_SHOT_COLUMNS if name in output})
             if write_overlays:
                 row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
                 output["overlay"].save(path_inside(staging, row["overlay"]))
@@ -170,7 +173,8 @@ def _write_tables(
     from ..model_loading import computation_summary
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    few_shot = getattr(model, "reference_memory", None) is not None
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS + (FEW_SHOT_COLUMNS if few_shot else ()))
     writer.writeheader()
     writer.writerows(report.rows)
     with open(os.path.join(folder, "predictions.csv"), "w", encoding="utf-8", newline="") as stream:
@@ -180,6 +184,7 @@ def _write_tables(
         "computation": computation_summary(model),
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
         "pixel_threshold": pixel_threshold,
+        "reference_memory": model.reference_memory.describe() if few_shot else None,
         "predictions": report.rows,
         "skipped": [asdict(item) for item in report.skipped],
         "left_out": report.left_out,
@@ -209,6 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
+    add_reference_arguments(parser, " (default: the model folder's reference_memory.safetensors, if any)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,8 +228,10 @@ def run(args: argparse.Namespace) -> int:
         protected = [
             *prediction_protections(args.inputs, args.model),
             *protected_paths("a backbone", [args.clip, args.dino]),
+            *protected_paths("a reference", args.reference or []),
         ]
         check_output_dir(args.output, args.overwrite, protected)
+        reference = check_reference(args.reference, exclude=[args.output])
         model, processor = load_model(
             args.model,
             clip=args.clip,
@@ -232,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             **computation_overrides(args),
         )
+        if reference is not None:  # before any image is scored: a memory of another model is refused here
+            load_reference_memory(model, processor, reference)
         report = predict_images(
             model,
             processor,
