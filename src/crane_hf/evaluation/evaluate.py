@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import on_main_process, protected_paths
+from .batches import EvaluationItems as _EvaluationItems
+from .batches import collate_items as _collate
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -67,36 +69,6 @@ def paper_protocol(dataset: str, variant: str = "crane+") -> dict[str, Any]:
     else:
         preset, soft_mean = f"crane/{source}", True
     return {"dataset": known, "preset": preset, "soft_mean": soft_mean, "aupro": "legacy"}
-
-
-class _EvaluationItems(torch.utils.data.Dataset):
-    """`ProcessedImages` of some rows; a row that cannot be read or processed comes back as its error message, so
-    that one bad file never stops the evaluation."""
-
-    def __init__(self, images: Any, rows: Sequence[int]):
-        self.images = images
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        from ..training.data_loading import UnreadableRowError
-
-        row = self.rows[position]
-        try:
-            return self.images[row]
-        except UnreadableRowError as error:
-            return {"index": torch.tensor(row), "error": error.reason}
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [item for item in items if "error" not in item]
-    batch: dict[str, Any] = {"errors": [(int(item["index"]), item["error"]) for item in items if "error" in item]}
-    if good:
-        for key in ("pixel_values", "masks", "labels", "index"):
-            batch[key] = torch.stack([item[key] for item in good])
-    return batch
 
 
 def score_dataset(

@@ -88,7 +88,7 @@ def score_with_memories(
     from ..metrics import AnomalyMetricAccumulator
     from ..models.crane.gaussian_smoothing import gaussian_smooth
     from ..training.data_loading import ProcessedImages
-    from .evaluate import _collate, _EvaluationItems
+    from .batches import EvaluationItems, collate_items
 
     images = ProcessedImages(dataset, processor)
     class_names = list(images.dataset["class_name"])
@@ -101,7 +101,7 @@ def score_with_memories(
     with torch.inference_mode():
         for name, class_rows in by_class.items():
             loader = torch.utils.data.DataLoader(
-                _EvaluationItems(images, class_rows), batch_size=batch_size, collate_fn=_collate
+                EvaluationItems(images, class_rows), batch_size=batch_size, collate_fn=collate_items
             )
             for batch in loader:
                 skipped.extend(batch["errors"])
