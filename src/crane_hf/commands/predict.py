@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
+from ..few_shot_options import add_reference_arguments, check_reference, load_reference_memory
 from ..io.atomic import atomic_output_dir
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import path_inside, safe_file_name
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ..models.crane.pipeline_zero_shot_anomaly_detection import ZeroShotAnomalyDetectionPipeline
 
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay")
+FEW_SHOT_COLUMNS = ("zero_shot_score", "few_shot_score")  # with a reference memory: the two branches of "score"
 
 
 @dataclass
@@ -132,7 +134,12 @@ def predict_images(
             check_threshold(value, name)
     if color_scale not in COLOR_SCALES:
         raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
-    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None)  # before any work
+    memory = getattr(model, "reference_memory", None)  # thresholds hold for the memory they were calibrated with
+    model.config.check_thresholds(  # before any work
+        image=threshold is None,
+        pixel=pixel_threshold is None,
+        few_shot_memory=memory.identity if memory is not None else None,
+    )
     require_positive("batch_size", batch_size)
     protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
     check_output_dir(output_dir, overwrite, protected)
@@ -168,6 +175,7 @@ def predict_images(
                 "anomalous_pixel_fraction": round(float(at_or_above(output["anomaly_map"], decision).mean()), 6),
                 "overlay": "",
             }
+            row.update({name: float(output[name]) for name in FEW_SHOT_COLUMNS if name in output})
             if write_overlays:
                 row["overlay"] = os.path.join("overlays", _output_name(index, path, ".png"))
                 save_decision_figure(
@@ -214,7 +222,8 @@ def _write_tables(
     from ..model_loading import computation_summary
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    few_shot = getattr(model, "reference_memory", None) is not None
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS + (FEW_SHOT_COLUMNS if few_shot else ()))
     writer.writeheader()
     writer.writerows(report.rows)
     with open(os.path.join(folder, "predictions.csv"), "w", encoding="utf-8", newline="") as stream:
@@ -224,6 +233,7 @@ def _write_tables(
         "computation": computation_summary(model),
         "image_threshold": model.config.image_threshold if threshold is None else threshold,
         "pixel_threshold": pixel_threshold,
+        "reference_memory": model.reference_memory.describe() if few_shot else None,
         "predictions": report.rows,
         "skipped": [asdict(item) for item in report.skipped],
         "left_out": report.left_out,
@@ -263,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
+    add_reference_arguments(parser, " (default: the model folder's reference_memory.safetensors, if any)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,8 +287,10 @@ def run(args: argparse.Namespace) -> int:
         protected = [
             *prediction_protections(args.inputs, args.model),
             *protected_paths("a backbone", [args.clip, args.dino]),
+            *protected_paths("a reference", args.reference or []),
         ]
         check_output_dir(args.output, args.overwrite, protected)
+        reference = check_reference(args.reference, exclude=[args.output])
         model, processor = load_model(
             args.model,
             clip=args.clip,
@@ -287,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             **computation_overrides(args),
         )
+        if reference is not None:  # before any image is scored: a memory of another model is refused here
+            load_reference_memory(model, processor, reference)
         report = predict_images(
             model,
             processor,
