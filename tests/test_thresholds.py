@@ -225,10 +225,10 @@ def test_thresholds_are_refused_under_another_computation_than_they_were_calibra
     config = json.loads((model_dir / "config.json").read_text())
     record = json.loads((model_dir / "calibration.json").read_text())
     assert config["eattn_map_source"] == "per_layer"
-    assert (
-        config["threshold_computation"]
-        == CraneForAnomalyDetection.from_pretrained(model_dir).config.inference_computation
-    )
+    assert config["threshold_computation"] == {  # the computation, and no reference memory (zero-shot scores)
+        **CraneForAnomalyDetection.from_pretrained(model_dir).config.inference_computation,
+        "few_shot_memory": None,
+    }
     assert config["threshold_computation"]["eattn_map_source"] == "per_layer"
     assert record["previous"]["computation"]["eattn_map_source"] == "last_layer"
     assert record["previous"]["threshold_computation"] is None  # the default thresholds: for any computation

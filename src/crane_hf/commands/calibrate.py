@@ -14,6 +14,11 @@ later with another computation refuses to decide with these thresholds (`CraneCo
 Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
 and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
 score or map is not finite is skipped and reported; no threshold is ever written from NaN.
+
+Few-shot: with `--reference` (normal images of the class, or a saved reference memory), or for a folder that holds a
+reference memory (`reference_memory.safetensors`), the thresholds are those of the fused scores and maps; the memory
+given with `--reference` is saved into the folder with them, since they hold for it. Calibration images that are
+reference images (same file bytes) are left out: a memory finds its own images perfectly normal.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..computation_options import add_computation_arguments, computation_overrides
+from ..few_shot_options import (
+    ReferenceSource,
+    add_reference_arguments,
+    check_reference,
+    load_reference_memory,
+    reference_fingerprints,
+)
 from ..io.atomic import atomic_write_many
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
@@ -57,6 +69,7 @@ def calibrate_folder(
     device: str | None = "auto",
     progress: bool = True,
     config_overrides: dict[str, Any] | None = None,
+    reference: list[str] | None = None,
 ) -> dict[str, Any]:
     """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
 
@@ -66,6 +79,9 @@ def calibrate_folder(
 
     `config_overrides` (`CraneConfig` fields, e.g. ``{"soft_mean": True}``) change what the model computes; the
     thresholds only hold for that computation, so the overridden fields are saved into config.json with them.
+
+    `reference` (files, folders, globs of normal images, or a saved memory file: `--reference`): few-shot; the
+    thresholds are those of the fused outputs and the memory is saved into the folder (`reference_memory.py`).
     """
     from ..model_loading import check_device, check_json_sizes
     from ..models.crane.configuration_crane import CraneConfig
@@ -81,8 +97,9 @@ def calibrate_folder(
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); calibrate writes into a model folder.")
     check_json_sizes(model_dir)
+    source = check_reference(reference)
     with calibration_lock(model_dir):
-        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides)
+        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides, source)
 
 
 @contextlib.contextmanager
@@ -108,11 +125,13 @@ def _calibrate(
     device: str | None,
     progress: bool,
     config_overrides: dict[str, Any],
+    reference: ReferenceSource | None = None,
 ) -> dict[str, Any]:
     """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
     from ..model_loading import computation_changes, computation_summary, load_model, make_pipeline
     from ..models.crane.configuration_crane import (
+        FEW_SHOT_MEMORY,
         LEGACY_COMPUTATION_SWITCH,
         PROMPT_TEXT_FIELDS,
         PUBLISHED_COMPUTATION,
@@ -127,6 +146,11 @@ def _calibrate(
     skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
     previous = CraneConfig.from_pretrained(model_dir)  # what the folder computed, and its thresholds were for
     model, processor = load_model(model_dir, device=device, **config_overrides)
+    if reference is not None:
+        load_reference_memory(model, processor, reference)
+    memory = model.reference_memory  # given with --reference, or the folder's own
+    references_left_out = reference_fingerprints(paths, memory) if memory is not None else []
+    paths = [path for path in paths if path not in set(references_left_out)]
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
@@ -165,6 +189,8 @@ def _calibrate(
         "computation": computation_summary(model),
         "computation_changed": computation_changes(previous, model.config),
         "overrides": config_overrides,
+        "reference_memory": memory.describe() if memory is not None else None,
+        "reference_images_left_out": references_left_out,
     }
     saved = set(config_overrides)
     if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
@@ -178,13 +204,21 @@ def _calibrate(
         config[name] = value.to_dict() if hasattr(value, "to_dict") else value
     config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
-    config["threshold_computation"] = model.config.inference_computation  # what the thresholds hold for
-    atomic_write_many(  # both or neither: config.json's thresholds and the record of how they were obtained
-        {
-            os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
-            config_path: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-        }
-    )
+    # What the thresholds hold for: this computation and the reference memory the scores were fused with (None:
+    # zero-shot), so that predict refuses them for another memory or for zero-shot scores.
+    config["threshold_computation"] = {
+        **model.config.inference_computation,
+        FEW_SHOT_MEMORY: memory.identity if memory is not None else None,
+    }
+    files = {  # all or none: config.json's thresholds, the record of how they were obtained, the memory they hold for
+        os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+        config_path: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+    }
+    if reference is not None:  # the thresholds hold for this memory: it goes into the folder with them
+        from ..models.crane.reference_memory import MEMORY_FILE_NAME
+
+        files[os.path.join(model_dir, MEMORY_FILE_NAME)] = memory.to_bytes()
+    atomic_write_many(files)
     return record
 
 
@@ -201,6 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
+    add_reference_arguments(parser, "; saved into the model folder with the thresholds")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             args.device,
             not args.quiet,
             computation_overrides(args),
+            args.reference,
         )
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -243,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
             )
     for folder in record["left_out"]:
         print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
+    for path in record["reference_images_left_out"]:
+        print(f"note: left out {path} (a reference image of the few-shot memory)", file=sys.stderr)
     for line in record["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"Saved into {args.model_dir}/config.json (details in calibration.json)")

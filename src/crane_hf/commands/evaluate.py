@@ -22,6 +22,13 @@ ground-truth folder) have, images whose score or map is not finite, and every fi
 entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
 `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3). `--strict` refuses such a
 dataset instead (exit 2). Masks in a lossy format (JPEG) are binarised at mid-range and listed (`lossy_masks`).
+
+Few-shot (`--shots K --seeds N`): for each seed 0 .. N-1, K normal images drawn from each class's train split make
+that class's reference memory; the tables of the fused outputs, of the few-shot branch alone and of the zero-shot
+model are reported as mean ± standard deviation over the seeds (metrics.md; per seed and the reference images of
+each draw in metrics.json under "few_shot").
+
+    crane-hf evaluate --model crane+/visa --data /data/mvtec --shots 4 --seeds 5 --output eval-mvtec-4shot
 """
 
 from __future__ import annotations
@@ -76,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        metavar="K",
+        help="few-shot: K normal images of each class's train split as its reference memory",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --shots: draws of the K images, seeds 0..N-1 (default 3)",
+    )
     add_computation_arguments(parser)
 
 
@@ -87,6 +108,16 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
     require_positive("--batch-size", args.batch_size)
+    shots, seeds = getattr(args, "shots", None), getattr(args, "seeds", None)
+    if seeds is not None and shots is None:
+        raise ValueError(f"--seeds {seeds}: only with --shots (few-shot evaluation).")
+    if shots is not None:
+        require_positive("--shots", shots)
+        require_positive("--seeds", seeds)
+        args.seeds = 3 if seeds is None else seeds
+        for option, given in (("--save-overlays", args.save_overlays), ("--report", args.report)):
+            if given:
+                raise ValueError(f"{option}: not available with --shots (the maps differ from seed to seed).")
     if args.device != "auto":
         check_device(args.model, args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
@@ -103,8 +134,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not report:
         return 0
-    print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
-    print("\n".join(_computation_lines(report["info"]["computation"])))
+    if "markdown" in report:  # few-shot: mean ± std over the seeds
+        print(report["markdown"])
+    else:
+        print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
+        print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     if args.report:
         print(f"Report: {os.path.join(os.path.abspath(args.output), 'report.html')}")

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..computation_options import add_computation_arguments, computation_overrides
+from ..few_shot_options import add_reference_arguments, check_reference, load_reference_memory
 from ..io.output_safety import check_output_dir, protected_paths
 from ..prediction.sharded_prediction import (
     CSV_COLUMNS,
@@ -158,6 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
+    add_reference_arguments(parser, " (default: the model folder's reference_memory.safetensors, if any)")
 
 
 def _tables(args: argparse.Namespace) -> tuple[str, ...]:
@@ -209,8 +211,10 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
         *prediction_protections(inputs, args.model),
         *protected_paths("a backbone", [args.clip, args.dino]),
         *protected_paths("the dataset", [args.dataset]),
+        *protected_paths("a reference", args.reference or []),
     ]
     check_output_dir(args.output, args.overwrite, protected)
+    check_reference(args.reference, exclude=[args.output])
     return protected
 
 
@@ -262,6 +266,9 @@ def _predict(args: argparse.Namespace, protected: list[tuple[str, str]]) -> Pred
         dtype=args.dtype,
         **computation_overrides(args),
     )
+    reference = check_reference(args.reference, exclude=[args.output])
+    if reference is not None:  # before any image is scored: a memory of another model is refused here
+        load_reference_memory(model, processor, reference)
     common: dict[str, Any] = {
         "batch_size": args.batch_size,
         "threshold": args.threshold,

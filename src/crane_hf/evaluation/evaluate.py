@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_output_dir, naming_write_errors, write_text_file
 from ..io.output_safety import on_main_process, protected_paths
+from .batches import EvaluationItems as _EvaluationItems
+from .batches import collate_items as _collate
 
 TABLE_COLUMNS = (
     ("image_auroc", "Image AUROC"),
@@ -67,36 +69,6 @@ def paper_protocol(dataset: str, variant: str = "crane+") -> dict[str, Any]:
     else:
         preset, soft_mean = f"crane/{source}", True
     return {"dataset": known, "preset": preset, "soft_mean": soft_mean, "aupro": "legacy"}
-
-
-class _EvaluationItems(torch.utils.data.Dataset):
-    """`ProcessedImages` of some rows; a row that cannot be read or processed comes back as its error message, so
-    that one bad file never stops the evaluation."""
-
-    def __init__(self, images: Any, rows: Sequence[int]):
-        self.images = images
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        from ..training.data_loading import UnreadableRowError
-
-        row = self.rows[position]
-        try:
-            return self.images[row]
-        except UnreadableRowError as error:
-            return {"index": torch.tensor(row), "error": error.reason}
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [item for item in items if "error" not in item]
-    batch: dict[str, Any] = {"errors": [(int(item["index"]), item["error"]) for item in items if "error" in item]}
-    if good:
-        for key in ("pixel_values", "masks", "labels", "index"):
-            batch[key] = torch.stack([item[key] for item in good])
-    return batch
 
 
 def score_dataset(
@@ -347,7 +319,13 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_overlays or args.report:
         # The decision figures and the report state verdicts: thresholds calibrated under another computation (or
         # sigma) do not hold for this one, so they are refused before any work, as predict refuses them.
-        model.config.check_thresholds(image=True, pixel=True, smoothing_sigma=args.sigma)
+        memory = getattr(model, "reference_memory", None)  # a folder's own memory fuses the scores
+        model.config.check_thresholds(
+            image=True,
+            pixel=True,
+            smoothing_sigma=args.sigma,
+            few_shot_memory=memory.identity if memory is not None else None,
+        )
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
             warnings.simplefilter("always", category)
@@ -367,6 +345,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     import datasets as hf_datasets
 
     dataset = undecoded(hf_datasets.concatenate_datasets(datasets_) if len(datasets_) > 1 else datasets_[0])
+    if getattr(args, "shots", None):
+        return _evaluate_few_shot(args, state, model, processor, dataset, model_spec, aupro, left_out, lossy)
     with contextlib.ExitStack() as claim:
         # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
         # the others write their overlays into the same temporary folder.
@@ -428,18 +408,30 @@ def _report(
 ) -> dict[str, Any]:
     """Merge the processes' metric states and write the report into `staging` (main process); `left_out`: the
     dataset's invalid entries and unused files (file and reason), `lossy`: masks binarised at mid-range."""
+    all_skipped: list[tuple[int, str]] = [item for _, shard_skipped, _ in gathered for item in shard_skipped]
+    all_results: list[tuple[int, float, str]] = [item for _, _, shard_results in gathered for item in shard_results]
+    merged = _merge_states([states for states, _, _ in gathered])
+    table = _class_table(merged, list(dict.fromkeys(dataset["class_name"])), aupro)
+    info = _report_info(dataset, args, model, model_spec, aupro, state, left_out, lossy, merged, all_skipped)
+    write_report(staging, table, info)
+    if args.report:
+        _write_html_report(staging, dataset, sorted(all_results), table, info, model.config, not args.quiet)
+    return {"table": table, "info": info}
+
+
+def _merge_states(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per class, the processes' metric states merged into one `AnomalyMetricAccumulator`."""
     from ..metrics import AnomalyMetricAccumulator
-    from ..training.data_loading import image_file
 
     merged: dict[str, AnomalyMetricAccumulator] = {}
-    all_skipped: list[tuple[int, str]] = []
-    all_results: list[tuple[int, float, str]] = []
-    for states, shard_skipped, shard_results in gathered:
-        all_skipped.extend(shard_skipped)
-        all_results.extend(shard_results)
+    for states in parts:
         for name, part in states.items():
             merged.setdefault(name, AnomalyMetricAccumulator()).merge(part)
-    order = list(dict.fromkeys(dataset["class_name"]))
+    return merged
+
+
+def _class_table(merged: dict[str, Any], order: list[str], aupro: str) -> dict[str, dict[str, float | None]]:
+    """The metrics table (`metrics_table`) of merged accumulators, classes in dataset order."""
     results = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined metrics are reported as None in the tables
@@ -447,8 +439,25 @@ def _report(
             results[name] = {
                 variant: merged[name].compute(aupro_variant=variant, max_fpr=0.3) for variant in ("official", "legacy")
             }
-    table = metrics_table(results, aupro)
-    info = {
+    return metrics_table(results, aupro)
+
+
+def _report_info(
+    dataset: Any,
+    args: argparse.Namespace,
+    model: Any,
+    model_spec: str,
+    aupro: str,
+    state: Any,
+    left_out: list[dict[str, str]],
+    lossy: list[str],
+    merged: dict[str, Any],
+    all_skipped: list[tuple[int, str]],
+) -> dict[str, Any]:
+    """What `metrics.json` records besides the metrics: model, data, computation, images, skipped files."""
+    from ..training.data_loading import image_file
+
+    return {
         "model": getattr(model.config, "preset", None) or model_spec,
         "data": list(args.data),
         "aupro": aupro,
@@ -462,10 +471,6 @@ def _report(
         + left_out,
         "lossy_masks": lossy,
     }
-    write_report(staging, table, info)
-    if args.report:
-        _write_html_report(staging, dataset, sorted(all_results), table, info, model.config, not args.quiet)
-    return {"table": table, "info": info}
 
 
 def _write_html_report(
@@ -510,3 +515,113 @@ def _write_html_report(
         skipped=[{"path": item["image_path"], "reason": item["reason"]} for item in info["skipped"]],
         progress=progress,
     )
+
+
+def _evaluate_few_shot(
+    args: argparse.Namespace,
+    state: Any,
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    model_spec: str,
+    aupro: str,
+    left_out: list[dict[str, str]],
+    lossy: list[str],
+) -> dict[str, Any]:
+    """`--shots K --seeds N`: per seed, each class's memory of K normal train images, the test images scored with it;
+    the tables of the fused, few-shot and zero-shot outputs averaged over the seeds with their spread
+    (`evaluation/few_shot.py`). `metrics` in metrics.json is the fused mean."""
+    import datasets as hf_datasets
+    from accelerate.utils import gather_object
+
+    from ..data import load_data_source
+    from ..training.data_loading import ProcessedImages, undecoded
+    from .few_shot import (
+        FEW_SHOT_KINDS,
+        build_class_memory,
+        check_shots,
+        draw_references,
+        markdown_with_spread,
+        mean_and_spread,
+        normal_train_rows,
+        reference_paths,
+        score_with_memories,
+        train_split_of,
+    )
+
+    train_specs = [train_split_of(spec) for spec in args.data]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the train split's own unused files are not this evaluation's
+        try:
+            parts = [load_data_source(spec, skip_invalid=True) for spec in train_specs]
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--shots needs each dataset's train split: {error}") from error
+    train = undecoded(hf_datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0])
+    available = normal_train_rows(train)
+    class_names = list(dataset["class_name"])
+    order = list(dict.fromkeys(class_names))
+    check_shots(available, order, args.shots, ", ".join(train_specs))  # before any image is scored
+    train_images = ProcessedImages(train, processor)
+    per_seed: dict[int, dict[str, Any]] = {}
+    references: dict[int, dict[str, list[str]]] = {}
+    skipped: list[tuple[int, str]] = []
+    with contextlib.ExitStack() as claim:
+        staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        with state.split_between_processes(list(range(len(dataset)))) as shard:
+            shard_classes = list(dict.fromkeys(class_names[row] for row in shard))
+            for seed in range(args.seeds):
+                draws = draw_references(available, order, args.shots, seed)
+                references[seed] = {name: reference_paths(train_images, draws[name]) for name in order}
+                memories = {
+                    name: build_class_memory(model, train_images, draws[name], name, args.batch_size)
+                    for name in shard_classes
+                }
+                accumulators, shard_skipped = score_with_memories(
+                    model,
+                    processor,
+                    dataset,
+                    shard,
+                    memories,
+                    args.batch_size,
+                    args.sigma,
+                    state.is_main_process and not args.quiet,
+                )
+                states = {
+                    kind: {n: acc.state_dict() for n, acc in accumulators[kind].items()} for kind in accumulators
+                }
+                per_seed[seed] = {"states": gather_object([states]), "skipped": gather_object([shard_skipped])}
+        if not state.is_main_process:
+            return {}
+        tables: dict[str, list[dict[str, Any]]] = {kind: [] for kind in FEW_SHOT_KINDS}
+        for seed in range(args.seeds):
+            gathered = per_seed[seed]["states"]
+            for kind in FEW_SHOT_KINDS:
+                tables[kind].append(_class_table(_merge_states([part[kind] for part in gathered]), order, aupro))
+        skipped = [item for part in per_seed[0]["skipped"] for item in part]  # the same test images every seed
+        merged = _merge_states([part["zero_shot"] for part in per_seed[0]["states"]])
+        info = _report_info(dataset, args, model, model_spec, aupro, state, left_out, lossy, merged, skipped)
+        summary = {kind: dict(zip(("mean", "std"), mean_and_spread(tables[kind]))) for kind in FEW_SHOT_KINDS}
+        info["few_shot"] = {
+            "shots": args.shots,
+            "seeds": list(range(args.seeds)),
+            "fusion_weight": model.config.few_shot_fusion_weight,
+            "features": model.config.few_shot_features,
+            "draw": "numpy.random.default_rng(seed).choice of each class's normal train images ordered by path",
+            "train_splits": train_specs,
+            "reference_images": {str(seed): paths for seed, paths in references.items()},
+            "metrics": summary,
+            "per_seed": {
+                str(seed): {kind: tables[kind][i] for kind in FEW_SHOT_KINDS}
+                for i, seed in enumerate(range(args.seeds))
+            },
+        }
+        table = summary["fused"]["mean"]
+        write_report(staging, table, info)
+        title = f"{info['model']} on {', '.join(info['data'])}, {args.shots}-shot, {args.seeds} seeds (AUPRO: {aupro})"
+        lines = [markdown_with_spread(summary["fused"]["mean"], summary["fused"]["std"], TABLE_COLUMNS, title)]
+        lines.insert(1, "\n".join(_computation_lines(info["computation"])) + "\n")
+        for kind, label in (("few_shot", "few-shot branch alone"), ("zero_shot", "zero-shot (no memory)")):
+            lines.append(markdown_with_spread(summary[kind]["mean"], summary[kind]["std"], TABLE_COLUMNS, label))
+        with open(os.path.join(staging, "metrics.md"), "w", encoding="utf-8") as stream:
+            stream.write("\n".join(lines))
+    return {"table": table, "info": info, "markdown": "\n".join(lines)}

@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 ROWS_FOLDER = "rows"
 SHARD_NAME = re.compile(r"run-(\d{4,})-process-(\d{5,})\.jsonl")
+# With a reference memory (few-shot), the zero-shot and few-shot branches of "score" (`reference_memory.py`).
+FEW_SHOT_COLUMNS = ("zero_shot_score", "few_shot_score")
 CSV_COLUMNS = ("path", "score", "is_anomalous", "max_pixel_score", "anomalous_pixel_fraction", "overlay", "sha256")
 TABLE_FORMATS = ("csv", "json", "jsonl", "parquet")
 
@@ -106,8 +108,10 @@ def done_fingerprints(folder: str, positions: range, name: Callable[[int], str])
 
 
 def table_row(record: dict[str, Any]) -> dict[str, Any]:
-    """The predictions-table row of a scored record."""
-    return {column: record[column] for column in CSV_COLUMNS}
+    """The predictions-table row of a scored record (with a reference memory, also its two branches' scores)."""
+    row = {column: record[column] for column in CSV_COLUMNS}
+    row.update({column: record[column] for column in FEW_SHOT_COLUMNS if column in record})
+    return row
 
 
 def write_tables(
@@ -123,7 +127,8 @@ def write_tables(
     try:
         if "csv" in formats:
             streams["csv"] = open(os.path.join(folder, "predictions.csv"), "w", encoding="utf-8", newline="")  # noqa: SIM115
-            table = csv.DictWriter(streams["csv"], fieldnames=CSV_COLUMNS)
+            few_shot = summary.get("reference_memory") is not None  # every row of the run has the two branches
+            table = csv.DictWriter(streams["csv"], fieldnames=CSV_COLUMNS + (FEW_SHOT_COLUMNS if few_shot else ()))
             table.writeheader()
         if "jsonl" in formats or "parquet" in formats:
             name = "predictions.jsonl" if "jsonl" in formats else ".predictions.jsonl.tmp"
@@ -197,6 +202,7 @@ def _write_parquet(folder: str, jsonl_path: str) -> None:
 
 __all__ = [
     "CSV_COLUMNS",
+    "FEW_SHOT_COLUMNS",
     "ROWS_FOLDER",
     "TABLE_FORMATS",
     "ShardWriter",

@@ -37,6 +37,7 @@ from ..io.output_names import path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, on_main_process, partial_dir, protected_paths
 from .result_shards import (
     CSV_COLUMNS,
+    FEW_SHOT_COLUMNS,
     ROWS_FOLDER,
     TABLE_FORMATS,
     ShardWriter,
@@ -196,7 +197,12 @@ def check_decision_arguments(
             check_threshold(value, name)
     if color_scale not in COLOR_SCALES:
         raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
-    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None)
+    memory = getattr(model, "reference_memory", None)  # thresholds hold for the memory they were calibrated with
+    model.config.check_thresholds(
+        image=threshold is None,
+        pixel=pixel_threshold is None,
+        few_shot_memory=memory.identity if memory is not None else None,
+    )
 
 
 def check_run_arguments(batch_size: int, workers: int, formats: tuple[str, ...]) -> None:
@@ -222,9 +228,11 @@ def run_settings(
     """What the results of a run depend on, stored with its partial results: a resumed run must match it."""
     from ..model_loading import computation_summary
 
+    memory = getattr(model, "reference_memory", None)
     return {
         "model": model_fingerprint(model),
         "computation": computation_summary(model),
+        "reference_memory": memory.identity if memory is not None else None,
         "dtype": str(model.dtype),
         "threshold": threshold,
         "pixel_threshold": pixel_threshold,
@@ -325,6 +333,7 @@ def run_prediction(
         summary = {
             "model": getattr(model.config, "preset", None) or model.config.name_or_path or None,
             "computation": settings["computation"],
+            "reference_memory": model.reference_memory.describe() if settings["reference_memory"] else None,
             "image_threshold": image_decision,
             "pixel_threshold": decision,
             "skipped": [{"path": item.path, "reason": item.reason} for item in found_skipped],
@@ -439,6 +448,7 @@ def _score_batch(
             anomalous_pixel_fraction=round(float(at_or_above(anomaly_map, decision).mean()), 6),
             overlay="",
         )
+        record.update({name: float(output[name]) for name in FEW_SHOT_COLUMNS if name in output})
         if figures is not None:
             record["overlay"] = os.path.join("overlays", output_name(item.index, item.path, ".png"))
             _write_atomically(

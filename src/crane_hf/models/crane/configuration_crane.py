@@ -19,6 +19,7 @@ from typing import Any
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
 from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
+from .reference_memory import FEW_SHOT_FEATURES
 from .thresholds import THRESHOLD_FIELDS, check_threshold
 
 # OpenAI's CLIP configs on the Hub predate transformers' fix of CLIP's special ids and say eos_token_id 2 (bos 0,
@@ -109,7 +110,14 @@ INFERENCE_FIELDS = (
     "eattn_map_source",
     "dattn_input",
     "deep_prompt_rounding_dtype",
+    "few_shot_fusion_weight",
+    "few_shot_features",
 )
+# The key of `threshold_computation` (no config field) naming the reference memory the calibrated scores were fused
+# with (`ReferenceMemory.identity`; None or absent: zero-shot scores). Thresholds hold for that memory only.
+FEW_SHOT_MEMORY = "few_shot_memory"
+# Fields that decide nothing without a reference memory: left out of the check for zero-shot thresholds and calls.
+FEW_SHOT_FIELDS = ("few_shot_fusion_weight", "few_shot_features")
 # Fields that change the maps only: the image score (and so the image threshold) does not depend on them.
 MAP_ONLY_FIELDS = ("smoothing_sigma",)
 # `prompt_token_ids` is derived from these (with the text tower's context length): recomputed when they change.
@@ -242,6 +250,13 @@ class CraneConfig(PreTrainedConfig):
             "per_layer", "layer_input" and `None`. It is not saved. Any of the three fields given with it (in
             `CraneConfig(...)`, in config.json or as a `from_pretrained` keyword, whatever its value) must be the
             value the switch implies, else `ValueError` names both (`resolve_computation`).
+        few_shot_fusion_weight (`float`): weight w of the few-shot branch when a reference memory (few-shot) is used:
+            fused map = (1 - w) * zero-shot map + w * few-shot map, and the same for the image scores. Default 0.5,
+            the average of the two as WinCLIP+ (Jeong et al., CVPR 2023) combines them; 1: few-shot alone
+            (`reference_memory.py`). Without a reference memory it has no effect.
+        few_shot_features (`str`): which memory features the few-shot map compares: "all" (default: every distinct
+            dense CLIP map and, for Crane+, the DINOv2 patch tokens, averaged), "clip" or "dino" (Crane+ only; the
+            AnomalyDINO setting).
         clip_backbone / dino_backbone (`str`, *optional*): where the backbone weights come from (Hub id or local
             folder); recorded by `from_backbones`, needed to load a prompts-only checkpoint.
         backbones_in_checkpoint (`bool`): whether the saved weights include the backbones (False for a
@@ -296,6 +311,8 @@ class CraneConfig(PreTrainedConfig):
         eattn_map_source: str = NOT_GIVEN,
         dattn_input: str = NOT_GIVEN,
         deep_prompt_rounding_dtype: str | None = NOT_GIVEN,
+        few_shot_fusion_weight: float = 0.5,
+        few_shot_features: str = "all",
         clip_backbone: str | None = None,
         dino_backbone: str | None = None,
         backbones_in_checkpoint: bool = True,
@@ -359,6 +376,8 @@ class CraneConfig(PreTrainedConfig):
         self.eattn_map_source = computation["eattn_map_source"]
         self.dattn_input = computation["dattn_input"]
         self.deep_prompt_rounding_dtype = computation["deep_prompt_rounding_dtype"]
+        self.few_shot_fusion_weight = float(few_shot_fusion_weight)
+        self.few_shot_features = few_shot_features
         self.clip_backbone = clip_backbone
         self.dino_backbone = dino_backbone
         self.backbones_in_checkpoint = bool(backbones_in_checkpoint)
@@ -524,7 +543,7 @@ class CraneConfig(PreTrainedConfig):
             raise ValueError(
                 f"threshold_computation must be a mapping of computation fields to values, got {record!r}."
             )
-        unknown = set(record) - set(INFERENCE_FIELDS)
+        unknown = set(record) - {*INFERENCE_FIELDS, FEW_SHOT_MEMORY}
         if unknown:
             raise ValueError(
                 f"threshold_computation names {sorted(unknown)}, which are not computation fields "
@@ -532,22 +551,33 @@ class CraneConfig(PreTrainedConfig):
             )
         return {name: copy.deepcopy(value) for name, value in record.items()}
 
-    def stale_threshold_fields(self, image: bool = True, pixel: bool = True, **call_values: Any) -> dict:
+    def stale_threshold_fields(
+        self, image: bool = True, pixel: bool = True, few_shot_memory: str | None = None, **call_values: Any
+    ) -> dict:
         """The fields whose value differs from the one the thresholds were calibrated with (`threshold_computation`),
         as {name: (calibrated value, current value)}; empty when the thresholds hold.
 
         Args:
             image / pixel: which thresholds are asked about (the image threshold does not depend on
                 `MAP_ONLY_FIELDS`).
+            few_shot_memory: `ReferenceMemory.identity` of the memory the scores are fused with, None for zero-shot
+                scores. Thresholds calibrated with another memory, or with none (zero-shot), do not hold:
+                `FEW_SHOT_MEMORY` is then named.
             **call_values: values a call uses instead of the config's (e.g. the pipeline's `smoothing_sigma`).
 
-        Fields that do not apply to this architecture (`not_applicable_fields`) are left out: they change nothing.
+        Fields that do not apply to this architecture (`not_applicable_fields`), and the few-shot fields when
+        neither the thresholds nor the call use a memory, are left out: they change nothing.
         """
-        record = self.threshold_computation or {}
+        record = dict(self.threshold_computation or {})
+        if not (image or pixel) or not record:
+            return {}  # no record: the default thresholds, which hold for any computation
+        calibrated_memory = record.pop(FEW_SHOT_MEMORY, None)
         skip = set(self.not_applicable_fields) | (set() if pixel else set(MAP_ONLY_FIELDS))
-        if not (image or pixel):
-            return {}
+        if calibrated_memory is None and few_shot_memory is None:
+            skip |= set(FEW_SHOT_FIELDS)
         stale = {}
+        if calibrated_memory != few_shot_memory:
+            stale[FEW_SHOT_MEMORY] = (calibrated_memory, few_shot_memory)
         for name, calibrated in record.items():
             current = call_values.get(name) if call_values.get(name) is not None else getattr(self, name)
             if name not in skip and _comparable(current) != _comparable(calibrated):
@@ -567,7 +597,8 @@ class CraneConfig(PreTrainedConfig):
             f"the model's {' and '.join(names)} {'were' if len(names) > 1 else 'was'} calibrated for another "
             "computation than the one asked for "
             f"({changes}): they do not hold for it, so no decision is made. Recalibrate under this computation "
-            "(crane-hf calibrate with the same options), or give the thresholds explicitly (--threshold / "
+            f"(crane-hf calibrate with the same options{', with that --reference' if FEW_SHOT_MEMORY in stale else ''}"
+            "), or give the thresholds explicitly (--threshold / "
             "--pixel-threshold; threshold= / pixel_threshold= in Python)."
         )
 
@@ -697,6 +728,15 @@ class CraneConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.pooling_alpha <= 1.0:
             raise ValueError(f"pooling_alpha={self.pooling_alpha} must be in [0, 1].")
+        if not 0.0 <= self.few_shot_fusion_weight <= 1.0:
+            raise ValueError(f"few_shot_fusion_weight={self.few_shot_fusion_weight} must be in [0, 1].")
+        if self.few_shot_features not in FEW_SHOT_FEATURES:
+            raise ValueError(
+                f"few_shot_features={self.few_shot_features!r} is unknown; choose one of "
+                f"{', '.join(FEW_SHOT_FEATURES)}."
+            )
+        if self.few_shot_features == "dino" and self.dino_config is None:
+            raise ValueError("few_shot_features='dino' needs Crane+ (a DINOv2 backbone); this config is Crane.")
         for name in ("logit_temperature", "image_loss_temperature", "smoothing_sigma", "dattn_gamma", "dattn_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
@@ -947,4 +987,11 @@ def _as_int(value: int | list[int] | tuple[int, ...]) -> int:
     return int(value)
 
 
-__all__ = ["INFERENCE_FIELDS", "PER_LAYER_COMPUTATION", "PUBLISHED_COMPUTATION", "CraneConfig", "resolve_computation"]
+__all__ = [
+    "FEW_SHOT_MEMORY",
+    "INFERENCE_FIELDS",
+    "PER_LAYER_COMPUTATION",
+    "PUBLISHED_COMPUTATION",
+    "CraneConfig",
+    "resolve_computation",
+]

@@ -7,6 +7,8 @@ The computation is ``crane-method.md`` sections 2-6; each concept lives in its o
 - learned and deep prompts, context conditioning: `prompt_learning.py`
 - score-based pooling of the image feature: `score_pooling.py`
 - training loss: `anomaly_losses.py`; bilinear position embeddings: `position_embeddings.py`
+- few-shot: the reference memory (memory bank) of normal images, nearest-patch scoring and fusion:
+  `reference_memory.py`
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ from .d_attention import dattn_features, dino_similarity_attention
 from .e_attention import eattn_block
 from .position_embeddings import resize_position_embeddings
 from .prompt_learning import CranePromptLearner, encode_prompts
+from .reference_memory import (
+    FEATURE_FIELDS,
+    MEMORY_FILE_NAME,
+    ReferenceMemory,
+    fuse,
+    is_reference_memory_file,
+    probe_pixel_values,
+)
 from .reproducibility import align_tensors, per_sample
 from .score_pooling import mean_over_maps, score_based_pooling
 
@@ -153,6 +163,11 @@ class CraneAnomalyDetectionOutput(ModelOutput):
         text_embeds: normalized text features of the normal and anomalous prompts, [2, D] (or [B, 2, D] when the
             prompts were conditioned on each image).
         focal_loss, dice_loss, image_loss: the loss components (unweighted; focal and dice summed over the maps).
+        few_shot_scores / few_shot_maps: with a reference memory (few-shot), the image scores [B] and unsmoothed
+            maps [B, H, W] of the nearest-patch branch alone (`reference_memory.py`), in [0, 1].
+        fused_scores / fused_maps: with a reference memory, the zero-shot and few-shot scores [B] and maps
+            [B, H, W] combined by `config.few_shot_fusion_weight`; `anomaly_scores` and `anomaly_maps` stay the
+            zero-shot ones.
     """
 
     loss: torch.FloatTensor | None = None
@@ -165,6 +180,10 @@ class CraneAnomalyDetectionOutput(ModelOutput):
     focal_loss: torch.FloatTensor | None = None
     dice_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
+    few_shot_scores: torch.FloatTensor | None = None
+    few_shot_maps: torch.FloatTensor | None = None
+    fused_scores: torch.FloatTensor | None = None
+    fused_maps: torch.FloatTensor | None = None
 
 
 class CranePreTrainedModel(PreTrainedModel):
@@ -227,6 +246,9 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         )
         self._position_cache: dict[tuple, torch.Tensor] = {}
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        # Few-shot: the memory bank used by `forward` when none is passed (`set_reference_memory`; saved beside the
+        # weights by `save_pretrained`, loaded by `from_pretrained`).
+        self.reference_memory: ReferenceMemory | None = None
         self.post_init()
         self._freeze_backbones()
 
@@ -340,8 +362,20 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         if overrides:
             config = config.with_overrides(**overrides)
         if config.backbones_in_checkpoint:
-            return cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
-        return cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
+            loaded = cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
+        else:
+            loaded = cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        memory_file = cached_file(
+            os.fspath(pretrained_model_name_or_path),
+            MEMORY_FILE_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            **hub_kwargs,
+        )
+        if memory_file is not None:  # the folder's few-shot memory bank, checked against this model
+            model.set_reference_memory(ReferenceMemory.load(memory_file), source=memory_file)
+        return loaded
 
     @staticmethod
     def _to_requested_dtype(model: CraneForAnomalyDetection, dtype: Any) -> None:
@@ -431,6 +465,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         Raises:
             ValueError: prompts only, but the config does not say where the backbones come from.
         """
+        self._save_reference_memory(save_directory)
         if include_backbones:
             self._save_pipeline_files(save_directory, kwargs.get("is_main_process", True))
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -468,6 +503,16 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             if self._auto_class is not None:  # the processor's code and auto_map, as the model's
                 processor._auto_class = "AutoImageProcessor"
             processor.save_pretrained(save_directory)
+
+    def _save_reference_memory(self, save_directory: str | os.PathLike) -> None:
+        """Write the reference memory beside the weights; a memory file left there by an earlier save of a model
+        with a memory is removed when this model has none (a file of another format is left alone)."""
+        path = os.path.join(save_directory, MEMORY_FILE_NAME)
+        if self.reference_memory is not None:
+            os.makedirs(save_directory, exist_ok=True)
+            self.reference_memory.save(path)
+        elif is_reference_memory_file(path):
+            os.remove(path)
 
     def load_prompt_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
         """Load the prompt tensors (`prompt_learner.*`), refusing missing, unexpected or mis-shaped tensors."""
@@ -573,8 +618,11 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         return tokens[:, 1 + registers :], grid
 
-    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def encode_image(self, pixel_values: torch.Tensor, return_dino_tokens: bool = False) -> tuple:
         """Run the vision towers.
+
+        With `return_dino_tokens`, a fourth value follows: the DINOv2 last-layer patch tokens [B, M, C_dino] on the
+        maps' grid (Crane+), or `None` (Crane); the other values are the same.
 
         Returns:
             image_embeds: normalized global embeddings [B, D].
@@ -642,6 +690,8 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         patch_features = F.normalize(self.clip.visual_projection(vision.post_layernorm(dense)), dim=-1)
         global_embeds = per_sample(lambda token: self.clip.visual_projection(vision.post_layernorm(token)), o[:, 0])
         image_embeds = F.normalize(global_embeds, dim=-1)
+        if return_dino_tokens:
+            return image_embeds, patch_features, map_grid, dino_tokens
         return image_embeds, patch_features, map_grid
 
     @staticmethod
@@ -653,6 +703,129 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         maps = tokens.transpose(1, 2).reshape(batch, channels, *grid)
         maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
         return maps.flatten(2).transpose(1, 2)
+
+    # ------------------------------------------------------------------ few-shot: the reference memory
+    def memory_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The features a reference memory keeps, for images [B, 3, H, W]: source name -> L2-normalized float32
+        [B, N, C] on the maps' grid: "clip_0", "clip_1", ... (the distinct dense CLIP maps of `encode_image`) and,
+        for Crane+, "dino" (the DINOv2 patch tokens)."""
+        self._check_inputs(pixel_values)
+        _, patch_features, _, dino_tokens = self.encode_image(pixel_values, return_dino_tokens=True)
+        return self._memory_sources(patch_features, dino_tokens)
+
+    @staticmethod
+    def _memory_sources(patch_features: torch.Tensor, dino_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        sources = {f"clip_{index}": features.float() for index, features in enumerate(patch_features)}
+        if dino_tokens is not None:
+            sources["dino"] = F.normalize(dino_tokens.float(), dim=-1)
+        return sources
+
+    def feature_settings(self) -> dict[str, Any]:
+        """The config values that decide the features of a reference memory (`reference_memory.FEATURE_FIELDS`),
+        and the backbones' names (informative)."""
+        settings = {name: getattr(self.config, name) for name in FEATURE_FIELDS}
+        settings.update(clip_backbone=self.config.clip_backbone, dino_backbone=self.config.dino_backbone)
+        return settings
+
+    def probe_features(self) -> dict[str, torch.Tensor]:
+        """`memory_features` of the fixed probe image (`reference_memory.probe_pixel_values`), one image: [N, C]."""
+        probe = probe_pixel_values(self.config.image_size).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            return {name: features[0].cpu() for name, features in self.memory_features(probe).items()}
+
+    def build_reference_memory(
+        self,
+        pixel_values: torch.Tensor | Any,
+        fingerprints: list[str],
+        class_name: str | None = None,
+    ) -> ReferenceMemory:
+        """The memory bank of k normal images.
+
+        Args:
+            pixel_values: the processed images [k, 3, S, S] (`CraneImageProcessor`), or an iterable of such batches
+                (so that k images need not be held at once).
+            fingerprints: one per image (`reference_memory.file_fingerprint` / `array_fingerprint`).
+            class_name: the class the images show (stored with the memory).
+
+        Returns:
+            a `ReferenceMemory` with float32 features on the CPU: per source [k * N, C].
+
+        Raises:
+            ValueError: no images, a fingerprint count that differs from the images, images of different sizes.
+        """
+        batches = [pixel_values] if isinstance(pixel_values, torch.Tensor) else pixel_values
+        collected: dict[str, list[torch.Tensor]] = {}
+        grid: tuple[int, int] | None = None
+        count = 0
+        with torch.inference_mode():
+            for batch in batches:
+                batch = batch.to(device=self.device, dtype=self.dtype)
+                sources = self.memory_features(batch)
+                image_grid = self._feature_grid(batch.shape[-2:])
+                if grid is not None and image_grid != grid:
+                    raise ValueError(f"reference images give patch grids {list(grid)} and {list(image_grid)}.")
+                grid = image_grid
+                count += batch.shape[0]
+                for name, features in sources.items():
+                    collected.setdefault(name, []).append(features.reshape(-1, features.shape[-1]).cpu())
+        if count == 0 or grid is None:
+            raise ValueError("a reference memory needs at least one normal image.")
+        if len(fingerprints) != count:
+            raise ValueError(f"{len(fingerprints)} fingerprints were given for {count} reference images.")
+        features = {name: torch.cat(parts) for name, parts in collected.items()}
+        return ReferenceMemory(
+            features=features,
+            grid=grid,
+            fingerprints=[str(item) for item in fingerprints],
+            class_name=class_name,
+            settings=self.feature_settings(),
+            probe=self.probe_features(),
+        )
+
+    def _feature_grid(self, size: tuple[int, int] | torch.Size) -> tuple[int, int]:
+        """The maps' patch grid for an input of `size` (H, W): the DINOv2 grid for Crane+, else CLIP's."""
+        config = self.config
+        patch = _as_int(
+            config.dino_config.patch_size if config.use_dattn else config.clip_config.vision_config.patch_size
+        )
+        return (int(size[0]) // patch, int(size[1]) // patch)
+
+    def check_reference_memory(self, memory: ReferenceMemory, source: str = "the reference memory") -> None:
+        """Refuse a memory built for another model: other feature settings or sizes, or (by the probe image's
+        features) other backbone weights. Raises `ValueError` naming `source` and the difference."""
+        memory.check_consistent(source)
+        memory.check_matches(self.feature_settings(), self.probe_features(), source)
+
+    def set_reference_memory(self, memory: ReferenceMemory | None, source: str = "the reference memory") -> None:
+        """Use `memory` in every `forward` without an explicit one (and save it with `save_pretrained`); `None`
+        returns to zero-shot. The memory is checked first (`check_reference_memory`)."""
+        if memory is not None:
+            self.check_reference_memory(memory, source)
+        self.reference_memory = memory
+
+    def _few_shot(
+        self,
+        memory: ReferenceMemory,
+        patch_features: torch.Tensor,
+        dino_tokens: torch.Tensor | None,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Few-shot scores [B] and unsmoothed maps [B, H, W] from the test features and `memory`."""
+        sources = self._memory_sources(patch_features, dino_tokens)
+        sizes = {name: int(features.shape[-1]) for name, features in sources.items()}
+        stored = {name: int(features.shape[-1]) for name, features in memory.features.items()}
+        if sizes != stored or tuple(memory.grid) != tuple(grid):
+            raise ValueError(
+                f"the reference memory holds features {stored} on a {list(memory.grid)} grid; this model computes "
+                f"{sizes} on {list(grid)} for these images (build the memory with this model and image size)."
+            )
+        memory.to(patch_features.device)
+        with _autocast_disabled(patch_features.device):
+            patch_map = memory.few_shot_patch_map(sources, self.config.few_shot_features)
+            scores = patch_map.amax(dim=1)
+            maps = F.interpolate(patch_map.reshape(-1, 1, *grid), size=size, mode="bilinear", align_corners=False)
+        return scores, maps[:, 0]
 
     # ------------------------------------------------------------------ heads
     def _logits(self, features: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -725,6 +898,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        reference_memory: ReferenceMemory | None = None,
         **kwargs: Any,
     ) -> CraneAnomalyDetectionOutput | tuple:
         r"""Score images and map their anomalies.
@@ -733,12 +907,24 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             pixel_values: normalized images [B, 3, H, W] (`CraneImageProcessor`), H and W multiples of the patch size.
             labels: image labels [B] (0 normal, 1 anomalous); with `masks`, the loss is computed.
             masks: binary ground-truth masks [B, H, W] (or [B, 1, H, W]).
+            reference_memory: a few-shot memory bank (`build_reference_memory`); default `self.reference_memory`.
+                With one, the outputs also hold the few-shot and fused scores and maps; the zero-shot outputs are
+                the same as without it.
         """
         self._check_inputs(pixel_values)
-        image_embeds, patch_features, grid = self.encode_image(pixel_values)
-        output = self.forward_from_features(
-            image_embeds, patch_features, grid, tuple(pixel_values.shape[-2:]), labels=labels, masks=masks
-        )
+        memory = reference_memory if reference_memory is not None else self.reference_memory
+        size = tuple(pixel_values.shape[-2:])
+        if memory is None:  # zero-shot: exactly the computation of a model that knows no memory
+            image_embeds, patch_features, grid = self.encode_image(pixel_values)
+            output = self.forward_from_features(image_embeds, patch_features, grid, size, labels=labels, masks=masks)
+        else:
+            image_embeds, patch_features, grid, dino_tokens = self.encode_image(pixel_values, return_dino_tokens=True)
+            output = self.forward_from_features(image_embeds, patch_features, grid, size, labels=labels, masks=masks)
+            scores, maps = self._few_shot(memory, patch_features, dino_tokens, grid, size)
+            weight = self.config.few_shot_fusion_weight
+            output["few_shot_scores"], output["few_shot_maps"] = scores, maps
+            output["fused_scores"] = fuse(output.anomaly_scores.float(), scores, weight)
+            output["fused_maps"] = fuse(output.anomaly_maps.float(), maps, weight)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 

@@ -13,12 +13,22 @@ orientation is applied whichever way an image arrives; multi-frame images are re
 
 A score or map that is not finite (a corrupt or diverged model) raises `ValueError` for that image: it is never
 reported as `is_anomalous: False`.
+
+Few-shot: with a handful of images of good parts, pass them as `reference_images=[...]` (paths, PIL images, arrays;
+to `pipeline(...)` or to a call) or a saved memory as `reference_memory=` (a `ReferenceMemory` or its .safetensors
+file); a model folder holding `reference_memory.safetensors` uses its memory by default. Then `score`,
+`is_anomalous` and `anomaly_map` are the fused ones (`reference_memory.py`: (1 - w) zero-shot + w few-shot,
+w = `config.few_shot_fusion_weight`), and `zero_shot_score`, `few_shot_score`, `zero_shot_map` and `few_shot_map`
+are returned too.
+
+    detector = pipeline("zero-shot-anomaly-detection", model="path", reference_images=["good1.png", "good2.png"])
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +37,7 @@ from transformers import Pipeline
 
 from .image_processing_crane import image_to_rgb_array
 from .image_reading import read_encoded_image, read_image, read_image_bytes, read_image_url
+from .reference_memory import ReferenceMemory, array_fingerprint, file_fingerprint
 from .thresholds import at_or_above, check_threshold
 from .visualization import render_overlay
 
@@ -83,6 +94,18 @@ def _is_datasets_input(inputs: Any) -> bool:
     return (from_datasets and isinstance(inputs, Sequence)) or hasattr(inputs, "column_names")
 
 
+_SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")
+_MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
+
+
+def _one_map(anomaly_map: Any) -> np.ndarray:
+    """A float32 [H, W] numpy map from the forward's map of one image (a list of one map at batch size 1)."""
+    if isinstance(anomaly_map, list):
+        (anomaly_map,) = anomaly_map
+    height, width = anomaly_map.shape[-2:]
+    return anomaly_map.reshape(height, width).numpy().astype(np.float32, copy=False)
+
+
 def _as_uint8(rgb: np.ndarray) -> np.ndarray:
     """RGB uint8 for display, from the processor's uint8 or [0, 1] float arrays."""
     return rgb if rgb.dtype == np.uint8 else (rgb * 255.0 + 0.5).astype(np.uint8)
@@ -120,12 +143,19 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         return_overlay (`bool`): also return `overlay`, a PIL heatmap blended on the image with the contour.
         timeout (`float`): seconds to wait for URLs (default 10; bodies over 64 MiB and decompression bombs are
             refused, as for files: `image_reading.read_image_url`).
+        reference_images (`list`): few-shot: normal images of the class (paths, PIL images, arrays, encoded bytes);
+            their memory bank is built once (`build_reference_memory`) and kept while the same images are given.
+        reference_memory (`ReferenceMemory`, `str` or `os.PathLike`): few-shot with a memory built before (or its
+            .safetensors file), checked against the model (`CraneForAnomalyDetection.check_reference_memory`).
 
     Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
-    array at the image's original size, smoothed) and, on request, `overlay`.
+    array at the image's original size, smoothed) and, on request, `overlay`. With a reference memory, `score`,
+    `is_anomalous` and `anomaly_map` are the fused ones and `zero_shot_score`, `few_shot_score`, `zero_shot_map`
+    and `few_shot_map` are added.
 
     Raises `ValueError` before any image is read when a decision would use a model threshold calibrated under
-    another computation than the model's (`CraneConfig.check_thresholds`): recalibrate, or pass `threshold` (and,
+    another computation than the model's (`CraneConfig.check_thresholds`), or for another reference memory (or
+    none: thresholds of zero-shot scores do not hold for fused ones): recalibrate, or pass `threshold` (and,
     with overlays, `pixel_threshold`).
     """
 
@@ -145,10 +175,18 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         smoothing_sigma: float | None = None,
         return_overlay: bool | None = None,
         timeout: float | None = None,
+        reference_images: Any = None,
+        reference_memory: ReferenceMemory | str | os.PathLike | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
+        if reference_images is not None and reference_memory is not None:
+            raise ValueError("give reference_images or reference_memory, not both.")
+        if reference_images is not None:
+            forward["reference_memory"] = self.build_reference_memory(reference_images, timeout=timeout)
+        elif reference_memory is not None:
+            forward["reference_memory"] = self.load_reference_memory(reference_memory)
         if timeout is not None:
             preprocess["timeout"] = timeout
         if return_overlay is not None:
@@ -162,6 +200,65 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 raise ValueError(f"smoothing_sigma={smoothing_sigma} must be >= 0.")
             forward["smoothing_sigma"] = float(smoothing_sigma)
         return preprocess, forward, postprocess
+
+    def build_reference_memory(
+        self, images: Any, class_name: str | None = None, timeout: float | None = None, batch_size: int = 8
+    ) -> ReferenceMemory:
+        """The few-shot memory bank of normal `images` (one image or a list: paths, URLs, PIL images, arrays,
+        encoded bytes), read and preprocessed as the images to score are, `batch_size` at a time.
+
+        Each image's fingerprint is the sha256 of its file bytes (paths, bytes) or of its RGB pixel array. The memory
+        of the last images given is kept, so that calls with the same reference images build it once.
+
+        Raises:
+            ValueError: no images, or an image that cannot be read (named).
+        """
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("reference_images is empty: give at least one normal image.")
+        fingerprints = [self._fingerprint(image) for image in images]
+        cached = getattr(self, "_reference_cache", None)
+        if cached is not None and cached[0] == (tuple(fingerprints), class_name):
+            return cached[1]
+
+        def batches() -> Iterator[torch.Tensor]:
+            for start in range(0, len(images), batch_size):
+                chunk = [
+                    self.preprocess(image, timeout=timeout)["pixel_values"]
+                    for image in images[start : start + batch_size]
+                ]
+                yield torch.cat(chunk)
+
+        memory = self.model.build_reference_memory(batches(), fingerprints, class_name=class_name)
+        self._reference_cache = ((tuple(fingerprints), class_name), memory)
+        return memory
+
+    def load_reference_memory(self, memory: ReferenceMemory | str | os.PathLike) -> ReferenceMemory:
+        """A memory object or .safetensors file, checked against this pipeline's model (`ValueError` naming it)."""
+        source = "the reference memory"
+        if isinstance(memory, (str, os.PathLike)):
+            source = os.fspath(memory)
+            if not os.path.isfile(source):
+                raise ValueError(f"reference memory {source}: no such file.")
+            memory = ReferenceMemory.load(source)
+        if not isinstance(memory, ReferenceMemory):
+            raise TypeError(f"reference_memory must be a ReferenceMemory or a file path, got {type(memory).__name__}.")
+        self.model.check_reference_memory(memory, source)
+        return memory
+
+    @staticmethod
+    def _fingerprint(image: Any) -> str:
+        """sha256 of a local file's or encoded image's bytes, else of the image's RGB pixel array."""
+        if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://")):
+            try:
+                return file_fingerprint(image)
+            except OSError as error:
+                raise ValueError(f"{os.fspath(image)}: cannot be read ({error.strerror or error}).") from error
+        if isinstance(image, (bytes, bytearray)):
+            return array_fingerprint(np.frombuffer(bytes(image), dtype=np.uint8))
+        if isinstance(image, str):  # a URL: the decoded pixels
+            image = read_image_url(image)
+        return array_fingerprint(image_to_rgb_array(image))
 
     def get_inference_context(self) -> type[torch.inference_mode]:
         """Inference runs under `torch.inference_mode` (transformers' default is `no_grad`)."""
@@ -181,14 +278,35 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def _check_thresholds(self, kwargs: dict[str, Any]) -> None:
         """Refuse, before any image is read, to decide with the model's thresholds when they were calibrated under
         another computation than the model's (`CraneConfig.check_thresholds`; a threshold given to the call or to
-        the pipeline is used instead and needs no check)."""
+        the pipeline is used instead and needs no check). Thresholds hold for the reference memory they were
+        calibrated with: zero-shot thresholds are refused for fused scores, and the other way round."""
         check = getattr(self.model.config, "check_thresholds", None)
         if check is None:
             return
         params = {**self._forward_params, **self._postprocess_params, **kwargs}
         image = params.get("threshold") is None
         pixel = bool(params.get("return_overlay")) and params.get("pixel_threshold") is None
-        check(image=image, pixel=pixel, smoothing_sigma=params.get("smoothing_sigma"))
+        if not (image or pixel):
+            return
+        memory = self._memory_in_use(kwargs)
+        check(
+            image=image,
+            pixel=pixel,
+            smoothing_sigma=params.get("smoothing_sigma"),
+            few_shot_memory=memory.identity if memory is not None else None,
+        )
+
+    def _memory_in_use(self, kwargs: dict[str, Any]) -> ReferenceMemory | None:
+        """The reference memory a call with `kwargs` fuses its scores with: the call's, else the pipeline's, else
+        the model's; None for zero-shot. A call's memory is built (or loaded and checked) here, once: the pipeline
+        keeps the memory of the last reference images (`build_reference_memory`)."""
+        if kwargs.get("reference_images") is not None or kwargs.get("reference_memory") is not None:
+            names = ("reference_images", "reference_memory", "timeout")
+            _, forward, _ = self._sanitize_parameters(**{name: kwargs[name] for name in names if name in kwargs})
+            return forward.get("reference_memory")
+        if self._forward_params.get("reference_memory") is not None:
+            return self._forward_params["reference_memory"]
+        return getattr(self.model, "reference_memory", None)
 
     def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
@@ -204,14 +322,31 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             image = read_image(image)
         return model_inputs_for_image(self.image_processor, image, self.dtype, keep_image, source)
 
-    def _forward(self, model_inputs: dict[str, Any], smoothing_sigma: float | None = None) -> dict[str, Any]:
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        smoothing_sigma: float | None = None,
+        reference_memory: ReferenceMemory | None = None,
+    ) -> dict[str, Any]:
         """Model, then smoothing and resizing of the whole batch on the model's device."""
-        outputs = self.model(model_inputs["pixel_values"])
+        outputs = self.model(model_inputs["pixel_values"], reference_memory=reference_memory)
         sigma = self.model.config.smoothing_sigma if smoothing_sigma is None else smoothing_sigma
-        maps = self.image_processor.post_process_anomaly_maps(
-            outputs.anomaly_maps, sigma=sigma, target_sizes=model_inputs["original_size"].reshape(-1, 2)
-        )
-        result = {"score": outputs.anomaly_scores, "anomaly_map": maps}
+        sizes = model_inputs["original_size"].reshape(-1, 2)
+
+        def post_process(maps: torch.Tensor) -> Any:
+            return self.image_processor.post_process_anomaly_maps(maps, sigma=sigma, target_sizes=sizes)
+
+        if outputs.fused_maps is None:
+            result = {"score": outputs.anomaly_scores, "anomaly_map": post_process(outputs.anomaly_maps)}
+        else:  # few-shot: the decision is the fused one; both branches are returned too
+            result = {
+                "score": outputs.fused_scores,
+                "anomaly_map": post_process(outputs.fused_maps),
+                "zero_shot_score": outputs.anomaly_scores,
+                "zero_shot_map": post_process(outputs.anomaly_maps),
+                "few_shot_score": outputs.few_shot_scores,
+                "few_shot_map": post_process(outputs.few_shot_maps),
+            }
         if "image" in model_inputs:
             result["image"] = model_inputs["image"]
         return result
@@ -226,22 +361,28 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         config = self.model.config
         threshold = config.image_threshold if threshold is None else threshold
         pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
-        anomaly_map = model_outputs["anomaly_map"]
-        if isinstance(anomaly_map, list):  # batch_size 1: the forward's list of one map
-            (anomaly_map,) = anomaly_map
-        height, width = anomaly_map.shape[-2:]
-        anomaly_map = anomaly_map.reshape(height, width).numpy().astype(np.float32, copy=False)
-        score = float(model_outputs["score"].reshape(-1)[0])
-        if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
-            raise ValueError(
-                f"the model gave a non-finite {'score' if not np.isfinite(score) else 'anomaly map'} (score {score}) "
-                "for this image; no decision is made (is the model folder corrupt or diverged?)"
-            )
+        maps = {name: _one_map(model_outputs[name]) for name in _MAP_KEYS if name in model_outputs}
+        scores = {name: float(model_outputs[name].reshape(-1)[0]) for name in _SCORE_KEYS if name in model_outputs}
+        for name, value in (*scores.items(), *maps.items()):
+            if not np.isfinite(value).all():
+                raise ValueError(
+                    f"the model gave a non-finite {name.replace('_', ' ')} (score {scores['score']}) for this image; "
+                    "no decision is made (is the model folder corrupt or diverged?)"
+                )
+        anomaly_map = maps["anomaly_map"]
+        height, width = anomaly_map.shape
+        score = scores["score"]
         result: dict[str, Any] = {
             "score": score,
             "is_anomalous": at_or_above(score, threshold),
             "anomaly_map": anomaly_map,
         }
+        for name in ("zero_shot_score", "few_shot_score"):
+            if name in scores:
+                result[name] = scores[name]
+        for name in ("zero_shot_map", "few_shot_map"):
+            if name in maps:
+                result[name] = maps[name]
         if return_overlay:
             image = np.asarray(model_outputs["image"]).reshape(height, width, 3)
             result["overlay"] = render_overlay(image, anomaly_map, threshold=pixel_threshold)

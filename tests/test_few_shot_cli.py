@@ -1,0 +1,254 @@
+"""Few-shot through the command line: predict --reference, calibrate with a memory, evaluate --shots --seeds, and
+one clear line for bad inputs before any work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
+from crane_hf.commands.cli import main
+from crane_hf.data import generate_synthetic_dataset, load_anomaly_dataset
+from crane_hf.evaluation.few_shot import draw_references, normal_train_rows
+from crane_hf.metrics import compute_metrics
+from crane_hf.models.crane.gaussian_smoothing import gaussian_smooth
+from crane_hf.models.crane.reference_memory import MEMORY_FILE_NAME, ReferenceMemory, file_fingerprint
+
+from .tiny_models import save_tiny_model_folder, tiny_model, write_test_images
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without blank lines and transformers' weight-loading progress bar."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("few_shot_cli")
+    model_dir = save_tiny_model_folder(work / "model", "crane+")
+    good = write_test_images(work / "good", count=3, seed=1)
+    parts = write_test_images(work / "parts", count=4, seed=2)
+    return work, model_dir, good, parts
+
+
+def test_predict_with_reference_folder_writes_fused_and_branch_scores(setup, capsys):
+    from transformers import pipeline
+
+    work, model_dir, good, _ = setup
+    output = work / "predicted"
+    argv = ["predict", str(work / "parts"), "--model", model_dir, "--output", str(output), "--quiet"]
+    assert main([*argv, "--reference", str(work / "good"), "--no-overlays"]) == 0
+    with open(output / "predictions.csv", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    expected = pipeline("zero-shot-anomaly-detection", model=model_dir, reference_images=sorted(good))
+    for row in rows:
+        result = expected(row["path"])
+        assert float(row["score"]) == pytest.approx(result["score"], abs=1e-6)
+        assert float(row["few_shot_score"]) == pytest.approx(result["few_shot_score"], abs=1e-6)
+        assert float(row["zero_shot_score"]) == pytest.approx(result["zero_shot_score"], abs=1e-6)
+    summary = json.loads((output / "predictions.json").read_text())
+    assert summary["reference_memory"]["images"] == 3
+    assert summary["reference_memory"]["fingerprints"] == [file_fingerprint(path) for path in sorted(good)]
+
+
+def test_predict_with_a_saved_memory_file_equals_the_folder(setup):
+    work, model_dir, good, _ = setup
+    from transformers import pipeline
+
+    memory = pipeline("zero-shot-anomaly-detection", model=model_dir).build_reference_memory(sorted(good))
+    memory.save(work / "memory.safetensors")
+    outputs = []
+    for name, reference in (("from_file", str(work / "memory.safetensors")), ("from_folder", str(work / "good"))):
+        argv = ["predict", str(work / "parts"), "--model", model_dir, "--output", str(work / name), "--quiet"]
+        assert main([*argv, "--reference", reference, "--no-overlays"]) == 0
+        outputs.append((work / name / "predictions.csv").read_text())
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("empty", "--reference {work}/empty: folder holds no image files"),
+        ("broken", "--reference {work}/broken/bad.png: "),
+        ("other.safetensors", "--reference {work}/other.safetensors was built with other backbone weights"),
+        ("notmemory.safetensors", "--reference {work}/notmemory.safetensors: not a crane-hf reference memory"),
+        ("missing.safetensors", "--reference {work}/missing.safetensors: no such file"),
+    ],
+)
+def test_bad_references_are_refused_in_one_line_before_any_work(setup, capsys, reference, message):
+    work, model_dir, _, _ = setup
+    os.makedirs(work / "empty", exist_ok=True)
+    os.makedirs(work / "broken", exist_ok=True)
+    (work / "broken" / "bad.png").write_bytes(b"not a png")
+    tiny_model("crane+", seed=7).build_reference_memory(torch.randn(1, 3, 56, 56), ["a"]).save(
+        work / "other.safetensors"
+    )
+    (work / "notmemory.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    output = work / f"refused_{reference}"
+    argv = ["predict", str(work / "parts"), "--model", model_dir, "--output", str(output), "--quiet"]
+    assert main([*argv, "--reference", str(work / reference)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error: " + message.format(work=work)), err
+    assert not output.exists()
+
+
+def test_calibrate_with_reference_saves_the_memory_and_fused_thresholds(setup, tmp_path, capsys):
+    from transformers import pipeline
+
+    _, _, good, parts = setup
+    folder = save_tiny_model_folder(tmp_path / "model", "crane+")
+    # The calibration images include a reference image: it is left out (its memory finds it perfectly normal).
+    assert main(["calibrate", folder, *parts, good[0], "--reference", *good[:2], "--quiet", "--fpr", "0.25"]) == 0
+    assert f"note: left out {good[0]} (a reference image" in capsys.readouterr().err
+    record = json.loads((tmp_path / "model" / "calibration.json").read_text())
+    assert record["normal_images"] == len(parts)
+    assert record["reference_images_left_out"] == [good[0]]
+    assert (tmp_path / "model" / MEMORY_FILE_NAME).is_file()
+    memory = ReferenceMemory.load(tmp_path / "model" / MEMORY_FILE_NAME)
+    assert memory.fingerprints == [file_fingerprint(path) for path in good[:2]]
+    # The folder now scores few-shot by default, and its threshold is the fused scores' threshold.
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    scores = np.array([detector(path)["score"] for path in parts], dtype=np.float32)
+    assert "few_shot_score" in detector(parts[0])
+    threshold = json.loads((tmp_path / "model" / "config.json").read_text())["image_threshold"]
+    assert threshold in scores.tolist() and np.mean(scores >= threshold) <= 0.25
+
+
+def test_thresholds_hold_only_for_the_memory_they_were_calibrated_with(setup, tmp_path, capsys):
+    """Zero-shot thresholds are not decisions on fused scores, nor one memory's thresholds on another's: predict
+    and the pipeline refuse them before any work, naming few_shot_memory; given explicitly, they are used."""
+    from transformers import pipeline
+
+    _, _, good, parts = setup
+    folder = save_tiny_model_folder(tmp_path / "model", "crane+")
+    assert main(["calibrate", folder, *parts, "--quiet", "--fpr", "0.25"]) == 0  # zero-shot thresholds
+    assert (
+        json.loads((tmp_path / "model" / "config.json").read_text())["threshold_computation"]["few_shot_memory"]
+        is None
+    )
+    capsys.readouterr()
+    argv = ["predict", *parts, "--model", folder, "--quiet", "--no-overlays"]
+    out = tmp_path / "refused"
+    assert main([*argv, "--output", str(out), "--reference", *good]) == 2
+    err = capsys.readouterr().err
+    assert "few_shot_memory None -> 'sha256:" in err and "--reference" in err and "Traceback" not in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="few_shot_memory None"):
+        pipeline("zero-shot-anomaly-detection", model=folder)(parts[0], reference_images=good)
+    assert (
+        main(
+            [
+                *argv,
+                "--output",
+                str(tmp_path / "explicit"),
+                "--reference",
+                *good,
+                "--threshold",
+                "0.4",
+                "--pixel-threshold",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    assert main([*argv, "--output", str(tmp_path / "zero-shot")]) == 0  # the calibrated computation: decided
+
+    # Calibrated with a memory: the folder's own memory decides; another memory, or none, is refused.
+    assert main(["calibrate", folder, *parts, "--reference", *good[:2], "--quiet", "--fpr", "0.25"]) == 0
+    identity = ReferenceMemory.load(tmp_path / "model" / MEMORY_FILE_NAME).identity
+    record = json.loads((tmp_path / "model" / "config.json").read_text())["threshold_computation"]
+    assert record["few_shot_memory"] == identity
+    capsys.readouterr()
+    assert main([*argv, "--output", str(tmp_path / "own-memory")]) == 0
+    assert main([*argv, "--output", str(tmp_path / "same-memory"), "--reference", *reversed(good[:2])]) == 0
+    assert main([*argv, "--output", str(tmp_path / "other"), "--reference", *good]) == 2
+    assert f"few_shot_memory '{identity}' -> 'sha256:" in capsys.readouterr().err
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    assert detector(parts[0])["is_anomalous"] == (detector(parts[0])["score"] >= detector.model.config.image_threshold)
+    with pytest.raises(ValueError, match="few_shot_memory"):
+        detector(parts[0], reference_images=good)
+
+
+@pytest.fixture(scope="module")
+def shots_setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("few_shot_eval")
+    model_dir = save_tiny_model_folder(work / "model", "crane+")
+    data = generate_synthetic_dataset(
+        str(work / "data"),
+        classes=["brick", "coins"],
+        defects=["spot"],
+        image_size=64,
+        train_good=4,
+        test_good=2,
+        test_defective=2,
+    )
+    return work, model_dir, data
+
+
+def _expected_few_shot(model_dir: str, data: str, shots: int, seed: int) -> dict[str, dict[str, float]]:
+    """Fused metrics computed image by image: each class's memory of the drawn train images, then compute_metrics."""
+    model = CraneForAnomalyDetection.from_pretrained(model_dir)
+    processor = CraneImageProcessor.from_pretrained(model_dir)
+    train, test = load_anomaly_dataset(data, "train"), load_anomaly_dataset(data, "test")
+    draws = draw_references(normal_train_rows(train), ["brick", "coins"], shots, seed)
+    expected = {}
+    for name, rows in draws.items():
+        pixels = processor([train[row]["image"] for row in rows])["pixel_values"]
+        memory = model.build_reference_memory(pixels, [str(row) for row in rows])
+        items = []
+        for row in (r for r in test if r["class_name"] == name):
+            inputs = processor([row["image"]], masks=[row["mask"]])
+            with torch.no_grad():
+                out = model(inputs["pixel_values"], reference_memory=memory)
+            smoothed = gaussian_smooth(out.fused_maps, 4.0)[0].numpy()
+            items.append((row["label"], float(out.fused_scores[0]), inputs["masks"][0].numpy().astype(bool), smoothed))
+        labels, scores, masks, maps = zip(*items)
+        expected[name] = compute_metrics(np.array(labels), np.array(scores), np.stack(masks), np.stack(maps))
+    return expected
+
+
+def test_evaluate_shots_averages_the_seeds_with_their_spread(shots_setup):
+    work, model_dir, data = shots_setup
+    output = work / "eval"
+    argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]
+    assert main([*argv, "--shots", "2", "--seeds", "2"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    few_shot = report["few_shot"]
+    assert few_shot["shots"] == 2 and few_shot["seeds"] == [0, 1]
+    per_seed = [_expected_few_shot(model_dir, data, 2, seed) for seed in (0, 1)]
+    for name in ("brick", "coins"):
+        for key in ("image_auroc", "pixel_auroc", "pixel_f1_max"):
+            values = [per_seed[seed][name][key] for seed in (0, 1)]
+            for seed in (0, 1):
+                assert few_shot["per_seed"][str(seed)]["fused"][name][key] == pytest.approx(values[seed], abs=1e-6)
+            assert few_shot["metrics"]["fused"]["mean"][name][key] == pytest.approx(np.mean(values), abs=1e-6)
+            assert few_shot["metrics"]["fused"]["std"][name][key] == pytest.approx(np.std(values), abs=1e-6)
+            assert report["metrics"][name][key] == pytest.approx(np.mean(values), abs=1e-6)
+        for seed in (0, 1):
+            paths = few_shot["reference_images"][str(seed)][name]
+            assert len(paths) == 2 and all(f"{name}/train/good/" in path for path in paths)
+    assert " ± " in (output / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shots", "5"], "--shots 5: not enough normal train images in"),
+        (["--shots", "0"], "--shots 0: must be at least 1"),
+        (["--seeds", "2"], "--seeds 2: only with --shots"),
+        (["--shots", "1", "--save-overlays"], "--save-overlays: not available with --shots"),
+    ],
+)
+def test_evaluate_shots_refuses_bad_arguments_in_one_line(shots_setup, capsys, extra, message):
+    work, model_dir, data = shots_setup
+    output = work / "refused"
+    argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet", *extra]
+    assert main(argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not output.exists()
