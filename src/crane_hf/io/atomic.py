@@ -113,6 +113,7 @@ def write_text_file(path: str, text: str) -> None:
         stream.write(text)
 
 
+@contextlib.contextmanager
 def resumable_output_dir(
     path: str,
     overwrite: bool,
