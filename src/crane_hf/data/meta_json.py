@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
 
 from ..io.atomic import atomic_write_text
+from ..models.crane.json_reading import pairs_without_duplicates
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
@@ -85,23 +85,6 @@ def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
     return splits
 
 
-def _pairs_without_duplicates(found: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """A `json` object hook that records (in `found`) every key repeated within one object; JSON keeps only the
-    last value of a repeated key, which would silently drop a split, a class or a field."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        counts = Counter(key for key, _ in pairs)
-        for key, count in counts.items():
-            if count > 1:
-                keys = ", ".join(map(repr, list(counts)[:6])) + (", ..." if len(counts) > 6 else "")
-                found.append(
-                    f"key {key!r} appears {count} times in one object (keys {keys}); JSON keeps only the last"
-                )
-        return dict(pairs)
-
-    return hook
-
-
 def load_meta_file(meta_path: str) -> Any:
     """The parsed meta.json; `DatasetLayoutError` (one line each) for text that is not UTF-8 or not JSON, nesting
     too deep to parse, or keys repeated within an object."""
@@ -113,7 +96,7 @@ def load_meta_file(meta_path: str) -> Any:
         raise DatasetLayoutError(meta_path, [f"not UTF-8 text ({error.reason} at byte {error.start})"]) from None
     duplicates: list[str] = []
     try:
-        meta = json.loads(text, object_pairs_hook=_pairs_without_duplicates(duplicates))
+        meta = json.loads(text, object_pairs_hook=pairs_without_duplicates(duplicates))
     except json.JSONDecodeError as error:
         raise DatasetLayoutError(meta_path, [f"not valid JSON: {error}"]) from None
     except RecursionError:

@@ -37,6 +37,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from .configuration_crane import MAX_IMAGE_SIZE
 from .gaussian_smoothing import MAX_SMOOTHING_SIGMA, gaussian_smooth
 from .image_reading import check_single_frame, read_image, read_image_url, upright
+from .json_reading import DuplicateJSONKeyError, check_json_file
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -262,9 +263,15 @@ class CraneImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field."""
+        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field, a
+        local preprocessor_config.json repeating a key `DuplicateJSONKeyError` naming the file and the key."""
+        local = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
+        if os.path.isfile(local):
+            check_json_file(local)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except DuplicateJSONKeyError:
+            raise
         except (ValueError, TypeError) as error:
             source = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
             raise ValueError(f"{source}: {error}") from error
