@@ -141,8 +141,8 @@ def predict_images(
                 "path": path,
                 "score": float(output["score"]),  # unrounded: the decision is made on this value
                 "is_anomalous": bool(output["is_anomalous"]),
-                "max_pixel_score": round(float(output["anomaly_map"].max()), 6),
-                "anomalous_pixel_fraction": round(float(at_or_above(output["anomaly_map"], decision).mean()), 6),
+                "max_pixel_score": float(output["anomaly_map"].max()),  # unrounded, like the score
+                "anomalous_pixel_fraction": float(at_or_above(output["anomaly_map"], decision).mean()),
                 "overlay": "",
             }
             if write_overlays:
