@@ -239,3 +239,42 @@ def test_visa_csv_listing_an_image_twice_is_refused(tmp_path):
     )
     with pytest.raises(DatasetLayoutError, match=r"listed as normal and as anomalous: .*line 2 and .*line 3"):
         load_anomaly_dataset(str(root))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (["{root}:test:brick,brick"], "class 'brick' named more than once"),
+        (["{root}", "{root}/"], "name the same dataset split: its images"),
+        (["{root}:test:brick", "{link}:test:coins,brick"], "name the same dataset split: class(es) brick"),
+    ],
+)
+def test_data_named_twice_is_refused_by_evaluate_and_train(tmp_path, tiny_model_dir, capsys, data, expected):
+    root = tmp_path / "data"
+    _good(str(root), "brick")
+    _good(str(root), "coins")
+    os.symlink(root, tmp_path / "link")
+    specs = [spec.format(root=root, link=tmp_path / "link") for spec in data]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", *specs, "--output", str(out), "--quiet"]) == 2
+    assert main(["train", "--data", *specs, "--clip", "c", "--output-dir", str(tmp_path / "run")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: --data ") and expected in line for line in errors)
+    assert not out.exists() and not (tmp_path / "run").exists()
+    # one class each, or two splits of one root, are different images: accepted
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                f"{root}:test:brick",
+                f"{root}:test:coins",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )

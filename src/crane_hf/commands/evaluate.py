@@ -66,10 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
+    from ..data import parse_sources
     from ..evaluation.evaluate import evaluation_protections
     from ..model_loading import resolve_device
     from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
 
+    parse_sources(args.data)  # a class or a dataset named twice would be counted twice
     require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
     require_positive("--batch-size", args.batch_size)
     if args.device != "auto":

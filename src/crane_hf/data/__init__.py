@@ -28,7 +28,7 @@ from .records import (
     records_to_dataset,
     validate_records,
 )
-from .sources import DataSource, detect_layout, load_anomaly_dataset, load_data_source
+from .sources import DataSource, detect_layout, load_anomaly_dataset, load_data_source, parse_sources
 
 # The two command-line modules are imported on first use, so that `python -m crane_hf.data.<module>` runs them
 # before the package has imported them.
@@ -68,6 +68,7 @@ __all__ = [
     "load_meta_json",
     "load_mvtec",
     "load_visa",
+    "parse_sources",
     "read_meta_json",
     "records_to_dataset",
     "scan_class_folders",
