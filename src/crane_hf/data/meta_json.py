@@ -20,6 +20,7 @@ import datasets
 
 from ..io.atomic import atomic_write_text
 from ..models.crane.json_reading import pairs_without_duplicates
+from .file_accounting import masks_of_normal_entries, report_unused_files
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
@@ -53,8 +54,9 @@ def _entry_problems(entry: object, origin: str, class_key: str) -> list[str]:
     return problems
 
 
-def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
-    """Records per split from a parsed meta.json; raises `DatasetLayoutError` naming each malformed entry."""
+def parse_meta(meta: object, source: str, root: str | None = None) -> dict[str, list[AnomalyRecord]]:
+    """Records per split from a parsed meta.json; raises `DatasetLayoutError` naming each malformed entry and each
+    image listed twice (compared as files under `root` when given: see `duplicate_problems`)."""
     if not isinstance(meta, Mapping) or not meta:
         raise DatasetLayoutError(source, ["the top level must be a non-empty object {split: {class: [entries]}}"])
     problems: list[str] = []
@@ -79,7 +81,7 @@ def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
                 records.append(
                     AnomalyRecord(entry["img_path"], entry.get("mask_path", ""), label, class_name, defect, origin)
                 )
-    problems.extend(duplicate_problems(splits))
+    problems.extend(duplicate_problems(splits, root))
     if problems:
         raise DatasetLayoutError(source, problems)
     return splits
@@ -111,7 +113,7 @@ def read_meta_json(root: str, meta_path: str | None = None) -> dict[str, list[An
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"No meta.json at {meta_path}.")
-    return parse_meta(load_meta_file(meta_path), meta_path)
+    return parse_meta(load_meta_file(meta_path), meta_path, root)
 
 
 def select_records(
@@ -166,6 +168,8 @@ def load_meta_json(
     """
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     records = select_records(read_meta_json(root, meta_path), split, classes, meta_path)
+    records, normal_masks = masks_of_normal_entries(root, records)
+    report_unused_files(root, normal_masks, strict)
     records = validate_records(
         root,
         records,

@@ -146,6 +146,8 @@ def _check_record(
             problems.append(f"{record.describe()}: field {field!r} is empty")
         elif relative_to_root(root, path) is None:
             problems.append(f"{record.describe()}: {field} {path!r} leaves the dataset root {os.path.abspath(root)}")
+    if not problems and record.mask_path and _file_key(root, record.mask_path) == _file_key(root, record.image_path):
+        problems.append(f"{record.describe()}: the mask is the image itself")
     if problems or not check_files:
         return problems, ""
     sizes, mask_format = {}, ""
@@ -170,17 +172,27 @@ def _check_record(
     return problems, mask_format
 
 
-def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]]) -> list[str]:
+def _file_key(root: str | None, path: str) -> str:
+    """What identifies the file `path` names: its real path under `root` (relative and absolute spellings, "./",
+    ".." and symbolic links resolved), or without a root its normalized spelling."""
+    if root is None or not path:
+        return os.path.normpath(path).replace(os.sep, "/") if path else ""
+    return os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+
+
+def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]], root: str | None = None) -> list[str]:
     """An image listed twice in one split, or listed in two splits with different labels or masks, named.
 
-    Paths are compared after normalization ("a/./b.png" is "a/b.png").
+    With `root`, paths are compared as the files they reach under it (a relative path, an absolute path inside the
+    root and a path through a symbolic link to the same file are one image); without, after normalization
+    ("a/./b.png" is "a/b.png").
     """
     problems = []
-    seen: dict[str, AnomalyRecord] = {}  # normalized image path -> its first record in any split
+    seen: dict[str, AnomalyRecord] = {}  # image file -> its first record in any split
     seen_in_split: dict[tuple[str, str], AnomalyRecord] = {}
     for split, records in splits.items():
         for record in records:
-            key = os.path.normpath(record.image_path).replace(os.sep, "/")
+            key = _file_key(root, record.image_path)
             first = seen_in_split.get((split, key))
             if first is not None:
                 labels = {first.label, record.label}
@@ -189,7 +201,8 @@ def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]]) -> list[str]:
                 continue
             seen_in_split[(split, key)] = record
             other = seen.setdefault(key, record)
-            if other is not record and (other.label != record.label or other.mask_path != record.mask_path):
+            same_mask = _file_key(root, other.mask_path) == _file_key(root, record.mask_path)
+            if other is not record and (other.label != record.label or not same_mask):
                 problems.append(
                     f"image {record.image_path!r} has contradictory annotations: {other.origin} "
                     f"(anomaly {other.label}, mask {other.mask_path!r}) and {record.origin} (anomaly {record.label}, "
