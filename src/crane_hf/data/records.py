@@ -23,7 +23,7 @@ import datasets
 
 from ..io.image_files import IMAGE_EXTENSIONS
 from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning
-from ..models.crane.image_reading import image_file_header
+from ..models.crane.image_reading import image_file_header, webp_is_lossy
 
 LABEL_NAMES = ["normal", "anomalous"]
 MAX_REPORTED_PROBLEMS = 20
@@ -211,6 +211,15 @@ def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]], root: str | N
     return problems
 
 
+def _lossy_mask_file(path: str, file_format: str) -> bool:
+    """Whether the mask file at `path` (of `file_format`, from its header) is stored lossily (JPEG, JPEG 2000,
+    WebP with lossy VP8 data)."""
+    if file_format == "WEBP":
+        with open(path, "rb") as stream:
+            return webp_is_lossy(stream)
+    return file_format in LOSSY_MASK_FORMATS
+
+
 class InvalidRecordWarning(UserWarning):
     """A dataset entry was left out (`skip_invalid=True`); the message names the entry and the problem.
 
@@ -246,8 +255,8 @@ def validate_records(
         verify_images: decode every image and mask once (finds truncated files; costs a full decode), instead of
             reading file headers only.
 
-    Masks stored in a lossy format (JPEG) are kept (they are binarised at mid-range when decoded) and named in one
-    `LossyMaskWarning` (its `files` lists them all).
+    Masks stored in a lossy format (JPEG, JPEG 2000, lossy WebP) are kept (they are binarised at mid-range when
+    decoded) and named in one `LossyMaskWarning` (its `files` lists them all).
     """
     records = list(records)
     masked_classes = {r.class_name for r in records if r.label == 1 and r.mask_path}
@@ -266,7 +275,7 @@ def validate_records(
         problems.extend((record, problem) for problem in found)
         if not found:
             kept.append(record)
-            if record.label == 1 and mask_format in LOSSY_MASK_FORMATS:
+            if record.label == 1 and _lossy_mask_file(os.path.join(root, record.mask_path), mask_format):
                 lossy.append(os.path.normpath(os.path.join(root, record.mask_path)))
     if problems and not skip_invalid:
         raise DatasetLayoutError(what, [problem for _, problem in problems])
@@ -280,7 +289,8 @@ def validate_records(
         )
         warnings.warn(
             LossyMaskWarning(
-                f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG), whose compression noise would "
+                f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG, JPEG 2000, lossy WebP), whose "
+                "compression noise would "
                 f"grow the defects; they are binarised at mid-range (above 127 of 255): {shown}",
                 lossy,
             ),

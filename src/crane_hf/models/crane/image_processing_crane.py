@@ -44,7 +44,15 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str (a local path or URL)
 FLOAT_RANGE_TOLERANCE = 1e-3  # float images slightly outside [0, 1] from resampling are clipped, not refused
-LOSSY_MASK_FORMATS = ("JPEG", "MPO")  # masks in these file formats are binarised at mid-range
+LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000")  # masks in these file formats are binarised at mid-range
+
+
+def is_lossy_image(image: Image.Image) -> bool:
+    """Whether a decoded image came from a lossy file: JPEG (MPO), JPEG 2000, or WebP holding lossy VP8 data
+    (`image_reading` records it as `info["lossless"]`; a WebP image of unknown origin counts as lossy)."""
+    if image.format == "WEBP":
+        return not image.info.get("lossless", False)
+    return image.format in LOSSY_MASK_FORMATS
 
 
 class LossyMaskWarning(UserWarning):
@@ -173,7 +181,7 @@ def mask_to_binary(mask: ImageLike, lossy: bool | None = None, name: str = "mask
     if isinstance(mask, Image.Image):
         check_single_frame(mask, name)
         mask = upright(mask)
-        lossy = (mask.format in LOSSY_MASK_FORMATS) if lossy is None else lossy
+        lossy = is_lossy_image(mask) if lossy is None else lossy
         array, has_alpha = _mask_channels(mask)
     else:
         array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
@@ -324,7 +332,7 @@ class CraneImageProcessor(BaseImageProcessor):
                 if mask is None:
                     processed.append(np.zeros((size, size), dtype=np.float32))
                     continue
-                if isinstance(mask, Image.Image) and mask.format in LOSSY_MASK_FORMATS:
+                if isinstance(mask, Image.Image) and is_lossy_image(mask):
                     lossy_masks.append(index)
                 binary = mask_to_binary(mask, name=f"mask {index}")
                 if binary.shape != (height, width):
@@ -336,7 +344,8 @@ class CraneImageProcessor(BaseImageProcessor):
             if lossy_masks:
                 warnings.warn(
                     LossyMaskWarning(
-                        f"masks {lossy_masks} are stored in a lossy format (JPEG); binarised at mid-range.",
+                        f"masks {lossy_masks} are stored in a lossy format (JPEG, JPEG 2000, lossy WebP); "
+                        "binarised at mid-range.",
                         [str(index) for index in lossy_masks],
                     ),
                     stacklevel=2,
