@@ -203,3 +203,25 @@ def test_paper_protocol_follows_the_spec():
     assert paper_protocol("mvtec_ad", "crane")["preset"] == "crane/visa"
     with pytest.raises(ValueError, match="--dataset"):
         paper_protocol("my-parts")
+
+
+def test_the_mean_row_says_which_classes_each_metric_averages(tmp_path, tiny_model_dir):
+    from .image_files import write_image, write_mask
+
+    root = tmp_path / "data"
+    for index in range(2):
+        write_image(str(root / "brick" / "test" / "good" / f"{index:03d}.png"), value=100 + index)
+        write_image(str(root / "brick" / "test" / "crack" / f"{index:03d}.png"), value=150 + index)
+        write_mask(str(root / "brick" / "ground_truth" / "crack" / f"{index:03d}_mask.png"))
+        write_image(str(root / "grass" / "test" / "good" / f"{index:03d}.png"), value=90 + index)  # normal only
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", str(root), "--output", str(out), "--quiet"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["grass"]["image_auroc"] is None and metrics["brick"]["image_auroc"] is not None
+    assert metrics["mean"]["image_auroc"] == metrics["brick"]["image_auroc"]  # the mean of one class
+    assert report["mean_classes"]["image_auroc"] == ["brick"]
+    defined = [name for name in ("brick", "grass") if metrics[name]["pixel_auroc"] is not None]
+    assert report["mean_classes"]["pixel_auroc"] == defined
+    table = (out / "metrics.md").read_text()
+    assert "The mean row averages the classes where a metric is defined: Image AUROC over 1 of 2 (brick)" in table

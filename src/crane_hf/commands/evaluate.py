@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not report:
         return 0
-    print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
+    title = f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"
+    print(_markdown(report["table"], title, report["info"]["mean_classes"]))
     print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     for item in report["info"]["skipped"]:

@@ -193,13 +193,31 @@ def metrics_table(results: dict[str, dict[str, float | None]], aupro: str) -> di
     return table
 
 
-def _markdown(table: dict[str, dict[str, float | None]], title: str) -> str:
+def mean_row_classes(table: dict[str, dict[str, float | None]]) -> dict[str, list[str]]:
+    """Metric -> the classes its "mean" row value averages: those where it is defined (a class with only normal or
+    only anomalous images has no image AUROC, one without masks no pixel metrics)."""
+    classes = [name for name in table if name != "mean"]
+    keys = sorted({key for name in classes for key in table[name]})
+    return {key: [name for name in classes if table[name].get(key) is not None] for key in keys}
+
+
+def _markdown(
+    table: dict[str, dict[str, float | None]], title: str, mean_classes: dict[str, list[str]] | None = None
+) -> str:
     header = "| class | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
     lines = [f"# {title}", "", header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     for name, row in table.items():
         values = ["-" if row.get(key) is None else f"{100 * row[key]:.1f}" for key, _ in TABLE_COLUMNS]
         label = f"**{name}**" if name == "mean" else name
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    total = len([name for name in table if name != "mean"])
+    partial = [
+        f"{label} over {len(mean_classes.get(key, []))} of {total} ({', '.join(mean_classes.get(key, [])) or 'none'})"
+        for key, label in TABLE_COLUMNS
+        if mean_classes is not None and len(mean_classes.get(key, [])) != total
+    ]
+    if partial:
+        lines += ["", "The mean row averages the classes where a metric is defined: " + "; ".join(partial) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,7 +266,7 @@ def write_report(folder: str, table: dict[str, dict[str, float | None]], info: d
     """metrics.md (headed by the computation that ran), metrics.csv and metrics.json in `folder` (which the
     caller writes atomically)."""
     title = f"{info['model']} on {', '.join(info['data'])} (AUPRO: {info['aupro']})"
-    markdown = _markdown(table, title)
+    markdown = _markdown(table, title, info.get("mean_classes"))
     if info.get("computation"):
         head, _, rest = markdown.partition("\n\n")
         markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
@@ -405,6 +423,7 @@ def _report(
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
         + left_out,
         "lossy_masks": lossy,
+        "mean_classes": mean_row_classes(table),  # metric -> the classes the mean row averages
     }
     write_report(staging, table, info)
     return {"table": table, "info": info}
