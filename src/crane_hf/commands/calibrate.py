@@ -32,7 +32,6 @@ from ..computation_options import add_computation_arguments, computation_overrid
 from ..io.atomic import atomic_write_text
 from ..io.image_files import find_image_inputs
 from ..io.output_safety import check_writable, clean_stale_temporaries, output_lock
-from ..models.crane.json_reading import load_json_without_duplicates
 from .cli_support import one_line, require_positive, require_range
 
 
@@ -134,6 +133,8 @@ def _calibrate(
         )
     image_threshold, image_rate = threshold_for_fpr(np.asarray(scores, dtype=np.float32), fpr)
     pixel_threshold, pixel_rate = pixels.threshold(pixel_fpr)
+    from ..models.crane.json_reading import load_json_without_duplicates  # not at import: --help stays light
+
     config = load_json_without_duplicates(config_path)
     record = {
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
