@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -173,7 +174,10 @@ def test_calibrate_saves_thresholds_into_the_model_folder(tiny_model_dir, tmp_pa
     model = CraneForAnomalyDetection.from_pretrained(model_dir)
     assert model.config.image_threshold == record["image"]["threshold"]
     assert model.config.pixel_threshold == record["pixel"]["threshold"]
-    assert record["previous"] == {"image_threshold": 0.5, "pixel_threshold": 0.5}
+    assert (record["previous"]["image_threshold"], record["previous"]["pixel_threshold"]) == (0.5, 0.5)
+    assert record["previous"]["threshold_computation"] is None  # the default thresholds hold for any computation
+    assert record["previous"]["computation"] == record["computation"] and record["computation_changed"] == {}
+    assert model.config.threshold_computation == model.config.inference_computation
     detector = pipeline("zero-shot-anomaly-detection", model=str(model_dir))
     results = detector(normal)
     flagged = sum(r["is_anomalous"] for r in results)
@@ -344,3 +348,42 @@ def test_model_card_lists_the_published_results_of_a_preset(tiny_model_dir):
     card = str(build_model_card(model, "acme/crane-plus"))
     assert "| MVTec-AD | 93.9 | 97.6 | 93.6 | 91.2 | 88.1 | 43.8 |" in card
     assert "model-index" in card and "pixel-aupro" in card
+
+
+def test_fields_that_do_not_apply_to_crane_are_recorded_as_not_applicable(tmp_path):
+    from .tiny_models import save_tiny_model_folder
+
+    model_dir = save_tiny_model_folder(tmp_path / "crane", "crane")
+    images = write_test_images(tmp_path / "images", count=2)
+    common = ["predict", *images, "--model", model_dir, "--no-overlays", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "default")]) == 0
+    assert main([*common, "--output", str(tmp_path / "layer-input"), "--dattn-input", "layer_input"]) == 0
+    default = json.loads((tmp_path / "default" / "predictions.json").read_text())
+    changed = json.loads((tmp_path / "layer-input" / "predictions.json").read_text())
+    assert [row["score"] for row in changed["predictions"]] == [row["score"] for row in default["predictions"]]
+    assert changed["computation"]["dattn_input"] == "layer_input"  # as given, and marked as changing nothing
+    assert changed["computation"]["not_applicable"] == ["dattn_input"]
+    assert changed["computation"]["published_computation"] is True
+
+
+def test_the_backbone_mismatch_error_names_the_option_the_command_line_has(tiny_model_dir, tmp_path, capsys):
+    from .tiny_models import fingerprint_compatible_clip
+
+    clip = fingerprint_compatible_clip("crane/mvtec", patch_size=37)
+    with torch.no_grad():
+        clip.text_model.embeddings.token_embedding.weight[49406] += 0.5
+    clip.save_pretrained(tmp_path / "other-clip")
+    images = write_test_images(tmp_path / "images", count=1)
+    common = ["predict", *images, "--model", "crane/mvtec", "--clip", str(tmp_path / "other-clip"), "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "not openai/clip-vit-large-patch14-336" in err and "--allow-backbone-mismatch" in err
+    assert not (tmp_path / "refused").exists()
+    assert main([*common, "--output", str(tmp_path / "allowed"), "--allow-backbone-mismatch"]) == 0
+    folder = ["predict", *images, "--model", tiny_model_dir, "--output", str(tmp_path / "f"), "--quiet"]
+    assert main([*folder, "--allow-backbone-mismatch"]) == 2
+    assert "apply to presets only" in capsys.readouterr().err
+    for command in ("evaluate", "push"):  # the other commands that load presets with --clip
+        parser = argparse.ArgumentParser()
+        importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+        assert any("--allow-backbone-mismatch" in action.option_strings for action in parser._actions), command

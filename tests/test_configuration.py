@@ -68,13 +68,115 @@ def test_the_old_switch_still_means_what_it_meant_and_is_not_saved(tmp_path, swi
     assert CraneConfig.from_pretrained(tmp_path).computation == expected
 
 
-def test_the_old_switch_and_a_contradicting_new_field_are_refused():
-    with pytest.raises(ValueError, match=r"official_code_compat=True .* contradicts eattn_map_source='per_layer'"):
-        tiny_config("crane", official_code_compat=True, eattn_map_source="per_layer")
-    with pytest.raises(ValueError, match="official_code_compat='yes' must be true or false"):
+# Every combination of the old switch with one explicitly given new field, and whether they agree: the switch
+# implies the published values (True) or the per-layer ones (False), whatever the new field's own default is.
+SWITCH_AND_FIELD = [
+    (switch, name, value, value == (PUBLISHED_COMPUTATION if switch else PER_LAYER_COMPUTATION)[name])
+    for switch in (True, False)
+    for name, choices in (
+        ("eattn_map_source", ("last_layer", "per_layer")),
+        ("dattn_input", ("after_attention", "layer_input")),
+        ("deep_prompt_rounding_dtype", ("float16", "bfloat16", None)),
+    )
+    for value in choices
+]
+
+
+@pytest.mark.parametrize(("switch", "name", "value", "agrees"), SWITCH_AND_FIELD)
+def test_the_old_switch_with_a_new_field_follows_one_rule_everywhere(tmp_path, switch, name, value, agrees):
+    """CraneConfig(...), config.json and from_pretrained-style overrides: a new field given with the old switch
+    (even at its default value) must be what the switch implies, else ValueError names both."""
+    expected = PUBLISHED_COMPUTATION if switch else PER_LAYER_COMPUTATION
+    saved = tiny_config("crane+")
+    saved.save_pretrained(tmp_path / "clean")
+    data = json.loads((tmp_path / "clean" / "config.json").read_text())
+    for key in PUBLISHED_COMPUTATION:
+        data.pop(key, None)
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**data, "official_code_compat": switch, name: value}))
+    attempts = {
+        "CraneConfig(...)": lambda: tiny_config("crane+", official_code_compat=switch, **{name: value}),
+        "config.json": lambda: CraneConfig.from_pretrained(tmp_path / "edited"),
+        "with_overrides": lambda: saved.with_overrides(official_code_compat=switch, **{name: value}),
+        "from_pretrained keywords": lambda: CraneConfig.from_pretrained(
+            tmp_path / "clean", official_code_compat=switch, **{name: value}
+        ),
+    }
+    for where, attempt in attempts.items():
+        if agrees:
+            assert attempt().computation == expected, where
+        else:
+            pattern = rf"official_code_compat={switch} .* contradicts {name}={value!r}"
+            with pytest.raises(ValueError, match=pattern):
+                attempt()
+
+
+def test_invalid_values_of_the_old_switch_and_the_new_fields_are_named_as_such(tmp_path):
+    with pytest.raises(ValueError, match=r"official_code_compat='yes' is not a valid value: .* must be true or false"):
         tiny_config("crane", official_code_compat="yes")
-    agreeing = tiny_config("crane", official_code_compat=False, dattn_input="layer_input")
-    assert agreeing.computation == PER_LAYER_COMPUTATION
+    saved = tiny_config("crane")
+    saved.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    for edit, message in (
+        ({"official_code_compat": None}, "official_code_compat=None is not a valid value"),
+        ({"official_code_compat": "false"}, "official_code_compat='false' is not a valid value"),
+        (
+            {"official_code_compat": False, "deep_prompt_rounding_dtype": "float32"},
+            "deep_prompt_rounding_dtype='float32' is unknown; choose one of",
+        ),
+        ({"eattn_map_source": None}, "eattn_map_source=None is unknown"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**data, **edit}))
+        with pytest.raises(ValueError, match=message) as caught:
+            CraneConfig.from_pretrained(tmp_path)
+        assert "contradicts" not in str(caught.value)
+    with pytest.raises(ValueError, match="eattn_map_source='first' is unknown"):
+        saved.with_overrides(official_code_compat=True, eattn_map_source="first")
+
+
+def test_fields_that_do_not_apply_to_crane_change_nothing_it_records():
+    """Crane has no D-Attn: its dattn_input changes no number, so it is recorded as not applicable and does not
+    make the computation a departure from the published code."""
+    crane = tiny_config("crane", dattn_input="layer_input")
+    assert "dattn_input" in crane.not_applicable_fields and crane.computes_published_code
+    assert not tiny_config("crane+", dattn_input="layer_input").computes_published_code
+    assert not tiny_config("crane", eattn_map_source="per_layer").computes_published_code
+    assert tiny_config("crane", num_deep_prompts=0, deep_prompt_rounding_dtype=None).computes_published_code
+
+
+def _vocabulary_ids(text: str) -> list[int]:
+    """CLIP ids of lower-case words and "." read straight from the bundled vocab.json (each word is one BPE token
+    with the end-of-word mark), with the start and end tokens and the end-token padding to 77."""
+    from crane_hf.models.crane.prompt_tokenization import bundled_tokenizer_dir
+
+    with open(os.path.join(bundled_tokenizer_dir(), "vocab.json"), encoding="utf-8") as stream:
+        vocabulary = json.load(stream)
+    words = text.replace(".", " .").split()
+    ids = [49406, *(vocabulary[f"{word}</w>"] for word in words), 49407]
+    return ids + [49407] * (77 - len(ids))
+
+
+def test_derived_prompt_token_ids_follow_their_sources(tmp_path):
+    from crane_hf import CraneForAnomalyDetection
+
+    config = tiny_config("crane")
+    placeholders = "x " * config.prompt_length
+    assert config.prompt_token_ids[0] == _vocabulary_ids(placeholders + "object.")
+    changed = config.with_overrides(normal_prompt_words="flawless object.")
+    assert changed.prompt_token_ids == [
+        _vocabulary_ids(placeholders + "flawless object."),
+        _vocabulary_ids(placeholders + "damaged object."),
+    ]
+    shorter = config.with_overrides(prompt_length=4, anomalous_prompt_words="broken object.")
+    assert shorter.prompt_token_ids[1] == _vocabulary_ids("x " * 4 + "broken object.")
+    assert config.with_overrides(soft_mean=False).prompt_token_ids == config.prompt_token_ids
+    config.anomalous_prompt_words = "scratched object."  # set on the attribute: the ids follow too
+    assert config.prompt_token_ids[1] == _vocabulary_ids(placeholders + "scratched object.")
+    model = CraneForAnomalyDetection(tiny_config("crane"))
+    model.save_pretrained(tmp_path)
+    loaded = CraneForAnomalyDetection.from_pretrained(tmp_path, normal_prompt_words="flawless object.")
+    assert loaded.config.prompt_token_ids[0] == _vocabulary_ids(placeholders + "flawless object.")
+    assert loaded.prompt_learner.prompt_token_ids[0].tolist() == _vocabulary_ids(placeholders + "flawless object.")
 
 
 def test_per_layer_map_slots_and_mixed_choices():

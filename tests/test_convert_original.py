@@ -13,7 +13,7 @@ from transformers import CLIPModel, Dinov2WithRegistersModel
 
 from crane_hf import CraneForAnomalyDetection
 from crane_hf.commands.convert import main
-from crane_hf.models.crane.configuration_crane import PUBLISHED_COMPUTATION
+from crane_hf.models.crane.configuration_crane import PER_LAYER_COMPUTATION, PUBLISHED_COMPUTATION
 from crane_hf.models.crane.convert_original import (
     BackboneMismatchError,
     convert_original_checkpoint,
@@ -172,7 +172,6 @@ def test_command_line_writes_a_loadable_folder_and_never_overwrites(backbones, t
         "--image-size",
         str(TINY_SIZE),
         "--soft-mean",
-        "true",
     ]
     assert main(argv) == 0
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(output))
@@ -186,6 +185,23 @@ def test_command_line_writes_a_loadable_folder_and_never_overwrites(backbones, t
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_command_line_takes_the_shared_computation_options(backbones, tmp_path):
+    clip, _, clip_dir, dino_dir = backbones
+    checkpoint = str(tmp_path / "epoch_1.pth")
+    _original_format_checkpoint(clip, checkpoint)
+    common = ["--clip", clip_dir, "--checkpoint", checkpoint, "--image-size", str(TINY_SIZE)]
+    chosen = ["--no-soft-mean", "--eattn-maps", "per_layer", "--dattn-input", "layer_input"]
+    chosen += ["--deep-prompt-rounding", "none"]
+    output = tmp_path / "per-layer"
+    assert main([*common, "--dino", dino_dir, "--variant", "crane+", "--output", str(output), *chosen]) == 0
+    saved = json.loads((output / "config.json").read_text())
+    assert {name: saved[name] for name in PER_LAYER_COMPUTATION} == PER_LAYER_COMPUTATION
+    assert saved["soft_mean"] is False
+    assert CraneForAnomalyDetection.from_pretrained(output).config.computation == PER_LAYER_COMPUTATION
+    with pytest.raises(SystemExit):  # the former "--soft-mean true" form is gone: one spelling for every command
+        main([*common, "--variant", "crane", "--output", str(tmp_path / "x"), "--soft-mean", "true"])
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,7 @@ def test_evaluate_writes_the_paper_table_with_exact_metrics(evaluation_setup, ca
         "deep_prompt_rounding_dtype": "float16",
         "published_computation": True,
         "soft_mean": False,
+        "not_applicable": [],
         "feature_layers": [6],
         "image_size": 56,
         "smoothing_sigma": 4.0,

@@ -681,5 +681,10 @@ def test_old_switch_as_a_keyword_override(tmp_path):
     _, folder = _saved_folder(tmp_path, include_backbones=True)
     loaded = CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False)
     assert loaded.config.computation == PER_LAYER_COMPUTATION
-    mixed = CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False, eattn_map_source="last_layer")
-    assert mixed.config.eattn_map_source == "last_layer" and mixed.config.dattn_input == "layer_input"
+    agreeing = CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False, dattn_input="layer_input")
+    assert agreeing.config.computation == PER_LAYER_COMPUTATION
+    # One rule for CraneConfig(...), config.json and keywords: a new field given with the old switch must agree.
+    with pytest.raises(ValueError, match=r"official_code_compat=False .* contradicts eattn_map_source='last_layer'"):
+        CraneForAnomalyDetection.from_pretrained(folder, official_code_compat=False, eattn_map_source="last_layer")
+    with pytest.raises(ValueError, match=r"official_code_compat=True .* contradicts eattn_map_source='per_layer'"):
+        AutoModel.from_pretrained(folder, official_code_compat=True, eattn_map_source="per_layer")

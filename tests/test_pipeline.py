@@ -205,3 +205,75 @@ def test_missing_processor_folder_is_an_error(tiny_model_dir, tmp_path):
 
 def test_model_size_matches_processor(detector):
     assert detector.image_processor.image_size == TINY_SIZE == detector.model.config.image_size
+
+
+# Unit roundoff of the reduced-precision dtypes (8 and 11 significant bits).
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_folders_and_presets_give_float32_results_near_float32(tiny_model_dir, tmp_path, dtype):
+    """`dtype=` for full and prompts-only folders and presets, in Python and on the command line: every weight in
+    that dtype, scores and maps returned in float32, near the float32 run. Tolerances in units of the dtype's
+    roundoff u (2^-8 bfloat16, 2^-11 float16): the features reach the heads L2-normalized with a relative error of
+    a few u; a logit divides a cosine by tau = 0.07 (x 14.3) and a probability moves at most 1/4 per logit unit,
+    so an image score (pooled over all patches) moves by about 3.6 u per u of feature error: 8 u allowed; the maps'
+    mean difference likewise (4 u). A single map pixel is the sigmoid of a difference of two such logits (x 7 per u)
+    and D-Attn's mask (A_ij < 0) switches discontinuously, so one pixel may move by several times more: 32 u.
+    Measured on these models: scores <= 1.3 u, map means <= 1.8 u, map maxima <= 10.7 u (bfloat16)."""
+    import json
+
+    from transformers import CLIPModel, Dinov2WithRegistersModel
+
+    import crane_hf
+    from crane_hf import CraneForAnomalyDetection
+    from crane_hf.commands.cli import main
+
+    from .tiny_models import (
+        fingerprint_compatible_clip,
+        randomize_,
+        tiny_clip_config,
+        tiny_dino_config,
+        write_test_images,
+    )
+
+    images = write_test_images(tmp_path / "images", count=3, seed=9)
+    clip = randomize_(CLIPModel(tiny_clip_config()), seed=7)
+    dino = randomize_(Dinov2WithRegistersModel(tiny_dino_config()), seed=8)
+    clip.save_pretrained(tmp_path / "clip")
+    dino.save_pretrained(tmp_path / "dino")
+    prompts_only = CraneForAnomalyDetection.from_backbones(
+        str(tmp_path / "clip"), str(tmp_path / "dino"), image_size=TINY_SIZE
+    )
+    randomize_(prompts_only.prompt_learner, scale=0.5, seed=3)
+    prompts_only.save_pretrained(tmp_path / "prompts", include_backbones=False)
+    fingerprint_compatible_clip("crane/mvtec").save_pretrained(tmp_path / "clip768")
+    sources = {
+        "full folder": (tiny_model_dir, {}),
+        "prompts-only folder": (str(tmp_path / "prompts"), {}),
+        "preset": ("crane/mvtec", {"clip": str(tmp_path / "clip768"), "image_size": TINY_SIZE}),
+    }
+    u = UNIT_ROUNDOFF[dtype]
+    for name, (source, options) in sources.items():
+        reference = crane_hf.load_detector(source, device="cpu", **options)(images)
+        detector = crane_hf.load_detector(source, device="cpu", dtype=dtype, **options)
+        assert {parameter.dtype for parameter in detector.model.parameters()} == {getattr(torch, dtype)}, name
+        results = detector(images)
+        for low, full in zip(results, reference):
+            assert low["anomaly_map"].dtype == np.float32, name
+            difference = np.abs(low["anomaly_map"] - full["anomaly_map"])
+            assert abs(low["score"] - full["score"]) <= 8 * u, name
+            assert difference.mean() <= 4 * u and difference.max() <= 32 * u, name
+
+    outputs = {}
+    for run_dtype in ("float32", dtype):
+        out = tmp_path / f"predict-{run_dtype}"
+        argv = ["predict", *images, "--model", tiny_model_dir, "--output", str(out), "--quiet", "--save-maps"]
+        assert main([*argv, "--dtype", run_dtype, "--device", "cpu"]) == 0
+        rows = json.loads((out / "predictions.json").read_text())["predictions"]
+        assert len(rows) == len(images)
+        outputs[run_dtype] = (rows, [np.load(path) for path in sorted((out / "maps").iterdir())])
+    for low, full in zip(outputs[dtype][0], outputs["float32"][0]):
+        assert abs(low["score"] - full["score"]) <= 8 * u
+    for low, full in zip(outputs[dtype][1], outputs["float32"][1]):
+        assert low.dtype == np.float32 and np.abs(low - full).mean() <= 4 * u and np.abs(low - full).max() <= 32 * u

@@ -76,7 +76,7 @@ def test_saved_folder_loads_with_remote_code_without_crane_hf(tmp_path, variant)
 
 # The child process's import system cannot find these packages, nor their distributions' metadata (so transformers
 # takes them for not installed): remote code must run with what transformers needs and nothing else.
-WITHOUT_PACKAGES = textwrap.dedent(
+HIDE_PACKAGES = textwrap.dedent(
     """
     import importlib.metadata, importlib.util, re, sys
 
@@ -111,7 +111,10 @@ WITHOUT_PACKAGES = textwrap.dedent(
             raise SystemExit(f"{name} is still visible")
         except importlib.metadata.PackageNotFoundError:
             pass
-
+    """
+)
+WITHOUT_PACKAGES = HIDE_PACKAGES + textwrap.dedent(
+    """
     import json
     import numpy as np
     from transformers import AutoImageProcessor, AutoModel, pipeline
@@ -178,3 +181,72 @@ def test_pushed_and_saved_folders_run_with_only_what_transformers_needs(tiny_mod
         numpy.testing.assert_array_equal(remote["scores"], expected_scores)
         numpy.testing.assert_array_equal(remote["maps"], expected_maps)
         assert remote["overlay_sizes"] == [[52, 40]] * 3
+
+
+OVERRIDES_SCRIPT = HIDE_PACKAGES + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, pipeline
+
+    folder, pushed, pixels_file, out = sys.argv[1:5]
+    pixels = torch.load(pixels_file)
+    results = {}
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, eattn_map_source="per_layer", soft_mean=True)
+    assert "crane_hf" not in type(model).__module__
+    with torch.no_grad():
+        results["automodel"] = (model.config.eattn_map_source, model.config.soft_mean, model(pixels).anomaly_maps)
+    detector = pipeline(
+        "zero-shot-anomaly-detection", model=pushed, trust_remote_code=True, model_kwargs={"soft_mean": True}
+    )
+    results["pipeline"] = (detector.model.config.eattn_map_source, detector.model.config.soft_mean, None)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    config.soft_mean = True
+    config.deep_prompt_rounding_dtype = None
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, config=config)
+    with torch.no_grad():
+        maps = model(pixels).anomaly_maps
+    results["config"] = (model.config.deep_prompt_rounding_dtype, model.config.soft_mean, maps)
+    torch.save(results, out)
+    """
+)
+
+
+def test_overrides_and_an_explicit_config_reach_a_model_loaded_as_remote_code(tiny_model_dir, tmp_path):
+    """AutoConfig and the model module import the folder's configuration module under two module names; the config
+    carrying the user's overrides (keywords, pipeline model_kwargs, config=) must still be the one the model uses."""
+    from crane_hf import CraneForAnomalyDetection
+    from crane_hf.commands.cli import main
+
+    pushed = tmp_path / "pushed"
+    assert main(["push", tiny_model_dir, "--repo-id", "acme/crane-tiny", "--dry-run", str(pushed)]) == 0
+    saved = json.loads((pushed / "config.json").read_text())
+    assert (saved["eattn_map_source"], saved["soft_mean"], saved["deep_prompt_rounding_dtype"]) == (
+        "last_layer",
+        False,
+        "float16",
+    )
+    pixels = torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=torch.Generator().manual_seed(4))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = tmp_path / "overrides.py"
+    script.write_text(OVERRIDES_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, str(script), tiny_model_dir, str(pushed), str(tmp_path / "pixels.pt")]
+    result = subprocess.run(
+        [*command, str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = torch.load(tmp_path / "out.pt")
+
+    def local_maps(**overrides):
+        model = CraneForAnomalyDetection.from_pretrained(tiny_model_dir, **overrides)
+        with torch.no_grad():
+            return model(pixels).anomaly_maps
+
+    per_layer = local_maps(eattn_map_source="per_layer", soft_mean=True)
+    assert remote["automodel"][:2] == ("per_layer", True)
+    assert torch.equal(remote["automodel"][2], per_layer)
+    assert (per_layer - local_maps()).abs().max() > 1e-4  # a dropped override would have been seen
+    assert remote["pipeline"][:2] == ("last_layer", True)
+    assert remote["config"][:2] == (None, True)
+    assert torch.equal(remote["config"][2], local_maps(deep_prompt_rounding_dtype=None, soft_mean=True))

@@ -225,3 +225,130 @@ def test_pipeline_refuses_a_boolean_threshold(tiny_model_dir):
     with pytest.raises(ValueError, match="pixel_threshold must be a number"):
         detector.model.config.pixel_threshold = None
     assert detector.model.config.pixel_threshold == 0.5
+
+
+# ------------------------------------------------------------------ thresholds hold for one computation
+
+
+def _predict(images, model_dir, out, *options):
+    return main(["predict", str(images), "--model", str(model_dir), "--output", str(out), "--quiet", *options])
+
+
+def test_thresholds_are_refused_under_another_computation_than_they_were_calibrated_with(calibrated, tmp_path, capsys):
+    model_dir, normal = calibrated
+    before = json.loads((model_dir / "config.json").read_text())
+    assert before["eattn_map_source"] == "last_layer" and before["image_threshold"] == 0.5
+    assert main(["calibrate", str(model_dir), str(normal), "--eattn-maps", "per_layer", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "computation changes with its new thresholds" in out and "eattn_map_source 'last_layer' -> 'per_layer'" in out
+    )
+    config = json.loads((model_dir / "config.json").read_text())
+    record = json.loads((model_dir / "calibration.json").read_text())
+    assert config["eattn_map_source"] == "per_layer"
+    assert (
+        config["threshold_computation"]
+        == CraneForAnomalyDetection.from_pretrained(model_dir).config.inference_computation
+    )
+    assert config["threshold_computation"]["eattn_map_source"] == "per_layer"
+    assert record["previous"]["computation"]["eattn_map_source"] == "last_layer"
+    assert record["previous"]["threshold_computation"] is None  # the default thresholds: for any computation
+    assert record["computation_changed"] == {"eattn_map_source": {"from": "last_layer", "to": "per_layer"}}
+
+    # Decisions under another computation: refused before any work, naming the field, for every way of asking.
+    flip = ["--no-soft-mean"] if config["soft_mean"] else ["--soft-mean"]
+    for options, field in (
+        (["--eattn-maps", "last_layer"], "eattn_map_source 'per_layer' -> 'last_layer'"),
+        (flip, f"soft_mean {config['soft_mean']} -> {not config['soft_mean']}"),
+    ):
+        out = tmp_path / "refused"
+        assert _predict(normal, model_dir, out, *options) == 2
+        err = capsys.readouterr().err
+        assert field in err and "--threshold" in err and "Recalibrate" in err and "Traceback" not in err
+        assert not out.exists()
+    images = sorted(str(path) for path in normal.iterdir())
+    detector = pipeline(
+        "zero-shot-anomaly-detection", model=str(model_dir), model_kwargs={"eattn_map_source": "last_layer"}
+    )
+    with pytest.raises(ValueError, match=r"image_threshold was calibrated .*eattn_map_source 'per_layer' -> 'last_la"):
+        detector(images[0])
+    assert detector(images[0], threshold=0.3)["is_anomalous"] == (detector(images[0], threshold=0.3)["score"] >= 0.3)
+    with pytest.raises(ValueError, match="pixel_threshold was calibrated"):  # the overlay's contour
+        detector(images[0], threshold=0.3, return_overlay=True)
+    assert "overlay" in detector(images[0], threshold=0.3, pixel_threshold=0.4, return_overlay=True)
+    import crane_hf
+
+    with pytest.raises(ValueError, match="eattn_map_source"):
+        crane_hf.load_detector(str(model_dir), device="cpu", eattn_map_source="last_layer")(images[0])
+
+    # Given explicitly, or under the calibrated computation (also given again explicitly): decisions are made.
+    assert (
+        _predict(
+            normal,
+            model_dir,
+            tmp_path / "explicit",
+            "--eattn-maps",
+            "last_layer",
+            "--threshold",
+            "0.3",
+            "--pixel-threshold",
+            "0.4",
+        )
+        == 0
+    )
+    assert _predict(normal, model_dir, tmp_path / "same", "--eattn-maps", "per_layer") == 0
+    assert _predict(normal, model_dir, tmp_path / "saved") == 0
+
+    # Calibrating back: "previous" keeps the computation the replaced thresholds were for.
+    previous_thresholds = (config["image_threshold"], config["pixel_threshold"])
+    assert main(["calibrate", str(model_dir), str(normal), "--eattn-maps", "last_layer", "--quiet"]) == 0
+    record = json.loads((model_dir / "calibration.json").read_text())
+    assert (record["previous"]["image_threshold"], record["previous"]["pixel_threshold"]) == previous_thresholds
+    assert record["previous"]["threshold_computation"] == config["threshold_computation"]
+    assert record["previous"]["computation"]["eattn_map_source"] == "per_layer"
+
+
+def test_a_folder_without_the_record_holds_its_thresholds_for_its_own_computation(tiny_model_dir, tmp_path, capsys):
+    write_test_images(tmp_path / "imgs", count=2, seed=5)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config.get("threshold_computation") is None
+    # The default thresholds (0.5: the more probable class) hold under any computation.
+    assert _predict(tmp_path / "imgs", model_dir, tmp_path / "default", "--no-soft-mean") == 0
+    # A folder calibrated before the record existed: its thresholds are for the computation its config selects.
+    (model_dir / "config.json").write_text(json.dumps({**config, "image_threshold": 0.3, "pixel_threshold": 0.4}))
+    loaded = CraneForAnomalyDetection.from_pretrained(model_dir)
+    assert loaded.config.threshold_computation == loaded.config.inference_computation
+    assert _predict(tmp_path / "imgs", model_dir, tmp_path / "own") == 0
+    flipped = "--soft-mean" if not config["soft_mean"] else "--no-soft-mean"
+    assert _predict(tmp_path / "imgs", model_dir, tmp_path / "other", flipped) == 2
+    assert "soft_mean" in capsys.readouterr().err
+
+
+def test_which_changes_make_thresholds_stale():
+    from .tiny_models import tiny_config
+
+    crane = tiny_config("crane", image_threshold=0.3, pixel_threshold=0.4)
+    assert crane.threshold_computation == crane.inference_computation
+    # Crane has no D-Attn: dattn_input changes no number, the thresholds still hold.
+    assert crane.with_overrides(dattn_input="layer_input").stale_threshold_fields() == {}
+    assert crane.with_overrides(soft_mean=False).stale_threshold_fields() == {"soft_mean": (True, False)}
+    crane_plus = tiny_config("crane+", image_threshold=0.3, pixel_threshold=0.4)
+    assert crane_plus.with_overrides(dattn_input="layer_input").stale_threshold_fields() == {
+        "dattn_input": ("after_attention", "layer_input")
+    }
+    # The image score does not depend on the smoothing: only the pixel threshold goes stale.
+    smoother = crane.with_overrides(smoothing_sigma=2.0)
+    smoother.check_thresholds(image=True, pixel=False)
+    with pytest.raises(ValueError, match=r"pixel_threshold was calibrated .*smoothing_sigma 4.0 -> 2.0"):
+        smoother.check_thresholds(image=False, pixel=True)
+    with pytest.raises(ValueError, match=r"smoothing_sigma 4\.0 -> 8\.0"):  # a pipeline call's sigma counts too
+        crane.check_thresholds(image=False, pixel=True, smoothing_sigma=8.0)
+    # Both thresholds given with the change: they are taken as given for the new computation.
+    given = crane.with_overrides(soft_mean=False, image_threshold=0.2, pixel_threshold=0.6)
+    assert given.stale_threshold_fields() == {} and given.threshold_computation["soft_mean"] is False
+    # Changes after loading (attributes) are seen too.
+    crane.eattn_map_source = "per_layer"
+    with pytest.raises(ValueError, match="eattn_map_source 'last_layer' -> 'per_layer'"):
+        crane.check_thresholds()

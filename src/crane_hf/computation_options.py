@@ -1,5 +1,5 @@
 """The command-line options that override what a model computes (`--soft-mean`, `--eattn-maps`, `--dattn-input`,
-`--deep-prompt-rounding`), shared by `crane-hf predict`, `calibrate`, `evaluate` and `train`.
+`--deep-prompt-rounding`), shared by `crane-hf predict`, `calibrate`, `evaluate`, `train` and `convert`.
 
 Imports nothing heavy, so that `--help` is fast: the choices repeat those of the `CraneConfig` fields
 (`models/crane/configuration_crane.py`, which imports transformers; `tests/test_cli.py` checks they agree). The

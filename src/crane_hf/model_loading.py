@@ -76,6 +76,7 @@ def load_model(
     dino: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_backbone_mismatch: bool = False,
     **config_overrides: Any,
 ) -> tuple[CraneForAnomalyDetection, CraneImageProcessor]:
     """A model in eval mode and its image processor.
@@ -84,14 +85,17 @@ def load_model(
         spec: a preset name ("crane+/mvtec", ...), a folder written by `save_pretrained`, or a Hub id.
         clip / dino: local backbone folders for presets (instead of the Hub).
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        dtype: "float32", "bfloat16", "float16" or a torch dtype.
+        dtype: "float32", "bfloat16", "float16" or a torch dtype: every weight is cast to it (the inputs are cast
+            where they enter the towers; scores and maps are computed and returned in float32).
+        allow_backbone_mismatch: for presets, use a `clip` whose token embeddings differ from the preset's
+            fingerprint (`--allow-backbone-mismatch`).
         **config_overrides: `CraneConfig` fields (e.g. `soft_mean=True`, `eattn_map_source="per_layer"`), applied
             when the model is built, validated as a new config is (`CraneConfig.with_overrides`).
 
     Raises:
         TypeError: an override that is not a `CraneConfig` field (named), before anything is loaded.
-        ValueError: `clip` / `dino` given for a folder or Hub id (they name their own backbones); an override value
-            the field does not accept.
+        ValueError: `clip` / `dino` / `allow_backbone_mismatch` given for a folder or Hub id (they name their own
+            backbones); an override value the field does not accept.
         OSError: a folder or Hub id that cannot be loaded; for presets, `BackboneUnavailableError` (an `OSError`)
             when a backbone is neither cached nor downloadable.
     """
@@ -100,16 +104,26 @@ def load_model(
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if model_kind(spec) == "preset":
-        model = model_from_preset(spec, clip=clip, dino=dino, backbone_kwargs=backbone_kwargs, **config_overrides)
+        model = model_from_preset(
+            spec,
+            clip=clip,
+            dino=dino,
+            allow_backbone_mismatch=allow_backbone_mismatch,
+            backbone_kwargs=backbone_kwargs,
+            **config_overrides,
+        )
         processor = CraneImageProcessor.from_crane_config(model.config)
     else:
-        if clip or dino:
-            raise ValueError("--clip/--dino apply to presets only; a model folder names its own backbones.")
+        if clip or dino or allow_backbone_mismatch:
+            raise ValueError(
+                "--clip/--dino/--allow-backbone-mismatch apply to presets only; a model folder names its own "
+                "backbones."
+            )
         check_model_source(spec)
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = CraneForAnomalyDetection.from_pretrained(spec, **kwargs, **config_overrides)
         processor = _processor_for(spec, model)
-    model.to(target)
+    model.to(target) if torch_dtype is None else model.to(device=target, dtype=torch_dtype)
     return model.eval(), processor
 
 
@@ -137,16 +151,26 @@ def make_pipeline(model: Any, processor: Any) -> ZeroShotAnomalyDetectionPipelin
     return ZeroShotAnomalyDetectionPipeline(model=model, image_processor=processor, device=model.device)
 
 
-def computation_summary(model: CraneForAnomalyDetection) -> dict[str, Any]:
+def computation_summary(model: CraneForAnomalyDetection | CraneConfig) -> dict[str, Any]:
     """The variant, the three computation fields (`CraneConfig.computation`), whether they are the published
-    code's, and soft_mean: what decides the numbers a model gives, for the records the commands write."""
-    config = model.config
+    code's, soft_mean, and the fields that do not apply to this variant (e.g. `dattn_input` for Crane, which has no
+    D-Attn: left out of `published_computation`): what decides the numbers a model gives, for the records the
+    commands write. Takes a model or its config."""
+    config = getattr(model, "config", model)
     return {
         "variant": config.variant,
         **config.computation,
         "published_computation": config.computes_published_code,
         "soft_mean": config.soft_mean,
+        "not_applicable": [name for name in config.not_applicable_fields if name in config.computation],
     }
+
+
+def computation_changes(before: CraneConfig, after: CraneConfig) -> dict[str, dict[str, Any]]:
+    """The inference fields (`CraneConfig.inference_computation`) whose values differ between two configs, as
+    {name: {"from": value, "to": value}}."""
+    old, new = before.inference_computation, after.inference_computation
+    return {name: {"from": old[name], "to": new[name]} for name in new if old.get(name) != new[name]}
 
 
 def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]:
@@ -174,6 +198,7 @@ def load_detector(
     dino: str | None = None,
     device: str | None = "auto",
     dtype: str | torch.dtype | None = None,
+    allow_backbone_mismatch: bool = False,
     **config_overrides: Any,
 ) -> ZeroShotAnomalyDetectionPipeline:
     """The "zero-shot-anomaly-detection" pipeline for a preset name, a model folder or a Hub id.
@@ -181,4 +206,13 @@ def load_detector(
     Same as `transformers.pipeline("zero-shot-anomaly-detection", model=...)`, which takes folders and Hub ids,
     but also for the bundled presets (backbones from the Hub cache, or `clip=` / `dino=` local folders).
     """
-    return make_pipeline(*load_model(model, clip=clip, dino=dino, device=device, dtype=dtype, **config_overrides))
+    loaded = load_model(
+        model,
+        clip=clip,
+        dino=dino,
+        device=device,
+        dtype=dtype,
+        allow_backbone_mismatch=allow_backbone_mismatch,
+        **config_overrides,
+    )
+    return make_pipeline(*loaded)

@@ -6,8 +6,10 @@ with `--pixel-fpr`. Both are picked among the float32 values themselves and hold
 pipeline and `crane-hf predict` make (`at_or_above` in `crane_hf/models/crane/thresholds.py`), so the rates reported
 are the rates `predict` gives on the same images. Both go into the folder's config.json (`image_threshold`,
 `pixel_threshold`), which the pipeline and `crane-hf predict` use by default; `calibration.json` records how they
-were obtained and the previous values. Thresholds hold for one computation: options that change it (`--soft-mean`,
-`--eattn-maps`, ...) are saved into config.json together with the thresholds.
+were obtained, and the previous values and computation. Thresholds hold for one computation: options that change
+it (`--soft-mean`, `--eattn-maps`, ...) are saved into config.json together with the thresholds and the record of
+that computation (`threshold_computation`), and a change of the folder's computation is printed. A model loaded
+later with another computation refuses to decide with these thresholds (`CraneConfig.check_thresholds`).
 
 Images are read and scored a few at a time: memory does not grow with their number (the image scores are kept,
 and for the pixels a fixed-size histogram, `ValueHistogram`). An image that cannot be read or whose
@@ -105,8 +107,13 @@ def _calibrate(
 ) -> dict[str, Any]:
     """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
-    from ..model_loading import computation_summary, load_model, make_pipeline
-    from ..models.crane.configuration_crane import LEGACY_COMPUTATION_SWITCH, PUBLISHED_COMPUTATION
+    from ..model_loading import computation_changes, computation_summary, load_model, make_pipeline
+    from ..models.crane.configuration_crane import (
+        LEGACY_COMPUTATION_SWITCH,
+        PROMPT_TEXT_FIELDS,
+        PUBLISHED_COMPUTATION,
+        CraneConfig,
+    )
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
@@ -114,13 +121,16 @@ def _calibrate(
     found = find_image_inputs(inputs, exclude=[model_dir])
     paths = found.paths
     skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
+    previous = CraneConfig.from_pretrained(model_dir)  # what the folder computed, and its thresholds were for
     model, processor = load_model(model_dir, device=device, **config_overrides)
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
     chunk_size = max(1, batch_size)  # images (and maps) held at a time
     with tqdm(total=len(paths), desc="Calibrating", unit="image", disable=not progress) as bar:
-        for path, output, reason in score_image_files(pipe, paths, batch_size, {}, chunk_size):
+        # No decision is made here: the folder's thresholds (perhaps for the computation being replaced) are unused.
+        no_decisions = {"threshold": 1.0}
+        for path, output, reason in score_image_files(pipe, paths, batch_size, no_decisions, chunk_size):
             bar.update(1)
             if output is None:
                 skipped.append(f"{path}: {reason}")
@@ -146,8 +156,11 @@ def _calibrate(
         "previous": {
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
+            "threshold_computation": previous.threshold_computation,  # None: default thresholds, for any computation
+            "computation": computation_summary(previous),
         },
         "computation": computation_summary(model),
+        "computation_changed": computation_changes(previous, model.config),
         "overrides": config_overrides,
     }
     saved = set(config_overrides)
@@ -155,10 +168,14 @@ def _calibrate(
         # The old single switch cannot express a mixed choice: save the three fields it stood for instead.
         config.pop(LEGACY_COMPUTATION_SWITCH, None)
         saved = (saved - {LEGACY_COMPUTATION_SWITCH}) | set(PUBLISHED_COMPUTATION)
+    if saved & {*PROMPT_TEXT_FIELDS, "clip_config"}:
+        saved.add("prompt_token_ids")  # derived from the prompt texts
     for name in sorted(saved):
-        config[name] = getattr(model.config, name)
+        value = getattr(model.config, name)
+        config[name] = value.to_dict() if hasattr(value, "to_dict") else value
     config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
     config["pixel_threshold"] = pixel_threshold
+    config["threshold_computation"] = model.config.inference_computation  # what the thresholds hold for
     atomic_write_text(os.path.join(model_dir, "calibration.json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return record
@@ -193,6 +210,14 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    if record["computation_changed"]:
+        changes = ", ".join(
+            f"{name} {c['from']!r} -> {c['to']!r}" for name, c in record["computation_changed"].items()
+        )
+        print(
+            f"note: {args.model_dir}'s computation changes with its new thresholds: {changes} (saved into "
+            "config.json; what it computed before, and the thresholds for that, are in calibration.json)"
+        )
     for kind in ("image", "pixel"):
         item = record[kind]
         print(

@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
 from .cli import HelpFormatter
@@ -35,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", required=True, choices=["crane", "crane+"])
     parser.add_argument("--output", required=True, help="folder to write (save_pretrained layout)")
     parser.add_argument("--image-size", type=int, default=None, help="input side S (default: 518)")
-    parser.add_argument("--soft-mean", choices=["true", "false"], default=None, help="override the paper's soft_mean")
     parser.add_argument("--allow-backbone-mismatch", action="store_true", help="convert despite a CLIP mismatch")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_computation_arguments(parser, "computation saved into the folder (default: the published code's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
-    if args.soft_mean is not None:
-        overrides["soft_mean"] = args.soft_mean == "true"
+    overrides.update(computation_overrides(args))
     try:
         protected = [
             *protected_paths("the checkpoint", [args.checkpoint]),

@@ -111,6 +111,7 @@ def predict_images(
     for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
         if value is not None:
             check_threshold(value, name)
+    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None)  # before any work
     require_positive("batch_size", batch_size)
     protected = [*(protected or []), *prediction_protections(inputs, getattr(model, "name_or_path", None))]
     check_output_dir(output_dir, overwrite, protected)
@@ -196,6 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder or Hub id")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument(
+        "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
+    )
     parser.add_argument("--output", default="crane-hf-predictions", help="folder to write (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -228,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             clip=args.clip,
             dino=args.dino,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
             device=args.device,
             dtype=args.dtype,
             **computation_overrides(args),

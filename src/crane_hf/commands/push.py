@@ -147,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument(
+        "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +162,13 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.dry_run:
             check_output_dir(args.dry_run, args.overwrite, protected)
-        model, processor = load_model(args.model, clip=args.clip, dino=args.dino, device="cpu")
+        model, processor = load_model(
+            args.model,
+            clip=args.clip,
+            dino=args.dino,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
+            device="cpu",
+        )
         if args.dry_run:
             with atomic_output_dir(args.dry_run, args.overwrite, protected, command="push --dry-run") as staging:
                 write_repository_folder(model, processor, staging, args.repo_id)

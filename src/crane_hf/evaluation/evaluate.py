@@ -123,6 +123,10 @@ def score_dataset(
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
     device = model.device
+    # The overlays' contour is the model's pixel threshold, where it holds for this computation (and sigma); a
+    # threshold calibrated under another one draws no contour rather than a wrong one (CraneConfig.check_thresholds).
+    stale = model.config.stale_threshold_fields(image=False, pixel=True, smoothing_sigma=sigma)
+    contour = None if stale else model.config.pixel_threshold
     with torch.inference_mode():
         for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
             skipped.extend(batch["errors"])
@@ -148,13 +152,14 @@ def score_dataset(
                 )
             indices, maps = [row for row, ok in zip(indices, finite) if ok], maps[finite]
             if overlay_dir is not None:
-                _save_overlays(dataset, indices, maps, model.config.pixel_threshold, overlay_dir)
+                _save_overlays(dataset, indices, maps, contour, overlay_dir)
     return accumulators, skipped
 
 
-def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float, folder: str) -> None:
-    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, both names made safe from the data
-    (`io/output_names.py`: no separator or "..", extension kept, shortened) and checked to stay inside `folder`."""
+def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float | None, folder: str) -> None:
+    """One overlay per row at `folder`/<class>/<image path with "/" as "__">.png, with the contour of `threshold`
+    unless it is None, both names made safe from the data (`io/output_names.py`: no separator or "..", extension
+    kept, shortened) and checked to stay inside `folder`."""
     from PIL import Image
 
     from ..io.output_names import path_inside, safe_file_name, source_file_name
@@ -252,11 +257,17 @@ def _computation_lines(record: dict[str, Any]) -> list[str]:
         source = prompts["converted_from"]
         origin += f" (converted from {source.get('checkpoint')}, sha256 {source.get('sha256')})"
     published = "the published code's" if record["published_computation"] else "differs from the published code's"
-    rounding = record["deep_prompt_rounding_dtype"] or "not rounded"
+    shown = {
+        "eattn_map_source": record["eattn_map_source"],
+        "dattn_input": record["dattn_input"],
+        "deep_prompt_rounding_dtype": record["deep_prompt_rounding_dtype"] or "not rounded",
+    }
+    for name in record.get("not_applicable", []):
+        shown[name] = f"not applicable to this {record['variant']}"
     return [
         f"- model: {record['variant']}, feature layers {record['feature_layers']}, prompts from {origin}",
-        f"- computation ({published}): E-Attn maps {record['eattn_map_source']}, D-Attn input "
-        f"{record['dattn_input']}, deep prompts {rounding}",
+        f"- computation ({published}): E-Attn maps {shown['eattn_map_source']}, D-Attn input "
+        f"{shown['dattn_input']}, deep prompts {shown['deep_prompt_rounding_dtype']}",
         f"- soft_mean {record['soft_mean']}, image size {record['image_size']}, smoothing sigma "
         f"{record['smoothing_sigma']}, AUPRO {record['aupro']}",
     ]
@@ -313,7 +324,13 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     overrides.update(computation_overrides(args))
     device = str(state.device) if args.device == "auto" else args.device
     model, processor = load_model(
-        model_spec, clip=args.clip, dino=args.dino, device=device, dtype=args.dtype, **overrides
+        model_spec,
+        clip=args.clip,
+        dino=args.dino,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
+        device=device,
+        dtype=args.dtype,
+        **overrides,
     )
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
@@ -338,6 +355,14 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         # The main process claims the output (lock, checks, marked temporary folder) before any image is scored;
         # the others write their overlays into the same temporary folder.
         staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
+        stale = model.config.stale_threshold_fields(image=False, pixel=True, smoothing_sigma=args.sigma)
+        if args.save_overlays and stale and state.is_main_process:
+            changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in stale.items())
+            print(
+                f"note: the overlays have no threshold contour: the model's pixel_threshold was calibrated for "
+                f"another computation ({changes})",
+                file=sys.stderr,
+            )
         with state.split_between_processes(list(range(len(dataset)))) as shard:
             accumulators, skipped = score_dataset(
                 model,

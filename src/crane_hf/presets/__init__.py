@@ -99,6 +99,11 @@ def load_preset(name: str) -> Preset:
 
 def check_fingerprint(preset: Preset, token_embedding: torch.Tensor) -> None:
     """Refuse a CLIP whose token embeddings of the prompts' fixed tokens differ from the preset's."""
+    # A CLIP loaded in reduced precision (dtype=bfloat16 / float16) has its embeddings rounded to that dtype: the
+    # rounding (half its epsilon, relative) is allowed on top of the tolerance.
+    import torch
+
+    tolerance = FINGERPRINT_RTOL + torch.finfo(token_embedding.dtype).eps / 2
     embeddings = token_embedding.detach().float().cpu()
     if embeddings.shape[1] != preset.fingerprint_embeddings.shape[1]:
         raise PresetBackboneMismatchError(
@@ -109,10 +114,11 @@ def check_fingerprint(preset: Preset, token_embedding: torch.Tensor) -> None:
         raise PresetBackboneMismatchError(f"This CLIP's vocabulary is too small for preset {preset.name}.")
     ours = embeddings[preset.fingerprint_token_ids]
     error = (ours - preset.fingerprint_embeddings).abs().max() / preset.fingerprint_embeddings.abs().max()
-    if error > FINGERPRINT_RTOL:
+    if error > tolerance:
         raise PresetBackboneMismatchError(
             f"This CLIP is not {preset.clip_backbone}, the backbone preset {preset.name} was trained with (token "
-            f"embeddings differ, relative error {error:.2e}). Pass allow_backbone_mismatch=True to use it anyway."
+            f"embeddings differ, relative error {error:.2e}). To use it anyway: allow_backbone_mismatch=True in "
+            "Python, --allow-backbone-mismatch on the command line (crane-hf predict, evaluate, push)."
         )
 
 

@@ -58,6 +58,64 @@ PER_LAYER_COMPUTATION: dict[str, Any] = {
 }
 # The switch these fields replace; configs saved with it still load (True: published, False: per-layer).
 LEGACY_COMPUTATION_SWITCH = "official_code_compat"
+COMPUTATION_CHOICES: dict[str, tuple] = {
+    "eattn_map_source": EATTN_MAP_SOURCES,
+    "dattn_input": DATTN_INPUTS,
+    "deep_prompt_rounding_dtype": DEEP_PROMPT_ROUNDING_DTYPES,
+}
+
+
+class _NotGiven:
+    """The default of the three computation fields and of the old switch: "not given" (the computation fields then
+    take the published code's values), so that a value given explicitly, even the default one, can be told apart
+    from one left out (an old switch contradicting an explicitly given field is refused)."""
+
+    def __repr__(self) -> str:
+        return "<not given: the published code's value>"
+
+    def __copy__(self) -> _NotGiven:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _NotGiven:
+        return self
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+# The fields that decide the scores and maps a model gives at inference (training-only fields, the thresholds
+# themselves and where the backbones are read from excluded; the backbones' architectures cannot change at loading).
+# Calibrated thresholds hold for these values only: `threshold_computation` records them beside the thresholds.
+INFERENCE_FIELDS = (
+    "image_size",
+    "prompt_length",
+    "normal_prompt_words",
+    "anomalous_prompt_words",
+    "num_deep_prompts",
+    "deep_prompt_length",
+    "eattn_layers",
+    "eattn_type",
+    "feature_layers",
+    "dattn_beta",
+    "dattn_gamma",
+    "both_eattn_dattn",
+    "use_score_based_pooling",
+    "pooling_alpha",
+    "logit_temperature",
+    "soft_mean",
+    "smoothing_sigma",
+    "clip_image_mean",
+    "clip_image_std",
+    "dino_image_mean",
+    "dino_image_std",
+    "eattn_map_source",
+    "dattn_input",
+    "deep_prompt_rounding_dtype",
+)
+# Fields that change the maps only: the image score (and so the image threshold) does not depend on them.
+MAP_ONLY_FIELDS = ("smoothing_sigma",)
+# `prompt_token_ids` is derived from these (with the text tower's context length): recomputed when they change.
+PROMPT_TEXT_FIELDS = ("prompt_length", "normal_prompt_words", "anomalous_prompt_words")
+DEFAULT_THRESHOLD = 0.5  # "anomalous is the more probable class": holds whatever the computation
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -177,16 +235,28 @@ class CraneConfig(PreTrainedConfig):
             enter the text layers. "float16" (default, the published code casts them with `.half()`: a relative
             rounding of up to 5e-4; gradients flow through the rounding as they do there); "bfloat16"; `None`: no
             rounding (per-layer variant).
+            The three fields default to the published code's values when not given. The D-Attn field has no effect
+            on Crane (no DINOv2), nor the rounding without deep prompts (`not_applicable_fields`): they are then
+            left out of `computes_published_code` and of what the thresholds are checked against.
         official_code_compat (`bool`, *optional*): the single switch these three fields replace, accepted so that
             configs saved with it load as they computed: True means the published values above, False means
-            "per_layer", "layer_input" and `None`. It is not saved; giving it together with a conflicting new
-            field raises `ValueError`.
+            "per_layer", "layer_input" and `None`. It is not saved. Any of the three fields given with it (in
+            `CraneConfig(...)`, in config.json or as a `from_pretrained` keyword, whatever its value) must be the
+            value the switch implies, else `ValueError` names both (`resolve_computation`).
         clip_backbone / dino_backbone (`str`, *optional*): where the backbone weights come from (Hub id or local
             folder); recorded by `from_backbones`, needed to load a prompts-only checkpoint.
         backbones_in_checkpoint (`bool`): whether the saved weights include the backbones (False for a
             prompts-only checkpoint, whose backbones are loaded from `clip_backbone` / `dino_backbone`).
         prompt_token_ids (`list[list[int]]`, *optional*): ids of the two prompt texts; computed from the bundled CLIP
-            tokenizer when omitted.
+            tokenizer when omitted, and recomputed when the prompt words or length change (`with_overrides`, or
+            setting `config.normal_prompt_words`).
+        threshold_computation (`dict`, *optional*): the computation `image_threshold` and `pixel_threshold` were
+            calibrated with: the values of `INFERENCE_FIELDS` (`crane-hf calibrate` writes it). Thresholds hold for
+            that computation only: when the config selects another one (an override at loading, for example),
+            `check_thresholds` refuses them and the pipeline and `crane-hf predict` make no decision without
+            thresholds given explicitly. When omitted: the config's own computation if its thresholds are not the
+            defaults (configs saved before the record existed), else `None` (the default 0.5, the more probable
+            class, holds under any computation).
     """
 
     model_type = "crane"
@@ -222,15 +292,16 @@ class CraneConfig(PreTrainedConfig):
         clip_image_std: list[float] | tuple[float, ...] = OPENAI_CLIP_STD,
         dino_image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
         dino_image_std: list[float] | tuple[float, ...] = IMAGENET_STD,
-        image_threshold: float = 0.5,
-        pixel_threshold: float = 0.5,
-        eattn_map_source: str = "last_layer",
-        dattn_input: str = "after_attention",
-        deep_prompt_rounding_dtype: str | None = "float16",
+        image_threshold: float = DEFAULT_THRESHOLD,
+        pixel_threshold: float = DEFAULT_THRESHOLD,
+        eattn_map_source: str = NOT_GIVEN,
+        dattn_input: str = NOT_GIVEN,
+        deep_prompt_rounding_dtype: str | None = NOT_GIVEN,
         clip_backbone: str | None = None,
         dino_backbone: str | None = None,
         backbones_in_checkpoint: bool = True,
         prompt_token_ids: list[list[int]] | None = None,
+        threshold_computation: dict[str, Any] | None = None,
         **kwargs,
     ):
         if clip_config is None:
@@ -277,13 +348,14 @@ class CraneConfig(PreTrainedConfig):
         self.dino_image_std = [float(x) for x in dino_image_std]
         self.image_threshold = check_threshold(image_threshold, "image_threshold")  # true, null, NaN: refused
         self.pixel_threshold = check_threshold(pixel_threshold, "pixel_threshold")
-        computation = _resolve_legacy_switch(
-            kwargs.pop(LEGACY_COMPUTATION_SWITCH, None),
-            {
-                "eattn_map_source": eattn_map_source,
-                "dattn_input": dattn_input,
-                "deep_prompt_rounding_dtype": deep_prompt_rounding_dtype,
-            },
+        given = {
+            "eattn_map_source": eattn_map_source,
+            "dattn_input": dattn_input,
+            "deep_prompt_rounding_dtype": deep_prompt_rounding_dtype,
+        }
+        computation = resolve_computation(
+            kwargs.pop(LEGACY_COMPUTATION_SWITCH, NOT_GIVEN),
+            {name: value for name, value in given.items() if value is not NOT_GIVEN},
         )
         self.eattn_map_source = computation["eattn_map_source"]
         self.dattn_input = computation["dattn_input"]
@@ -300,6 +372,7 @@ class CraneConfig(PreTrainedConfig):
             )
         self.prompt_token_ids = [[int(i) for i in ids] for ids in prompt_token_ids]
         self._validate_token_ids()
+        self.threshold_computation = self._threshold_record(threshold_computation)
         super().__init__(**kwargs)
 
     @classmethod
@@ -322,7 +395,16 @@ class CraneConfig(PreTrainedConfig):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in THRESHOLD_FIELDS:  # also `model.config.image_threshold = ...` and overrides at loading
             value = check_threshold(value, name)
+        changes_prompts = (
+            name in PROMPT_TEXT_FIELDS and "prompt_token_ids" in self.__dict__ and getattr(self, name) != value
+        )
         super().__setattr__(name, value)
+        if changes_prompts:  # `config.normal_prompt_words = ...`: the derived ids follow
+            from .prompt_tokenization import tokenize_prompts
+
+            context = self.clip_config.text_config.max_position_embeddings
+            self.prompt_token_ids = tokenize_prompts(self.prompt_texts, context)
+            self._validate_token_ids()
 
     # ------------------------------------------------------------------ published pipeline code
     @property
@@ -405,9 +487,96 @@ class CraneConfig(PreTrainedConfig):
         return {name: getattr(self, name) for name in PUBLISHED_COMPUTATION}
 
     @property
+    def not_applicable_fields(self) -> list[str]:
+        """The fields that have no effect on this architecture: the D-Attn fields for Crane (no DINOv2),
+        `eattn_map_source` for Crane+ without E-Attn maps (`both_eattn_dattn=False`), the deep prompts' rounding and
+        length without deep prompts. Whatever their values, the model computes the same."""
+        fields = []
+        if not self.use_dattn:
+            fields += [
+                "dattn_input",
+                "dattn_beta",
+                "dattn_gamma",
+                "both_eattn_dattn",
+                "dino_image_mean",
+                "dino_image_std",
+            ]
+        elif not self.both_eattn_dattn:
+            fields.append("eattn_map_source")
+        if self.num_deep_prompts == 0:
+            fields += ["deep_prompt_rounding_dtype", "deep_prompt_length"]
+        return fields
+
+    @property
     def computes_published_code(self) -> bool:
-        """Whether the three fields all select what the published code computes (`PUBLISHED_COMPUTATION`)."""
-        return self.computation == PUBLISHED_COMPUTATION
+        """Whether the computation fields that apply to this architecture (`not_applicable_fields` left out) all
+        select what the published code computes (`PUBLISHED_COMPUTATION`)."""
+        skip = self.not_applicable_fields
+        return all(getattr(self, name) == value for name, value in PUBLISHED_COMPUTATION.items() if name not in skip)
+
+    # ------------------------------------------------------------------ thresholds and the computation they hold for
+    @property
+    def inference_computation(self) -> dict[str, Any]:
+        """The values of `INFERENCE_FIELDS`: everything that decides the scores and maps at inference."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in INFERENCE_FIELDS}
+
+    def _threshold_record(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`threshold_computation` as given (validated), or, when not given, this config's own computation if its
+        thresholds are not the defaults (a config saved before the record existed: its thresholds are taken as
+        calibrated under its own computation). Default thresholds (0.5: the more probable class) need no record."""
+        if record is None:
+            defaults = (self.image_threshold, self.pixel_threshold) == (DEFAULT_THRESHOLD, DEFAULT_THRESHOLD)
+            return None if defaults else self.inference_computation
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"threshold_computation must be a mapping of computation fields to values, got {record!r}."
+            )
+        unknown = set(record) - set(INFERENCE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"threshold_computation names {sorted(unknown)}, which are not computation fields "
+                f"({', '.join(INFERENCE_FIELDS)})."
+            )
+        return {name: copy.deepcopy(value) for name, value in record.items()}
+
+    def stale_threshold_fields(self, image: bool = True, pixel: bool = True, **call_values: Any) -> dict:
+        """The fields whose value differs from the one the thresholds were calibrated with (`threshold_computation`),
+        as {name: (calibrated value, current value)}; empty when the thresholds hold.
+
+        Args:
+            image / pixel: which thresholds are asked about (the image threshold does not depend on
+                `MAP_ONLY_FIELDS`).
+            **call_values: values a call uses instead of the config's (e.g. the pipeline's `smoothing_sigma`).
+
+        Fields that do not apply to this architecture (`not_applicable_fields`) are left out: they change nothing.
+        """
+        record = self.threshold_computation or {}
+        skip = set(self.not_applicable_fields) | (set() if pixel else set(MAP_ONLY_FIELDS))
+        if not (image or pixel):
+            return {}
+        stale = {}
+        for name, calibrated in record.items():
+            current = call_values.get(name) if call_values.get(name) is not None else getattr(self, name)
+            if name not in skip and _comparable(current) != _comparable(calibrated):
+                stale[name] = (calibrated, current)
+        return stale
+
+    def check_thresholds(self, image: bool = True, pixel: bool = True, **call_values: Any) -> None:
+        """Raise `ValueError` (one line, naming the fields) if the thresholds asked for (`image`: image_threshold,
+        `pixel`: pixel_threshold) were calibrated under another computation than the one this config selects:
+        decisions are never made with thresholds that do not hold. See `stale_threshold_fields`."""
+        stale = self.stale_threshold_fields(image, pixel, **call_values)
+        if not stale:
+            return
+        names = [name for name, asked in (("image_threshold", image), ("pixel_threshold", pixel)) if asked]
+        changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in stale.items())
+        raise ValueError(
+            f"the model's {' and '.join(names)} {'were' if len(names) > 1 else 'was'} calibrated for another "
+            "computation than the one asked for "
+            f"({changes}): they do not hold for it, so no decision is made. Recalibrate under this computation "
+            "(crane-hf calibrate with the same options), or give the thresholds explicitly (--threshold / "
+            "--pixel-threshold; threshold= / pixel_threshold= in Python)."
+        )
 
     # ------------------------------------------------------------------ overrides
     @classmethod
@@ -442,16 +611,26 @@ class CraneConfig(PreTrainedConfig):
 
         The one path for overrides (`from_pretrained(path, soft_mean=True)`, `from_backbones`, the command line):
         an unknown name raises `TypeError` naming it, an invalid value `ValueError` naming the field. The legacy
-        `official_code_compat=True/False` sets the three computation fields; those of them given too take
-        precedence.
+        `official_code_compat=True/False` sets the three computation fields; a computation field given with it must
+        agree with it (`resolve_computation`, the rule of `CraneConfig(...)` and config.json too).
+
+        Derived fields follow their sources: `prompt_token_ids` is recomputed when the prompt words, the prompt
+        length or the CLIP config change (unless given too). `threshold_computation` (what the thresholds were
+        calibrated with) is kept, so that overrides that change the computation make the thresholds refused
+        (`check_thresholds`), unless both thresholds are given with them: they are then taken as given for the
+        new computation.
         """
         self.check_field_names(fields)
-        fields = dict(fields)
-        if LEGACY_COMPUTATION_SWITCH in fields:
-            legacy = fields.pop(LEGACY_COMPUTATION_SWITCH)
-            implied = _resolve_legacy_switch(legacy, dict(PUBLISHED_COMPUTATION))  # validates the value
-            fields = {**implied, **fields}  # the new fields given with it take precedence
         data = self.to_dict()
+        if LEGACY_COMPUTATION_SWITCH in fields:  # the switch replaces the three saved fields
+            for name in PUBLISHED_COMPUTATION:
+                data.pop(name, None)
+        if "prompt_token_ids" not in fields and (
+            "clip_config" in fields or any(fields.get(name, data[name]) != data[name] for name in PROMPT_TEXT_FIELDS)
+        ):
+            data.pop("prompt_token_ids", None)
+        if "threshold_computation" not in fields and set(THRESHOLD_FIELDS) <= set(fields):
+            data.pop("threshold_computation", None)
         data.update(fields)
         return type(self)(**data)
 
@@ -716,28 +895,41 @@ def _validate_backbone_sizes(clip: CLIPConfig, dino: PreTrainedConfig | None, im
         )
 
 
-def _resolve_legacy_switch(legacy: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The three computation fields, with the legacy `official_code_compat` applied when it is given.
+def resolve_computation(legacy: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The three computation fields from the old switch `official_code_compat` and the new fields given.
 
-    Fields left at their defaults (the published values) take the values the switch implies; a field given with
-    another value must agree with the switch, else `ValueError` names both.
+    The one rule of `CraneConfig(...)`, config.json and `from_pretrained` / `with_overrides` keywords: `given` holds
+    the new fields that were given (present, whatever their value); each must be one of its choices. Without the
+    switch (`legacy` is `NOT_GIVEN`), the fields not given take the published code's values. With it (true: the
+    published values, false: the per-layer ones), every field given must be the value the switch implies, else
+    `ValueError` names both.
     """
-    if legacy is None:
-        return dict(given)
+    for name, value in given.items():
+        if value not in COMPUTATION_CHOICES[name]:
+            raise ValueError(f"{name}={value!r} is unknown; choose one of {COMPUTATION_CHOICES[name]}.")
+    if legacy is NOT_GIVEN:
+        return {**PUBLISHED_COMPUTATION, **given}
     if not isinstance(legacy, bool):
-        raise ValueError(f"{LEGACY_COMPUTATION_SWITCH}={legacy!r} must be true or false.")
-    implied = PUBLISHED_COMPUTATION if legacy else PER_LAYER_COMPUTATION
-    conflicting = [
-        f"{name}={value!r}"
-        for name, value in given.items()
-        if value != PUBLISHED_COMPUTATION[name] and value != implied[name]
-    ]
-    if conflicting:
         raise ValueError(
-            f"{LEGACY_COMPUTATION_SWITCH}={legacy} (the old switch) contradicts {', '.join(conflicting)}; give only "
-            "the new fields."
+            f"{LEGACY_COMPUTATION_SWITCH}={legacy!r} is not a valid value: the old switch must be true or false "
+            f"(better, give the fields it stood for: {', '.join(PUBLISHED_COMPUTATION)})."
+        )
+    implied = PUBLISHED_COMPUTATION if legacy else PER_LAYER_COMPUTATION
+    conflicting = [f"{name}={value!r}" for name, value in given.items() if value != implied[name]]
+    if conflicting:
+        meaning = ", ".join(f"{name}={value!r}" for name, value in implied.items())
+        raise ValueError(
+            f"{LEGACY_COMPUTATION_SWITCH}={legacy} (the old switch, meaning {meaning}) contradicts "
+            f"{', '.join(conflicting)}, given with it; give only the new fields."
         )
     return dict(implied)
+
+
+def _comparable(value: Any) -> Any:
+    """A value as saved in JSON, for comparing a recorded computation with the current one (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(item) for item in value]
+    return value
 
 
 def build_prompt_texts(prompt_length: int, normal_words: str, anomalous_words: str) -> list[str]:
@@ -762,4 +954,4 @@ def _as_int(value: int | list[int] | tuple[int, ...]) -> int:
     return int(value)
 
 
-__all__ = ["PER_LAYER_COMPUTATION", "PUBLISHED_COMPUTATION", "CraneConfig"]
+__all__ = ["INFERENCE_FIELDS", "PER_LAYER_COMPUTATION", "PUBLISHED_COMPUTATION", "CraneConfig", "resolve_computation"]

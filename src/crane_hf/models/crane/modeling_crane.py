@@ -78,6 +78,14 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
+def _requested_dtype(value: Any) -> torch.dtype | None:
+    """The floating-point dtype a `dtype=` loading option asks for (a torch dtype or its name), or None ("auto",
+    absent, or not a floating-point dtype: transformers then reports it)."""
+    if isinstance(value, str) and value != "auto":
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     """A region that runs in the tensors' own dtypes even inside `torch.autocast` (a no-op outside one)."""
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
@@ -102,6 +110,24 @@ def _check_backbone_architecture(expected: PreTrainedConfig, actual: PreTrainedC
     ]
     if different:
         raise ValueError(f"The {name} backbone does not have the config's architecture: " + "; ".join(different) + ".")
+
+
+def is_crane_config(config: Any) -> bool:
+    """Whether `config` is a `CraneConfig`, from this module or from another copy of it.
+
+    A folder loaded with `trust_remote_code=True` has its configuration module imported twice, under different
+    module names (once by `AutoConfig`, once by the model module's relative import), so the config `AutoModel`
+    hands over (with the user's overrides applied) is not an instance of the class this module imported. It is
+    recognised by its class name, its `model_type` and the fields the model reads.
+    """
+    if isinstance(config, CraneConfig):
+        return True
+    return (
+        isinstance(config, PreTrainedConfig)
+        and type(config).__name__ == CraneConfig.__name__
+        and getattr(config, "model_type", None) == CraneConfig.model_type
+        and all(hasattr(config, name) for name in ("with_overrides", "map_slots", "prompt_token_ids"))
+    )
 
 
 @dataclass
@@ -261,7 +287,9 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         model.clip.load_state_dict(clip_model.state_dict())
         if dino_model is not None:
             model.dino.load_state_dict(dino_model.state_dict())
-        model.to(clip_model.dtype)
+        # One dtype for the whole model: the one asked for, else the CLIP's. (transformers may leave the CLIP's
+        # sub-models in the dtype their own configs record when another one is asked for.)
+        model.to(_requested_dtype(backbone_kwargs.get("dtype")) or clip_model.dtype)
         return model.eval()
 
     @classmethod
@@ -298,7 +326,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         """
         config = kwargs.pop("config", None)
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in CraneConfig.field_names()}
-        if not isinstance(config, CraneConfig):
+        if not is_crane_config(config):
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             # An untrusted config.json: a refused value is named with the file and the field (CraneConfig).
             config = CraneConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
@@ -307,6 +335,15 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         if config.backbones_in_checkpoint:
             return cls._from_full_checkpoint(pretrained_model_name_or_path, config, *args, **kwargs)
         return cls._from_prompts_checkpoint(pretrained_model_name_or_path, config, **kwargs)
+
+    @staticmethod
+    def _to_requested_dtype(model: CraneForAnomalyDetection, dtype: Any) -> None:
+        """Cast every floating-point tensor to the `dtype` loading option, when one is given: transformers leaves
+        the CLIP's text and vision sub-models in the dtype their own configs record (float32), which a forward in
+        another dtype cannot mix."""
+        requested = _requested_dtype(dtype)
+        if requested is not None:
+            model.to(requested)
 
     @classmethod
     def _from_full_checkpoint(cls, path: str | os.PathLike, config: CraneConfig, *args: Any, **kwargs: Any):
@@ -328,6 +365,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches are refused below, with their names
         model, info = super().from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
         check_loading_info(info, f"The checkpoint {path}")
+        cls._to_requested_dtype(model, kwargs.get("dtype"))
         prompts = {name: t for name, t in model.state_dict().items() if name.startswith(PROMPT_PREFIX)}
         check_finite(prompts, f"The checkpoint {path}")
         align_tensors(model)  # the same bits as a model built in memory (reproducibility.py)

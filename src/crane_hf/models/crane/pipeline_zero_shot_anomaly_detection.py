@@ -99,6 +99,10 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
 
     Returns per image a dict with `score` (float in [0, 1]), `is_anomalous` (bool), `anomaly_map` (float32 numpy
     array at the image's original size, smoothed) and, on request, `overlay`.
+
+    Raises `ValueError` before any image is read when a decision would use a model threshold calibrated under
+    another computation than the model's (`CraneConfig.check_thresholds`): recalibrate, or pass `threshold` (and,
+    with overlays, `pixel_threshold`).
     """
 
     _load_processor = False
@@ -144,7 +148,20 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             inputs = _SequenceDataset(inputs)
         if isinstance(inputs, list) and not inputs:
             return []
+        self._check_thresholds(kwargs)
         return super().__call__(inputs, **kwargs)
+
+    def _check_thresholds(self, kwargs: dict[str, Any]) -> None:
+        """Refuse, before any image is read, to decide with the model's thresholds when they were calibrated under
+        another computation than the model's (`CraneConfig.check_thresholds`; a threshold given to the call or to
+        the pipeline is used instead and needs no check)."""
+        check = getattr(self.model.config, "check_thresholds", None)
+        if check is None:
+            return
+        params = {**self._forward_params, **self._postprocess_params, **kwargs}
+        image = params.get("threshold") is None
+        pixel = bool(params.get("return_overlay")) and params.get("pixel_threshold") is None
+        check(image=image, pixel=pixel, smoothing_sigma=params.get("smoothing_sigma"))
 
     def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
