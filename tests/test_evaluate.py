@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +186,51 @@ def test_two_processes_equal_one(evaluation_setup):
     for name in one["metrics"]:
         for key, value in one["metrics"][name].items():
             assert two["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_two_processes_with_skipped_files_exit_and_report_as_one(tmp_path, capsys):
+    """Skipped files: --num-processes 2 exits 3 like one process (no launcher traceback), with the same report."""
+    model_dir = save_tiny_model_folder(tmp_path / "model", "crane")
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), classes=["brick"], image_size=32, train_good=0, test_good=3, test_defective=1
+    )
+    os.remove(os.path.join(data, "meta.json"))  # the class folders are read: unused files are found
+    truncated = os.path.join(data, "brick", "test", "good", "001.png")
+    with open(truncated, "r+b") as stream:
+        stream.truncate(os.path.getsize(truncated) // 2)
+    deeper = os.path.join(data, "brick", "test", "hole", "later", "000.png")
+    os.makedirs(os.path.dirname(deeper))
+    shutil.copy(os.path.join(data, "brick", "test", "hole", "000.png"), deeper)
+    argv = ["--model", model_dir, "--data", data, "--batch-size", "2", "--quiet"]
+    assert main(["evaluate", *argv, "--output", str(tmp_path / "one")]) == 3
+    single_err = capsys.readouterr().err
+    command = [sys.executable, "-m", "crane_hf.commands.evaluate", *argv, "--output", str(tmp_path / "two")]
+    result = run_process_group([*command, "--num-processes", "2"], env=subprocess_environment(), timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert result.stdout.count("Wrote metrics.md") == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    assert lines == [line for line in single_err.splitlines() if line.startswith("skipped ")] and len(lines) == 2
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one.pop("processes"), two.pop("processes")) == (1, 2)
+    assert two["images"] == 7  # 3 good and 5 defect types, less the truncated image
+    assert [item["image_path"] for item in two["skipped"]] == [truncated, deeper]
+    assert (tmp_path / "two" / "skipped.txt").read_text() == (tmp_path / "one" / "skipped.txt").read_text()
+    for name in one["metrics"]:
+        for key, value in one["metrics"][name].items():
+            assert two["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+    assert {key: value for key, value in two.items() if key != "metrics"} == {
+        key: value for key, value in one.items() if key != "metrics"
+    }
+
+
+def test_num_processes_is_checked_before_any_work(evaluation_setup, capsys):
+    work, model_dir, data = evaluation_setup
+    argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(work / "never"), "--quiet"]
+    assert main([*argv, "--num-processes", "0"]) == 2
+    assert "--num-processes 0: must be at least 1" in capsys.readouterr().err
+    assert not (work / "never").exists()
 
 
 def test_paper_protocol_follows_the_spec():

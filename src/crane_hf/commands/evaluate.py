@@ -2,6 +2,7 @@
 
     crane-hf evaluate --model crane+/visa --data /data/mvtec --output eval-mvtec
     crane-hf evaluate --protocol paper --data /data/visa --output eval-visa
+    crane-hf evaluate --model DIR --data ROOT --output OUT --num-processes 2
     accelerate launch --multi_gpu --num_processes 2 -m crane_hf.evaluate --model DIR --data ROOT --output OUT
 
 For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigma 4, as the paper) pixel
@@ -20,6 +21,10 @@ ground-truth folder) have, images whose score or map is not finite, and every fi
 entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
 `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3). `--strict` refuses such a
 dataset instead (exit 2). Masks in a lossy format (JPEG) are binarised at mid-range and listed (`lossy_masks`).
+
+`--num-processes N` starts the N processes itself (`commands/process_launch.py`) and exits with the code a single
+process gives; directly under `accelerate launch`, the launcher turns any non-zero code (3 included) into exit 1
+with a torch traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..computation_options import add_computation_arguments
 from ..io.output_safety import check_output_dir
 from .cli import HelpFormatter
 from .cli_support import one_line, require_positive, require_range, run_command
+from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="score on N processes (accelerate launch, one per GPU, gloo on CPUs), with crane-hf's exit codes",
+    )
     add_computation_arguments(parser)
 
 
@@ -77,6 +89,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     parse_sources(args.data)  # a class or a dataset named twice would be counted twice
     require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
     require_positive("--batch-size", args.batch_size)
+    require_positive("--num-processes", args.num_processes)
+    if args.num_processes > 1 and launched_processes() > 1:
+        raise ValueError(
+            "--num-processes starts its own processes; under accelerate launch, the launcher's --num_processes "
+            "decides how many there are."
+        )
     if args.device != "auto":
         resolve_device(args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
@@ -87,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_arguments(args)
+        if args.num_processes > 1:
+            return run_in_processes("crane_hf.commands.evaluate", args, args.num_processes)
         report = evaluate_model(args)
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -99,10 +119,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
-    return 3 if report["info"]["skipped"] else 0
+    if not report["info"]["skipped"]:
+        return 0
+    if launched_processes() > 1 and worker_arguments() is None:
+        print(
+            "note: exit code 3 (some files skipped; the report is complete); accelerate launch reports any non-zero "
+            "exit as a failure (exit 1, with a traceback): crane-hf evaluate --num-processes N keeps crane-hf's "
+            "exit codes",
+            file=sys.stderr,
+        )
+    return 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    worker = worker_arguments()  # a process started by --num-processes: the parent's parsed arguments
+    if worker is not None:
+        return run_as_worker(run, worker)
     parser = argparse.ArgumentParser(
         prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=HelpFormatter
     )
