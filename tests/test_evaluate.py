@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from crane_hf import CraneForAnomalyDetection, CraneImageProcessor
 from crane_hf.commands.cli import main
@@ -201,6 +202,8 @@ def test_two_processes_with_skipped_files_exit_and_report_as_one(tmp_path, capsy
     deeper = os.path.join(data, "brick", "test", "hole", "later", "000.png")
     os.makedirs(os.path.dirname(deeper))
     shutil.copy(os.path.join(data, "brick", "test", "hole", "000.png"), deeper)
+    empty = os.path.join(data, "brick", "ground_truth", "spot", "000_mask.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(empty)
     argv = ["--model", model_dir, "--data", data, "--batch-size", "2", "--quiet"]
     assert main(["evaluate", *argv, "--output", str(tmp_path / "one")]) == 3
     single_err = capsys.readouterr().err
@@ -209,13 +212,15 @@ def test_two_processes_with_skipped_files_exit_and_report_as_one(tmp_path, capsy
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     assert result.stdout.count("Wrote metrics.md") == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
-    assert lines == [line for line in single_err.splitlines() if line.startswith("skipped ")] and len(lines) == 2
+    for start, count in (("skipped ", 2), ("warning: ", 1)):
+        lines = [line for line in result.stderr.splitlines() if line.startswith(start)]
+        assert lines == [line for line in single_err.splitlines() if line.startswith(start)] and len(lines) == count
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one.pop("processes"), two.pop("processes")) == (1, 2)
     assert two["images"] == 7  # 3 good and 5 defect types, less the truncated image
     assert [item["image_path"] for item in two["skipped"]] == [truncated, deeper]
+    assert [(item["kind"], item["files"]) for item in two["warnings"]] == [("empty_mask", [empty])]
     assert (tmp_path / "two" / "skipped.txt").read_text() == (tmp_path / "one" / "skipped.txt").read_text()
     for name in one["metrics"]:
         for key, value in one["metrics"][name].items():
@@ -223,6 +228,48 @@ def test_two_processes_with_skipped_files_exit_and_report_as_one(tmp_path, capsy
     assert {key: value for key, value in two.items() if key != "metrics"} == {
         key: value for key, value in one.items() if key != "metrics"
     }
+
+
+def test_suspicious_masks_are_named_once_per_kind_recorded_and_kept_in_the_metrics(evaluation_setup, tmp_path, capsys):
+    _, model_dir, _ = evaluation_setup
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), classes=["brick"], image_size=64, train_good=0, test_good=2, test_defective=2
+    )
+    truth = os.path.join(data, "brick", "ground_truth")
+    empty = [os.path.join(truth, "spot", "001_mask.png"), os.path.join(truth, "hole", "000_mask.png")]  # data order
+    for path in empty:
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(path)
+    full = os.path.join(truth, "crack", "000_mask.png")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(full)
+    dot = np.zeros((64, 64), np.uint8)
+    dot[20, 20] = 255  # one pixel of 64 x 64: under a pixel of the 56 x 56 maps, gone after the bilinear resize
+    vanishing = os.path.join(truth, "scratch", "001_mask.png")
+    Image.fromarray(dot).save(vanishing)
+    output = tmp_path / "report"
+    assert main(["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    kept = "(as the published evaluation counts them)"
+    expected_lines = [
+        f"warning: evaluate: 2 anomalous image(s) have a mask that marks no pixel; their pixels count as normal in "
+        f"the pixel metrics {kept}: {empty[0]}, {empty[1]}",
+        "warning: evaluate: 1 anomalous image(s) have a mask whose pixels all vanish at the metrics' size "
+        f"(56 x 56); their pixels count as normal in the pixel metrics {kept}: {vanishing}",
+        f"warning: evaluate: 1 mask(s) mark every pixel as anomalous; their pixels count as anomalous in the pixel "
+        f"metrics {kept}: {full}",
+    ]
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == expected_lines
+    report = json.loads((output / "metrics.json").read_text())
+    assert [(w["kind"], w["count"], w["files"]) for w in report["warnings"]] == [
+        ("empty_mask", 2, empty),
+        ("mask_vanishes", 1, [vanishing]),
+        ("full_mask", 1, [full]),
+    ]
+    assert [w["message"] for w in report["warnings"]] == [line.removeprefix("warning: ") for line in expected_lines]
+    # Kept in the metrics, as the published evaluation keeps them: equal to the metrics over every image.
+    assert report["images"] == 12 and report["skipped"] == []
+    for name, metrics in _expected_metrics(model_dir, data).items():
+        for key, value in metrics.items():
+            assert report["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
 
 
 def test_num_processes_is_checked_before_any_work(evaluation_setup, capsys):

@@ -19,7 +19,7 @@ from transformers import pipeline
 
 from crane_hf import CraneImageProcessor
 from crane_hf.commands.cli import main
-from crane_hf.data import LossyMaskWarning, load_anomaly_dataset
+from crane_hf.data import LossyMaskWarning, SuspiciousMaskWarning, load_anomaly_dataset
 from crane_hf.models.crane.image_processing_crane import mask_to_binary
 from crane_hf.models.crane.image_reading import image_file_size, read_image, read_image_bytes
 from crane_hf.training.data_loading import ProcessedImages
@@ -159,6 +159,41 @@ def test_loaders_and_evaluate_name_the_lossy_masks(tmp_path, tiny_model_dir, cap
     assert main(["evaluate", "--model", tiny_model_dir, "--data", str(root), "--output", str(out), "--quiet"]) == 0
     assert str(mask_path) in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["lossy_masks"] == [str(mask_path)]
+
+
+def test_loaders_verifying_images_name_empty_and_full_masks_once_per_kind(tmp_path):
+    root = tmp_path / "data"
+    for index in range(2):
+        write_image(str(root / "part" / "test" / "good" / f"{index}.png"), SIZE)
+    truth = root / "part" / "ground_truth"
+    masks = {
+        "blue": _defect((0, 0, 1, 255), 4),  # a defect in the blue channel, opaque: not empty (any channel counts)
+        "black": np.dstack([np.zeros((SIZE[1], SIZE[0], 3), np.uint8), np.full((SIZE[1], SIZE[0]), 255, np.uint8)]),
+        "blank": np.zeros((SIZE[1], SIZE[0]), np.uint8),
+        "inverted": np.full((SIZE[1], SIZE[0]), 255, np.uint8),
+    }
+    for name, array in masks.items():
+        write_image(str(root / "part" / "test" / name / "000.png"), SIZE)
+        (truth / name).mkdir(parents=True)
+        Image.fromarray(array).save(truth / name / "000_mask.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(load_anomaly_dataset(str(root), "test")) == 6
+    assert not [w for w in caught if isinstance(w.message, SuspiciousMaskWarning)]  # headers only: nothing decoded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(load_anomaly_dataset(str(root), "test", verify_images=True)) == 6  # kept, as published
+    found = [w.message for w in caught if isinstance(w.message, SuspiciousMaskWarning)]
+    black, blank, inverted = (str(truth / name / "000_mask.png") for name in ("black", "blank", "inverted"))
+    assert [(w.kind, w.files) for w in found] == [("empty_mask", [black, blank]), ("full_mask", [inverted])]
+    assert str(found[0]).endswith(
+        "2 anomalous image(s) have a mask that marks no pixel; their pixels count as normal in the pixel metrics (as "
+        f"the published evaluation counts them): {black}, {blank}"
+    )
+    assert str(found[1]).endswith(
+        f"1 mask(s) mark every pixel as anomalous; their pixels count as anomalous in the "
+        f"pixel metrics (as the published evaluation counts them): {inverted}"
+    )
 
 
 # ------------------------------------------------------------------ EXIF orientation

@@ -21,6 +21,9 @@ ground-truth folder) have, images whose score or map is not finite, and every fi
 entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
 `metrics.json` (file and reason) and left out; the rest is evaluated (exit code 3). `--strict` refuses such a
 dataset instead (exit 2). Masks in a lossy format (JPEG) are binarised at mid-range and listed (`lossy_masks`).
+Anomalous images whose mask marks no pixel, or none at S x S, and masks that mark every pixel stay in the metrics
+(as in the published evaluation) and are named, one line per kind, and listed under "warnings" in `metrics.json`
+(`data/mask_checks.py`).
 
 `--num-processes N` starts the N processes itself (`commands/process_launch.py`) and exits with the code a single
 process gives; directly under `accelerate launch`, the launcher turns any non-zero code (3 included) into exit 1
@@ -117,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     print(_markdown(report["table"], title, report["info"]["mean_classes"]))
     print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
+    for warning in report["info"]["warnings"]:
+        print(f"warning: {warning['message']}", file=sys.stderr)
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
     if not report["info"]["skipped"]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .file_accounting import UnusedFileWarning
 from .layouts import load_class_folders, load_mvtec, load_visa, scan_class_folders
+from .mask_checks import SuspiciousMaskWarning
 from .meta_json import load_meta_json, read_meta_json, write_meta_json
 from .records import (
     AnomalyRecord,
@@ -57,6 +58,7 @@ __all__ = [
     "DatasetLayoutError",
     "InvalidRecordWarning",
     "LossyMaskWarning",
+    "SuspiciousMaskWarning",
     "UnknownSelectionError",
     "UnusedFileWarning",
     "dataset_records",

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import datasets
 
 from ..io.image_files import IMAGE_EXTENSIONS
-from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning
+from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning, mask_to_binary
 from ..models.crane.image_reading import image_file_header, webp_is_lossy
+from .mask_checks import full_size_mask_problem, mask_problem_warnings, shown_files
 
 LABEL_NAMES = ["normal", "anomalous"]
 MAX_REPORTED_PROBLEMS = 20
@@ -133,8 +134,9 @@ def record_problems(
 
 def _check_record(
     root: str, record: AnomalyRecord, check_files: bool = True, verify_images: bool = False
-) -> tuple[list[str], str]:
-    """`record_problems` and the file format of the record's mask ("" when it has none or it was not read)."""
+) -> tuple[list[str], str, str | None]:
+    """`record_problems`, the file format of the record's mask ("" when it has none or it was not read) and, with
+    `verify_images`, an anomalous record's mask problem (`mask_checks.full_size_mask_problem`: empty or full)."""
     problems = []
     if record.label not in (0, 1):
         problems.append(f"{record.describe()}: field 'anomaly' must be 0 or 1, got {record.label!r}")
@@ -149,7 +151,7 @@ def _check_record(
     if not problems and record.mask_path and _file_key(root, record.mask_path) == _file_key(root, record.image_path):
         problems.append(f"{record.describe()}: the mask is the image itself")
     if problems or not check_files:
-        return problems, ""
+        return problems, "", None
     sizes, mask_format = {}, ""
     for field, path in paths.items():
         if not path:
@@ -169,7 +171,14 @@ def _check_record(
     if len(sizes) == 2 and sizes["img_path"] != sizes["mask_path"]:
         (iw, ih), (mw, mh) = sizes["img_path"], sizes["mask_path"]
         problems.append(f"{record.describe()}: mask is {mw}x{mh} but its image is {iw}x{ih}")
-    return problems, mask_format
+    mask_problem = None
+    if verify_images and not problems and record.label == 1 and record.mask_path:
+        full = os.path.join(root, record.mask_path)
+        try:
+            mask_problem = full_size_mask_problem(mask_to_binary(full, name=f"mask {full}"))
+        except ValueError as error:  # e.g. a lossy mask whose values never pass mid-range
+            problems.append(f"{record.describe()}: {error}")
+    return problems, mask_format, mask_problem
 
 
 def _file_key(root: str | None, path: str) -> str:
@@ -261,8 +270,9 @@ def validate_records(
     records = list(records)
     masked_classes = {r.class_name for r in records if r.label == 1 and r.mask_path}
     kept, problems, lossy = [], [], []
+    suspicious: dict[str, list[str]] = {}  # mask problem -> mask files (verify_images only)
     for record in records:
-        found, mask_format = _check_record(root, record, check_files, verify_images)
+        found, mask_format, mask_problem = _check_record(root, record, check_files, verify_images)
         expected = record.class_name in masked_classes or record.mask_expected
         required = expected if require_masks is None else require_masks
         if required and record.label == 1 and not record.mask_path:
@@ -277,16 +287,18 @@ def validate_records(
             kept.append(record)
             if record.label == 1 and _lossy_mask_file(os.path.join(root, record.mask_path), mask_format):
                 lossy.append(os.path.normpath(os.path.join(root, record.mask_path)))
+            if mask_problem:
+                suspicious.setdefault(mask_problem, []).append(os.path.normpath(os.path.join(root, record.mask_path)))
     if problems and not skip_invalid:
         raise DatasetLayoutError(what, [problem for _, problem in problems])
     for record, problem in problems:
         image_path = os.path.normpath(os.path.join(root, record.image_path)) if record.image_path else ""
         reason = problem.removeprefix(f"{record.describe()}: ")
         warnings.warn(InvalidRecordWarning(problem, image_path, reason), stacklevel=2)
+    for warning in mask_problem_warnings(suspicious, what):
+        warnings.warn(warning, stacklevel=2)
     if lossy:
-        shown = ", ".join(lossy[:MAX_REPORTED_PROBLEMS]) + (
-            f" and {len(lossy) - MAX_REPORTED_PROBLEMS} more" if len(lossy) > MAX_REPORTED_PROBLEMS else ""
-        )
+        shown = shown_files(lossy, MAX_REPORTED_PROBLEMS)
         warnings.warn(
             LossyMaskWarning(
                 f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG, JPEG 2000, lossy WebP), whose "

@@ -12,6 +12,9 @@ ground-truth folder) have, images whose score or map is not finite, and every fi
 entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
 `metrics.json` (file and reason) and left out; `--strict` refuses such a dataset instead. Masks in a lossy format
 (JPEG) are binarised at mid-range and listed (`lossy_masks`).
+Anomalous images whose mask marks no pixel, or none at S x S, and masks that mark every pixel stay in the metrics
+(as in the published evaluation) and are named, one line per kind, and listed under "warnings" in `metrics.json`
+(`data/mask_checks.py`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def paper_protocol(dataset: str, variant: str = "crane+") -> dict[str, Any]:
 
 class _EvaluationItems(torch.utils.data.Dataset):
     """`ProcessedImages` of some rows; a row that cannot be read or processed comes back as its error message, so
-    that one bad file never stops the evaluation."""
+    that one bad file never stops the evaluation. An anomalous row whose mask is empty, vanishes at S x S or marks
+    every pixel carries the kind (`data.mask_checks.mask_problem`) as "mask_problem"."""
 
     def __init__(self, images: Any, rows: Sequence[int]):
         self.images = images
@@ -81,18 +85,26 @@ class _EvaluationItems(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
+        from ..data.mask_checks import mask_problem
         from ..training.data_loading import UnreadableRowError
 
         row = self.rows[position]
         try:
-            return self.images[row]
+            item = self.images[row]
         except UnreadableRowError as error:
             return {"index": torch.tensor(row), "error": error.reason}
+        if int(item["labels"]) == 1:
+            try:
+                item["mask_problem"] = mask_problem(self.images.dataset[row]["mask"], item["masks"])
+            except (ValueError, OSError) as error:  # the file changed since it was read a moment ago
+                return {"index": torch.tensor(row), "error": f"mask could not be read again: {error}"}
+        return item
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     good = [item for item in items if "error" not in item]
     batch: dict[str, Any] = {"errors": [(int(item["index"]), item["error"]) for item in items if "error" in item]}
+    batch["mask_problems"] = [(int(item["index"]), item["mask_problem"]) for item in good if item.get("mask_problem")]
     if good:
         for key in ("pixel_values", "masks", "labels", "index"):
             batch[key] = torch.stack([item[key] for item in good])
@@ -108,8 +120,10 @@ def score_dataset(
     sigma: float = 4.0,
     overlay_dir: str | None = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], list[tuple[int, str]]]:
-    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
+) -> tuple[dict[str, Any], list[tuple[int, str]], list[tuple[int, str]]]:
+    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s, the skipped (row, reason) and the
+    (row, kind) of the evaluated anomalous rows whose mask is suspicious (`data.mask_checks.MASK_PROBLEMS`: kept in
+    the metrics, as the published evaluation keeps them).
 
     Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped."""
     from ..metrics import AnomalyMetricAccumulator
@@ -122,6 +136,7 @@ def score_dataset(
     class_names = list(dataset["class_name"])
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
+    mask_problems: list[tuple[int, str]] = []
     device = model.device
     # The overlays' contour is the model's pixel threshold, where it holds for this computation (and sigma); a
     # threshold calibrated under another one draws no contour rather than a wrong one (CraneConfig.check_thresholds).
@@ -151,9 +166,10 @@ def score_dataset(
                     labels[selected], scores[selected], masks=masks[selected], maps=maps[selected]
                 )
             indices, maps = [row for row, ok in zip(indices, finite) if ok], maps[finite]
+            mask_problems.extend((row, kind) for row, kind in batch["mask_problems"] if row in indices)
             if overlay_dir is not None:
                 _save_overlays(dataset, indices, maps, contour, overlay_dir)
-    return accumulators, skipped
+    return accumulators, skipped, mask_problems
 
 
 def _save_overlays(dataset: Any, rows: list[int], maps: np.ndarray, threshold: float | None, folder: str) -> None:
@@ -364,7 +380,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
         with state.split_between_processes(list(range(len(dataset)))) as shard:
-            accumulators, skipped = score_dataset(
+            accumulators, skipped, mask_problems = score_dataset(
                 model,
                 processor,
                 dataset,
@@ -374,7 +390,8 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 os.path.join(staging, "overlays") if args.save_overlays else None,
                 state.is_main_process and not args.quiet,
             )
-        gathered = gather_object([({name: acc.state_dict() for name, acc in accumulators.items()}, skipped)])
+        states = {name: acc.state_dict() for name, acc in accumulators.items()}
+        gathered = gather_object([(states, skipped, mask_problems)])
         if not state.is_main_process:
             return {}
         return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, left_out, lossy)
@@ -417,13 +434,18 @@ def _report(
 ) -> dict[str, Any]:
     """Merge the processes' metric states and write the report into `staging` (main process); `left_out`: the
     dataset's invalid entries and unused files (file and reason), `lossy`: masks binarised at mid-range."""
+    from ..data.mask_checks import mask_problem_warnings
     from ..metrics import AnomalyMetricAccumulator
     from ..training.data_loading import image_file
 
     merged: dict[str, AnomalyMetricAccumulator] = {}
     all_skipped: list[tuple[int, str]] = []
-    for states, shard_skipped in gathered:
+    suspicious: dict[str, list[str]] = {}  # kind -> mask files, in dataset order
+    for states, shard_skipped, shard_mask_problems in gathered:
         all_skipped.extend(shard_skipped)
+        for row, kind in shard_mask_problems:
+            record = dataset[row]
+            suspicious.setdefault(kind, []).append(record["mask"]["path"] or f"the mask of {image_file(record)}")
         for name, part in states.items():
             merged.setdefault(name, AnomalyMetricAccumulator()).merge(part)
     order = list(dict.fromkeys(dataset["class_name"]))
@@ -448,6 +470,11 @@ def _report(
         "skipped": [{"image_path": image_file(dataset[row]), "reason": reason} for row, reason in all_skipped]
         + left_out,
         "lossy_masks": lossy,
+        # masks kept in the metrics but almost always data errors: one entry per kind (data/mask_checks.py)
+        "warnings": [
+            {"kind": w.kind, "count": len(w.files), "files": w.files, "message": str(w)}
+            for w in mask_problem_warnings(suspicious, "evaluate", model.config.image_size)
+        ],
         "mean_classes": mean_row_classes(table),  # metric -> the classes the mean row averages
     }
     write_report(staging, table, info)
