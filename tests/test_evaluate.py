@@ -272,11 +272,21 @@ def test_suspicious_masks_are_named_once_per_kind_recorded_and_kept_in_the_metri
             assert report["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
 
 
-def test_num_processes_is_checked_before_any_work(evaluation_setup, capsys):
+def test_num_processes_is_checked_before_any_work(evaluation_setup, capsys, monkeypatch):
     work, model_dir, data = evaluation_setup
     argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(work / "never"), "--quiet"]
     assert main([*argv, "--num-processes", "0"]) == 2
     assert "--num-processes 0: must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already under accelerate launch
+    assert main([*argv, "--num-processes", "2"]) == 2
+    assert "under accelerate launch, the launcher's --num_processes decides" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    # One GPU: a second process would be given a second GPU that does not exist.
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert main([*argv, "--num-processes", "2"]) == 2
+    assert "--num-processes 2: this machine has 1 cuda device(s), one per process" in capsys.readouterr().err
     assert not (work / "never").exists()
 
 

@@ -98,6 +98,16 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--num-processes starts its own processes; under accelerate launch, the launcher's --num_processes "
             "decides how many there are."
         )
+    if args.num_processes > 1:
+        import torch
+
+        # accelerate gives process k the accelerator k: more processes than accelerators cannot start
+        if torch.accelerator.is_available() and args.num_processes > torch.accelerator.device_count():
+            raise ValueError(
+                f"--num-processes {args.num_processes}: this machine has {torch.accelerator.device_count()} "
+                f"{torch.accelerator.current_accelerator().type} device(s), one per process; on the CPU only, any "
+                "number of processes runs."
+            )
     if args.device != "auto":
         resolve_device(args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
