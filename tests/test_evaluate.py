@@ -228,6 +228,12 @@ def test_two_processes_with_skipped_files_exit_and_report_as_one(tmp_path, capsy
     assert {key: value for key, value in two.items() if key != "metrics"} == {
         key: value for key, value in one.items() if key != "metrics"
     }
+    # Directly under accelerate launch the launcher turns exit 3 into its exit 1; evaluate says so first.
+    direct = [*launch_two_processes("crane_hf.commands.evaluate"), *argv, "--output", str(tmp_path / "direct")]
+    result = run_process_group(direct, env=subprocess_environment(), timeout=300)
+    assert result.returncode == 1
+    assert "note: exit code 3 (some files skipped; the report is complete); accelerate launch reports" in result.stderr
+    assert json.loads((tmp_path / "direct" / "metrics.json").read_text())["skipped"] == two["skipped"]
 
 
 def test_suspicious_masks_are_named_once_per_kind_recorded_and_kept_in_the_metrics(evaluation_setup, tmp_path, capsys):
