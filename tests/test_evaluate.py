@@ -278,6 +278,23 @@ def test_suspicious_masks_are_named_once_per_kind_recorded_and_kept_in_the_metri
             assert report["metrics"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
 
 
+def test_num_processes_report_a_refused_model_once_with_exit_2_like_one_process(evaluation_setup, tmp_path, capsys):
+    data = evaluation_setup[2]
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "crane", "image_threshold": 0.5, "image_threshold": 0.7}')
+    argv = ["--model", str(broken), "--data", data, "--quiet"]
+    assert main(["evaluate", *argv, "--output", str(tmp_path / "one")]) == 2
+    single = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    command = [sys.executable, "-m", "crane_hf.commands.evaluate", *argv, "--output", str(tmp_path / "two")]
+    result = run_process_group([*command, "--num-processes", "2"], env=subprocess_environment(), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == single and len(single) == 1
+    assert "config.json: key 'image_threshold' appears 2 times in one object" in single[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
+
+
 def test_num_processes_is_checked_before_any_work(evaluation_setup, capsys, monkeypatch):
     work, model_dir, data = evaluation_setup
     argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(work / "never"), "--quiet"]

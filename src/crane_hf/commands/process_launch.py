@@ -12,6 +12,8 @@ crash, a kill) makes the run exit 1, the launcher's traceback above it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -85,12 +87,11 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         environment = {**os.environ, WORKER_FOLDER_VARIABLE: folder}
         launcher = subprocess.Popen(command, env=environment, start_new_session=True)
         returncode, stopped_by = _wait(launcher)
-        codes = {}
-        for rank in range(num_processes):
-            path = os.path.join(folder, f"exit-{rank}")
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as stream:
-                    codes[rank] = int(stream.read())
+        codes = {rank: int(text) for rank in range(num_processes) if (text := _read(folder, f"exit-{rank}"))}
+        # The other processes' messages repeat the main one's; shown when one of them alone failed.
+        failed = next((rank for rank, code in codes.items() if code), None)
+        if failed not in (None, 0):
+            sys.stderr.write(_read(folder, f"stderr-{failed}") or "")
     if len(codes) < num_processes and stopped_by is not None:
         name = "SIGINT" if stopped_by == EXIT_SIGINT else "SIGTERM"
         print(f"crane-hf: interrupted ({name}) before its {num_processes} processes finished.", file=sys.stderr)
@@ -104,6 +105,14 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         )
         return EXIT_BUG
     return codes[0] or next((code for code in codes.values() if code), 0)
+
+
+def _read(folder: str, name: str) -> str | None:
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as stream:
+        return stream.read()
 
 
 def _wait(launcher: subprocess.Popen) -> tuple[int, int | None]:
@@ -133,12 +142,20 @@ def worker_arguments() -> argparse.Namespace | None:
 def run_as_worker(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """`run_command(run, args)` in a process started by `run_in_processes`: records the exit code for the parent and
     returns 0, so that the launcher does not report crane-hf's codes as a failure. An exception crane-hf does not
-    handle propagates (nothing recorded: the parent exits 1)."""
+    handle propagates (nothing recorded: the parent exits 1). The messages of processes other than the main one
+    (which would repeat its error or interruption line) are recorded for the parent instead of printed."""
     from .cli_support import run_command
 
-    code = run_command(run, args)
     rank = os.environ.get("RANK", "0")
-    path = os.path.join(os.environ[WORKER_FOLDER_VARIABLE], f"exit-{rank}")
-    with open(path, "w", encoding="utf-8") as stream:
+    folder = os.environ[WORKER_FOLDER_VARIABLE]
+    if rank == "0":
+        code = run_command(run, args)
+    else:
+        captured = io.StringIO()
+        with contextlib.redirect_stderr(captured):
+            code = run_command(run, args)
+        with open(os.path.join(folder, f"stderr-{rank}"), "w", encoding="utf-8") as stream:
+            stream.write(captured.getvalue())
+    with open(os.path.join(folder, f"exit-{rank}"), "w", encoding="utf-8") as stream:
         stream.write(str(code))
     return 0
