@@ -239,3 +239,135 @@ def test_visa_csv_listing_an_image_twice_is_refused(tmp_path):
     )
     with pytest.raises(DatasetLayoutError, match=r"listed as normal and as anomalous: .*line 2 and .*line 3"):
         load_anomaly_dataset(str(root))
+
+
+def test_masks_kept_in_another_folder_of_the_class_are_reported(tmp_path, tiny_model_dir):
+    root = str(tmp_path / "data")
+    _good(root, "brick")
+    for defect in ("crack", "hole"):
+        write_image(f"{root}/brick/test/{defect}/000.png")
+        write_mask(f"{root}/brick/masks/{defect}/000_mask.png")  # not ground_truth/: no layout rule reads it
+    (tmp_path / "data" / "brick" / "notes.txt").write_text("inspection notes")
+    write_image(f"{root}/brick/train/good/000.png")  # another split: not reported
+    _, unused = _unused(load_anomaly_dataset, root, "test", skip_invalid=True)
+    masks = {f"brick/masks/{defect}/000_mask.png" for defect in ("crack", "hole")}
+    assert set(unused) == masks | {"brick/notes.txt"}
+    assert all("in brick/masks/, which is neither a split folder" in unused[name] for name in masks)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", root, "--output", str(out), "--quiet"]) == 3
+    report = json.loads((out / "metrics.json").read_text())
+    skipped = {os.path.relpath(item["image_path"], root) for item in report["skipped"]}
+    assert masks | {"brick/notes.txt"} <= skipped
+    assert all(name in (out / "skipped.txt").read_text() for name in masks)
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "link", "dotted"])
+def test_meta_json_one_image_by_two_spellings_as_normal_and_anomalous_is_refused(tmp_path, spelling):
+    root = _meta_root(tmp_path)
+    if spelling == "absolute":
+        other = str(root / "brick" / "0.png")
+    elif spelling == "link":
+        os.symlink(root / "brick", root / "alias")
+        other = "alias/0.png"
+    else:
+        other = "coins/../brick/0.png"
+    anomalous = json.loads(_entry("brick", 0, anomaly=1, mask="brick/m.png")) | {"img_path": other}
+    entries = [_entry("brick", 0), _entry("brick", 1), json.dumps(anomalous)]
+    (root / "meta.json").write_text(f'{{"test": {{"brick": [{", ".join(entries)}]}}}}')
+    with pytest.raises(DatasetLayoutError, match="is listed as normal and as anomalous") as error:
+        load_meta_json(str(root))
+    assert "test/brick[0]" in str(error.value) and "test/brick[2]" in str(error.value)
+
+
+def test_visa_csv_one_image_by_an_absolute_path_is_refused(tmp_path):
+    root = tmp_path / "visa"
+    write_image(str(root / "candle" / "0.png"))
+    write_mask(str(root / "candle" / "m.png"))
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,test,normal,candle/0.png,\n"
+        f"candle,test,anomaly,{root / 'candle' / '0.png'},candle/m.png\n"
+    )
+    with pytest.raises(DatasetLayoutError, match=r"listed as normal and as anomalous: .*line 2 and .*line 3"):
+        load_anomaly_dataset(str(root))
+
+
+def test_a_mask_that_is_the_image_itself_is_refused(tmp_path):
+    root = _meta_root(tmp_path)
+    entries = [_entry("brick", 0), _entry("brick", 1, anomaly=1, mask="brick/./1.png")]
+    (root / "meta.json").write_text(f'{{"test": {{"brick": [{", ".join(entries)}]}}}}')
+    with pytest.raises(DatasetLayoutError, match=r"test/brick\[1\] .*: the mask is the image itself"):
+        load_meta_json(str(root))
+    visa = tmp_path / "visa"
+    write_image(str(visa / "candle" / "0.png"))
+    write_image(str(visa / "candle" / "1.png"))
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\ncandle,test,normal,candle/0.png,\ncandle,test,anomaly,candle/1.png,candle/1.png\n"
+    )
+    with pytest.raises(DatasetLayoutError, match=r"line 3 .*: the mask is the image itself"):
+        load_anomaly_dataset(str(visa))
+
+
+def test_a_mask_given_to_a_normal_entry_is_reported(tmp_path, tiny_model_dir):
+    root = _meta_root(tmp_path)
+    entries = [_entry("brick", 0, mask="brick/m.png"), _entry("brick", 1), _entry("brick", 2)]
+    (root / "meta.json").write_text(f'{{"test": {{"brick": [{", ".join(entries)}]}}}}')
+    dataset, unused = _unused(load_meta_json, str(root))
+    assert len(dataset) == 3 and dataset["mask"] == [None] * 3
+    assert list(unused) == ["brick/m.png"] and "the mask of a normal entry" in unused["brick/m.png"]
+    assert "test/brick[0]" in unused["brick/m.png"]
+    with pytest.raises(DatasetLayoutError, match=r"brick/m\.png: the mask of a normal entry"):
+        load_meta_json(str(root), strict=True)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", str(root), "--output", str(out), "--quiet"]) == 3
+    assert "brick/m.png" in (out / "skipped.txt").read_text()
+    visa = tmp_path / "visa"
+    write_image(str(visa / "candle" / "0.png"))
+    write_mask(str(visa / "candle" / "m.png"))
+    (visa / "split_csv").mkdir()
+    (visa / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\ncandle,test,normal,candle/0.png,candle/m.png\n"
+    )
+    dataset, unused = _unused(load_anomaly_dataset, str(visa))
+    assert len(dataset) == 1 and list(unused) == ["candle/m.png"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (["{root}:test:brick,brick"], "class 'brick' named more than once"),
+        (["{root}", "{root}/"], "name the same dataset split: its images"),
+        (["{root}:test:brick", "{link}:test:coins,brick"], "name the same dataset split: class(es) brick"),
+    ],
+)
+def test_data_named_twice_is_refused_by_evaluate_and_train(tmp_path, tiny_model_dir, capsys, data, expected):
+    root = tmp_path / "data"
+    _good(str(root), "brick")
+    _good(str(root), "coins")
+    os.symlink(root, tmp_path / "link")
+    specs = [spec.format(root=root, link=tmp_path / "link") for spec in data]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", tiny_model_dir, "--data", *specs, "--output", str(out), "--quiet"]) == 2
+    assert main(["train", "--data", *specs, "--clip", "c", "--output-dir", str(tmp_path / "run")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: --data ") and expected in line for line in errors)
+    assert not out.exists() and not (tmp_path / "run").exists()
+    # one class each, or two splits of one root, are different images: accepted
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                f"{root}:test:brick",
+                f"{root}:test:coins",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )

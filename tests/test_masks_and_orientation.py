@@ -19,7 +19,7 @@ from transformers import pipeline
 
 from crane_hf import CraneImageProcessor
 from crane_hf.commands.cli import main
-from crane_hf.data import LossyMaskWarning, load_anomaly_dataset
+from crane_hf.data import LossyMaskWarning, SuspiciousMaskWarning, load_anomaly_dataset
 from crane_hf.models.crane.image_processing_crane import mask_to_binary
 from crane_hf.models.crane.image_reading import image_file_size, read_image, read_image_bytes
 from crane_hf.training.data_loading import ProcessedImages
@@ -159,6 +159,41 @@ def test_loaders_and_evaluate_name_the_lossy_masks(tmp_path, tiny_model_dir, cap
     assert main(["evaluate", "--model", tiny_model_dir, "--data", str(root), "--output", str(out), "--quiet"]) == 0
     assert str(mask_path) in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["lossy_masks"] == [str(mask_path)]
+
+
+def test_loaders_verifying_images_name_empty_and_full_masks_once_per_kind(tmp_path):
+    root = tmp_path / "data"
+    for index in range(2):
+        write_image(str(root / "part" / "test" / "good" / f"{index}.png"), SIZE)
+    truth = root / "part" / "ground_truth"
+    masks = {
+        "blue": _defect((0, 0, 1, 255), 4),  # a defect in the blue channel, opaque: not empty (any channel counts)
+        "black": np.dstack([np.zeros((SIZE[1], SIZE[0], 3), np.uint8), np.full((SIZE[1], SIZE[0]), 255, np.uint8)]),
+        "blank": np.zeros((SIZE[1], SIZE[0]), np.uint8),
+        "inverted": np.full((SIZE[1], SIZE[0]), 255, np.uint8),
+    }
+    for name, array in masks.items():
+        write_image(str(root / "part" / "test" / name / "000.png"), SIZE)
+        (truth / name).mkdir(parents=True)
+        Image.fromarray(array).save(truth / name / "000_mask.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(load_anomaly_dataset(str(root), "test")) == 6
+    assert not [w for w in caught if isinstance(w.message, SuspiciousMaskWarning)]  # headers only: nothing decoded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(load_anomaly_dataset(str(root), "test", verify_images=True)) == 6  # kept, as published
+    found = [w.message for w in caught if isinstance(w.message, SuspiciousMaskWarning)]
+    black, blank, inverted = (str(truth / name / "000_mask.png") for name in ("black", "blank", "inverted"))
+    assert [(w.kind, w.files) for w in found] == [("empty_mask", [black, blank]), ("full_mask", [inverted])]
+    assert str(found[0]).endswith(
+        "2 anomalous image(s) have a mask that marks no pixel; their pixels count as normal in the pixel metrics (as "
+        f"the published evaluation counts them): {black}, {blank}"
+    )
+    assert str(found[1]).endswith(
+        f"1 mask(s) mark every pixel as anomalous; their pixels count as anomalous in the "
+        f"pixel metrics (as the published evaluation counts them): {inverted}"
+    )
 
 
 # ------------------------------------------------------------------ EXIF orientation
@@ -307,3 +342,47 @@ def test_mpo_files_are_read_as_their_primary_image(tmp_path):
     frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
     image = read_image_bytes(buffer.getvalue(), "camera.mpo")
     assert image.size == (16, 12) and np.asarray(image)[6, 8, 0] > 150
+
+
+def _irregular_defect() -> np.ndarray:
+    yy, xx = np.mgrid[:64, :64]
+    return ((yy - 30) ** 2 + (xx - 27) ** 2 < 13**2) | ((yy > 50) & (yy < 54) & (xx > 5) & (xx < 60))
+
+
+@pytest.mark.parametrize(("lossless", "mode"), [(False, "L"), (False, "RGBA"), (True, "L")])
+def test_webp_masks_are_cut_at_mid_range_when_lossy_only(tmp_path, lossless, mode):
+    path = tmp_path / "mask.webp"
+    truth = _irregular_defect()
+    image = Image.fromarray((truth * 255).astype(np.uint8)).convert(mode)
+    if mode == "RGBA":  # a varying alpha makes an extended (VP8X) file with ALPH and VP8 chunks
+        image.putalpha(Image.fromarray(np.where(truth, 255, 0).astype(np.uint8)))
+    image.save(path, "WEBP", lossless=lossless, quality=60)
+    with open(path, "rb") as stream:
+        chunks = stream.read(64)
+    assert (b"VP8L" in chunks) == lossless and (b"VP8X" in chunks) == (mode == "RGBA")
+    decoded = np.asarray(Image.open(path).convert("RGBA" if mode == "RGBA" else "L"))
+    channels = decoded  # every channel, alpha included, counts
+    expected = (channels > 0) if lossless else (channels > 127)
+    expected = expected.any(axis=-1) if expected.ndim == 3 else expected
+    if not lossless and mode == "L":
+        assert (channels > 0).reshape(64, 64, -1).any(-1).sum() > expected.sum()  # noise a zero cut would keep
+    assert np.array_equal(mask_to_binary(str(path)), expected)
+    processor = CraneImageProcessor(image_size=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        processor([np.zeros((64, 64, 3), np.uint8)], masks=[read_image(str(path))])
+    assert any(isinstance(w.message, LossyMaskWarning) for w in caught) == (not lossless)
+
+
+def test_loaders_name_lossy_webp_masks_only(tmp_path):
+    root = tmp_path / "data"
+    write_image(str(root / "part" / "test" / "good" / "0.png"), (64, 64))
+    (root / "part" / "ground_truth" / "stain").mkdir(parents=True)
+    truth = Image.fromarray((_irregular_defect() * 255).astype(np.uint8))
+    for index, lossless in ((0, False), (1, True)):
+        write_image(str(root / "part" / "test" / "stain" / f"00{index}.png"), (64, 64))
+        truth.save(root / "part" / "ground_truth" / "stain" / f"00{index}_mask.webp", "WEBP", lossless=lossless)
+    with pytest.warns(LossyMaskWarning) as caught:
+        load_anomaly_dataset(str(root), "test")
+    named = [f for w in caught if isinstance(w.message, LossyMaskWarning) for f in w.message.files]
+    assert named == [str(root / "part" / "ground_truth" / "stain" / "000_mask.webp")]

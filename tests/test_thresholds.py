@@ -3,6 +3,7 @@ comparison `predict` and the pipeline make, the effective thresholds written, ne
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -175,8 +176,28 @@ def test_predict_writes_the_thresholds_it_used(tiny_model_dir, tmp_path):
     for row, path in zip(summary["predictions"], sorted((out / "maps").iterdir())):
         anomaly_map = np.load(path)
         expected = np.count_nonzero(anomaly_map.astype(np.float64) >= 0.123) / anomaly_map.size
-        assert row["anomalous_pixel_fraction"] == round(expected, 6)
+        assert row["anomalous_pixel_fraction"] == expected
+        assert row["max_pixel_score"] == float(anomaly_map.max())
         assert row["is_anomalous"] == (row["score"] >= 0.2)
+
+
+def test_a_pixel_threshold_equal_to_the_shown_maximum_flags_that_pixel(tiny_model_dir, tmp_path):
+    """The table shows max_pixel_score and anomalous_pixel_fraction at full precision: a threshold typed as the
+    shown maximum flags the maximal pixels, and the fraction shown is not rounded to 0."""
+    write_test_images(tmp_path / "imgs", count=1, seed=7)
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["predict", str(tmp_path / "imgs"), "--model", tiny_model_dir, "--quiet", "--no-overlays", "--save-maps"]
+    assert main([*argv, "--output", str(first)]) == 0
+    shown = json.loads((first / "predictions.json").read_text())["predictions"][0]["max_pixel_score"]
+    anomaly_map = np.load(next((first / "maps").iterdir()))
+    assert shown == float(anomaly_map.max())
+    assert main([*argv, "--output", str(second), "--pixel-threshold", repr(shown)]) == 0
+    row = json.loads((second / "predictions.json").read_text())["predictions"][0]
+    expected = np.count_nonzero(anomaly_map >= anomaly_map.max()) / anomaly_map.size
+    assert row["anomalous_pixel_fraction"] == expected > 0
+    with open(second / "predictions.csv", newline="") as stream:
+        csv_row = next(csv.DictReader(stream))
+    assert float(csv_row["max_pixel_score"]) == shown and float(csv_row["anomalous_pixel_fraction"]) == expected
 
 
 @pytest.mark.parametrize(

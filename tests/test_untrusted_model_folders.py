@@ -212,3 +212,49 @@ def test_an_oversized_json_file_of_a_model_folder_is_refused_before_it_is_read(t
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().startswith(expected), argv
     assert not (tmp_path / "out").exists()
+
+
+def _repeat_key(path, key: str, value) -> None:
+    """Write `key` a second time at the top of the JSON object in `path` (the original entry stays after it)."""
+    text = path.read_text()
+    assert f'"{key}"' in text
+    path.write_text(text.replace("{", "{" + json.dumps(key) + ": " + json.dumps(value) + ", ", 1))
+
+
+def test_a_config_repeating_a_key_is_refused_naming_file_and_key(folder, tmp_path, capsys):
+    _repeat_key(folder / "config.json", "image_threshold", 0.01)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{folder / 'config.json'}: key 'image_threshold' appears 2 times")
+    ):
+        load_model(str(folder), device="cpu")
+    with pytest.raises(ValueError, match="key 'image_threshold' appears 2 times"):
+        CraneForAnomalyDetection.from_pretrained(folder)
+    write_test_images(tmp_path / "photos", count=1)
+    argv = ["predict", str(tmp_path / "photos"), "--model", str(folder), "--output", str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(folder / "config.json") in lines[0] and "'image_threshold'" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_refuses_a_config_repeating_a_key(folder, tmp_path, capsys):
+    write_test_images(tmp_path / "normals", count=2)
+    _repeat_key(folder / "config.json", "pixel_threshold", 0.01)
+    before = (folder / "config.json").read_bytes()
+    assert main(["calibrate", str(folder), str(tmp_path / "normals"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'pixel_threshold' appears 2 times" in err and str(folder / "config.json") in err
+    assert (folder / "config.json").read_bytes() == before
+
+
+def test_a_preprocessor_config_or_index_repeating_a_key_is_refused(folder, sharded):
+    processor_file = folder / "preprocessor_config.json"
+    if not processor_file.exists():
+        load_model(str(folder), device="cpu")[1].save_pretrained(folder)
+    _repeat_key(processor_file, "smoothing_sigma", 0.0)
+    with pytest.raises(ValueError, match=re.escape(f"{processor_file}: key 'smoothing_sigma' appears 2 times")):
+        load_model(str(folder), device="cpu")
+    index_path = sharded / "model.safetensors.index.json"
+    _repeat_key(index_path, "weight_map", {})
+    with pytest.raises(CheckpointMismatchError, match="key 'weight_map' appears 2 times"):
+        CraneForAnomalyDetection.from_pretrained(sharded)

@@ -169,23 +169,9 @@ def subprocess_environment() -> dict[str, str]:
 
 def launch_two_processes(module: str) -> list[str]:
     """`accelerate launch` of `python -m module` on 2 processes (gloo on a machine without a GPU), free port."""
-    return [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        module,
-    ]
+    from crane_hf.commands.process_launch import accelerate_launch_command
+
+    return accelerate_launch_command(module, 2)
 
 
 def run_process_group(command: list[str], env: dict, timeout: float, cwd=None):

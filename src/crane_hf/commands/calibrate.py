@@ -171,8 +171,9 @@ def _calibrate(
         )
     image_threshold, image_rate = threshold_for_fpr(np.asarray(scores, dtype=np.float32), fpr)
     pixel_threshold, pixel_rate = pixels.threshold(pixel_fpr)
-    with open(config_path, encoding="utf-8") as stream:
-        config = json.load(stream)
+    from ..models.crane.json_reading import load_json_without_duplicates  # not at import: --help stays light
+
+    config = load_json_without_duplicates(config_path)
     record = {
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "normal_images": len(scores),

@@ -2,6 +2,7 @@
 
     crane-hf evaluate --model crane+/visa --data /data/mvtec --output eval-mvtec
     crane-hf evaluate --protocol paper --data /data/visa --output eval-visa
+    crane-hf evaluate --model DIR --data ROOT --output OUT --num-processes 2
     accelerate launch --multi_gpu --num_processes 2 -m crane_hf.evaluate --model DIR --data ROOT --output OUT
 
 For each class: image AUROC, AP and F1-max, and on the smoothed S x S maps (sigma 4, as the paper) pixel
@@ -29,6 +30,14 @@ model are reported as mean ± standard deviation over the seeds (metrics.md; per
 each draw in metrics.json under "few_shot").
 
     crane-hf evaluate --model crane+/visa --data /data/mvtec --shots 4 --seeds 5 --output eval-mvtec-4shot
+
+Anomalous images whose mask marks no pixel, or none at S x S, and masks that mark every pixel stay in the metrics
+(as in the published evaluation) and are named, one line per kind, and listed under "warnings" in `metrics.json`
+(`data/mask_checks.py`).
+
+`--num-processes N` starts the N processes itself (`commands/process_launch.py`) and exits with the code a single
+process gives; directly under `accelerate launch`, the launcher turns any non-zero code (3 included) into exit 1
+with a torch traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from ..computation_options import add_computation_arguments
 from ..io.output_safety import check_output_dir
 from .cli import HelpFormatter
 from .cli_support import local_path, one_line, require_positive, require_range, run_command
+from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,15 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --shots: draws of the K images, seeds 0..N-1 (default 3)",
     )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="score on N processes (accelerate launch, one per GPU, gloo on CPUs), with crane-hf's exit codes",
+    )
     add_computation_arguments(parser)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
+    from ..data import parse_sources
     from ..evaluation.evaluate import evaluation_protections
     from ..model_loading import check_device
     from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
 
+    parse_sources(args.data)  # a class or a dataset named twice would be counted twice
     require_range("--sigma", args.sigma, 0.0, MAX_SMOOTHING_SIGMA)
     require_positive("--batch-size", args.batch_size)
     shots, seeds = getattr(args, "shots", None), getattr(args, "seeds", None)
@@ -118,6 +136,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         for option, given in (("--save-overlays", args.save_overlays), ("--report", args.report)):
             if given:
                 raise ValueError(f"{option}: not available with --shots (the maps differ from seed to seed).")
+    require_positive("--num-processes", args.num_processes)
+    if args.num_processes > 1 and launched_processes() > 1:
+        raise ValueError(
+            "--num-processes starts its own processes; under accelerate launch, the launcher's --num_processes "
+            "decides how many there are."
+        )
+    if args.num_processes > 1:
+        import torch
+
+        # accelerate gives process k the accelerator k: more processes than accelerators cannot start
+        if torch.accelerator.is_available() and args.num_processes > torch.accelerator.device_count():
+            raise ValueError(
+                f"--num-processes {args.num_processes}: this machine has {torch.accelerator.device_count()} "
+                f"{torch.accelerator.current_accelerator().type} device(s), one per process; on the CPU only, any "
+                "number of processes runs."
+            )
     if args.device != "auto":
         check_device(args.model, args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))
@@ -128,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_arguments(args)
+        if args.num_processes > 1:
+            return run_in_processes("crane_hf.commands.evaluate", args, args.num_processes)
         report = evaluate_model(args)
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -137,17 +173,32 @@ def run(args: argparse.Namespace) -> int:
     if "markdown" in report:  # few-shot: mean ± std over the seeds
         print(report["markdown"])
     else:
-        print(_markdown(report["table"], f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"))
+        title = f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"
+        print(_markdown(report["table"], title, report["info"]["mean_classes"]))
         print("\n".join(_computation_lines(report["info"]["computation"])))
     print(f"Wrote metrics.md, metrics.csv and metrics.json to {args.output}")
     if args.report:
         print(f"Report: {os.path.join(os.path.abspath(args.output), 'report.html')}")
+    for warning in report["info"].get("warnings", []):
+        print(f"warning: {warning['message']}", file=sys.stderr)
     for item in report["info"]["skipped"]:
         print(f"skipped {item['image_path']}: {item['reason']}", file=sys.stderr)
-    return 3 if report["info"]["skipped"] else 0
+    if not report["info"]["skipped"]:
+        return 0
+    if launched_processes() > 1 and worker_arguments() is None:
+        print(
+            "note: exit code 3 (some files skipped; the report is complete); accelerate launch reports any non-zero "
+            "exit as a failure (exit 1, with a traceback): crane-hf evaluate --num-processes N keeps crane-hf's "
+            "exit codes",
+            file=sys.stderr,
+        )
+    return 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    worker = worker_arguments()  # a process started by --num-processes: the parent's parsed arguments
+    if worker is not None:
+        return run_as_worker(run, worker)
     parser = argparse.ArgumentParser(
         prog="python -m crane_hf.evaluate", description=__doc__, formatter_class=HelpFormatter
     )

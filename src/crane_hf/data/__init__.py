@@ -18,6 +18,7 @@ from typing import Any
 
 from .file_accounting import UnusedFileWarning
 from .layouts import load_class_folders, load_mvtec, load_visa, scan_class_folders
+from .mask_checks import SuspiciousMaskWarning
 from .meta_json import load_meta_json, read_meta_json, write_meta_json
 from .records import (
     AnomalyRecord,
@@ -28,7 +29,7 @@ from .records import (
     records_to_dataset,
     validate_records,
 )
-from .sources import DataSource, detect_layout, load_anomaly_dataset, load_data_source
+from .sources import DataSource, detect_layout, load_anomaly_dataset, load_data_source, parse_sources
 
 # The two command-line modules are imported on first use, so that `python -m crane_hf.data.<module>` runs them
 # before the package has imported them.
@@ -57,6 +58,7 @@ __all__ = [
     "DatasetLayoutError",
     "InvalidRecordWarning",
     "LossyMaskWarning",
+    "SuspiciousMaskWarning",
     "UnknownSelectionError",
     "UnusedFileWarning",
     "dataset_records",
@@ -68,6 +70,7 @@ __all__ = [
     "load_meta_json",
     "load_mvtec",
     "load_visa",
+    "parse_sources",
     "read_meta_json",
     "records_to_dataset",
     "scan_class_folders",

@@ -8,21 +8,26 @@ each class that no record uses are listed:
 - in `<class>/<ground_truth>/`: masks that match no image (name rule: the mask of `<stem>.<ext>` is
   `<stem><suffix>.<image ext>`), masks of an image that uses another mask, several masks with one name (which one
   is meant cannot be told), masks of a defect type with no image folder or of normal images, files in subfolders;
-- image files lying directly in `<class>/`.
+- files lying directly in `<class>/`, and files in other folders of `<class>/` (e.g. masks kept in
+  `<class>/masks/<defect>/`: only `<class>/<ground_truth>/` holds masks).
 
 Hidden files and folders (names starting with ".") are not data and are ignored. meta.json and VisA's CSV are
-explicit indexes: the files they do not list are not reported (their folders often hold other files on purpose).
+explicit indexes: the files they do not list are not reported (their folders often hold other files on purpose);
+a mask they give to a normal entry is reported (`masks_of_normal_entries`).
 Unused files are reported with one `UnusedFileWarning` each, or refused together with `strict=True`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from .records import IMAGE_EXTENSIONS, AnomalyRecord, DatasetLayoutError, is_image_file
+
+SPLIT_FOLDERS = ("train", "test")  # the split folders of a class (`layouts.SPLITS`), each searched on its own
 
 
 class UnusedFileWarning(UserWarning):
@@ -116,6 +121,26 @@ def _mask_folder_leftovers(
     return leftovers
 
 
+def _outside_known_folders(root: str, class_name: str, ground_truth: str) -> list[tuple[str, str]]:
+    """Files of `<class>/` outside its split folders and its ground-truth folder (e.g. masks kept in
+    `<class>/masks/<defect>/`, images lying directly in `<class>/`): no layout rule reads them."""
+    class_dir = os.path.join(root, class_name)
+    leftovers = []
+    for name in sorted(os.listdir(class_dir)):
+        path = os.path.join(class_dir, name)
+        if name.startswith(".") or name in SPLIT_FOLDERS or name == ground_truth:
+            continue
+        if os.path.isfile(path):
+            leftovers.append((_relative(root, path), f"not inside a split folder ({class_name}/<split>/)"))
+        elif os.path.isdir(path):
+            reason = (
+                f"in {class_name}/{name}/, which is neither a split folder ({class_name}/train/, {class_name}/test/) "
+                f"nor the masks folder {class_name}/{ground_truth}/"
+            )
+            leftovers.extend((_relative(root, found), reason) for found in _visible_files(path))
+    return leftovers
+
+
 def unused_class_files(
     root: str,
     classes: Iterable[str],
@@ -134,18 +159,29 @@ def unused_class_files(
     used = {r.image_path for r in records} | {r.mask_path for r in records if r.mask_path}
     leftovers = []
     for class_name in classes:
-        class_dir = os.path.join(root, class_name)
-        leftovers.extend(
-            (_relative(root, os.path.join(class_dir, name)), f"not inside a split folder ({class_name}/<split>/)")
-            for name in sorted(os.listdir(class_dir))
-            if is_image_file(name) and os.path.isfile(os.path.join(class_dir, name))
-        )
+        leftovers.extend(_outside_known_folders(root, class_name, ground_truth))
         leftovers.extend(_split_folder_leftovers(root, class_name, split, used))
         class_records = [r for r in records if r.class_name == class_name]
         leftovers.extend(
             _mask_folder_leftovers(root, class_name, ground_truth, class_records, normal_names, mask_suffixes)
         )
     return leftovers
+
+
+def masks_of_normal_entries(
+    root: str, records: Sequence[AnomalyRecord]
+) -> tuple[list[AnomalyRecord], list[tuple[str, str]]]:
+    """Records of an index (meta.json, VisA CSV) with the masks of normal entries taken off, and those masks as
+    (path relative to `root`, reason) leftovers: a normal image has no anomalous pixel, so its mask is not used,
+    and a user who gave one should hear so rather than have it dropped silently."""
+    kept, leftovers = [], []
+    for record in records:
+        if record.label == 0 and record.mask_path:
+            reason = f"the mask of a normal entry ({record.origin or record.image_path}): normal images have no mask"
+            leftovers.append((record.mask_path, reason))
+            record = dataclasses.replace(record, mask_path="")
+        kept.append(record)
+    return kept, leftovers
 
 
 def report_unused_files(root: str, leftovers: Sequence[tuple[str, str]], strict: bool = False) -> None:
@@ -159,4 +195,4 @@ def report_unused_files(root: str, leftovers: Sequence[tuple[str, str]], strict:
         warnings.warn(UnusedFileWarning(f"{path}: not used: {reason}", path, reason), stacklevel=3)
 
 
-__all__ = ["UnusedFileWarning", "report_unused_files", "unused_class_files"]
+__all__ = ["UnusedFileWarning", "masks_of_normal_entries", "report_unused_files", "unused_class_files"]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import datasets
 
-from .file_accounting import report_unused_files, unused_class_files
+from .file_accounting import SPLIT_FOLDERS, masks_of_normal_entries, report_unused_files, unused_class_files
 from .meta_json import select_records
 from .records import (
     AnomalyRecord,
@@ -35,7 +35,7 @@ from .records import (
     validate_records,
 )
 
-SPLITS = ("train", "test")
+SPLITS = SPLIT_FOLDERS
 VISA_SPLIT_CSV = os.path.join("split_csv", "1cls.csv")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
@@ -213,14 +213,14 @@ def read_visa_csv(root: str, csv_path: str | None = None) -> dict[str, list[Anom
         splits.setdefault(row["split"], []).append(
             AnomalyRecord(
                 image_path=row["image"],
-                mask_path=row["mask"] if label else "",
+                mask_path=row["mask"],  # a normal row's mask is reported by `load_visa`, not dropped
                 label=label,
                 class_name=row["object"],
                 defect_type="anomaly" if label else "good",
                 origin=origin,
             )
         )
-    problems.extend(duplicate_problems(splits))
+    problems.extend(duplicate_problems(splits, root))
     if problems:
         raise DatasetLayoutError(csv_path, problems)
     return splits
@@ -240,6 +240,8 @@ def load_visa(
     offending entries even with `skip_invalid`."""
     csv_path = csv_path or os.path.join(root, VISA_SPLIT_CSV)
     records = select_records(read_visa_csv(root, csv_path), split, classes, csv_path)
+    records, normal_masks = masks_of_normal_entries(root, records)
+    report_unused_files(root, normal_masks, strict)
     records = validate_records(
         root,
         records,

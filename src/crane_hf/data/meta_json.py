@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
 
 from ..io.atomic import atomic_write_text
+from ..models.crane.json_reading import pairs_without_duplicates
+from .file_accounting import masks_of_normal_entries, report_unused_files
 from .records import (
     AnomalyRecord,
     DatasetLayoutError,
@@ -53,8 +54,9 @@ def _entry_problems(entry: object, origin: str, class_key: str) -> list[str]:
     return problems
 
 
-def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
-    """Records per split from a parsed meta.json; raises `DatasetLayoutError` naming each malformed entry."""
+def parse_meta(meta: object, source: str, root: str | None = None) -> dict[str, list[AnomalyRecord]]:
+    """Records per split from a parsed meta.json; raises `DatasetLayoutError` naming each malformed entry and each
+    image listed twice (compared as files under `root` when given: see `duplicate_problems`)."""
     if not isinstance(meta, Mapping) or not meta:
         raise DatasetLayoutError(source, ["the top level must be a non-empty object {split: {class: [entries]}}"])
     problems: list[str] = []
@@ -79,27 +81,10 @@ def parse_meta(meta: object, source: str) -> dict[str, list[AnomalyRecord]]:
                 records.append(
                     AnomalyRecord(entry["img_path"], entry.get("mask_path", ""), label, class_name, defect, origin)
                 )
-    problems.extend(duplicate_problems(splits))
+    problems.extend(duplicate_problems(splits, root))
     if problems:
         raise DatasetLayoutError(source, problems)
     return splits
-
-
-def _pairs_without_duplicates(found: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """A `json` object hook that records (in `found`) every key repeated within one object; JSON keeps only the
-    last value of a repeated key, which would silently drop a split, a class or a field."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        counts = Counter(key for key, _ in pairs)
-        for key, count in counts.items():
-            if count > 1:
-                keys = ", ".join(map(repr, list(counts)[:6])) + (", ..." if len(counts) > 6 else "")
-                found.append(
-                    f"key {key!r} appears {count} times in one object (keys {keys}); JSON keeps only the last"
-                )
-        return dict(pairs)
-
-    return hook
 
 
 def load_meta_file(meta_path: str) -> Any:
@@ -113,7 +98,7 @@ def load_meta_file(meta_path: str) -> Any:
         raise DatasetLayoutError(meta_path, [f"not UTF-8 text ({error.reason} at byte {error.start})"]) from None
     duplicates: list[str] = []
     try:
-        meta = json.loads(text, object_pairs_hook=_pairs_without_duplicates(duplicates))
+        meta = json.loads(text, object_pairs_hook=pairs_without_duplicates(duplicates))
     except json.JSONDecodeError as error:
         raise DatasetLayoutError(meta_path, [f"not valid JSON: {error}"]) from None
     except RecursionError:
@@ -128,7 +113,7 @@ def read_meta_json(root: str, meta_path: str | None = None) -> dict[str, list[An
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"No meta.json at {meta_path}.")
-    return parse_meta(load_meta_file(meta_path), meta_path)
+    return parse_meta(load_meta_file(meta_path), meta_path, root)
 
 
 def select_records(
@@ -183,6 +168,8 @@ def load_meta_json(
     """
     meta_path = meta_path or os.path.join(root, META_FILENAME)
     records = select_records(read_meta_json(root, meta_path), split, classes, meta_path)
+    records, normal_masks = masks_of_normal_entries(root, records)
+    report_unused_files(root, normal_masks, strict)
     records = validate_records(
         root,
         records,

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import datasets
 
 from ..io.image_files import IMAGE_EXTENSIONS
-from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning
-from ..models.crane.image_reading import image_file_header
+from ..models.crane.image_processing_crane import LOSSY_MASK_FORMATS, LossyMaskWarning, mask_to_binary
+from ..models.crane.image_reading import image_file_header, webp_is_lossy
+from .mask_checks import full_size_mask_problem, mask_problem_warnings, shown_files
 
 LABEL_NAMES = ["normal", "anomalous"]
 MAX_REPORTED_PROBLEMS = 20
@@ -133,8 +134,9 @@ def record_problems(
 
 def _check_record(
     root: str, record: AnomalyRecord, check_files: bool = True, verify_images: bool = False
-) -> tuple[list[str], str]:
-    """`record_problems` and the file format of the record's mask ("" when it has none or it was not read)."""
+) -> tuple[list[str], str, str | None]:
+    """`record_problems`, the file format of the record's mask ("" when it has none or it was not read) and, with
+    `verify_images`, an anomalous record's mask problem (`mask_checks.full_size_mask_problem`: empty or full)."""
     problems = []
     if record.label not in (0, 1):
         problems.append(f"{record.describe()}: field 'anomaly' must be 0 or 1, got {record.label!r}")
@@ -146,8 +148,10 @@ def _check_record(
             problems.append(f"{record.describe()}: field {field!r} is empty")
         elif relative_to_root(root, path) is None:
             problems.append(f"{record.describe()}: {field} {path!r} leaves the dataset root {os.path.abspath(root)}")
+    if not problems and record.mask_path and _file_key(root, record.mask_path) == _file_key(root, record.image_path):
+        problems.append(f"{record.describe()}: the mask is the image itself")
     if problems or not check_files:
-        return problems, ""
+        return problems, "", None
     sizes, mask_format = {}, ""
     for field, path in paths.items():
         if not path:
@@ -167,20 +171,37 @@ def _check_record(
     if len(sizes) == 2 and sizes["img_path"] != sizes["mask_path"]:
         (iw, ih), (mw, mh) = sizes["img_path"], sizes["mask_path"]
         problems.append(f"{record.describe()}: mask is {mw}x{mh} but its image is {iw}x{ih}")
-    return problems, mask_format
+    mask_problem = None
+    if verify_images and not problems and record.label == 1 and record.mask_path:
+        full = os.path.join(root, record.mask_path)
+        try:
+            mask_problem = full_size_mask_problem(mask_to_binary(full, name=f"mask {full}"))
+        except ValueError as error:  # e.g. a lossy mask whose values never pass mid-range
+            problems.append(f"{record.describe()}: {error}")
+    return problems, mask_format, mask_problem
 
 
-def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]]) -> list[str]:
+def _file_key(root: str | None, path: str) -> str:
+    """What identifies the file `path` names: its real path under `root` (relative and absolute spellings, "./",
+    ".." and symbolic links resolved), or without a root its normalized spelling."""
+    if root is None or not path:
+        return os.path.normpath(path).replace(os.sep, "/") if path else ""
+    return os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+
+
+def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]], root: str | None = None) -> list[str]:
     """An image listed twice in one split, or listed in two splits with different labels or masks, named.
 
-    Paths are compared after normalization ("a/./b.png" is "a/b.png").
+    With `root`, paths are compared as the files they reach under it (a relative path, an absolute path inside the
+    root and a path through a symbolic link to the same file are one image); without, after normalization
+    ("a/./b.png" is "a/b.png").
     """
     problems = []
-    seen: dict[str, AnomalyRecord] = {}  # normalized image path -> its first record in any split
+    seen: dict[str, AnomalyRecord] = {}  # image file -> its first record in any split
     seen_in_split: dict[tuple[str, str], AnomalyRecord] = {}
     for split, records in splits.items():
         for record in records:
-            key = os.path.normpath(record.image_path).replace(os.sep, "/")
+            key = _file_key(root, record.image_path)
             first = seen_in_split.get((split, key))
             if first is not None:
                 labels = {first.label, record.label}
@@ -189,13 +210,23 @@ def duplicate_problems(splits: dict[str, Sequence[AnomalyRecord]]) -> list[str]:
                 continue
             seen_in_split[(split, key)] = record
             other = seen.setdefault(key, record)
-            if other is not record and (other.label != record.label or other.mask_path != record.mask_path):
+            same_mask = _file_key(root, other.mask_path) == _file_key(root, record.mask_path)
+            if other is not record and (other.label != record.label or not same_mask):
                 problems.append(
                     f"image {record.image_path!r} has contradictory annotations: {other.origin} "
                     f"(anomaly {other.label}, mask {other.mask_path!r}) and {record.origin} (anomaly {record.label}, "
                     f"mask {record.mask_path!r})"
                 )
     return problems
+
+
+def _lossy_mask_file(path: str, file_format: str) -> bool:
+    """Whether the mask file at `path` (of `file_format`, from its header) is stored lossily (JPEG, JPEG 2000,
+    WebP with lossy VP8 data)."""
+    if file_format == "WEBP":
+        with open(path, "rb") as stream:
+            return webp_is_lossy(stream)
+    return file_format in LOSSY_MASK_FORMATS
 
 
 class InvalidRecordWarning(UserWarning):
@@ -233,14 +264,15 @@ def validate_records(
         verify_images: decode every image and mask once (finds truncated files; costs a full decode), instead of
             reading file headers only.
 
-    Masks stored in a lossy format (JPEG) are kept (they are binarised at mid-range when decoded) and named in one
-    `LossyMaskWarning` (its `files` lists them all).
+    Masks stored in a lossy format (JPEG, JPEG 2000, lossy WebP) are kept (they are binarised at mid-range when
+    decoded) and named in one `LossyMaskWarning` (its `files` lists them all).
     """
     records = list(records)
     masked_classes = {r.class_name for r in records if r.label == 1 and r.mask_path}
     kept, problems, lossy = [], [], []
+    suspicious: dict[str, list[str]] = {}  # mask problem -> mask files (verify_images only)
     for record in records:
-        found, mask_format = _check_record(root, record, check_files, verify_images)
+        found, mask_format, mask_problem = _check_record(root, record, check_files, verify_images)
         expected = record.class_name in masked_classes or record.mask_expected
         required = expected if require_masks is None else require_masks
         if required and record.label == 1 and not record.mask_path:
@@ -253,21 +285,24 @@ def validate_records(
         problems.extend((record, problem) for problem in found)
         if not found:
             kept.append(record)
-            if record.label == 1 and mask_format in LOSSY_MASK_FORMATS:
+            if record.label == 1 and _lossy_mask_file(os.path.join(root, record.mask_path), mask_format):
                 lossy.append(os.path.normpath(os.path.join(root, record.mask_path)))
+            if mask_problem:
+                suspicious.setdefault(mask_problem, []).append(os.path.normpath(os.path.join(root, record.mask_path)))
     if problems and not skip_invalid:
         raise DatasetLayoutError(what, [problem for _, problem in problems])
     for record, problem in problems:
         image_path = os.path.normpath(os.path.join(root, record.image_path)) if record.image_path else ""
         reason = problem.removeprefix(f"{record.describe()}: ")
         warnings.warn(InvalidRecordWarning(problem, image_path, reason), stacklevel=2)
+    for warning in mask_problem_warnings(suspicious, what):
+        warnings.warn(warning, stacklevel=2)
     if lossy:
-        shown = ", ".join(lossy[:MAX_REPORTED_PROBLEMS]) + (
-            f" and {len(lossy) - MAX_REPORTED_PROBLEMS} more" if len(lossy) > MAX_REPORTED_PROBLEMS else ""
-        )
+        shown = shown_files(lossy, MAX_REPORTED_PROBLEMS)
         warnings.warn(
             LossyMaskWarning(
-                f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG), whose compression noise would "
+                f"{what}: {len(lossy)} mask(s) are stored in a lossy format (JPEG, JPEG 2000, lossy WebP), whose "
+                "compression noise would "
                 f"grow the defects; they are binarised at mid-range (above 127 of 255): {shown}",
                 lossy,
             ),

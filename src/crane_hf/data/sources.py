@@ -38,12 +38,42 @@ class DataSource:
             if len(parts) == fields + 1 and os.path.isdir(parts[0]):
                 root, split, classes = ([*parts, "", ""])[:3]
                 names = tuple(name for name in classes.split(",") if name) or None
+                repeated = sorted({name for name in names or () if names.count(name) > 1})
+                if repeated:
+                    raise ValueError(
+                        f"--data {spec}: class {', '.join(map(repr, repeated))} named more than once; its images "
+                        "would be scored and counted twice."
+                    )
                 return cls(root, split or "test", names)
         raise FileNotFoundError(f"No dataset folder in {spec!r}; expected ROOT[:SPLIT[:CLASS,CLASS...]].")
 
     def __str__(self) -> str:
         classes = f":{','.join(self.classes)}" if self.classes else ""
         return f"{self.root}:{self.split}{classes}"
+
+
+def parse_sources(specs: Sequence[str]) -> list[DataSource]:
+    """`DataSource.parse` of each spec; `ValueError` naming both specs when two of them reach the same images (the
+    same root, by any spelling or link, and split, with the same or overlapping classes, "all" overlapping any):
+    those images would be scored and counted twice."""
+    sources = [DataSource.parse(spec) for spec in specs]
+    for later, (spec, source) in enumerate(zip(specs, sources)):
+        for earlier_spec, earlier in zip(specs[:later], sources[:later]):
+            same_split = earlier.split == source.split
+            if not same_split or os.path.realpath(earlier.root) != os.path.realpath(source.root):
+                continue
+            shared = (
+                None
+                if earlier.classes is None or source.classes is None
+                else set(earlier.classes) & set(source.classes)
+            )
+            if shared is None or shared:
+                which = "its images" if shared is None else f"class(es) {', '.join(sorted(shared))}"
+                raise ValueError(
+                    f"--data {earlier_spec} and {spec} name the same dataset split: {which} would be scored and "
+                    "counted twice."
+                )
+    return sources
 
 
 def detect_layout(root: str) -> str:
@@ -112,4 +142,4 @@ def load_data_source(
     )
 
 
-__all__ = ["LAYOUTS", "DataSource", "detect_layout", "load_anomaly_dataset", "load_data_source"]
+__all__ = ["LAYOUTS", "DataSource", "detect_layout", "load_anomaly_dataset", "load_data_source", "parse_sources"]

@@ -12,6 +12,9 @@ ground-truth folder) have, images whose score or map is not finite, and every fi
 entry uses (with the reason: a subfolder too deep, a mask matching no image, ...) are reported in `skipped.txt` and
 `metrics.json` (file and reason) and left out; `--strict` refuses such a dataset instead. Masks in a lossy format
 (JPEG) are binarised at mid-range and listed (`lossy_masks`).
+Anomalous images whose mask marks no pixel, or none at S x S, and masks that mark every pixel stay in the metrics
+(as in the published evaluation) and are named, one line per kind, and listed under "warnings" in `metrics.json`
+(`data/mask_checks.py`).
 """
 
 from __future__ import annotations
@@ -81,8 +84,10 @@ def score_dataset(
     overlay_dir: str | None = None,
     progress: bool = True,
     image_results: list[tuple[int, float, str]] | None = None,
-) -> tuple[dict[str, Any], list[tuple[int, str]]]:
-    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s and the skipped (row, reason).
+) -> tuple[dict[str, Any], list[tuple[int, str]], list[tuple[int, str]]]:
+    """Score `rows` of `dataset`; returns per-class `AnomalyMetricAccumulator`s, the skipped (row, reason) and the
+    (row, kind) of the evaluated anomalous rows whose mask is suspicious (`data.mask_checks.MASK_PROBLEMS`: kept in
+    the metrics, as the published evaluation keeps them).
 
     Rows whose image or mask cannot be decoded (truncated, corrupt, too many pixels) or processed are skipped.
     `overlay_dir`: write each image's decision figure there (`_save_overlays`); `image_results`: a list that
@@ -100,6 +105,7 @@ def score_dataset(
         _check_overlay_folders(overlay_dir, class_names)  # before the first image is scored
     accumulators: dict[str, AnomalyMetricAccumulator] = {}
     skipped: list[tuple[int, str]] = []
+    mask_problems: list[tuple[int, str]] = []
     device = model.device
     with torch.inference_mode():
         for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
@@ -125,12 +131,13 @@ def score_dataset(
                     labels[selected], scores[selected], masks=masks[selected], maps=maps[selected]
                 )
             indices, maps, scores = [row for row, ok in zip(indices, finite) if ok], maps[finite], scores[finite]
+            mask_problems.extend((row, kind) for row, kind in batch["mask_problems"] if row in indices)
             figures = [""] * len(indices)
             if overlay_dir is not None:
                 figures = _save_overlays(dataset, indices, maps, scores, model.config, overlay_dir)
             if image_results is not None:
                 image_results.extend(zip(indices, scores.tolist(), figures))
-    return accumulators, skipped
+    return accumulators, skipped, mask_problems
 
 
 def _check_overlay_folders(folder: str, class_names: Sequence[Any]) -> None:
@@ -201,13 +208,31 @@ def metrics_table(results: dict[str, dict[str, float | None]], aupro: str) -> di
     return table
 
 
-def _markdown(table: dict[str, dict[str, float | None]], title: str) -> str:
+def mean_row_classes(table: dict[str, dict[str, float | None]]) -> dict[str, list[str]]:
+    """Metric -> the classes its "mean" row value averages: those where it is defined (a class with only normal or
+    only anomalous images has no image AUROC, one without masks no pixel metrics)."""
+    classes = [name for name in table if name != "mean"]
+    keys = sorted({key for name in classes for key in table[name]})
+    return {key: [name for name in classes if table[name].get(key) is not None] for key in keys}
+
+
+def _markdown(
+    table: dict[str, dict[str, float | None]], title: str, mean_classes: dict[str, list[str]] | None = None
+) -> str:
     header = "| class | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
     lines = [f"# {title}", "", header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     for name, row in table.items():
         values = ["-" if row.get(key) is None else f"{100 * row[key]:.1f}" for key, _ in TABLE_COLUMNS]
         label = f"**{name}**" if name == "mean" else name
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    total = len([name for name in table if name != "mean"])
+    partial = [
+        f"{label} over {len(mean_classes.get(key, []))} of {total} ({', '.join(mean_classes.get(key, [])) or 'none'})"
+        for key, label in TABLE_COLUMNS
+        if mean_classes is not None and len(mean_classes.get(key, [])) != total
+    ]
+    if partial:
+        lines += ["", "The mean row averages the classes where a metric is defined: " + "; ".join(partial) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +288,7 @@ def write_report(folder: str, table: dict[str, dict[str, float | None]], info: d
     """metrics.md (headed by the computation that ran), metrics.csv and metrics.json in `folder` (which the
     caller writes atomically)."""
     title = f"{info['model']} on {', '.join(info['data'])} (AUPRO: {info['aupro']})"
-    markdown = _markdown(table, title)
+    markdown = _markdown(table, title, info.get("mean_classes"))
     if info.get("computation"):
         head, _, rest = markdown.partition("\n\n")
         markdown = head + "\n\n" + "\n".join(_computation_lines(info["computation"])) + "\n\n" + rest
@@ -353,7 +378,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
         image_results: list[tuple[int, float, str]] = []
         with state.split_between_processes(list(range(len(dataset)))) as shard:
-            accumulators, skipped = score_dataset(
+            accumulators, skipped, mask_problems = score_dataset(
                 model,
                 processor,
                 dataset,
@@ -365,7 +390,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
                 image_results,
             )
         states = {name: acc.state_dict() for name, acc in accumulators.items()}
-        gathered = gather_object([(states, skipped, image_results)])
+        gathered = gather_object([(states, skipped, image_results, mask_problems)])
         if not state.is_main_process:
             return {}
         return _report(staging, gathered, dataset, args, model, model_spec, aupro, state, left_out, lossy)
@@ -408,11 +433,25 @@ def _report(
 ) -> dict[str, Any]:
     """Merge the processes' metric states and write the report into `staging` (main process); `left_out`: the
     dataset's invalid entries and unused files (file and reason), `lossy`: masks binarised at mid-range."""
-    all_skipped: list[tuple[int, str]] = [item for _, shard_skipped, _ in gathered for item in shard_skipped]
-    all_results: list[tuple[int, float, str]] = [item for _, _, shard_results in gathered for item in shard_results]
-    merged = _merge_states([states for states, _, _ in gathered])
+    from ..data.mask_checks import mask_problem_warnings
+    from ..training.data_loading import image_file
+
+    all_skipped = [item for _, shard_skipped, _, _ in gathered for item in shard_skipped]
+    all_results = [item for _, _, shard_results, _ in gathered for item in shard_results]
+    suspicious: dict[str, list[str]] = {}  # kind -> mask files, in dataset order
+    for _, _, _, shard_mask_problems in gathered:
+        for row, kind in shard_mask_problems:
+            record = dataset[row]
+            suspicious.setdefault(kind, []).append(record["mask"]["path"] or f"the mask of {image_file(record)}")
+    merged = _merge_states([states for states, _, _, _ in gathered])
     table = _class_table(merged, list(dict.fromkeys(dataset["class_name"])), aupro)
     info = _report_info(dataset, args, model, model_spec, aupro, state, left_out, lossy, merged, all_skipped)
+    # masks kept in the metrics but almost always data errors: one entry per kind (data/mask_checks.py)
+    info["warnings"] = [
+        {"kind": w.kind, "count": len(w.files), "files": w.files, "message": str(w)}
+        for w in mask_problem_warnings(suspicious, "evaluate", model.config.image_size)
+    ]
+    info["mean_classes"] = mean_row_classes(table)  # metric -> the classes the mean row averages
     write_report(staging, table, info)
     if args.report:
         _write_html_report(staging, dataset, sorted(all_results), table, info, model.config, not args.quiet)

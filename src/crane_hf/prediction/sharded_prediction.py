@@ -140,7 +140,7 @@ def predict_images(
 
     Writes `predictions.csv` / `.json` / `.jsonl` / `.parquet` (`formats`; one row per scored image, in input
     order: path, score (float, unrounded: the decision is made on it), is_anomalous, max_pixel_score and
-    anomalous_pixel_fraction (rounded to 6 decimals), overlay (relative path or ""), sha256 of the file),
+    anomalous_pixel_fraction (unrounded too), overlay (relative path or ""), sha256 of the file),
     `overlays/*.png` (decision figures: image | heatmap with colour bar | pixels at or above the pixel threshold,
     with name, verdict, score and thresholds; colours on the absolute [0, 1] scale or, with
     `color_scale="image"`, stretched to each map), optionally `maps/*.npy` (float32 smoothed maps), `skipped.txt`
@@ -444,8 +444,8 @@ def _score_batch(
         record.update(
             score=float(output["score"]),  # unrounded: the decision is made on this value
             is_anomalous=bool(output["is_anomalous"]),
-            max_pixel_score=round(float(anomaly_map.max()), 6),
-            anomalous_pixel_fraction=round(float(at_or_above(anomaly_map, decision).mean()), 6),
+            max_pixel_score=float(anomaly_map.max()),  # unrounded, like the score
+            anomalous_pixel_fraction=float(at_or_above(anomaly_map, decision).mean()),
             overlay="",
         )
         record.update({name: float(output[name]) for name in FEW_SHOT_COLUMNS if name in output})

@@ -37,7 +37,7 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set
 from tqdm.auto import tqdm
 
 from ..computation_options import computation_overrides
-from ..data import DataSource, load_data_source
+from ..data import DataSource, load_data_source, parse_sources
 from ..hub_availability import (
     BackboneUnavailableError,
     backbone_unavailable_message,
@@ -451,8 +451,7 @@ def _training_items(
 def train(args: argparse.Namespace) -> str:
     """Train (or resume) as `args` say; returns the output folder, which holds the final prompts."""
     _check_arguments(args)
-    for spec in args.data:
-        DataSource.parse(spec)  # fail on a wrong path before loading backbones
+    parse_sources(args.data)  # fail on a wrong path or data named twice before loading backbones
     output_dir = os.path.abspath(args.output_dir)
     check_not_protected(output_dir, training_protections(args))
     check_writable(os.path.join(output_dir, TRAINING_LOG))  # before anything is loaded or created

@@ -9,7 +9,8 @@ code, importing nothing beyond torch, transformers, huggingface_hub, safetensors
 - the blocks: `clip_layers.py` (CLIP blocks), `e_attention.py` (E-Attn), `d_attention.py` (D-Attn),
   `prompt_learning.py` and `prompt_tokenization.py` (learned prompts, text encoder, prompt ids),
   `score_pooling.py`, `position_embeddings.py`, `anomaly_losses.py`, `gaussian_smoothing.py`,
-  `reproducibility.py` (batch-independent kernels), `checkpoint_validation.py`;
+  `reproducibility.py` (batch-independent kernels), `checkpoint_validation.py`, `json_reading.py` (model-folder
+  JSON with repeated keys refused);
 - `image_processing_crane.py`: `CraneImageProcessor`, images and masks in, maps post-processed out;
 - `pipeline_zero_shot_anomaly_detection.py` with `visualization.py` (overlays) and `image_reading.py` (guarded
   decoding of image files);

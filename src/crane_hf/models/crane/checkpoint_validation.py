@@ -7,12 +7,13 @@ dtype without reading the data.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .json_reading import load_json_without_duplicates
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -165,8 +166,7 @@ def shard_names(index: str) -> list[str]:
     contain ".." or a separator (they must name files of the folder itself).
     """
     try:
-        with open(index, encoding="utf-8") as stream:
-            weight_map = json.load(stream)["weight_map"]
+        weight_map = load_json_without_duplicates(index)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointMismatchError(

@@ -19,6 +19,7 @@ from typing import Any
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 
 from .gaussian_smoothing import MAX_SMOOTHING_SIGMA
+from .json_reading import DuplicateJSONKeyError, load_json_without_duplicates
 from .reference_memory import FEW_SHOT_FEATURES
 from .thresholds import THRESHOLD_FIELDS, check_threshold
 
@@ -400,9 +401,15 @@ class CraneConfig(PreTrainedConfig):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except (TypeError, ValueError) as error:
             name = f"{os.fspath(pretrained_model_name_or_path)}/config.json"
-            if str(error).startswith(name):
+            if str(error).startswith(name) or isinstance(error, DuplicateJSONKeyError):
                 raise
             raise ValueError(f"{name}: {error}") from error
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """`PreTrainedConfig._dict_from_json_file` with keys repeated within an object refused
+        (`DuplicateJSONKeyError` naming the file and the key) instead of the last one silently kept."""
+        return cls._decode_special_floats(load_json_without_duplicates(json_file))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in THRESHOLD_FIELDS:  # also `model.config.image_threshold = ...` and overrides at loading

@@ -37,13 +37,22 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from .configuration_crane import MAX_IMAGE_SIZE
 from .gaussian_smoothing import MAX_SMOOTHING_SIGMA, gaussian_smooth
 from .image_reading import check_single_frame, read_image, read_image_url, upright
+from .json_reading import DuplicateJSONKeyError, check_json_file
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str (a local path or URL)
 FLOAT_RANGE_TOLERANCE = 1e-3  # float images slightly outside [0, 1] from resampling are clipped, not refused
-LOSSY_MASK_FORMATS = ("JPEG", "MPO")  # masks in these file formats are binarised at mid-range
+LOSSY_MASK_FORMATS = ("JPEG", "MPO", "JPEG2000")  # masks in these file formats are binarised at mid-range
+
+
+def is_lossy_image(image: Image.Image) -> bool:
+    """Whether a decoded image came from a lossy file: JPEG (MPO), JPEG 2000, or WebP holding lossy VP8 data
+    (`image_reading` records it as `info["lossless"]`; a WebP image of unknown origin counts as lossy)."""
+    if image.format == "WEBP":
+        return not image.info.get("lossless", False)
+    return image.format in LOSSY_MASK_FORMATS
 
 
 class LossyMaskWarning(UserWarning):
@@ -172,7 +181,7 @@ def mask_to_binary(mask: ImageLike, lossy: bool | None = None, name: str = "mask
     if isinstance(mask, Image.Image):
         check_single_frame(mask, name)
         mask = upright(mask)
-        lossy = (mask.format in LOSSY_MASK_FORMATS) if lossy is None else lossy
+        lossy = is_lossy_image(mask) if lossy is None else lossy
         array, has_alpha = _mask_channels(mask)
     else:
         array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
@@ -262,9 +271,15 @@ class CraneImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field."""
+        """`BaseImageProcessor.from_pretrained`; invalid values raise `ValueError` naming the file and the field, a
+        local preprocessor_config.json repeating a key `DuplicateJSONKeyError` naming the file and the key."""
+        local = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
+        if os.path.isfile(local):
+            check_json_file(local)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except DuplicateJSONKeyError:
+            raise
         except (ValueError, TypeError) as error:
             source = os.path.join(os.fspath(pretrained_model_name_or_path), "preprocessor_config.json")
             raise ValueError(f"{source}: {error}") from error
@@ -317,7 +332,7 @@ class CraneImageProcessor(BaseImageProcessor):
                 if mask is None:
                     processed.append(np.zeros((size, size), dtype=np.float32))
                     continue
-                if isinstance(mask, Image.Image) and mask.format in LOSSY_MASK_FORMATS:
+                if isinstance(mask, Image.Image) and is_lossy_image(mask):
                     lossy_masks.append(index)
                 binary = mask_to_binary(mask, name=f"mask {index}")
                 if binary.shape != (height, width):
@@ -329,7 +344,8 @@ class CraneImageProcessor(BaseImageProcessor):
             if lossy_masks:
                 warnings.warn(
                     LossyMaskWarning(
-                        f"masks {lossy_masks} are stored in a lossy format (JPEG); binarised at mid-range.",
+                        f"masks {lossy_masks} are stored in a lossy format (JPEG, JPEG 2000, lossy WebP); "
+                        "binarised at mid-range.",
                         [str(index) for index in lossy_masks],
                     ),
                     stacklevel=2,

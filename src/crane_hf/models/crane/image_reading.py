@@ -184,6 +184,8 @@ def _decode(source: str | IO[bytes], name: str, max_pixels: int | None) -> Image
         decoded = upright(image)
         decoded = decoded.copy() if decoded is image else decoded
         decoded.format = image.format  # "JPEG", "PNG", ...: lossy masks are recognised by it
+        if "lossless" in image.info:  # WebP: lossy (VP8) or lossless (VP8L) data
+            decoded.info["lossless"] = image.info["lossless"]
         return decoded
 
 
@@ -214,7 +216,33 @@ def _open_guarded(source: str | IO[bytes], name: str, max_pixels: int | None) ->
     except ValueError:
         image.close()
         raise
+    if image.format == "WEBP" and image.fp is not None:
+        image.info["lossless"] = not webp_is_lossy(image.fp)
     return image
+
+
+def webp_is_lossy(stream: IO[bytes]) -> bool:
+    """Whether the WebP file in `stream` holds lossy (VP8) image data rather than lossless (VP8L) data, read from its
+    RIFF chunks (Pillow does not say); the stream's position is kept. A file whose chunks cannot be read counts as
+    lossy (its masks are then binarised at mid-range, which a clean 0/255 mask survives unchanged)."""
+    position = stream.tell()
+    try:
+        stream.seek(0)
+        header = stream.read(12)
+        if header[:4] != b"RIFF" or header[8:12] != b"WEBP":
+            return True
+        while True:
+            chunk = stream.read(8)
+            if len(chunk) < 8:
+                return True
+            fourcc, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if fourcc == b"VP8 ":
+                return True
+            if fourcc == b"VP8L":
+                return False
+            stream.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    finally:
+        stream.seek(position)
 
 
 @contextlib.contextmanager
