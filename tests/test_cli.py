@@ -181,7 +181,8 @@ def test_calibrate_saves_thresholds_into_the_model_folder(tiny_model_dir, tmp_pa
     assert (record["previous"]["image_threshold"], record["previous"]["pixel_threshold"]) == (0.5, 0.5)
     assert record["previous"]["threshold_computation"] is None  # the default thresholds hold for any computation
     assert record["previous"]["computation"] == record["computation"] and record["computation_changed"] == {}
-    assert model.config.threshold_computation == model.config.inference_computation
+    recorded = {**model.config.inference_computation, "few_shot_memory": None, "dtype": "float32"}
+    assert model.config.threshold_computation == recorded
     detector = pipeline("zero-shot-anomaly-detection", model=str(model_dir))
     results = detector(normal)
     flagged = sum(r["is_anomalous"] for r in results)

@@ -113,7 +113,9 @@ def test_a_missing_local_looking_model_is_named_not_sought_on_the_hub(tmp_path, 
     monkeypatch.chdir(tmp_path / "work")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["predict", "photos", "--model", spec, "--output", "out", "--quiet"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: no such model folder: {spec}"
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: no such model folder: {spec}. Presets: crane/mvtec"), error  # one line
+    assert "\n" not in error
     assert not os.path.exists("out")
 
 

@@ -115,7 +115,12 @@ def hub_unreachable(monkeypatch):
         ("crane+/mvtc", ValueError, "not a valid Hub id. Did you mean crane+/mvtec? " + PRESETS),
         ("./no-such-folder", FileNotFoundError, "no such model folder: ./no-such-folder. " + PRESETS),
         ("crane/visaa", OSError, "Did you mean crane/visa? " + PRESETS),
-        ("does-not-exist", OSError, "neither in the Hugging Face cache nor downloadable here (http://127.0.0.1:"),
+        (
+            "someone/does-not-exist",
+            OSError,
+            "neither in the Hugging Face cache nor downloadable here (http://127.0.0.1:",
+        ),
+        ("does-not-exist", FileNotFoundError, "no such model folder: does-not-exist. " + PRESETS),  # no owner: local
     ],
 )
 def test_unknown_model_names_fail_at_once_listing_the_presets(hub_unreachable, load, name, error, message):
@@ -133,7 +138,11 @@ def test_the_command_line_refuses_an_unknown_model_before_any_work(tmp_path):
     images = write_test_images(tmp_path / "images", count=1)
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
-    for name, expected in (("does-not-exist", "cannot be reached"), ("crane+/mvtc", "Did you mean crane+/mvtec?")):
+    for name, expected in (
+        ("someone/does-not-exist", "cannot be reached"),
+        ("does-not-exist", "no such model folder: does-not-exist."),
+        ("crane+/mvtc", "Did you mean crane+/mvtec?"),
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "crane_hf.cli", "predict", *images, "--model", name, "--output", "out"],
             capture_output=True,

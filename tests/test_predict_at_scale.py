@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,52 @@ def test_a_killed_run_resumed_ends_with_the_table_of_an_uninterrupted_run(images
     assert not [name for name in os.listdir(".") if name.startswith(".")]
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as stream:
+                    fields = stream.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_when_the_run_is_killed_alone(images, tiny_model_dir):
+    """A SIGKILL of the run's process alone (a cron timeout, the OOM killer) leaves no DataLoader worker behind
+    holding its shard and memory."""
+    import signal
+
+    write_test_images(images / "more", count=100, seed=3)
+    command = [sys.executable, "-m", "crane_hf.commands.cli", "predict", "imgs", "--model", tiny_model_dir]
+    command += ["--quiet", "--batch-size", "4", "--workers", "2", "--output", "out"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_records(".out.crane-hf-partial", 4, process)
+        workers = _children(process.pid)
+        assert workers, "the run started no DataLoader worker"
+        os.kill(process.pid, signal.SIGKILL)  # the run alone, not its process group
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)
+            time.sleep(0.05)
+        alive = []
+        for pid in workers:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+                if stream.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        assert not alive, f"DataLoader workers {alive} outlived the killed run"
+    finally:
+        _kill_process_group(process)
+
+
 def test_interrupted_then_resumed_in_process_with_other_settings_refused(images, tiny_model_dir, monkeypatch, capsys):
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--batch-size", "2"]
     real, calls = sharded_prediction._score_batch, []
@@ -190,6 +237,32 @@ def test_partial_folders_crane_hf_did_not_write_are_never_used_or_removed(images
     assert main(argv) == 2
     assert "is not the partial results of a crane-hf predict run" in capsys.readouterr().err
     assert (images.parent / ".out.crane-hf-partial" / "mine.txt").read_text() == "mine"
+
+
+def test_a_user_file_in_a_marked_partial_folder_is_never_discarded_nor_published(
+    images, tiny_model_dir, monkeypatch, capsys
+):
+    """The partial folder is crane-hf's, but a file a user put into it is not: neither a plain rerun (which would
+    discard the folder) nor --resume (which would publish the file as the run's own) touches it."""
+    real = sharded_prediction._score_batch
+    monkeypatch.setattr(sharded_prediction, "_score_batch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
+    assert main(argv) == 130
+    monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+    partial = images.parent / ".out.crane-hf-partial"
+    (partial / "notes.txt").write_text("mine")
+    (partial / "overlays" / "mydir").mkdir(parents=True)
+    (partial / "overlays" / "mydir" / "y.txt").write_text("mine too")
+    capsys.readouterr()
+    for extra in ([], ["--resume"]):
+        assert main([*argv, *extra]) == 2
+        error = capsys.readouterr().err
+        assert "notes.txt, overlays/mydir/y.txt" in error and "does not write" in error, error
+        assert (partial / "notes.txt").read_text() == "mine" and (partial / "overlays" / "mydir" / "y.txt").exists()
+        assert not os.path.exists("out")
+    (partial / "notes.txt").unlink()
+    shutil.rmtree(partial / "overlays" / "mydir")
+    assert main([*argv, "--resume"]) == 3 and len(_rows("out")) == 9  # the run's own files alone: resumed
 
 
 def test_results_are_on_disk_as_they_are_produced_and_not_held(images, tiny_model_dir, monkeypatch):

@@ -249,6 +249,7 @@ def test_thresholds_are_refused_under_another_computation_than_they_were_calibra
     assert config["threshold_computation"] == {  # the computation, and no reference memory (zero-shot scores)
         **CraneForAnomalyDetection.from_pretrained(model_dir).config.inference_computation,
         "few_shot_memory": None,
+        "dtype": "float32",
     }
     assert config["threshold_computation"]["eattn_map_source"] == "per_layer"
     assert record["previous"]["computation"]["eattn_map_source"] == "last_layer"
@@ -352,3 +353,22 @@ def test_which_changes_make_thresholds_stale():
     crane.eattn_map_source = "per_layer"
     with pytest.raises(ValueError, match="eattn_map_source 'last_layer' -> 'per_layer'"):
         crane.check_thresholds()
+
+
+def test_thresholds_hold_for_the_dtype_they_were_calibrated_in(calibrated, tmp_path, capsys):
+    """Reduced precision moves scores past neighbouring calibrated ones: thresholds calibrated in float32 do not
+    decide bfloat16 scores (refused before any work, naming dtype), and thresholds calibrated in bfloat16 do."""
+    model_dir, normal = calibrated
+    assert main(["calibrate", str(model_dir), str(normal), "--fpr", "0", "--pixel-fpr", "0", "--quiet"]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["threshold_computation"]["dtype"] == "float32"
+    capsys.readouterr()
+    assert _predict(normal, model_dir, tmp_path / "refused", "--dtype", "bfloat16") == 2
+    err = capsys.readouterr().err
+    assert "dtype 'float32' -> 'bfloat16'" in err and "with that --dtype" in err and "Traceback" not in err, err
+    assert not (tmp_path / "refused").exists()
+    assert _predict(normal, model_dir, tmp_path / "float32") == 0
+    argv = ["calibrate", str(model_dir), str(normal), "--fpr", "0", "--pixel-fpr", "0", "--quiet"]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["threshold_computation"]["dtype"] == "bfloat16"
+    assert _predict(normal, model_dir, tmp_path / "bfloat16", "--dtype", "bfloat16") == 0
+    assert _predict(normal, model_dir, tmp_path / "float32-again") == 2  # now the float32 run is refused

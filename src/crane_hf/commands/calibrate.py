@@ -70,6 +70,7 @@ def calibrate_folder(
     progress: bool = True,
     config_overrides: dict[str, Any] | None = None,
     reference: list[str] | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Compute and save thresholds for the model folder `model_dir` from the normal images in `inputs`.
 
@@ -99,7 +100,9 @@ def calibrate_folder(
     check_json_sizes(model_dir)
     source = check_reference(reference)
     with calibration_lock(model_dir):
-        return _calibrate(model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides, source)
+        return _calibrate(
+            model_dir, inputs, fpr, pixel_fpr, batch_size, device, progress, config_overrides, source, dtype
+        )
 
 
 @contextlib.contextmanager
@@ -126,6 +129,7 @@ def _calibrate(
     progress: bool,
     config_overrides: dict[str, Any],
     reference: ReferenceSource | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
@@ -135,7 +139,9 @@ def _calibrate(
         LEGACY_COMPUTATION_SWITCH,
         PROMPT_TEXT_FIELDS,
         PUBLISHED_COMPUTATION,
+        THRESHOLD_DTYPE,
         CraneConfig,
+        dtype_name,
     )
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
@@ -145,10 +151,10 @@ def _calibrate(
     paths = found.paths
     skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
     previous = CraneConfig.from_pretrained(model_dir)  # what the folder computed, and its thresholds were for
-    model, processor = load_model(model_dir, device=device, **config_overrides)
+    model, processor = load_model(model_dir, device=device, dtype=dtype, **config_overrides)
     if reference is not None:
         load_reference_memory(model, processor, reference)
-    memory = model.reference_memory  # given with --reference, or the folder's own
+    memory = getattr(model, "reference_memory", None)  # given with --reference, or the folder's own (exported: none)
     references_left_out = reference_fingerprints(paths, memory) if memory is not None else []
     paths = [path for path in paths if path not in set(references_left_out)]
     pipe = make_pipeline(model, processor)
@@ -210,6 +216,7 @@ def _calibrate(
     config["threshold_computation"] = {
         **model.config.inference_computation,
         FEW_SHOT_MEMORY: memory.identity if memory is not None else None,
+        THRESHOLD_DTYPE: dtype_name(getattr(model, "dtype", "float32")),  # the dtype the scores were computed in
     }
     files = {  # all or none: config.json's thresholds, the record of how they were obtained, the memory they hold for
         os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
@@ -234,6 +241,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-fpr", type=float, default=0.01, help="target pixel false-positive rate")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype to run the model in (default: as loaded); the thresholds hold for it",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_computation_arguments(parser)
     add_reference_arguments(parser, "; saved into the model folder with the thresholds")
@@ -254,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             not args.quiet,
             computation_overrides(args),
             args.reference,
+            args.dtype,
         )
     except (OSError, TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)

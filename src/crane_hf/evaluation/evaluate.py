@@ -350,6 +350,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             pixel=True,
             smoothing_sigma=args.sigma,
             few_shot_memory=memory.identity if memory is not None else None,
+            dtype=getattr(model, "dtype", None),
         )
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):

@@ -437,13 +437,21 @@ def partial_dir(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{PARTIAL_TAG}")
 
 
-def open_partial(path: str, command: str, resume: bool, settings: dict[str, Any]) -> tuple[str, str]:
+def open_partial(
+    path: str,
+    command: str,
+    resume: bool,
+    settings: dict[str, Any],
+    is_own: Callable[[str], bool] | None = None,
+) -> tuple[str, str]:
     """Open the partial folder of the output `path` for a resumable run (call it holding `output_lock(path)`).
 
     Returns (folder, what happened): "resumed" (`resume` and a partial folder of `command` made with equal
     `settings`: its results are kept), "discarded" (a partial folder existed and `resume` was not asked: removed)
-    or "new". Raises `UnsafeOutputError` if the folder exists without crane-hf's marker of a partial `command` run
-    (never removed), and `ValueError` naming the first differing setting when resuming with other `settings`.
+    or "new". Raises `UnsafeOutputError` if the folder exists without crane-hf's marker of a partial `command` run,
+    or holds a file that `is_own` (relative path with "/" -> whether the run writes such a file) does not recognise:
+    it is never removed, and nothing in it is published as the run's own. Raises `ValueError` naming the first
+    differing setting when resuming with other `settings`.
     """
     folder = partial_dir(path)
     outcome = "new"
@@ -452,6 +460,14 @@ def open_partial(path: str, command: str, resume: bool, settings: dict[str, Any]
         if marker is None or marker.get("state") != "partial" or marker.get("command") != command:
             raise UnsafeOutputError(
                 f"refusing to use {folder}: it is not the partial results of a crane-hf {command} run; move it away."
+            )
+        own = {MARKER_NAME, PARTIAL_SETTINGS}
+        foreign = [name for name in _listing(folder) if name not in own and not (is_own and is_own(name))]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UnsafeOutputError(
+                f"refusing to use {folder}: it holds {shown}, which a crane-hf {command} run does not write; move "
+                "them away."
             )
         if resume:
             try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import Any
 
 from ..io.atomic import naming_write_errors, resumable_output_dir
 from ..io.image_files import SkippedFile, find_image_inputs
-from ..io.output_names import path_inside, safe_file_name
+from ..io.output_names import MARKER_NAME, TEMP_TAG, path_inside, safe_file_name
 from ..io.output_safety import check_output_dir, on_main_process, partial_dir, protected_paths
 from .result_shards import (
     CSV_COLUMNS,
@@ -79,6 +80,28 @@ def _typed_row(row: dict[str, str]) -> dict[str, Any]:
         typed[key] = float(row[key])
     typed["is_anomalous"] = row["is_anomalous"] == "True"
     return typed
+
+
+# What a predict run writes into its partial folder (besides its marker and settings): the rows' shards, figures
+# and maps (and, while one is written, its hidden staging name), the tables and the report of a run killed while
+# publishing. Anything else there is a user's file: the folder is then neither discarded nor resumed.
+_OWN_FILES = re.compile(
+    rf"{ROWS_FOLDER}/run-\d{{4,}}-process-\d{{5,}}\.jsonl"
+    rf"|overlays/\.?\d{{5,}}_[^/]*\.png(?:{re.escape(TORN_SUFFIX)})?"
+    rf"|maps/\.?\d{{5,}}_[^/]*\.npy(?:{re.escape(TORN_SUFFIX)})?"
+    r"|predictions\.(?:csv|json|jsonl|parquet)|\.predictions\.jsonl\.tmp|skipped\.txt"
+    r"|report\.html|report_files/[^/]+"
+    rf"|{re.escape(MARKER_NAME + TEMP_TAG)}[^/]*"
+)
+
+
+_SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")  # the pipeline's per-image scores and maps
+_MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
+
+
+def is_own_partial_file(relative: str) -> bool:
+    """Whether `relative` (a path in a partial folder, "/"-separated) is a file a predict run writes there."""
+    return _OWN_FILES.fullmatch(relative) is not None
 
 
 def output_name(index: int, path: str, suffix: str) -> str:
@@ -202,6 +225,7 @@ def check_decision_arguments(
         image=threshold is None,
         pixel=pixel_threshold is None,
         few_shot_memory=memory.identity if memory is not None else None,
+        dtype=getattr(model, "dtype", None),
     )
 
 
@@ -290,7 +314,9 @@ def run_prediction(
         skipped=list(found_skipped), output_dir=output_dir, left_out=left_out, main_process=state.is_main_process
     )
     with contextlib.ExitStack() as claim:
-        output = resumable_output_dir(output_dir, overwrite, protected, COMMAND, resume, settings)
+        output = resumable_output_dir(
+            output_dir, overwrite, protected, COMMAND, resume, settings, is_own=is_own_partial_file
+        )
         folder, outcome = on_main_process(state, lambda: claim.enter_context(output))
         if state.is_main_process and outcome == "discarded":
             print(
@@ -502,7 +528,9 @@ def _pipeline_outputs(
         if isinstance(forward, BaseException):
             results[item.index] = forward
             continue
-        one = {"score": forward["score"][position : position + 1], "anomaly_map": forward["anomaly_map"][position]}
+        # the image's scores and maps: with a reference memory (few-shot) both branches too, beside the fused ones
+        one = {name: forward[name][position : position + 1] for name in _SCORE_KEYS if name in forward}
+        one.update({name: forward[name][position] for name in _MAP_KEYS if name in forward})
         try:
             results[item.index] = pipe.postprocess(one, **postprocess_params)
             if image is not None:  # the decoded image (uint8 RGB) for its decision figure

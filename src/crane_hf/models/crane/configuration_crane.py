@@ -117,6 +117,10 @@ INFERENCE_FIELDS = (
 # The key of `threshold_computation` (no config field) naming the reference memory the calibrated scores were fused
 # with (`ReferenceMemory.identity`; None or absent: zero-shot scores). Thresholds hold for that memory only.
 FEW_SHOT_MEMORY = "few_shot_memory"
+# The key of `threshold_computation` (no config field) naming the dtype the model ran in when the thresholds were
+# calibrated ("float32", "bfloat16", "float16"; absent in older records: "float32"). Reduced precision moves scores
+# by more than the distance between neighbouring calibrated scores, so thresholds hold for their dtype only.
+THRESHOLD_DTYPE = "dtype"
 # Fields that decide nothing without a reference memory: left out of the check for zero-shot thresholds and calls.
 FEW_SHOT_FIELDS = ("few_shot_fusion_weight", "few_shot_features")
 # Fields that change the maps only: the image score (and so the image threshold) does not depend on them.
@@ -550,7 +554,7 @@ class CraneConfig(PreTrainedConfig):
             raise ValueError(
                 f"threshold_computation must be a mapping of computation fields to values, got {record!r}."
             )
-        unknown = set(record) - {*INFERENCE_FIELDS, FEW_SHOT_MEMORY}
+        unknown = set(record) - {*INFERENCE_FIELDS, FEW_SHOT_MEMORY, THRESHOLD_DTYPE}
         if unknown:
             raise ValueError(
                 f"threshold_computation names {sorted(unknown)}, which are not computation fields "
@@ -559,7 +563,12 @@ class CraneConfig(PreTrainedConfig):
         return {name: copy.deepcopy(value) for name, value in record.items()}
 
     def stale_threshold_fields(
-        self, image: bool = True, pixel: bool = True, few_shot_memory: str | None = None, **call_values: Any
+        self,
+        image: bool = True,
+        pixel: bool = True,
+        few_shot_memory: str | None = None,
+        dtype: Any = None,
+        **call_values: Any,
     ) -> dict:
         """The fields whose value differs from the one the thresholds were calibrated with (`threshold_computation`),
         as {name: (calibrated value, current value)}; empty when the thresholds hold.
@@ -570,6 +579,8 @@ class CraneConfig(PreTrainedConfig):
             few_shot_memory: `ReferenceMemory.identity` of the memory the scores are fused with, None for zero-shot
                 scores. Thresholds calibrated with another memory, or with none (zero-shot), do not hold:
                 `FEW_SHOT_MEMORY` is then named.
+            dtype: the dtype the model runs in (`torch.dtype` or its name); thresholds calibrated in another one
+                do not hold (`THRESHOLD_DTYPE`). None: not checked (a caller that does not know it).
             **call_values: values a call uses instead of the config's (e.g. the pipeline's `smoothing_sigma`).
 
         Fields that do not apply to this architecture (`not_applicable_fields`), and the few-shot fields when
@@ -579,12 +590,15 @@ class CraneConfig(PreTrainedConfig):
         if not (image or pixel) or not record:
             return {}  # no record: the default thresholds, which hold for any computation
         calibrated_memory = record.pop(FEW_SHOT_MEMORY, None)
+        calibrated_dtype = record.pop(THRESHOLD_DTYPE, "float32")
         skip = set(self.not_applicable_fields) | (set() if pixel else set(MAP_ONLY_FIELDS))
         if calibrated_memory is None and few_shot_memory is None:
             skip |= set(FEW_SHOT_FIELDS)
         stale = {}
         if calibrated_memory != few_shot_memory:
             stale[FEW_SHOT_MEMORY] = (calibrated_memory, few_shot_memory)
+        if dtype is not None and dtype_name(dtype) != calibrated_dtype:
+            stale[THRESHOLD_DTYPE] = (calibrated_dtype, dtype_name(dtype))
         for name, calibrated in record.items():
             current = call_values.get(name) if call_values.get(name) is not None else getattr(self, name)
             if name not in skip and _comparable(current) != _comparable(calibrated):
@@ -605,7 +619,8 @@ class CraneConfig(PreTrainedConfig):
             "computation than the one asked for "
             f"({changes}): they do not hold for it, so no decision is made. Recalibrate under this computation "
             f"(crane-hf calibrate with the same options{', with that --reference' if FEW_SHOT_MEMORY in stale else ''}"
-            "), or give the thresholds explicitly (--threshold / "
+            f"{', with that --dtype' if THRESHOLD_DTYPE in stale else ''}), or give the thresholds explicitly "
+            "(--threshold / "
             "--pixel-threshold; threshold= / pixel_threshold= in Python)."
         )
 
@@ -965,6 +980,11 @@ def resolve_computation(legacy: Any, given: dict[str, Any]) -> dict[str, Any]:
     return dict(implied)
 
 
+def dtype_name(dtype: Any) -> str:
+    """ "float32" for `torch.float32` or "float32" (the name a threshold record keeps)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _comparable(value: Any) -> Any:
     """A value as saved in JSON, for comparing a recorded computation with the current one (tuples as lists)."""
     if isinstance(value, (list, tuple)):
@@ -999,6 +1019,7 @@ __all__ = [
     "INFERENCE_FIELDS",
     "PER_LAYER_COMPUTATION",
     "PUBLISHED_COMPUTATION",
+    "THRESHOLD_DTYPE",
     "CraneConfig",
     "resolve_computation",
 ]

@@ -294,6 +294,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             pixel=pixel,
             smoothing_sigma=params.get("smoothing_sigma"),
             few_shot_memory=memory.identity if memory is not None else None,
+            dtype=getattr(self.model, "dtype", None),
         )
 
     def _memory_in_use(self, kwargs: dict[str, Any]) -> ReferenceMemory | None:
