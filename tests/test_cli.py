@@ -78,7 +78,7 @@ def test_predict_writes_tables_and_overlays_and_skips_unreadable_files(tiny_mode
         source = Image.open(row["path"])
         assert figure.mode == "RGB" and figure.width > 3 * 200
         assert figure.text["Image size"] == f"{source.width}x{source.height}"
-        assert figure.text["Score"] == f"{float(row['score']):.6f}"
+        assert figure.text["Score"] == row["score"] == repr(float(row["score"]))  # the decided value, unrounded
         assert figure.text["Verdict"] == ("ANOMALOUS" if row["is_anomalous"] == "True" else "OK")
         assert os.path.basename(row["overlay"]).endswith(f"_images_{os.path.basename(row['path'])}.png")
     summary = json.loads((output / "predictions.json").read_text())

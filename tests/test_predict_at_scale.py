@@ -265,6 +265,18 @@ def test_a_user_file_in_a_marked_partial_folder_is_never_discarded_nor_published
     assert main([*argv, "--resume"]) == 3 and len(_rows("out")) == 9  # the run's own files alone: resumed
 
 
+def test_report_links_open_the_images_from_the_report_folder(images, tiny_model_dir):
+    """Inputs given relative to the working folder: the report's "image" and "figure" links, relative to the
+    report's own folder, lead to the files."""
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0", "--report"]
+    assert main(argv) == 3
+    with open(os.path.join("out", "report.html"), encoding="utf-8") as stream:
+        links = re.findall(r'<a href="([^"]+)">(image|figure)</a>', stream.read())
+    assert sorted(kind for _, kind in links) == ["figure"] * 9 + ["image"] * 9
+    for link, _ in links:
+        assert os.path.isfile(os.path.join("out", link)), link
+
+
 def test_results_are_on_disk_as_they_are_produced_and_not_held(images, tiny_model_dir, monkeypatch):
     """Structural check of flat memory (benchmarks/predict_throughput.py measures it): after each batch the shard on
     disk holds every record so far, and the report holds counts, not rows."""

@@ -238,9 +238,9 @@ def save_decision_figure(path: str | os.PathLike, image: Any, anomaly_map: Any, 
     for key, value in (
         ("Source", kwargs["name"]),
         ("Verdict", verdict(float(kwargs["score"]), float(kwargs["image_threshold"]))),
-        ("Score", f"{float(kwargs['score']):.6f}"),
-        ("Image threshold", f"{float(kwargs['image_threshold']):.6f}"),
-        ("Pixel threshold", f"{float(kwargs['pixel_threshold']):.6f}"),
+        ("Score", repr(float(kwargs["score"]))),  # unrounded: a program re-deriving the verdict gets this one
+        ("Image threshold", repr(float(kwargs["image_threshold"]))),
+        ("Pixel threshold", repr(float(kwargs["pixel_threshold"]))),
         ("Image size", f"{width}x{height}"),
         ("Color scale", kwargs.get("color_scale", "absolute")),
     ):

@@ -102,7 +102,8 @@ def _prepare_rows(
             "truth": truth,
             "pixel_fraction": _number(row, "anomalous_pixel_fraction", position, optional=True),
             "figure_link": _relative_link(figure_path, folder) if figure else None,
-            "image_link": _relative_link(path, folder) if path and os.path.exists(path) else None,
+            # a relative input path is relative to the working folder, not to the report's folder
+            "image_link": _relative_link(os.path.abspath(path), folder) if path and os.path.exists(path) else None,
             "thumbnail": None,
         }
         source = figure_path if figure and os.path.isfile(figure_path) else path
