@@ -302,7 +302,14 @@ def test_leftovers_of_killed_runs_are_recognised_by_name_and_marker(project, tin
     with open(f"{stale}/{MARKER_NAME}", "w") as stream:
         json.dump({"written_by": "crane-hf", "state": "staging", "files": []}, stream)
     foreign = f"{os.path.dirname(output)}/.results.crane-hf-tmp-but-not-ours"
-    os.makedirs(foreign)  # the name alone is not enough: no marker, never deleted
+    os.makedirs(foreign)  # the name alone is not enough: no marker and a file, never deleted
+    Path(foreign, "mine.txt").write_text("a user's file")
+    # killed between creating the folder and putting its marker in place: empty, or the marker's temporary file
+    empty = f"{os.path.dirname(output)}/.results.crane-hf-tmp-killed-at-once"
+    os.makedirs(empty)
+    half_marked = f"{os.path.dirname(output)}/.results.crane-hf-tmp-killed-while-marking"
+    os.makedirs(half_marked)
+    Path(half_marked, f"{MARKER_NAME}.crane-hf-tmp-x1y2").write_text('{"written_by": "cra')
     retired = f"{os.path.dirname(output)}/.results.crane-hf-old-killed"
     os.makedirs(f"{retired}/previous")
     with open(f"{retired}/{MARKER_NAME}", "w") as stream:
@@ -311,8 +318,9 @@ def test_leftovers_of_killed_runs_are_recognised_by_name_and_marker(project, tin
         stream.write("the previous output, moved aside just before the kill")
     with output_lock(output):
         removed = clean_stale_temporaries(output)
-    assert sorted(removed) == sorted([stale, retired])
+    assert sorted(removed) == sorted([stale, retired, empty, half_marked])
     assert os.path.isdir(foreign) and not os.path.exists(stale) and not os.path.exists(retired)
+    assert Path(foreign, "mine.txt").read_text() == "a user's file"
     assert Path("results/kept.txt").read_text().startswith("the previous output")  # put back, not deleted
 
 

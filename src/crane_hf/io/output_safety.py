@@ -372,9 +372,10 @@ def output_lock(path: str) -> Iterator[None]:
 def clean_stale_temporaries(path: str) -> list[str]:
     """Remove what killed runs left beside the output `path`; call it holding `output_lock(path)`.
 
-    Temporary folders `.<name>.crane-hf-tmp-*` holding a marker and temporary files `.<name>.crane-hf-tmp-*` are
-    removed; a retired previous output (`.<name>.crane-hf-old-*/previous`) is put back when `path` is missing, the
-    rest removed. Returns the paths removed or restored.
+    Temporary folders `.<name>.crane-hf-tmp-*` holding a marker (or nothing but the marker's own temporary file:
+    a run killed while creating it) and temporary files `.<name>.crane-hf-tmp-*` are removed; a retired previous
+    output (`.<name>.crane-hf-old-*/previous`) is put back when `path` is missing, the rest removed.
+    Returns the paths removed or restored.
     """
     path = os.path.abspath(path)
     parent, name = os.path.dirname(path), os.path.basename(path)
@@ -385,7 +386,10 @@ def clean_stale_temporaries(path: str) -> list[str]:
         full = os.path.join(parent, entry)
         if entry.startswith(f".{name}{TEMP_TAG}"):
             if os.path.isdir(full) and not os.path.islink(full):
-                if is_crane_hf_output(full):
+                # marked, or killed before its marker was in place (empty, or only the marker's own temporary
+                # file): nothing in it can be a user's
+                unmarked_start = all(item.startswith(MARKER_NAME + TEMP_TAG) for item in os.listdir(full))
+                if is_crane_hf_output(full) or unmarked_start:
                     shutil.rmtree(full)
                     done.append(full)
             else:
