@@ -93,21 +93,26 @@ def _kill_process_group(process: subprocess.Popen, seconds: float = 60) -> None:
     assert not _group_alive(process.pid), f"processes of group {process.pid} survived SIGKILL"
 
 
+def _live_processes() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), zombies that wait
+    for their reaper left out; empty without procfs."""
+    found = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as stream:
+                    fields = stream.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                found[int(entry)] = fields
+    return found
+
+
 def _group_alive(group: int) -> bool:
-    """Whether a process of `group` is still running (zombies that wait for their reaper do not count)."""
-    if not os.path.isdir("/proc"):  # no procfs: the kill of the group is all that can be checked
-        return False
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+    """Whether a process of `group` is still running (without procfs the kill of the group is all that can be
+    checked)."""
+    return any(int(fields[2]) == group for fields in _live_processes().values())
 
 
 def test_a_killed_run_resumed_ends_with_the_table_of_an_uninterrupted_run(images, tiny_model_dir):
@@ -142,18 +147,8 @@ def test_a_killed_run_resumed_ends_with_the_table_of_an_uninterrupted_run(images
 
 
 def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as stream:
-                    fields = stream.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    """The processes whose parent is `pid`."""
+    return [child for child, fields in _live_processes().items() if int(fields[1]) == pid]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -177,11 +172,7 @@ def test_workers_end_when_the_run_is_killed_alone(images, tiny_model_dir):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(-1, os.WNOHANG)
             time.sleep(0.05)
-        alive = []
-        for pid in workers:
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
-                if stream.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    alive.append(pid)
+        alive = sorted(set(workers) & set(_live_processes()))
         assert not alive, f"DataLoader workers {alive} outlived the killed run"
     finally:
         _kill_process_group(process)

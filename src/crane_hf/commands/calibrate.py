@@ -156,7 +156,8 @@ def _calibrate(
         load_reference_memory(model, processor, reference)
     memory = getattr(model, "reference_memory", None)  # given with --reference, or the folder's own (exported: none)
     references_left_out = reference_fingerprints(paths, memory) if memory is not None else []
-    paths = [path for path in paths if path not in set(references_left_out)]
+    excluded = set(references_left_out)
+    paths = [path for path in paths if path not in excluded]
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()

@@ -344,14 +344,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_overlays or args.report:
         # The decision figures and the report state verdicts: thresholds calibrated under another computation (or
         # sigma) do not hold for this one, so they are refused before any work, as predict refuses them.
-        memory = getattr(model, "reference_memory", None)  # a folder's own memory fuses the scores
-        model.config.check_thresholds(
-            image=True,
-            pixel=True,
-            smoothing_sigma=args.sigma,
-            few_shot_memory=memory.identity if memory is not None else None,
-            dtype=getattr(model, "dtype", None),
-        )
+        from ..models.crane.configuration_crane import threshold_context
+
+        # a folder's own memory fuses the scores; the dtype the model runs in
+        model.config.check_thresholds(image=True, pixel=True, smoothing_sigma=args.sigma, **threshold_context(model))
     with warnings.catch_warnings(record=True) as caught:
         for category in (InvalidRecordWarning, UnusedFileWarning, LossyMaskWarning):
             warnings.simplefilter("always", category)

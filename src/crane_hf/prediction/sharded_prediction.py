@@ -95,10 +95,6 @@ _OWN_FILES = re.compile(
 )
 
 
-_SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")  # the pipeline's per-image scores and maps
-_MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
-
-
 def is_own_partial_file(relative: str) -> bool:
     """Whether `relative` (a path in a partial folder, "/"-separated) is a file a predict run writes there."""
     return _OWN_FILES.fullmatch(relative) is not None
@@ -220,13 +216,10 @@ def check_decision_arguments(
             check_threshold(value, name)
     if color_scale not in COLOR_SCALES:
         raise ValueError(f"color_scale must be one of {COLOR_SCALES}, got {color_scale!r}.")
-    memory = getattr(model, "reference_memory", None)  # thresholds hold for the memory they were calibrated with
-    model.config.check_thresholds(
-        image=threshold is None,
-        pixel=pixel_threshold is None,
-        few_shot_memory=memory.identity if memory is not None else None,
-        dtype=getattr(model, "dtype", None),
-    )
+    from ..models.crane.configuration_crane import threshold_context
+
+    # thresholds hold for the memory and the dtype they were calibrated with
+    model.config.check_thresholds(image=threshold is None, pixel=pixel_threshold is None, **threshold_context(model))
 
 
 def check_run_arguments(batch_size: int, workers: int, formats: tuple[str, ...]) -> None:
@@ -502,6 +495,8 @@ def _pipeline_outputs(
     """Position -> pipeline output (or the error) of the batch's images to score: one forward pass for the batch
     (inputs copied to the device without blocking; pinned on CUDA), or image by image when it fails, so that one
     bad input cannot sink its batch."""
+    from ..models.crane.pipeline_zero_shot_anomaly_detection import MAP_KEYS, SCORE_KEYS
+
     pixel_values = batch["pixel_values"].to(pipe.device, non_blocking=True)
     try:
         forward = pipe.forward(
@@ -529,8 +524,8 @@ def _pipeline_outputs(
             results[item.index] = forward
             continue
         # the image's scores and maps: with a reference memory (few-shot) both branches too, beside the fused ones
-        one = {name: forward[name][position : position + 1] for name in _SCORE_KEYS if name in forward}
-        one.update({name: forward[name][position] for name in _MAP_KEYS if name in forward})
+        one = {name: forward[name][position : position + 1] for name in SCORE_KEYS if name in forward}
+        one.update({name: forward[name][position] for name in MAP_KEYS if name in forward})
         try:
             results[item.index] = pipe.postprocess(one, **postprocess_params)
             if image is not None:  # the decoded image (uint8 RGB) for its decision figure

@@ -980,6 +980,14 @@ def resolve_computation(legacy: Any, given: dict[str, Any]) -> dict[str, Any]:
     return dict(implied)
 
 
+def threshold_context(model: Any, memory: Any = None) -> dict[str, Any]:
+    """The call values of `CraneConfig.check_thresholds` that only a loaded model knows: the reference memory its
+    scores are fused with (`few_shot_memory`: `memory`, else the model's own; None: zero-shot) and the dtype it runs
+    in (`dtype`; None where the model has none)."""
+    memory = memory if memory is not None else getattr(model, "reference_memory", None)
+    return {"few_shot_memory": memory.identity if memory is not None else None, "dtype": getattr(model, "dtype", None)}
+
+
 def dtype_name(dtype: Any) -> str:
     """ "float32" for `torch.float32` or "float32" (the name a threshold record keeps)."""
     return str(dtype).removeprefix("torch.")
@@ -1022,4 +1030,5 @@ __all__ = [
     "THRESHOLD_DTYPE",
     "CraneConfig",
     "resolve_computation",
+    "threshold_context",
 ]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
+from .configuration_crane import threshold_context
 from .image_processing_crane import image_to_rgb_array
 from .image_reading import read_encoded_image, read_image, read_image_bytes, read_image_url
 from .reference_memory import ReferenceMemory, array_fingerprint, file_fingerprint
@@ -94,8 +95,8 @@ def _is_datasets_input(inputs: Any) -> bool:
     return (from_datasets and isinstance(inputs, Sequence)) or hasattr(inputs, "column_names")
 
 
-_SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")
-_MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
+SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")
+MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
 
 
 def _one_map(anomaly_map: Any) -> np.ndarray:
@@ -288,14 +289,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         pixel = bool(params.get("return_overlay")) and params.get("pixel_threshold") is None
         if not (image or pixel):
             return
-        memory = self._memory_in_use(kwargs)
-        check(
-            image=image,
-            pixel=pixel,
-            smoothing_sigma=params.get("smoothing_sigma"),
-            few_shot_memory=memory.identity if memory is not None else None,
-            dtype=getattr(self.model, "dtype", None),
-        )
+        context = threshold_context(self.model, self._memory_in_use(kwargs))
+        check(image=image, pixel=pixel, smoothing_sigma=params.get("smoothing_sigma"), **context)
 
     def _memory_in_use(self, kwargs: dict[str, Any]) -> ReferenceMemory | None:
         """The reference memory a call with `kwargs` fuses its scores with: the call's, else the pipeline's, else
@@ -362,8 +357,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         config = self.model.config
         threshold = config.image_threshold if threshold is None else threshold
         pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
-        maps = {name: _one_map(model_outputs[name]) for name in _MAP_KEYS if name in model_outputs}
-        scores = {name: float(model_outputs[name].reshape(-1)[0]) for name in _SCORE_KEYS if name in model_outputs}
+        maps = {name: _one_map(model_outputs[name]) for name in MAP_KEYS if name in model_outputs}
+        scores = {name: float(model_outputs[name].reshape(-1)[0]) for name in SCORE_KEYS if name in model_outputs}
         for name, value in (*scores.items(), *maps.items()):
             if not np.isfinite(value).all():
                 raise ValueError(
