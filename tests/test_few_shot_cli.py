@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +118,22 @@ def test_calibrate_with_reference_saves_the_memory_and_fused_thresholds(setup, t
     assert "few_shot_score" in detector(parts[0])
     threshold = json.loads((tmp_path / "model" / "config.json").read_text())["image_threshold"]
     assert threshold in scores.tolist() and np.mean(scores >= threshold) <= 0.25
+
+
+def test_calibrate_on_reference_images_only_says_they_were_all_left_out(setup, tmp_path, capsys):
+    _, _, good, _ = setup
+    folder = save_tiny_model_folder(tmp_path / "model", "crane+")
+    before = (tmp_path / "model" / "config.json").read_bytes()
+    capsys.readouterr()
+    copy = tmp_path / "copy_of_good_0.png"  # the same image under another name is a reference image too
+    shutil.copyfile(good[0], copy)
+    assert main(["calibrate", folder, *good[:2], str(copy), "--reference", *good[:2], "--quiet"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    assert err[0].startswith("error: all 3 normal images given to calibrate are reference images"), err
+    assert "left out" in err[0] and "that are not its reference images" in err[0], err
+    assert (tmp_path / "model" / "config.json").read_bytes() == before
+    assert not (tmp_path / "model" / MEMORY_FILE_NAME).exists()
 
 
 def test_thresholds_hold_only_for_the_memory_they_were_calibrated_with(setup, tmp_path, capsys):

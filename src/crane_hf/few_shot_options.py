@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,12 +91,39 @@ def load_reference_memory(model: Any, processor: Any, source: ReferenceSource, c
     return memory
 
 
-def reference_fingerprints(paths: list[str], memory: Any) -> list[str]:
-    """The `paths` whose file bytes are one of `memory`'s images (by sha256): not to be scored as unseen images."""
+def reference_images_among(
+    items: Iterable[Any],
+    memory: Any,
+    fingerprint: Callable[[Any], str],
+    path: Callable[[Any], str | None] | None = None,
+) -> list[Any]:
+    """The `items` that are images of `memory` (a `ReferenceMemory`): the same file as one it was built from (by
+    resolved path, where `memory.image_paths` knows them) or the same content (`fingerprint(item)`, "sha256:<hex>",
+    is one of `memory.fingerprints`: a copy under another name is the same image). A memory finds its own images
+    perfectly normal, so they are never scored as unseen images (calibrate and evaluate leave them out, predict
+    refuses them). An item whose fingerprint cannot be computed (`OSError`, `ValueError`) is not one of them: it is
+    skipped, with its reason, when it is read.
+
+    `path(item)` gives an item's file path (None: not a file; `path=None`: no item is a file).
+    """
+    known = set(memory.fingerprints)
+    files = {os.path.realpath(name) for name in getattr(memory, "image_paths", ())}
+    found = []
+    for item in items:
+        try:
+            name = path(item) if path is not None else None
+            if (name is not None and os.path.realpath(name) in files) or fingerprint(item) in known:
+                found.append(item)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def reference_files_among(paths: list[str], memory: Any) -> list[str]:
+    """The image files among `paths` that are images of `memory` (`reference_images_among`)."""
     from .models.crane.reference_memory import file_fingerprint
 
-    known = set(memory.fingerprints)
-    return [path for path in paths if file_fingerprint(path) in known]
+    return reference_images_among(paths, memory, file_fingerprint, path=str)
 
 
 __all__ = [
@@ -104,5 +131,6 @@ __all__ = [
     "add_reference_arguments",
     "check_reference",
     "load_reference_memory",
-    "reference_fingerprints",
+    "reference_files_among",
+    "reference_images_among",
 ]

@@ -18,7 +18,8 @@ score or map is not finite is skipped and reported; no threshold is ever written
 Few-shot: with `--reference` (normal images of the class, or a saved reference memory), or for a folder that holds a
 reference memory (`reference_memory.safetensors`), the thresholds are those of the fused scores and maps; the memory
 given with `--reference` is saved into the folder with them, since they hold for it. Calibration images that are
-reference images (same file bytes) are left out: a memory finds its own images perfectly normal.
+reference images (the same file, or the same bytes under another name) are left out and named: a memory finds its own
+images perfectly normal. When every calibration image is one, calibrate refuses and says so.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..few_shot_options import (
     add_reference_arguments,
     check_reference,
     load_reference_memory,
-    reference_fingerprints,
+    reference_files_among,
 )
 from ..io.atomic import atomic_write_many
 from ..io.image_files import find_image_inputs
@@ -155,9 +156,15 @@ def _calibrate(
     if reference is not None:
         load_reference_memory(model, processor, reference)
     memory = getattr(model, "reference_memory", None)  # given with --reference, or the folder's own (exported: none)
-    references_left_out = reference_fingerprints(paths, memory) if memory is not None else []
+    references_left_out = reference_files_among(paths, memory) if memory is not None else []
     excluded = set(references_left_out)
     paths = [path for path in paths if path not in excluded]
+    if references_left_out and not paths:
+        raise ValueError(
+            f"all {len(references_left_out)} normal images given to calibrate are reference images of the few-shot "
+            "memory (the same files or the same bytes) and were left out: a memory finds its own images perfectly "
+            "normal. Calibrate on normal images of the class that are not its reference images."
+        )
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()

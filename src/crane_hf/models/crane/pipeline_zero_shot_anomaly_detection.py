@@ -99,6 +99,11 @@ SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")
 MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
 
 
+def _is_local_path(image: Any) -> bool:
+    """Whether `image` names a local file (a path, not a URL)."""
+    return isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://"))
+
+
 def _one_map(anomaly_map: Any) -> np.ndarray:
     """A float32 [H, W] numpy map from the forward's map of one image (a list of one map at batch size 1)."""
     if isinstance(anomaly_map, list):
@@ -231,6 +236,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 yield torch.cat(chunk)
 
         memory = self.model.build_reference_memory(batches(), fingerprints, class_name=class_name)
+        memory.image_paths = [os.fspath(image) for image in images if _is_local_path(image)]
         self._reference_cache = ((tuple(fingerprints), class_name), memory)
         return memory
 
@@ -250,7 +256,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     @staticmethod
     def _fingerprint(image: Any) -> str:
         """sha256 of a local file's or encoded image's bytes, else of the image's RGB pixel array."""
-        if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://")):
+        if _is_local_path(image):
             try:
                 return file_fingerprint(image)
             except OSError as error:

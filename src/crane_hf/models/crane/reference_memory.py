@@ -159,6 +159,8 @@ class ReferenceMemory:
         class_name: the class the images show (informative; `None` when not given).
         settings: the `FEATURE_FIELDS` of the model's config that decide the features (and the backbones' names).
         probe: source name -> the model's features of `probe_pixel_values` [N, C], to recognize the model.
+        image_paths: the files the memory was built from, where it was built from files in this process (not saved:
+            a loaded memory knows its images by fingerprint only); used to recognize them by path.
     """
 
     features: dict[str, torch.Tensor]
@@ -167,6 +169,7 @@ class ReferenceMemory:
     class_name: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_paths: list[str] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
