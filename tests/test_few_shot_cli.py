@@ -252,6 +252,59 @@ def test_evaluate_shots_averages_the_seeds_with_their_spread(shots_setup):
     assert " ± " in (output / "metrics.md").read_text()
 
 
+def test_evaluate_shots_leaves_a_classs_reference_images_out_of_its_test_images(tmp_path, monkeypatch, capsys):
+    """A test image that is one of the drawn reference images (here: copies of every normal train image of brick,
+    under other names, among its test images) would be compared with itself: it is left out of that seed's scored
+    images, and one line says how many were."""
+
+    from crane_hf.evaluation import few_shot
+    from crane_hf.training.data_loading import image_file
+
+    model_dir = save_tiny_model_folder(tmp_path / "model", "crane+")
+    data = generate_synthetic_dataset(
+        str(tmp_path / "data"), classes=["brick", "coins"], defects=["spot"], image_size=64, train_good=4,
+        test_good=2, test_defective=2,
+    )  # fmt: skip
+    copies = {}
+    for path in sorted((tmp_path / "data" / "brick" / "train" / "good").iterdir()):
+        copy = tmp_path / "data" / "brick" / "test" / "good" / f"copy_{path.name}"
+        shutil.copyfile(path, copy)
+        copies[os.path.realpath(path)] = str(copy)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    meta["test"]["brick"] += [
+        {"img_path": f"brick/test/good/{os.path.basename(copy)}", "mask_path": "", "cls_name": "brick",
+         "specie_name": "good", "anomaly": 0}
+        for copy in copies.values()
+    ]  # fmt: skip
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    scored: list[set[str]] = []
+    original = few_shot.score_with_memories
+
+    def spy(model, processor, dataset, rows, *args, **kwargs):
+        scored.append({os.path.realpath(image_file(dataset[row])) for row in rows})
+        return original(model, processor, dataset, rows, *args, **kwargs)
+
+    monkeypatch.setattr(few_shot, "score_with_memories", spy)
+    every_test_image = {os.path.realpath(p) for p in (tmp_path / "data").glob("*/test/*/*.png")}
+    output = tmp_path / "eval"
+    argv = ["evaluate", "--model", model_dir, "--data", data, "--output", str(output), "--quiet"]
+    assert main([*argv, "--shots", "2", "--seeds", "2"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((output / "metrics.json").read_text())["few_shot"]
+    assert len(scored) == 2
+    for seed in (0, 1):
+        drawn = report["reference_images"][str(seed)]["brick"]
+        left_out = {os.path.realpath(copies[os.path.realpath(path)]) for path in drawn}
+        assert len(left_out) == 2
+        assert scored[seed] == every_test_image - left_out  # the set of scored paths
+        assert sorted(map(os.path.realpath, report["reference_images_left_out"][str(seed)])) == sorted(left_out)
+    lines = [line for line in (captured.out + captured.err).splitlines() if "reference images" in line]
+    assert lines == [
+        "note: left out the test images that are reference images of their class's memory (compared with "
+        "themselves otherwise): 2 in seed 0, 2 in seed 1; the metrics are on the other test images"
+    ], lines
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

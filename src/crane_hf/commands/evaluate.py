@@ -172,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if "markdown" in report:  # few-shot: mean ± std over the seeds
         print(report["markdown"])
+        left_out = report["info"]["few_shot"]["reference_images_left_out"]
+        counts = ", ".join(f"{len(paths)} in seed {seed}" for seed, paths in left_out.items())
+        print(
+            "note: left out the test images that are reference images of their class's memory (compared with "
+            f"themselves otherwise): {counts}; the metrics are on the other test images",
+            file=sys.stderr,
+        )
     else:
         title = f"{report['info']['model']} (AUPRO: {report['info']['aupro']})"
         print(_markdown(report["table"], title, report["info"]["mean_classes"]))

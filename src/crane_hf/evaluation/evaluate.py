@@ -571,7 +571,7 @@ def _evaluate_few_shot(
     from accelerate.utils import gather_object
 
     from ..data import load_data_source
-    from ..training.data_loading import ProcessedImages, undecoded
+    from ..training.data_loading import ProcessedImages, image_file, undecoded
     from .few_shot import (
         FEW_SHOT_KINDS,
         build_class_memory,
@@ -581,6 +581,7 @@ def _evaluate_few_shot(
         mean_and_spread,
         normal_train_rows,
         reference_paths,
+        reference_rows,
         score_with_memories,
         train_split_of,
     )
@@ -601,6 +602,7 @@ def _evaluate_few_shot(
     per_seed: dict[int, dict[str, Any]] = {}
     references: dict[int, dict[str, list[str]]] = {}
     skipped: list[tuple[int, str]] = []
+    test_fingerprints: dict[int, str] = {}  # each test row hashed once, whatever the number of seeds
     with contextlib.ExitStack() as claim:
         staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
         with state.split_between_processes(list(range(len(dataset)))) as shard:
@@ -612,11 +614,13 @@ def _evaluate_few_shot(
                     name: build_class_memory(model, train_images, draws[name], name, args.batch_size)
                     for name in shard_classes
                 }
+                # a test image that is one of its class's reference images would be compared with itself
+                left_out_rows = set(reference_rows(dataset, shard, memories, test_fingerprints))
                 accumulators, shard_skipped = score_with_memories(
                     model,
                     processor,
                     dataset,
-                    shard,
+                    [row for row in shard if row not in left_out_rows],
                     memories,
                     args.batch_size,
                     args.sigma,
@@ -625,7 +629,12 @@ def _evaluate_few_shot(
                 states = {
                     kind: {n: acc.state_dict() for n, acc in accumulators[kind].items()} for kind in accumulators
                 }
-                per_seed[seed] = {"states": gather_object([states]), "skipped": gather_object([shard_skipped])}
+                left_out_paths = [image_file(dataset[row]) for row in sorted(left_out_rows)]
+                per_seed[seed] = {
+                    "states": gather_object([states]),
+                    "skipped": gather_object([shard_skipped]),
+                    "left_out": gather_object([left_out_paths]),
+                }
         if not state.is_main_process:
             return {}
         tables: dict[str, list[dict[str, Any]]] = {kind: [] for kind in FEW_SHOT_KINDS}
@@ -645,6 +654,9 @@ def _evaluate_few_shot(
             "draw": "numpy.random.default_rng(seed).choice of each class's normal train images ordered by path",
             "train_splits": train_specs,
             "reference_images": {str(seed): paths for seed, paths in references.items()},
+            "reference_images_left_out": {
+                str(seed): [path for part in per_seed[seed]["left_out"] for path in part] for seed in range(args.seeds)
+            },
             "metrics": summary,
             "per_seed": {
                 str(seed): {kind: tables[kind][i] for kind in FEW_SHOT_KINDS}

@@ -6,6 +6,9 @@ outputs (and of the few-shot branch alone) are averaged over the seeds and repor
 Draws: seed s orders a class's normal train images by path and picks K of them with `numpy.random.default_rng(s)`
 (without replacement), so a draw depends only on the seed, the class and its images. `crane-hf evaluate --shots K
 --seeds N` runs seeds 0 .. N-1; a class with fewer than K normal train images is refused before any image is scored.
+A test image that is one of its class's drawn reference images (the same file, or the same bytes: a test split that
+shares images with the train split) is left out of that seed's scored images, as calibrate leaves them out: compared
+with itself it would score perfectly normal and inflate the metrics.
 """
 
 from __future__ import annotations
@@ -58,8 +61,34 @@ def row_fingerprint(record: dict[str, Any]) -> str:
     return file_fingerprint(image.get("path") or record["image_path"])
 
 
+def row_file(record: dict[str, Any]) -> str | None:
+    """The file an undecoded row's image is read from; None when the row holds the image's bytes."""
+    image = record["image"] or {}
+    return None if image.get("bytes") is not None else image.get("path") or record["image_path"]
+
+
+def reference_rows(dataset: Any, rows: Sequence[int], memories: dict[str, Any], fingerprints: dict[int, str]) -> list:
+    """The `rows` of `dataset` that are reference images of their class's memory (`memories`: class -> memory), by
+    file or by content (`few_shot_options.reference_images_among`): scored, they would be compared with themselves.
+    `fingerprints` caches each row's sha256 across seeds."""
+    from ..few_shot_options import reference_images_among
+
+    def fingerprint(row: int) -> str:
+        if row not in fingerprints:
+            fingerprints[row] = row_fingerprint(dataset[row])
+        return fingerprints[row]
+
+    class_names = dataset["class_name"]
+    found: list[int] = []
+    for name, memory in memories.items():
+        class_rows = [row for row in rows if class_names[row] == name]
+        found += reference_images_among(class_rows, memory, fingerprint, path=lambda row: row_file(dataset[row]))
+    return sorted(found)
+
+
 def build_class_memory(model: Any, images: Any, rows: list[int], class_name: str, batch_size: int) -> Any:
-    """The reference memory of `rows` of `images` (`training.data_loading.ProcessedImages` of the train split).
+    """The reference memory of `rows` of `images` (`training.data_loading.ProcessedImages` of the train split); it
+    knows the files it was built from (`ReferenceMemory.image_paths`).
 
     Raises:
         ValueError: a reference image that cannot be read (named).
@@ -70,7 +99,9 @@ def build_class_memory(model: Any, images: Any, rows: list[int], class_name: str
             yield torch.stack([images[row]["pixel_values"] for row in rows[start : start + batch_size]])
 
     fingerprints = [row_fingerprint(images.dataset[row]) for row in rows]
-    return model.build_reference_memory(batches(), fingerprints, class_name=class_name)
+    memory = model.build_reference_memory(batches(), fingerprints, class_name=class_name)
+    memory.image_paths = [path for path in (row_file(images.dataset[row]) for row in rows) if path is not None]
+    return memory
 
 
 def score_with_memories(
@@ -189,6 +220,8 @@ __all__ = [
     "markdown_with_spread",
     "mean_and_spread",
     "normal_train_rows",
+    "reference_rows",
+    "row_file",
     "score_with_memories",
     "train_split_of",
 ]
