@@ -136,6 +136,53 @@ def test_calibrate_on_reference_images_only_says_they_were_all_left_out(setup, t
     assert not (tmp_path / "model" / MEMORY_FILE_NAME).exists()
 
 
+def test_predict_refuses_inputs_that_are_reference_images_before_any_work(setup, tmp_path, capsys):
+    """An input that is a reference image (the same file, or a copy under another name) matches itself in the
+    memory and would pass as normal: predict refuses the run before scoring, naming the files."""
+    work, model_dir, good, parts = setup
+    copy = tmp_path / "renamed.png"
+    shutil.copyfile(good[1], copy)
+    memory_file = tmp_path / "memory.safetensors"
+    from transformers import pipeline
+
+    pipeline("zero-shot-anomaly-detection", model=model_dir).build_reference_memory(sorted(good)).save(memory_file)
+    for reference, inputs, named in (
+        ([str(work / "good")], [*parts, good[0]], [good[0]]),  # by path
+        ([str(work / "good")], [*parts, str(copy)], [str(copy)]),  # by content
+        ([str(memory_file)], [*parts, str(copy), good[2]], [str(copy), good[2]]),  # a saved memory: by content
+    ):
+        output = tmp_path / "refused"
+        argv = ["predict", *inputs, "--model", model_dir, "--output", str(output), "--quiet", "--no-overlays"]
+        assert main([*argv, "--reference", *reference]) == 2
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and err[0].startswith(f"error: {len(named)} of the inputs are reference images"), err
+        assert all(name in err[0] for name in named) and not any(part in err[0] for part in parts), err
+        assert not output.exists() and not any(tmp_path.glob(".refused*"))
+    # the image column of a dataset (bytes embedded in a Parquet file): by content
+    import datasets
+
+    embedded = [*parts, good[1]]
+    table = datasets.Dataset.from_dict({"image": embedded, "image_path": embedded})
+    table.cast_column("image", datasets.Image()).map(lambda row: row).to_parquet(str(tmp_path / "images.parquet"))
+    capsys.readouterr()
+    output = tmp_path / "refused_dataset"
+    argv = ["predict", "--dataset", str(tmp_path / "images.parquet"), "--model", model_dir, "--output", str(output)]
+    assert main([*argv, "--quiet", "--no-overlays", "--reference", str(work / "good")]) == 2
+    err = error_lines(capsys.readouterr().err)
+    err = [line for line in err if not line.startswith("Generating train split")]  # datasets' progress bar
+    assert len(err) == 1 and err[0].startswith("error: 1 of the inputs are reference images") and good[1] in err[0]
+    assert not output.exists()
+    # a model folder that holds a memory is refused the same way
+    folder = save_tiny_model_folder(tmp_path / "model", "crane+")
+    assert main(["calibrate", folder, *parts, "--reference", *good[:2], "--quiet"]) == 0
+    capsys.readouterr()
+    output = tmp_path / "refused_folder_memory"
+    assert main(["predict", *parts, str(copy), "--model", folder, "--output", str(output), "--quiet"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(copy) in err[0], err
+    assert main(["predict", *parts, "--model", folder, "--output", str(output), "--quiet"]) == 0
+
+
 def test_thresholds_hold_only_for_the_memory_they_were_calibrated_with(setup, tmp_path, capsys):
     """Zero-shot thresholds are not decisions on fused scores, nor one memory's thresholds on another's: predict
     and the pipeline refuse them before any work, naming few_shot_memory; given explicitly, they are used."""

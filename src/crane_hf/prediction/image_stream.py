@@ -46,13 +46,21 @@ class FileSource:
     def name(self, index: int) -> str:
         return self.paths[index]
 
+    def file(self, index: int) -> str:
+        """The file of item `index`."""
+        return self.paths[index]
+
+    def sha256(self, index: int) -> str:
+        """SHA-256 (hex) of item `index`'s file; `ValueError` with the reason when it cannot be read."""
+        try:
+            return file_sha256(self.paths[index])
+        except OSError as error:
+            raise ValueError(f"could not be read ({error.strerror or error})") from error
+
     def read(self, index: int, expected: str | None) -> tuple[str, Image.Image | None]:
         """(SHA-256 of the file, decoded image or None when it equals `expected`); `ValueError` with the reason."""
         path = self.paths[index]
-        try:
-            digest = file_sha256(path)
-        except OSError as error:
-            raise ValueError(f"could not be read ({error.strerror or error})") from error
+        digest = self.sha256(index)
         if digest == expected:
             return digest, None
         try:
@@ -84,12 +92,33 @@ class DatasetSource:
     def name(self, index: int) -> str:
         return str(self.names[index]) if self.names is not None else f"{self.label}[{index}]"
 
-    def read(self, index: int, expected: str | None) -> tuple[str, Image.Image | None]:
+    def _cell(self, index: int) -> dict[str, Any]:
         cell = self.dataset[index][self.column]
         if not cell or not (cell.get("bytes") or cell.get("path")):
             raise ValueError("the row holds no image")
+        return cell
+
+    def file(self, index: int) -> str | None:
+        """The file row `index`'s image is read from; None when the row holds its bytes."""
+        cell = self._cell(index)
+        return None if cell.get("bytes") else cell["path"]
+
+    def sha256(self, index: int) -> str:
+        """SHA-256 (hex) of row `index`'s encoded image (its bytes, or its file)."""
+        cell = self._cell(index)
         try:
-            digest = hashlib.sha256(cell["bytes"]).hexdigest() if cell.get("bytes") else file_sha256(cell["path"])
+            return self._digest(cell)
+        except READ_ERRORS as error:
+            raise ValueError(str(error)) from error
+
+    @staticmethod
+    def _digest(cell: dict[str, Any]) -> str:
+        return hashlib.sha256(cell["bytes"]).hexdigest() if cell.get("bytes") else file_sha256(cell["path"])
+
+    def read(self, index: int, expected: str | None) -> tuple[str, Image.Image | None]:
+        cell = self._cell(index)
+        try:
+            digest = self._digest(cell)
             if digest == expected:
                 return digest, None
             return digest, read_encoded_image(cell)

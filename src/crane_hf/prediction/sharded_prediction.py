@@ -260,6 +260,29 @@ def run_settings(
     }
 
 
+def refuse_reference_inputs(source: Any, memory: Any) -> None:
+    """Refuse (`ValueError` naming them) inputs of `source` that are images of the reference `memory`: the same file
+    or the same bytes (`few_shot_options.reference_images_among`). Such an image matches itself in the memory and
+    scores near 0, a "not anomalous" that says nothing; calibrate and evaluate leave them out, but a prediction run
+    decides on every input it is given, so it fails closed instead: no image is scored.
+
+    Reads every input once more (its SHA-256) before the run; only with a reference memory.
+    """
+    from ..few_shot_options import reference_images_among
+
+    found = reference_images_among(
+        range(len(source)), memory, lambda index: f"sha256:{source.sha256(index)}", path=source.file
+    )
+    if found:
+        names = [source.name(index) for index in found]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(
+            f"{len(names)} of the inputs are reference images of the few-shot memory (the same files or the same "
+            f"bytes): {shown}; each would match itself in the memory and pass as normal. Remove them from the inputs "
+            "(or from --reference) and rerun."
+        )
+
+
 def run_prediction(
     model: Any,
     processor: Any,
@@ -293,6 +316,9 @@ def run_prediction(
     state = PartialState(cpu=not torch.accelerator.is_available())  # no GPU: gloo processes on the CPU
     items, found_skipped, left_out = on_main_process(state, search)
     source = make_source(items)
+    memory = getattr(model, "reference_memory", None)
+    if memory is not None:  # before the output is claimed and any image scored
+        on_main_process(state, lambda: refuse_reference_inputs(source, memory))
     pipe = make_pipeline(model, processor)
     params: dict[str, Any] = {}
     if threshold is not None:
