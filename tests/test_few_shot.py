@@ -270,6 +270,36 @@ def test_pipeline_with_a_saved_memory_and_a_folder_memory(few_shot_folder, tmp_p
     assert again["few_shot_score"] == pytest.approx(expected["few_shot_score"], abs=1e-6)
 
 
+def test_a_memory_file_is_read_once_per_call_and_again_when_it_changes(few_shot_folder, tmp_path, monkeypatch):
+    """The threshold check and the call itself use one reading of `reference_memory=FILE`; a changed file (another
+    memory written in its place) is read again and used."""
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    path = tmp_path / "memory.safetensors"
+    detector.build_reference_memory(good[:2]).save(path)
+    expected_first = detector(good[3], reference_images=good[:2])
+    expected_second = detector(good[3], reference_images=good[1:3])
+    loads: list[str] = []
+    original = ReferenceMemory.load.__func__
+
+    def counting_load(cls, source):
+        loads.append(str(source))
+        return original(cls, source)
+
+    monkeypatch.setattr(ReferenceMemory, "load", classmethod(counting_load))
+    result = detector(good[3], reference_memory=str(path))
+    assert loads == [str(path)]
+    assert result["score"] == expected_first["score"]
+    detector(good[3], reference_memory=str(path))
+    assert len(loads) == 1  # unchanged file: not read again
+    detector.build_reference_memory(good[1:3]).save(path)  # another memory in its place
+    result = detector(good[3], reference_memory=str(path))
+    assert len(loads) == 2
+    assert result["score"] == expected_second["score"]
+
+
 def test_pipeline_refuses_bad_reference_inputs(few_shot_folder, tmp_path):
     from transformers import pipeline
 

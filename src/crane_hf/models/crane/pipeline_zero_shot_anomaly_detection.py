@@ -241,16 +241,28 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         return memory
 
     def load_reference_memory(self, memory: ReferenceMemory | str | os.PathLike) -> ReferenceMemory:
-        """A memory object or .safetensors file, checked against this pipeline's model (`ValueError` naming it)."""
+        """A memory object or .safetensors file, checked against this pipeline's model (`ValueError` naming it).
+
+        A file is read and checked once, and again only when it changes: the memory of the last file is kept with
+        the file's resolved path, inode, size and modification time (a call checks its thresholds and then runs,
+        both with this memory)."""
         source = "the reference memory"
+        key = None
         if isinstance(memory, (str, os.PathLike)):
             source = os.fspath(memory)
             if not os.path.isfile(source):
                 raise ValueError(f"reference memory {source}: no such file.")
+            status = os.stat(source)
+            key = (os.path.realpath(source), status.st_ino, status.st_size, status.st_mtime_ns)
+            cached = getattr(self, "_memory_file_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             memory = ReferenceMemory.load(source)
         if not isinstance(memory, ReferenceMemory):
             raise TypeError(f"reference_memory must be a ReferenceMemory or a file path, got {type(memory).__name__}.")
         self.model.check_reference_memory(memory, source)
+        if key is not None:
+            self._memory_file_cache = (key, memory)
         return memory
 
     @staticmethod
@@ -301,7 +313,8 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def _memory_in_use(self, kwargs: dict[str, Any]) -> ReferenceMemory | None:
         """The reference memory a call with `kwargs` fuses its scores with: the call's, else the pipeline's, else
         the model's; None for zero-shot. A call's memory is built (or loaded and checked) here, once: the pipeline
-        keeps the memory of the last reference images (`build_reference_memory`)."""
+        keeps the memory of the last reference images (`build_reference_memory`) and of the last memory file
+        (`load_reference_memory`), which the call then uses."""
         if kwargs.get("reference_images") is not None or kwargs.get("reference_memory") is not None:
             names = ("reference_images", "reference_memory", "timeout")
             _, forward, _ = self._sanitize_parameters(**{name: kwargs[name] for name in names if name in kwargs})
