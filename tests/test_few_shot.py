@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,10 +245,47 @@ def test_pipeline_with_reference_images_returns_fused_and_both_branches(few_shot
     direct = zero_shot.model.build_reference_memory(pixels, memory.fingerprints)
     for name, features in direct.features.items():
         torch.testing.assert_close(memory.features[name], features)
-    # a reference image is normal to its own memory; per call, and in batches, the same results
-    assert few_shot(good[0])["few_shot_score"] < 1e-5
+    # per call, and in batches, the same results
     batch = zero_shot([good[3], good[2]], reference_images=good[:2], batch_size=2)
     assert batch[0]["score"] == pytest.approx(result["score"], abs=1e-6)
+
+
+def test_pipeline_refuses_to_score_a_reference_image_of_the_memory_in_use(few_shot_folder, tmp_path):
+    """A reference image matches itself in memory and would pass as normal: the same file, a copy under another
+    name, its bytes, its pixels, in a list, against a call's, a pipeline's or the model folder's own memory."""
+    import shutil
+
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    copy = shutil.copy(good[0], tmp_path / "renamed.png")  # a pathlib.Path: an input as a str is
+    pixels = np.asarray(Image.open(good[1]).convert("RGB"))
+    from_files = {"reference_images": good[:2]}
+    cases = [
+        (good[0], from_files, "good"),
+        (copy, from_files, r"renamed\.png"),
+        (Path(good[1]).read_bytes(), from_files, "an input image"),
+        ([good[3], good[1]], from_files, "good"),
+        (Image.fromarray(pixels), {"reference_images": [pixels]}, "an input image"),
+    ]
+    for image, kwargs, name in cases:
+        with pytest.raises(ValueError, match=rf"{name}.*is one of the few-shot memory's reference images"):
+            detector(image, **kwargs)
+    few_shot = pipeline("zero-shot-anomaly-detection", model=folder, reference_images=good[:2])
+    with pytest.raises(ValueError, match="reference images"):
+        few_shot(copy)
+    detector.model.set_reference_memory(detector.build_reference_memory(good[:2]))
+    detector.model.save_pretrained(tmp_path / "with_memory")
+    detector.image_processor.save_pretrained(tmp_path / "with_memory")
+    detector.model.set_reference_memory(None)
+    own = pipeline("zero-shot-anomaly-detection", model=str(tmp_path / "with_memory"))
+    with pytest.raises(ValueError, match="reference images"):
+        own(good[0])
+    # other images are scored; without a memory a reference image is scored as any image
+    assert np.isfinite(own(good[3])["score"])
+    assert np.isfinite(detector(good[0])["score"])
 
 
 def test_pipeline_with_a_saved_memory_and_a_folder_memory(few_shot_folder, tmp_path):

@@ -26,6 +26,7 @@ are returned too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -97,6 +98,26 @@ def _is_datasets_input(inputs: Any) -> bool:
 
 SCORE_KEYS = ("score", "zero_shot_score", "few_shot_score")
 MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
+
+
+def _refuse_reference_image(memory: ReferenceMemory, image: Any, file: str | None, encoded: bytes | None) -> None:
+    """Raise `ValueError` if the image to score is one of `memory`'s reference images: the same file (resolved
+    path), the same file or encoded bytes (sha256), or the same RGB pixels (sha256): the fingerprints
+    `build_reference_memory` records. Compared with itself it would score as normal, a silent pass."""
+    known = set(memory.fingerprints)
+    same = file is not None and (
+        os.path.realpath(file) in {os.path.realpath(name) for name in getattr(memory, "image_paths", ())}
+        or file_fingerprint(file) in known
+    )
+    if encoded is not None:  # as a file's bytes, and as `build_reference_memory` fingerprints bytes
+        same = same or f"sha256:{hashlib.sha256(encoded).hexdigest()}" in known
+        same = same or array_fingerprint(np.frombuffer(encoded, dtype=np.uint8)) in known
+    if same or array_fingerprint(image_to_rgb_array(image)) in known:
+        name = file or "an input image"
+        raise ValueError(
+            f"{name} is one of the few-shot memory's reference images (the same file, bytes or pixels): compared "
+            "with itself it scores as normal. Leave it out of the images to score (or out of the reference images)."
+        )
 
 
 def _is_local_path(image: Any) -> bool:
@@ -183,10 +204,13 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         timeout: float | None = None,
         reference_images: Any = None,
         reference_memory: ReferenceMemory | str | os.PathLike | None = None,
+        _memory_images: ReferenceMemory | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess: dict[str, Any] = {}
         forward: dict[str, Any] = {}
         postprocess: dict[str, Any] = {}
+        if _memory_images is not None:  # set by __call__: the memory the call fuses with
+            preprocess["memory_images"] = _memory_images
         if reference_images is not None and reference_memory is not None:
             raise ValueError("give reference_images or reference_memory, not both.")
         if reference_images is not None:
@@ -291,14 +315,18 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             inputs = _SequenceDataset(inputs)
         if isinstance(inputs, list) and not inputs:
             return []
-        self._check_thresholds(kwargs)
+        memory = self._memory_in_use(kwargs)
+        self._check_thresholds(kwargs, memory)
+        if memory is not None:
+            kwargs = {**kwargs, "_memory_images": memory}
         return super().__call__(inputs, **kwargs)
 
-    def _check_thresholds(self, kwargs: dict[str, Any]) -> None:
+    def _check_thresholds(self, kwargs: dict[str, Any], memory: ReferenceMemory | None) -> None:
         """Refuse, before any image is read, to decide with the model's thresholds when they were calibrated under
         another computation than the model's (`CraneConfig.check_thresholds`; a threshold given to the call or to
         the pipeline is used instead and needs no check). Thresholds hold for the reference memory they were
-        calibrated with: zero-shot thresholds are refused for fused scores, and the other way round."""
+        calibrated with (`memory`, the call's `_memory_in_use`): zero-shot thresholds are refused for fused scores,
+        and the other way round."""
         check = getattr(self.model.config, "check_thresholds", None)
         if check is None:
             return
@@ -307,7 +335,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         pixel = bool(params.get("return_overlay")) and params.get("pixel_threshold") is None
         if not (image or pixel):
             return
-        context = threshold_context(self.model, self._memory_in_use(kwargs))
+        context = threshold_context(self.model, memory)
         check(image=image, pixel=pixel, smoothing_sigma=params.get("smoothing_sigma"), **context)
 
     def _memory_in_use(self, kwargs: dict[str, Any]) -> ReferenceMemory | None:
@@ -323,18 +351,34 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             return self._forward_params["reference_memory"]
         return getattr(self.model, "reference_memory", None)
 
-    def preprocess(self, image: Any, timeout: float | None = None, keep_image: bool = False) -> dict[str, Any]:
+    def preprocess(
+        self,
+        image: Any,
+        timeout: float | None = None,
+        keep_image: bool = False,
+        memory_images: ReferenceMemory | None = None,
+    ) -> dict[str, Any]:
+        """Read and preprocess one image. With `memory_images` (the few-shot memory in use), an image that is one of
+        the memory's reference images is refused (`ValueError`): compared with itself it would score as normal."""
+        encoded = file = None
+        if isinstance(image, os.PathLike):  # a pathlib.Path is a file path, as a string is
+            image = os.fspath(image)
         if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded `datasets` Image
+            encoded, file = image.get("bytes"), (None if image.get("bytes") else image.get("path"))
             image = read_encoded_image(image)
         elif isinstance(image, (bytes, bytearray)):  # an encoded image file held in memory
-            image = read_image_bytes(bytes(image), "image bytes")
+            encoded = bytes(image)
+            image = read_image_bytes(encoded, "image bytes")
         source = image if isinstance(image, str) else None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             # Downloaded with a timeout and a byte limit, decoded as files are (multi-frame refused, EXIF
             # orientation, 16-bit kept, bomb guard): the same picture gives the same map by URL and by path.
             image = read_image_url(image, timeout=timeout)
         elif isinstance(image, str):
+            file = image
             image = read_image(image)
+        if memory_images is not None:
+            _refuse_reference_image(memory_images, image, file, encoded)
         return model_inputs_for_image(self.image_processor, image, self.dtype, keep_image, source)
 
     def _forward(
