@@ -1,7 +1,7 @@
 """`crane-hf predict` at scale: end-to-end against model-only throughput, and memory over a long run.
 
     python benchmarks/predict_throughput.py                      # both tables (about 20 minutes on 2 busy cores)
-    python benchmarks/predict_throughput.py --part throughput --images 1000 --variant crane+ --batch-size 8
+    python benchmarks/predict_throughput.py --part throughput --images 1000 --rounds 5 --variant crane+ --batch-size 8
     python benchmarks/predict_throughput.py --part memory --memory-images 10000
 
 Throughput: a random Crane / Crane+ at the small shape of benchmarks/inference.py (CLIP ViT-B/14 width, 12 layers,
@@ -10,7 +10,8 @@ DINOv2-S/14 with registers, input 224) saved as a model folder, and `--images` P
 preprocessed in memory; "end to end" is `predict_images` on the files (listing, reading, fingerprinting, decoding
 and preprocessing in DataLoader workers, scoring, the table rows, overlays, the shard, the merge into the tables),
 without the interpreter start and model load, which the last column adds (the whole `crane-hf predict` command,
-run once, with overlays).
+run once, with overlays, on the first round's images). The passes are interleaved in `--rounds` rounds, each on its
+own part of the images, so that a load changing during the run changes all of them alike.
 
 Memory: the tiny test model (input 56) on `--memory-images` PNGs of 64 x 64 (the model's cost is negligible, so
 what grows with the number of images shows), `crane-hf predict` in a child process; the resident memory of the
@@ -53,6 +54,12 @@ def write_images(folder: str, count: int, side: int, seed: int = 0) -> None:
 
 
 def throughput(args: argparse.Namespace, work: str) -> list[str]:
+    """Model-only and end-to-end throughput, interleaved: the images are split into `--rounds` parts, and each
+    round runs the three passes (model only, end to end with overlays, end to end without) on its part, one after
+    the other, so that a load that changes during the run (other processes on the machine) changes all three
+    alike; the table gives each pass's total and the median (and range) of the per-round ratios."""
+    import statistics
+
     import torch
     from inference import build_model
 
@@ -62,52 +69,64 @@ def throughput(args: argparse.Namespace, work: str) -> list[str]:
 
     model_dir = os.path.join(work, "model")
     build_model("small", args.variant).save_pretrained(model_dir)
-    images = os.path.join(work, "images")
-    write_images(images, args.images, 256)
+    rounds = max(1, min(args.rounds, args.images))
+    parts = [args.images // rounds + (index < args.images % rounds) for index in range(rounds)]
+    folders = []
+    for index, count in enumerate(parts):
+        folders.append(os.path.join(work, f"images-{index}"))
+        write_images(folders[-1], count, 256, seed=index)
     model, processor = load_model(model_dir)
     pipe = make_pipeline(model, processor)
-    names = sorted(os.listdir(images))
-    batches = []
-    for start in range(0, len(names), args.batch_size):
-        prepared = [pipe.preprocess(os.path.join(images, name)) for name in names[start : start + args.batch_size]]
-        batches.append(
-            {
-                "pixel_values": torch.cat([item["pixel_values"] for item in prepared]),
-                "original_size": torch.cat([item["original_size"] for item in prepared]),
-            }
-        )
-    pipe.forward(batches[0])  # warm-up
-    started = time.perf_counter()
-    for batch in batches:
-        pipe.forward(batch)
-    model_only = args.images / (time.perf_counter() - started)
-    del batches
     workers = default_workers() if args.workers is None else args.workers
-    rows = []
-    for overlays in (True, False):
-        output = os.path.join(work, f"out-{overlays}")
+
+    def model_only(folder: str) -> float:
+        names = sorted(os.listdir(folder))
+        batches = []
+        for start in range(0, len(names), args.batch_size):
+            prepared = [pipe.preprocess(os.path.join(folder, name)) for name in names[start : start + args.batch_size]]
+            keys = ("pixel_values", "original_size")
+            batches.append({key: torch.cat([item[key] for item in prepared]) for key in keys})
+        started = time.perf_counter()
+        for batch in batches:
+            pipe.forward(batch)
+        return time.perf_counter() - started
+
+    def end_to_end(folder: str, overlays: bool) -> float:
+        output = os.path.join(work, f"out-{os.path.basename(folder)}-{overlays}")
         started = time.perf_counter()
         predict_images(
-            model, processor, [images], output, batch_size=args.batch_size, write_overlays=overlays,
+            model, processor, [folder], output, batch_size=args.batch_size, write_overlays=overlays,
             progress=False, workers=workers,
         )  # fmt: skip
-        end_to_end = args.images / (time.perf_counter() - started)
-        whole = "-"
-        if overlays:  # the whole command once, as a user runs it (process start and model load included)
-            command = [sys.executable, "-m", "crane_hf.commands.cli", "predict", images, "--model", model_dir]
-            command += ["--output", output + "-cli", "--quiet", "--batch-size", str(args.batch_size)]
-            command += ["--workers", str(workers)]
-            started = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            whole = f"{time.perf_counter() - started:.1f}"
+        return time.perf_counter() - started
+
+    model_only(folders[0])  # warm-up
+    seconds: dict[str, list[float]] = {"model": [], "yes": [], "no": []}
+    for folder in folders:
+        seconds["model"].append(model_only(folder))
+        seconds["yes"].append(end_to_end(folder, True))
+        seconds["no"].append(end_to_end(folder, False))
+    # the whole command once, as a user runs it (process start and model load included)
+    command = [sys.executable, "-m", "crane_hf.commands.cli", "predict", folders[0], "--model", model_dir]
+    command += ["--output", os.path.join(work, "out-cli"), "--quiet", "--batch-size", str(args.batch_size)]
+    command += ["--workers", str(workers)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    whole = time.perf_counter() - started
+    model_rate = args.images / sum(seconds["model"])
+    rows = []
+    whole_text = f"{whole:.1f} ({parts[0]} images)"
+    for overlays in ("yes", "no"):
+        ratios = [model / e2e for model, e2e in zip(seconds["model"], seconds[overlays])]
         rows.append(
-            f"| {args.variant} | {args.images} | {args.batch_size} | {workers} | {'yes' if overlays else 'no'} | "
-            f"{model_only:.2f} | {end_to_end:.2f} | {end_to_end / model_only:.2f} | {whole} |"
+            f"| {args.variant} | {args.images} | {rounds} | {args.batch_size} | {workers} | {overlays} | "
+            f"{model_rate:.2f} | {args.images / sum(seconds[overlays]):.2f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | {whole_text if overlays == 'yes' else '-'} |"
         )
     return [
-        "| model (small shape) | images | batch | workers | overlays | model only (img/s) | end to end (img/s) | "
-        "ratio | whole command (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model (small shape) | images | rounds | batch | workers | overlays | model only (img/s) | "
+        "end to end (img/s) | end-to-end / model-only ratio, median of rounds (range) | whole command (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -167,6 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["throughput", "memory", "both"], default="both")
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5, help="throughput: interleaved rounds (default 5)")
     parser.add_argument("--variant", choices=["crane", "crane+"], default="crane+")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None)
