@@ -172,3 +172,43 @@ def test_a_prompts_only_folder_whose_backbones_are_missing_fails_at_once(hub_unr
     assert message.startswith(f"Model {folder} needs the backbone openai/clip-vit-large-patch14-336, which is ")
     assert "  hf download facebook/dinov2-with-registers-base --local-dir dinov2-with-registers-base\n" in message
     assert '"dino_backbone": "/path/to/dinov2-with-registers-base"' in message
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "expected"),
+    [
+        ("predict", "crane+/mvtc", "Did you mean crane+/mvtec?"),
+        ("predict", "crane+/mvtec", "Preset crane+/mvtec needs the backbone openai/clip-vit-large-patch14-336"),
+        ("evaluate", "someone/does-not-exist", "neither in the Hugging Face cache nor downloadable here"),
+    ],
+)
+def test_a_model_that_cannot_load_fails_once_before_processes_start(tmp_path, command, name, expected):
+    """`--num-processes 2`: a typo, an unreachable Hub id or a preset whose backbones are missing is one error line,
+    before any process is launched (not one error per process and the launcher's traceback)."""
+    images = write_test_images(tmp_path / "data" / "widget" / "test" / "good", count=2)
+    inputs = ["--data", str(tmp_path / "data")] if command == "evaluate" else images
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crane_hf.cli",
+            command,
+            *inputs,
+            "--model",
+            name,
+            "--output",
+            "out",
+            *["--num-processes", "2"],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()  # one line: no per-process errors, no launcher traceback
+    assert line.startswith("error: ") and expected in line, line
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ from .models.crane.configuration_crane import CraneConfig
 from .models.crane.image_processing_crane import CraneImageProcessor
 from .models.crane.modeling_crane import CraneForAnomalyDetection
 from .models.crane.pipeline_zero_shot_anomaly_detection import PIPELINE_TASK, ZeroShotAnomalyDetectionPipeline
-from .presets import is_preset_name, list_presets, model_from_preset
+from .presets import check_preset_backbones, is_preset_name, list_presets, model_from_preset
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,23 @@ def check_folder_backbones(folder: str) -> None:
             raise BackboneUnavailableError(
                 backbone_unavailable_message(f"Model {folder}", source, reason, list(hub_ids.values()), usage)
             )
+
+
+def check_model_loadable(spec: str, clip: str | None = None, dino: str | None = None) -> str:
+    """`check_model_available(spec)`, and that the backbones it needs can be had here (a preset's, or `clip` /
+    `dino` given for it; those a prompts-only folder names): every check of a model name that needs no loading, for
+    callers that must fail at once, before starting work or processes. Returns the kind (`model_kind`).
+
+    Raises:
+        the errors of `check_model_available`; `BackboneUnavailableError` (an `OSError`) for a backbone neither
+        cached nor downloadable here, with the commands that get it.
+    """
+    kind = check_model_available(spec)
+    if kind == "preset":
+        check_preset_backbones(spec, clip=clip, dino=dino)
+    elif kind == "folder":
+        check_folder_backbones(spec)
+    return kind
 
 
 def load_model(
@@ -444,9 +461,7 @@ def pipeline_with_presets(
     if name is None:
         name = default_model()
         logger.warning("No model was supplied, defaulted to %s (crane_hf's default preset).", name)
-    kind = check_model_available(name)
-    if kind == "folder":
-        check_folder_backbones(name)
+    kind = check_model_loadable(name)
     if kind != "preset":
         return pipeline(PIPELINE_TASK, name, **kwargs)
     dtype = kwargs.pop("dtype", None)

@@ -119,8 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range arguments, an unusable device and an output that cannot be written, before any work."""
     from ..data import parse_sources
-    from ..evaluation.evaluate import evaluation_protections
-    from ..model_loading import check_device
+    from ..evaluation.evaluate import evaluated_model, evaluation_protections
+    from ..model_loading import check_device, check_model_loadable
     from ..models.crane.gaussian_smoothing import MAX_SMOOTHING_SIGMA
 
     parse_sources(args.data)  # a class or a dataset named twice would be counted twice
@@ -152,6 +152,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                 f"{torch.accelerator.current_accelerator().type} device(s), one per process; on the CPU only, any "
                 "number of processes runs."
             )
+    model = evaluated_model(args)
+    if model is not None:  # before processes start: a typo or a missing backbone fails once, at once
+        check_model_loadable(model, clip=args.clip, dino=args.dino)
     if args.device != "auto":
         check_device(args.model, args.device)
     check_output_dir(args.output, args.overwrite, evaluation_protections(args, args.model))

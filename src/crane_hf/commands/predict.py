@@ -191,7 +191,7 @@ def _inputs(args: argparse.Namespace) -> list[str]:
 def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Every check that needs no model: arguments, the device, inputs and the output. Returns the protected
     (what, path) folders of the output."""
-    from ..model_loading import check_device, check_model_source
+    from ..model_loading import check_device, check_model_loadable
 
     require_positive("--batch-size", args.batch_size)
     require_positive("--num-processes", args.num_processes)
@@ -200,7 +200,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
     require_range("--threshold", args.threshold, 0.0, 1.0)
     require_range("--pixel-threshold", args.pixel_threshold, 0.0, 1.0)
     _tables(args)
-    check_model_source(args.model)
+    check_model_loadable(args.model, clip=args.clip, dino=args.dino)  # before processes start: a typo fails once
     check_device(args.model, args.device)
     inputs = _inputs(args)
     if args.dataset is not None:

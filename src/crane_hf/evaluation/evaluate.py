@@ -312,7 +312,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
     from ..computation_options import computation_overrides
-    from ..data import DataSource, InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
+    from ..data import InvalidRecordWarning, LossyMaskWarning, UnusedFileWarning, load_data_source
     from ..model_loading import load_model, model_kind
     from ..training.data_loading import undecoded
 
@@ -320,8 +320,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     model_spec, aupro = args.model, args.aupro
     if args.protocol == "paper":
-        dataset_name = args.dataset or os.path.basename(os.path.normpath(DataSource.parse(args.data[0]).root))
-        protocol = paper_protocol(dataset_name, args.variant)
+        protocol = paper_protocol(paper_dataset_name(args), args.variant)
         model_spec = model_spec or protocol["preset"]
         overrides["soft_mean"] = protocol["soft_mean"]
         aupro = protocol["aupro"]
@@ -397,6 +396,20 @@ def _claim_output(claim: contextlib.ExitStack, state: Any, args: argparse.Namesp
     """The temporary output folder, opened by the main process and shared with the others (or its error)."""
     output = atomic_output_dir(args.output, overwrite=args.overwrite, protected=protected, command="evaluate")
     return on_main_process(state, lambda: claim.enter_context(output))
+
+
+def paper_dataset_name(args: argparse.Namespace) -> str:
+    """The dataset name `--protocol paper` goes by: `--dataset`, else the folder name of the first `--data`."""
+    from ..data import DataSource
+
+    return args.dataset or os.path.basename(os.path.normpath(DataSource.parse(args.data[0]).root))
+
+
+def evaluated_model(args: argparse.Namespace) -> str | None:
+    """The model `evaluate` runs: `--model`, else under `--protocol paper` the protocol's preset; None for neither."""
+    if args.model is not None or args.protocol != "paper":
+        return args.model
+    return paper_protocol(paper_dataset_name(args), args.variant)["preset"]
 
 
 def evaluation_protections(args: argparse.Namespace, model_spec: str | None) -> list[tuple[str, str]]:

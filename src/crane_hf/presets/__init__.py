@@ -136,12 +136,35 @@ def _unavailable_message(preset: Preset, missing: str, reason: str) -> str:
     return backbone_unavailable_message(f"Preset {preset.name}", missing, reason, backbones, usage)
 
 
-def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
-    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
+def _check_backbone_available(source: str, preset: Preset, cache_dir: Any = None) -> None:
+    """A backbone given as a Hub id (not a local folder) that is neither cached nor downloadable here fails at once
+    (one connection attempt, no download retries) with `BackboneUnavailableError`."""
     if not os.path.isdir(source):
-        reason = unavailable_reason(source, cache_dir=backbone_kwargs.get("cache_dir"))
+        reason = unavailable_reason(source, cache_dir=cache_dir)
         if reason:
             raise BackboneUnavailableError(_unavailable_message(preset, source, reason))
+
+
+def check_preset_backbones(name: str, clip: Any = None, dino: Any = None) -> None:
+    """That the backbones the preset `name` would load (its Hub ids, or the `clip` / `dino` given as paths or Hub ids;
+    loaded models pass) can be had here, without loading them: what `model_from_preset` checks first, for callers
+    that must fail before starting work (several processes, an output folder).
+
+    Raises:
+        BackboneUnavailableError: a backbone Hub id neither cached nor downloadable here, with the download commands.
+    """
+    preset = load_preset(name)
+    sources = [preset.clip_backbone if clip is None else clip]
+    if preset.variant == "crane+":
+        sources.append(preset.dino_backbone if dino is None else dino)
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            _check_backbone_available(os.fspath(source), preset)
+
+
+def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
+    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
+    _check_backbone_available(source, preset, backbone_kwargs.get("cache_dir"))
     try:
         return loader(source, **backbone_kwargs)
     except OSError as error:
