@@ -70,6 +70,41 @@ def test_two_processes_write_the_tables_of_one(images, tiny_model_dir, capsys):
     assert not [name for name in os.listdir(".") if name.startswith(".")]  # no partial folder, no lock left
 
 
+def _damaged_copy(tiny_model_dir: str, damage: str) -> str:
+    """A copy of the tiny model folder that the processes refuse once they load it (the parent's checks, which do
+    not load the model, pass): a truncated weights file, or a threshold that is not a number."""
+    folder = shutil.copytree(tiny_model_dir, f"model-{damage}")
+    if damage == "weights":
+        path = os.path.join(folder, "model.safetensors")
+        with open(path, "r+b") as stream:
+            stream.truncate(os.path.getsize(path) // 2)
+    else:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as stream:
+            config = json.load(stream)
+        config["image_threshold"] = "high"
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as stream:
+            json.dump(config, stream)
+    return folder
+
+
+@pytest.mark.parametrize(("damage", "named"), [("weights", "model.safetensors"), ("threshold", "image_threshold")])
+def test_an_input_refused_in_the_processes_is_one_line_and_exit_2_as_on_one(
+    images, tiny_model_dir, damage, named, capfd
+):
+    """--num-processes N reports what a process refuses as one process does: the same one line, exit code 2, no
+    launcher traceback, nothing written."""
+    model = _damaged_copy(tiny_model_dir, damage)
+    argv = ["predict", "imgs", "--model", model, "--output", "out", "--quiet", "--workers", "0"]
+    assert main(argv) == 2
+    one = capfd.readouterr().err.strip().splitlines()[-1]
+    assert one.startswith("error: ") and named in one, one
+    assert main([*argv, "--num-processes", "2"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == one, err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [one]  # printed once
+    assert not os.path.exists("out") and not [name for name in os.listdir(".") if name.startswith(".")]
+
+
 def _wait_for_records(folder: str, count: int, process: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
