@@ -393,3 +393,73 @@ def test_the_backbone_mismatch_error_names_the_option_the_command_line_has(tiny_
         parser = argparse.ArgumentParser()
         importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
         assert any("--allow-backbone-mismatch" in action.option_strings for action in parser._actions), command
+
+
+def _bug(*args, **kwargs):
+    raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")  # what a bug in the work raises
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "name"),
+    [
+        ("calibrate", "crane_hf.commands.calibrate", "_calibrate"),
+        ("evaluate", "crane_hf.evaluation.evaluate", "evaluate_model"),
+        ("train", "crane_hf.training.train", "train"),
+        ("train-keyerror", "crane_hf.training.train", "train"),
+    ],
+)
+def test_a_bug_inside_the_work_is_not_reported_as_refused_input(
+    tiny_model_dir, tmp_path, monkeypatch, command, module, name, capsys
+):
+    """Exit code 2 means "refused input, one line"; a bug (TypeError, KeyError, ...) is not caught as one: it
+    propagates with its traceback (exit 1 from the console script, `test_a_bug_exits_1_with_its_traceback`)."""
+    from crane_hf.data import generate_synthetic_dataset
+
+    write_test_images(tmp_path / "normal", count=2)
+    data = generate_synthetic_dataset(str(tmp_path / "data"), ["brick"], ["spot"], image_size=32, test_defective=1)
+    bug = _bug
+    if command == "train-keyerror":
+        command, bug = "train", lambda *args: {}["epoch"]
+    monkeypatch.setattr(importlib.import_module(module), name, bug)
+    argv = {
+        "calibrate": ["calibrate", str(shutil.copytree(tiny_model_dir, tmp_path / "m")), str(tmp_path / "normal")],
+        "evaluate": ["evaluate", "--model", tiny_model_dir, "--data", data, "--output", str(tmp_path / "ev")],
+        "train": ["train", "--data", data, "--clip", "c", "--output-dir", str(tmp_path / "tr")],
+    }[command]
+    with pytest.raises((TypeError, KeyError)):
+        main([*argv, "--quiet"] if command != "train" else argv)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bug_exits_1_with_its_traceback_on_one_process_and_on_two(tiny_model_dir, tmp_path):
+    """Through the console script: a TypeError raised inside the work (here in the scoring of a batch, in every
+    process) exits 1 with its traceback, on one process and with --num-processes 2; a refused input exits 2 with one
+    line (`test_predict_at_scale.py::test_an_input_refused_in_the_processes_is_one_line_and_exit_2_as_on_one`)."""
+    from .tiny_models import subprocess_environment
+
+    write_test_images(tmp_path / "imgs", count=4)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import crane_hf.prediction.sharded_prediction as sharded
+
+            def _score_batch(*args, **kwargs):
+                raise TypeError("a bug inside the work")
+
+            sharded._score_batch = _score_batch
+            """
+        )
+    )
+    env = subprocess_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    script = shutil.which("crane-hf")
+    for processes in ("1", "2"):
+        output = tmp_path / f"out{processes}"
+        command = [script, "predict", str(tmp_path / "imgs"), "--model", tiny_model_dir, "--output", str(output)]
+        command += ["--quiet", "--workers", "0", "--num-processes", processes]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert result.returncode == 1, (processes, result.stderr)
+        assert "Traceback" in result.stderr and "TypeError: a bug inside the work" in result.stderr, result.stderr
+        assert not output.exists()

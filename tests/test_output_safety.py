@@ -4,6 +4,7 @@ outputs as inputs, and every file name built from data stays inside the output f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -148,6 +149,84 @@ def test_overwrite_replaces_only_what_crane_hf_wrote(project, tiny_model_dir, ca
     os.remove("results/link")
     assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0
     assert sorted(os.listdir("photos")) == ["part_0.png", "part_1.png", "part_2.png"]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_the_manifest_records_the_size_and_sha256_of_every_file_written(project, tiny_model_dir):
+    assert _predict(tiny_model_dir, ["photos"], "results", "--save-maps") == 0
+    files = read_marker("results")["files"]
+    on_disk = {
+        os.path.relpath(os.path.join(root, name), "results").replace(os.sep, "/"): os.path.join(root, name)
+        for root, _, names in os.walk("results")
+        for name in names
+        if name != MARKER_NAME
+    }
+    assert len(on_disk) == 3 + 3 + 2 and set(files) == set(on_disk)  # figures, maps, two tables
+    assert files == {name: {"size": os.path.getsize(path), "sha256": _sha256(path)} for name, path in on_disk.items()}
+
+
+def _forge(folder: str, change) -> None:
+    marker = read_marker(folder)
+    change(marker["files"])
+    Path(folder, MARKER_NAME).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        lambda files: files.update({"photo.png": {"size": 5, "sha256": "0" * 64}}),  # a made-up record
+        lambda files: files.update({"photo.png": files["predictions.csv"]}),  # another file's record
+        lambda files: files.update({"photo.png": {"size": 5}}),  # no hash
+        lambda files: files.update({"photo.png": "ours"}),
+    ],
+)
+def test_a_manifest_edited_to_list_a_users_file_does_not_make_it_deletable(project, tiny_model_dir, forgery, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    Path("results/photo.png").write_bytes(b"mine!")
+    _forge("results", forgery)
+    before = _snapshot("results")
+    assert unowned_entries("results") == ["results/photo.png"]
+    capsys.readouterr()
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "did not write, or changed since it wrote them (results/photo.png)" in error
+    assert _snapshot("results") == before
+    os.remove("results/photo.png")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0  # crane-hf's own files: replaced
+
+
+def test_a_users_file_under_the_name_of_one_of_ours_is_never_deleted(project, tiny_model_dir, capsys):
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    (figure,) = [name for name in sorted(os.listdir("results/overlays")) if "part_1" in name]
+    Path("results/overlays", figure).write_bytes(b"the user's own picture, saved under that name")
+    Path("results/predictions.csv").write_text("my edited table\n")
+    before = _snapshot("results")
+    capsys.readouterr()
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"results/overlays/{figure}" in error and "results/predictions.csv" in error
+    assert _snapshot("results") == before
+    shutil.move("results/predictions.csv", "my_table.csv")
+    shutil.move(f"results/overlays/{figure}", "my_picture.png")
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 0
+
+
+def test_a_manifest_of_names_only_is_not_proof_of_ownership(project, tiny_model_dir, capsys):
+    """A manifest listing names without content (crane-hf before content hashes wrote such; or a forged one)."""
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    marker = read_marker("results")
+    marker["files"] = sorted(marker["files"])
+    Path("results", MARKER_NAME).write_text(json.dumps(marker))
+    before = _snapshot("results")
+    capsys.readouterr()
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "lists file names without their content" in error
+    assert "delete it yourself, or choose another output" in error
+    assert _snapshot("results") == before
 
 
 def test_an_unmarked_folder_is_never_replaced_by_any_command(project, tiny_model_dir, tmp_path, capsys):
@@ -392,7 +471,8 @@ def test_a_manifest_owns_only_the_files_it_lists_never_a_folder_name(project, ti
     os.makedirs("forged/docs/sub")
     Path("forged/docs/thesis.tex").write_text("mine")
     Path("forged/docs/sub/figure.txt").write_text("mine too")
-    Path(f"forged/{MARKER_NAME}").write_text(json.dumps({"written_by": "crane-hf", "files": [claimed]}))
+    record = {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    Path(f"forged/{MARKER_NAME}").write_text(json.dumps({"written_by": "crane-hf", "files": {claimed: record}}))
     before = _snapshot("forged")
     assert sorted(unowned_entries("forged")) == ["forged/docs/sub/figure.txt", "forged/docs/thesis.tex"]
     assert _predict(tiny_model_dir, ["photos"], "forged", "--overwrite") == 2

@@ -70,6 +70,41 @@ def test_two_processes_write_the_tables_of_one(images, tiny_model_dir, capsys):
     assert not [name for name in os.listdir(".") if name.startswith(".")]  # no partial folder, no lock left
 
 
+def _damaged_copy(tiny_model_dir: str, damage: str) -> str:
+    """A copy of the tiny model folder that the processes refuse once they load it (the parent's checks, which do
+    not load the model, pass): a truncated weights file, or a threshold that is not a number."""
+    folder = shutil.copytree(tiny_model_dir, f"model-{damage}")
+    if damage == "weights":
+        path = os.path.join(folder, "model.safetensors")
+        with open(path, "r+b") as stream:
+            stream.truncate(os.path.getsize(path) // 2)
+    else:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as stream:
+            config = json.load(stream)
+        config["image_threshold"] = "high"
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as stream:
+            json.dump(config, stream)
+    return folder
+
+
+@pytest.mark.parametrize(("damage", "named"), [("weights", "model.safetensors"), ("threshold", "image_threshold")])
+def test_an_input_refused_in_the_processes_is_one_line_and_exit_2_as_on_one(
+    images, tiny_model_dir, damage, named, capfd
+):
+    """--num-processes N reports what a process refuses as one process does: the same one line, exit code 2, no
+    launcher traceback, nothing written."""
+    model = _damaged_copy(tiny_model_dir, damage)
+    argv = ["predict", "imgs", "--model", model, "--output", "out", "--quiet", "--workers", "0"]
+    assert main(argv) == 2
+    one = capfd.readouterr().err.strip().splitlines()[-1]
+    assert one.startswith("error: ") and named in one, one
+    assert main([*argv, "--num-processes", "2"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == one, err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [one]  # printed once
+    assert not os.path.exists("out") and not [name for name in os.listdir(".") if name.startswith(".")]
+
+
 def _wait_for_records(folder: str, count: int, process: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
@@ -248,12 +283,67 @@ def test_a_user_file_in_a_marked_partial_folder_is_never_discarded_nor_published
     for extra in ([], ["--resume"]):
         assert main([*argv, *extra]) == 2
         error = capsys.readouterr().err
-        assert "notes.txt, overlays/mydir/y.txt" in error and "does not write" in error, error
+        assert "notes.txt, overlays/mydir/y.txt" in error and "did not write there" in error, error
         assert (partial / "notes.txt").read_text() == "mine" and (partial / "overlays" / "mydir" / "y.txt").exists()
         assert not os.path.exists("out")
     (partial / "notes.txt").unlink()
     shutil.rmtree(partial / "overlays" / "mydir")
     assert main([*argv, "--resume"]) == 3 and len(_rows("out")) == 9  # the run's own files alone: resumed
+
+
+def _interrupted_after(batches: int, argv: list[str], monkeypatch) -> None:
+    """Run `argv` in this process, interrupted (Ctrl-C) after `batches` batches; leaves the partial folder."""
+    real, calls = sharded_prediction._score_batch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+
+
+@pytest.mark.parametrize("replaced", ["figure", "map", "shard", "settings", "marker lists a user file"])
+def test_a_users_file_under_a_partial_files_name_is_never_discarded_nor_published(
+    images, tiny_model_dir, monkeypatch, replaced, capsys
+):
+    """Files of a partial folder are crane-hf's only with the content it wrote (figures and maps: the records of
+    the shards; shards: prediction records; settings and tables: the marker), not by their names."""
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
+    argv += ["--batch-size", "2", "--save-maps"]
+    _interrupted_after(2, argv, monkeypatch)
+    partial = images.parent / ".out.crane-hf-partial"
+    (shard,) = shard_paths(str(partial))
+    name = {
+        "figure": sorted(os.listdir(partial / "overlays"))[1],
+        "map": sorted(os.listdir(partial / "maps"))[0],
+        "shard": os.path.basename(shard),
+        "settings": "run-settings.json",
+        "marker lists a user file": "notes.txt",
+    }[replaced]
+    path = {"figure": partial / "overlays", "map": partial / "maps", "shard": partial / "rows"}.get(replaced, partial)
+    path = path / name
+    if replaced == "marker lists a user file":
+        marker = json.loads((partial / ".crane-hf-output.json").read_text())
+        marker["files"]["notes.txt"] = marker["files"]["run-settings.json"]
+        (partial / ".crane-hf-output.json").write_text(json.dumps(marker))
+    path.write_text('{"the user\'s": "own file"}\n')
+    before = _snapshot(str(partial))
+    capsys.readouterr()
+    for extra in ([], ["--resume"]):
+        assert main([*argv, *extra]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        named = "maps/" if replaced == "shard" else name  # a damaged shard proves none of the files it recorded
+        assert last.startswith("error: refusing to use") and named in last and "did not write there" in last, last
+        assert _snapshot(str(partial)) == before and not os.path.exists("out")
+    os.remove(path)
+    if replaced == "shard":  # the figures and maps it recorded have lost their proof with it
+        assert main(argv) == 2 and "overlays/" in capsys.readouterr().err.strip().splitlines()[-1]
+        return
+    assert main(argv) == 3 and len(_rows("out")) == 9  # the rest is crane-hf's: discarded, and the run done
 
 
 def test_report_links_open_the_images_from_the_report_folder(images, tiny_model_dir):

@@ -142,18 +142,22 @@ def test_resuming_in_place_needs_a_folder_train_wrote(uninterrupted, backbones, 
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
 
 
-def test_resuming_in_place_refuses_to_replace_a_file_train_did_not_list(
-    uninterrupted, backbones, synthetic, tmp_path, capsys
+@pytest.mark.parametrize("listed", [False, True])
+def test_resuming_in_place_refuses_to_replace_a_file_train_did_not_write(
+    uninterrupted, backbones, synthetic, tmp_path, listed, capsys
 ):
     folder = tmp_path / "run"
     shutil.copytree(uninterrupted, folder)
-    marker = json.loads((folder / MARKER_NAME).read_text())
-    marker["files"].remove("config.json")  # the user's own config.json, put there after the run
-    (folder / MARKER_NAME).write_text(json.dumps(marker))
+    if not listed:  # the user's own config.json, put there after the run
+        marker = json.loads((folder / MARKER_NAME).read_text())
+        del marker["files"]["config.json"]
+        (folder / MARKER_NAME).write_text(json.dumps(marker))
+    # listed: the manifest names config.json, but its content is no longer what train wrote
     (folder / "config.json").write_text('{"mine": true}')
     args = _args(backbones, synthetic, folder, "--resume-from-checkpoint", str(folder / "checkpoint-epoch-1"))
     assert main([*args, "--overwrite"]) == 2
-    assert f"would replace files crane-hf did not write ({folder / 'config.json'})" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"did not write, or changed since it wrote them ({folder / 'config.json'})" in error
     assert (folder / "config.json").read_text() == '{"mine": true}'
 
 

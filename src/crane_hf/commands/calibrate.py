@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             args.reference,
             args.dtype,
         )
-    except (OSError, TypeError, ValueError) as error:
+    except (OSError, ValueError) as error:  # refused; anything else is a bug: its traceback, exit 1
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if record["computation_changed"]:

@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args._argv = argv[argv.index(args.command) + 1 :]  # the command's own arguments (predict --num-processes)
     return run_command(args._module.run, args)
 
 

@@ -31,7 +31,8 @@ EXIT_CODES_HELP = """exit codes:
 
 Outputs: crane-hf writes each output folder under a temporary name and renames it when complete; it refuses
 an output that is, or contains, an input, the model, the dataset, the working, home or root folder; --overwrite
-replaces only folders crane-hf wrote (they hold .crane-hf-output.json, listing its files); two runs on one
+replaces only folders crane-hf wrote (they hold .crane-hf-output.json, listing its files with their SHA-256, and
+nothing else); two runs on one
 output at once: the second is refused."""
 
 

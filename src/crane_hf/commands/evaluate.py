@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         if args.num_processes > 1:
             return run_in_processes("crane_hf.commands.evaluate", args, args.num_processes)
         report = evaluate_model(args)
-    except (OSError, TypeError, ValueError) as error:
+    except (OSError, ValueError) as error:  # refused; anything else is a bug: its traceback, exit 1
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if not report:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -54,8 +53,7 @@ from .cli_support import (
     require_range,
     run_command,
 )
-
-LAUNCHED_BY = "CRANE_HF_PREDICT_LAUNCHED"  # set in the processes `--num-processes` launches
+from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -221,13 +219,13 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     try:  # every argument, the device and the output are checked before the model is loaded
         protected = check_arguments(args)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_processes()
         if args.num_processes > 1 and world == 1:
-            return _launch(args)
+            return run_in_processes("crane_hf.commands.predict", args, args.num_processes)
         if world > 1 and args.num_processes not in (1, world):
             raise ValueError(f"--num-processes {args.num_processes}: launched as {world} processes")
         report = _predict(args, protected)
-    except (OSError, TypeError, ValueError) as error:
+    except (OSError, ValueError) as error:  # refused; anything else is a bug: its traceback, exit 1
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     if not report.main_process:
@@ -241,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: left out {folder} (a crane-hf output folder, never read as input)", file=sys.stderr)
     for item in report.skipped:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
-    if report.skipped and world > 1:  # a launcher reports a non-zero exit of a process as its failure
+    if report.skipped and world > 1 and worker_arguments() is None:  # under accelerate launch directly: a launcher
+        # reports a non-zero exit of a process as its failure (--num-processes records the code for the parent)
         print(f"note: {len(report.skipped)} inputs skipped, listed in skipped.txt (exit code 0 under a launcher)")
         return EXIT_OK
     return EXIT_SKIPPED if report.skipped else EXIT_OK
@@ -291,65 +290,19 @@ def _predict(args: argparse.Namespace, protected: list[tuple[str, str]]) -> Pred
     return predict_images(model, processor, _inputs(args), args.output, **common)
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Run this command on `--num-processes` processes with `accelerate launch` (gloo where there is no GPU) and
-    report as one process would: exit 3 when inputs were skipped."""
-    import socket
-
-    with socket.socket() as probe:  # a free port for the processes' rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(args.num_processes),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "crane_hf.commands.predict",
-        *args._argv,
-    ]
-    process = subprocess.Popen(command, env={**os.environ, LAUNCHED_BY: "1"}, start_new_session=True)
-    try:
-        code = process.wait()
-    except BaseException:  # interrupted: stop the processes; their partial results are kept for --resume
-        import signal
-
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
-        raise
-    if code != 0:
-        print(
-            f"error: the {args.num_processes} processes of predict did not complete (exit code {code}; their messages "
-            "are above); finished images are kept: rerun with --resume",
-            file=sys.stderr,
-        )
-        return EXIT_ERROR
-    return EXIT_SKIPPED if os.path.exists(os.path.join(args.output, "skipped.txt")) else EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m crane_hf.predict` / `accelerate launch -m crane_hf.predict`: the predict command."""
     from .cli import HelpFormatter
     from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser
 
+    worker = worker_arguments()  # a process started by --num-processes: the parent's parsed arguments
+    if worker is not None:
+        return run_as_worker(run, worker)
     parser = OneLineArgumentParser(
         prog="python -m crane_hf.predict", description=__doc__, epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter
     )
     add_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args._argv = argv
-    return run_command(run, args)
+    return run_command(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
         BackboneUnavailableError,
         DatasetLayoutError,
         FeatureCacheMismatchError,
-        KeyError,
         NonFiniteTrainingError,
         OSError,  # OutputExistsError, an unwritable output, a full disk, a missing file
         ValueError,

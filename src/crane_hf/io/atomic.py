@@ -121,22 +121,23 @@ def resumable_output_dir(
     command: str,
     resume: bool,
     settings: dict,
-    is_own: Callable[[str], bool] | None = None,
+    owned_by_run: Callable[[str], set[str]] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """`atomic_output_dir` for a run that can be resumed: yields (folder, "new" | "resumed" | "discarded").
 
     The same checks, lock and cleaning as `atomic_output_dir`; the run works in the partial folder of `path`
     (`output_safety.open_partial`: taken up with `resume` when made with equal `settings`), which is kept when the
     body raises (an `OSError` naming no file, such as a full disk, is raised again naming `path`) or the process
-    is interrupted or killed, so that a later run with `--resume` finishes it; `is_own` tells the files such a run
-    writes there (any other file makes the folder refused, never discarded or published). When
+    is interrupted or killed, so that a later run with `--resume` finishes it; `owned_by_run(folder)` gives the files
+    such a run shows it wrote there, content checked (any other file makes the folder refused, never discarded or
+    published). When
     the body returns, the folder gets its manifest and replaces `path` in one rename; if that is refused (an output
     appeared meanwhile) the folder is removed.
     """
     path = os.path.abspath(path)
     protected = list(protected)
     with _claimed(path, overwrite, protected):
-        folder, outcome = open_partial(path, command, resume, settings, is_own)
+        folder, outcome = open_partial(path, command, resume, settings, owned_by_run)
         try:
             yield folder, outcome
         except OSError as error:  # the partial folder is kept for --resume

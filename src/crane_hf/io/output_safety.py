@@ -1,11 +1,12 @@
 """Which folders crane-hf may create, replace or clean, so that nothing it did not write is ever deleted.
 
 - Marker and manifest: every output folder crane-hf creates holds `MARKER_NAME`, a JSON file naming the command
-  that wrote it and every file it wrote ("files", one relative path per file). Ownership is file by file:
-  `--overwrite` replaces a folder only if it holds the marker and every file under it, at any depth, is listed
-  there. A listed folder name, an entry ending in "/" or a subfolder with a marker of its own vouches for nothing
-  (a forged or moved manifest cannot hand over files it does not list); anything else is refused, naming the
-  files.
+  that wrote it and every file it wrote ("files": relative path -> size and SHA-256 of the content it wrote).
+  Ownership is file by file and by content: `--overwrite` replaces a folder only if it holds the marker and every
+  file under it, at any depth, is listed there with its current size and SHA-256. A listed folder name, an entry
+  ending in "/", a subfolder with a marker of its own, a file listed with other content (a user's file under the
+  name of one of crane-hf's) or a manifest of names only (crane-hf before content hashes, or a forged one) vouches
+  for nothing; anything else is refused, naming the files.
 - Protected folders: an output is refused when it is, or contains, the current working folder, the home folder,
   "/" or a folder the command reads (inputs, the model, the dataset root, backbones), compared on real paths.
 - One run per output: `output_lock` takes an exclusive `flock` on `.<name>.crane-hf-lock` beside the output for
@@ -23,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ except ImportError:  # Windows: no advisory locks; concurrent runs are then not 
 from .output_names import LOCK_TAG, MARKER_NAME, OLD_TAG, PARTIAL_TAG, TEMP_TAG
 
 SHOWN = 5  # offending files named in a message
+MANIFEST_FORMAT = 2  # "files" maps each path to {"size", "sha256"} (format 1, before it: a list of names)
 
 
 class OutputExistsError(FileExistsError):
@@ -127,19 +130,75 @@ def _listing(folder: str) -> list[str]:
     return files
 
 
+ContentRecord = dict[str, Any]
+
+
+def content_record(path: str) -> ContentRecord:
+    """What a manifest records of the file at `path`: {"size": bytes, "sha256": hex digest of its content}, or
+    {"link": target} for a symbolic link (never followed)."""
+    if os.path.islink(path):
+        return {"link": os.readlink(path)}
+    with open(path, "rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        return {"size": os.fstat(stream.fileno()).st_size, "sha256": digest}
+
+
+def bytes_record(data: bytes) -> ContentRecord:
+    """`content_record` of a file that will hold `data`."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def matches_record(path: str, record: Any) -> bool:
+    """Whether the file (or link) at `path` still holds the content `record` (`content_record`) says crane-hf
+    wrote; the size is compared before anything is read."""
+    if not isinstance(record, dict):
+        return False
+    try:
+        if "link" in record:
+            return os.path.islink(path) and os.readlink(path) == record["link"]
+        info = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path) or info.st_size != record.get("size"):
+            return False
+        return content_record(path) == {"size": record.get("size"), "sha256": record.get("sha256")}
+    except OSError:
+        return False
+
+
+def manifest_records(marker: dict[str, Any] | None) -> dict[str, ContentRecord] | None:
+    """Relative path -> content record of the files a marker says crane-hf wrote; None when it records no content
+    (no marker, or a manifest of names only, as crane-hf wrote before `MANIFEST_FORMAT` 2): such files cannot be
+    shown to be crane-hf's."""
+    files = (marker or {}).get("files")
+    if not isinstance(files, dict):
+        return None
+    return {
+        path: record
+        for path, record in files.items()
+        if isinstance(path, str) and not path.endswith("/") and isinstance(record, dict)
+    }
+
+
 def write_marker(
-    folder: str, command: str | None, state: str = "complete", files: Sequence[str] | None = None
+    folder: str,
+    command: str | None,
+    state: str = "complete",
+    files: Sequence[str] | dict[str, ContentRecord] | None = None,
 ) -> None:
-    """Write the marker of `folder`; `files` defaults to every file now in it (the manifest). The marker holds no
-    time or process id, so that the same run writes the same bytes."""
+    """Write the marker of `folder` (the manifest): `files` are the relative paths of the files crane-hf wrote
+    there (their content recorded now, `content_record`), or their records already taken; by default every file
+    now in it. The marker holds no time or process id, so that the same run writes the same bytes."""
     from .. import __version__
 
+    names = _listing(folder) if files is None else files
+    if not isinstance(names, dict):
+        names = {name: content_record(os.path.join(folder, *name.split("/"))) for name in names}
     marker = {
         "written_by": "crane-hf",
         "version": __version__,
+        "manifest": MANIFEST_FORMAT,
         "command": command,
         "state": state,
-        "files": sorted(_listing(folder) if files is None else set(files)),
+        "files": dict(sorted(names.items())),
     }
     handle, staging = tempfile.mkstemp(prefix=f"{MARKER_NAME}{TEMP_TAG}", dir=folder)
     try:
@@ -154,13 +213,19 @@ def write_marker(
 
 
 def claim_entries(folder: str, entries: Iterable[str], command: str | None) -> None:
-    """Add the files `entries` (paths relative to `folder`, "/" separated) to the manifest of `folder`, creating
-    the marker; listed files that no longer exist are dropped from it, so that a later file of that name is not
-    taken for crane-hf's."""
+    """Add the files `entries` (paths relative to `folder`, "/" separated) to the manifest of `folder` with their
+    content now, creating the marker (its state kept); listed files that no longer exist are dropped from it, so
+    that a later file of that name is not taken for crane-hf's. Files listed before keep the content recorded
+    then (a file changed since is not claimed again)."""
     marker = read_marker(folder) or {}
-    listed = [*marker.get("files", []), *entries]
-    kept = [e for e in listed if isinstance(e, str) and os.path.lexists(os.path.join(folder, *e.split("/")))]
-    write_marker(folder, marker.get("command") or command, files=kept)
+    records = {
+        path: record
+        for path, record in (manifest_records(marker) or {}).items()
+        if os.path.lexists(os.path.join(folder, *path.split("/")))
+    }
+    for entry in entries:
+        records[entry] = content_record(os.path.join(folder, *entry.split("/")))
+    write_marker(folder, marker.get("command") or command, marker.get("state", "complete"), files=records)
 
 
 FileSignature = tuple[int, int, int]
@@ -192,13 +257,14 @@ def claim_changed(
 
 
 def unowned_entries(folder: str) -> list[str]:
-    """Files and links under `folder`, at any depth, that its manifest does not list (the folder itself when it
-    has no marker). A folder is owned only through the files it holds: a listed folder name, an entry ending in
-    "/", or a subfolder's own marker owns nothing."""
+    """Files and links under `folder`, at any depth, that its manifest does not show to be crane-hf's: not listed,
+    or listed with other content than they hold now (the folder itself when it has no marker; every file when
+    the manifest records names only). A folder is owned only through the files it holds: a listed folder name,
+    an entry ending in "/", or a subfolder's own marker owns nothing."""
     marker = read_marker(folder)
     if marker is None:
         return [folder]
-    listed = {entry for entry in marker.get("files", []) if isinstance(entry, str) and not entry.endswith("/")}
+    records = manifest_records(marker) or {}
     found: list[str] = []
 
     def visit(directory: str, prefix: str) -> None:
@@ -209,7 +275,7 @@ def unowned_entries(folder: str) -> list[str]:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     visit(entry.path, relative + "/")
-                elif relative not in listed:
+                elif not matches_record(entry.path, records.get(relative)):
                     found.append(entry.path)
 
     visit(folder, "")
@@ -266,17 +332,24 @@ def check_replaceable(path: str) -> None:
         raise UnsafeOutputError(f"refusing to replace {path}: it is not a folder crane-hf wrote.")
     if not os.listdir(path):
         return
-    foreign = unowned_entries(path)
-    if foreign == [path]:
+    marker = read_marker(path)
+    if marker is None:
         raise UnsafeOutputError(
             f"refusing to replace {path}: it was not written by crane-hf (no {MARKER_NAME}); crane-hf only "
             "replaces its own outputs. Move it away yourself or choose another output."
         )
+    if manifest_records(marker) is None:
+        raise UnsafeOutputError(
+            f"refusing to replace {path}: its {MARKER_NAME} lists file names without their content (an older "
+            "crane-hf, or edited), so crane-hf cannot tell its files from yours. Check the folder and delete it "
+            "yourself, or choose another output."
+        )
+    foreign = unowned_entries(path)
     if foreign:
         more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
         raise UnsafeOutputError(
-            f"refusing to replace {path}: it holds files crane-hf did not write ({', '.join(foreign[:SHOWN])}{more}). "
-            "Move them away or choose another output."
+            f"refusing to replace {path}: it holds files crane-hf did not write, or changed since it wrote them "
+            f"({', '.join(foreign[:SHOWN])}{more}). Move them away or choose another output."
         )
 
 
@@ -446,16 +519,17 @@ def open_partial(
     command: str,
     resume: bool,
     settings: dict[str, Any],
-    is_own: Callable[[str], bool] | None = None,
+    owned_by_run: Callable[[str], set[str]] | None = None,
 ) -> tuple[str, str]:
     """Open the partial folder of the output `path` for a resumable run (call it holding `output_lock(path)`).
 
     Returns (folder, what happened): "resumed" (`resume` and a partial folder of `command` made with equal
     `settings`: its results are kept), "discarded" (a partial folder existed and `resume` was not asked: removed)
     or "new". Raises `UnsafeOutputError` if the folder exists without crane-hf's marker of a partial `command` run,
-    or holds a file that `is_own` (relative path with "/" -> whether the run writes such a file) does not recognise:
-    it is never removed, and nothing in it is published as the run's own. Raises `ValueError` naming the first
-    differing setting when resuming with other `settings`.
+    or holds a file that is neither listed in that marker with its current content nor among the files
+    `owned_by_run(folder)` shows the run wrote (relative paths with "/", their content checked against the run's
+    own records): it is never removed, and nothing in it is published as the run's own. Raises `ValueError`
+    naming the first differing setting when resuming with other `settings`.
     """
     folder = partial_dir(path)
     outcome = "new"
@@ -465,13 +539,18 @@ def open_partial(
             raise UnsafeOutputError(
                 f"refusing to use {folder}: it is not the partial results of a crane-hf {command} run; move it away."
             )
-        own = {MARKER_NAME, PARTIAL_SETTINGS}
-        foreign = [name for name in _listing(folder) if name not in own and not (is_own and is_own(name))]
+        records = manifest_records(marker) or {}
+        own = owned_by_run(folder) if owned_by_run else set()
+        foreign = [
+            name
+            for name in _listing(folder)
+            if name not in own and not matches_record(os.path.join(folder, *name.split("/")), records.get(name))
+        ]
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
             raise UnsafeOutputError(
-                f"refusing to use {folder}: it holds {shown}, which a crane-hf {command} run does not write; move "
-                "them away."
+                f"refusing to use {folder}: it holds {shown}, which a crane-hf {command} run did not write there "
+                "(or changed since); move them away."
             )
         if resume:
             try:
@@ -493,9 +572,11 @@ def open_partial(
         shutil.rmtree(folder)
         outcome = "discarded"
     os.mkdir(folder)
-    write_marker(folder, command, state="partial", files=[])
-    with open(os.path.join(folder, PARTIAL_SETTINGS), "w", encoding="utf-8") as stream:
-        json.dump(settings, stream, indent=1, sort_keys=True)
+    written = (json.dumps(settings, indent=1, sort_keys=True)).encode("utf-8")
+    # the marker (and the record of the settings it will hold) first: a run killed at any moment leaves a marked folder
+    write_marker(folder, command, state="partial", files={PARTIAL_SETTINGS: bytes_record(written)})
+    with open(os.path.join(folder, PARTIAL_SETTINGS), "wb") as stream:
+        stream.write(written)
     return folder, outcome
 
 
@@ -517,6 +598,7 @@ __all__ = [
     "OutputExistsError",
     "OutputInUseError",
     "UnsafeOutputError",
+    "bytes_record",
     "check_not_protected",
     "check_output_dir",
     "check_replaceable",
@@ -525,10 +607,13 @@ __all__ = [
     "claim_entries",
     "clean_stale_temporaries",
     "clean_stale_temporaries_in",
+    "content_record",
     "default_protected",
     "file_signatures",
     "is_crane_hf_output",
     "make_staging_dir",
+    "manifest_records",
+    "matches_record",
     "on_main_process",
     "open_partial",
     "output_lock",

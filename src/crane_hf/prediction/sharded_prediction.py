@@ -35,7 +35,17 @@ from typing import Any
 from ..io.atomic import naming_write_errors, resumable_output_dir
 from ..io.image_files import SkippedFile, find_image_inputs
 from ..io.output_names import MARKER_NAME, TEMP_TAG, path_inside, safe_file_name
-from ..io.output_safety import check_output_dir, on_main_process, partial_dir, protected_paths
+from ..io.output_safety import (
+    UnsafeOutputError,
+    check_output_dir,
+    claim_entries,
+    content_record,
+    file_signatures,
+    matches_record,
+    on_main_process,
+    partial_dir,
+    protected_paths,
+)
 from .result_shards import (
     CSV_COLUMNS,
     FEW_SHOT_COLUMNS,
@@ -45,6 +55,8 @@ from .result_shards import (
     done_fingerprints,
     merged_records,
     next_run,
+    read_records,
+    shard_paths,
     table_row,
     write_tables,
 )
@@ -82,22 +94,46 @@ def _typed_row(row: dict[str, str]) -> dict[str, Any]:
     return typed
 
 
-# What a predict run writes into its partial folder (besides its marker and settings): the rows' shards, figures
-# and maps (and, while one is written, its hidden staging name), the tables and the report of a run killed while
-# publishing. Anything else there is a user's file: the folder is then neither discarded nor resumed.
-_OWN_FILES = re.compile(
-    rf"{ROWS_FOLDER}/run-\d{{4,}}-process-\d{{5,}}\.jsonl"
-    rf"|overlays/\.?\d{{5,}}_[^/]*\.png(?:{re.escape(TORN_SUFFIX)})?"
-    rf"|maps/\.?\d{{5,}}_[^/]*\.npy(?:{re.escape(TORN_SUFFIX)})?"
-    r"|predictions\.(?:csv|json|jsonl|parquet)|\.predictions\.jsonl\.tmp|skipped\.txt"
-    r"|report\.html|report_files/[^/]+"
+# Temporaries a predict run leaves in its partial folder when killed (a figure or map being written, the marker
+# being rewritten, the JSON Lines table behind predictions.parquet): crane-hf's by their names, which no user file
+# takes by chance; they are removed or rewritten.
+_OWN_TEMPORARIES = re.compile(
+    rf"(?:overlays|maps)/\.\d{{5,}}_[^/]*\.(?:png|npy){re.escape(TORN_SUFFIX)}"
+    r"|\.predictions\.jsonl\.tmp"
     rf"|{re.escape(MARKER_NAME + TEMP_TAG)}[^/]*"
 )
 
 
-def is_own_partial_file(relative: str) -> bool:
-    """Whether `relative` (a path in a partial folder, "/"-separated) is a file a predict run writes there."""
-    return _OWN_FILES.fullmatch(relative) is not None
+def owned_partial_files(folder: str) -> set[str]:
+    """The files of the partial folder `folder` ("/"-separated relative paths) that predict runs show they wrote:
+    shards every line of which is a prediction record (a torn last line allowed), figures and maps that hold the
+    content a record of those shards gives for them (`output_safety.content_record`), and crane-hf's temporaries
+    by name. (The tables and report of a run killed while publishing are listed with their content in the folder's
+    marker.) A user's file under one of these names, or a shard edited by hand, is not among them."""
+    owned: set[str] = set()
+    written: dict[str, list[Any]] = {}
+    for shard in shard_paths(folder):
+        found: dict[str, list[Any]] = {}
+        try:
+            for record in read_records(shard):
+                for name, content in (record.get("written") or {}).items():
+                    found.setdefault(name, []).append(content)
+        except (ValueError, OSError, AttributeError):
+            continue
+        owned.add(f"{ROWS_FOLDER}/{os.path.basename(shard)}")
+        for name, contents in found.items():
+            written.setdefault(name, []).extend(contents)
+    for name, contents in written.items():
+        path = os.path.join(folder, *name.split("/"))
+        if any(matches_record(path, content) for content in contents):
+            owned.add(name)
+    for root, _, names in os.walk(folder):
+        relative = os.path.relpath(root, folder).replace(os.sep, "/")
+        for name in names:
+            candidate = name if relative == "." else f"{relative}/{name}"
+            if _OWN_TEMPORARIES.fullmatch(candidate):
+                owned.add(candidate)
+    return owned
 
 
 def output_name(index: int, path: str, suffix: str) -> str:
@@ -334,7 +370,7 @@ def run_prediction(
     )
     with contextlib.ExitStack() as claim:
         output = resumable_output_dir(
-            output_dir, overwrite, protected, COMMAND, resume, settings, is_own=is_own_partial_file
+            output_dir, overwrite, protected, COMMAND, resume, settings, owned_by_run=owned_partial_files
         )
         folder, outcome = on_main_process(state, lambda: claim.enter_context(output))
         if state.is_main_process and outcome == "discarded":
@@ -390,6 +426,8 @@ def run_prediction(
         if show.report_html:
             records = _kept_rows(records, rows)
         report.scored, report.anomalous, skipped = write_tables(folder, records, summary, formats)
+        tables = [f"predictions.{name}" for name in formats] + (["skipped.txt"] if skipped else [])
+        claim_entries(folder, tables, COMMAND)  # with their content: a run killed from here on is taken up
         report.resumed = tally["earlier_runs"]
         report.skipped = [SkippedFile(item["path"], item["reason"]) for item in skipped]
         shutil.rmtree(os.path.join(folder, ROWS_FOLDER))
@@ -397,6 +435,8 @@ def run_prediction(
             from ..reporting.run_report import write_predictions_report
 
             write_predictions_report(folder, rows, summary, skipped, notice=show.notice, progress=progress)
+            thumbnails = file_signatures(os.path.join(folder, "report_files"))  # every file under it, at any depth
+            claim_entries(folder, ["report.html", *(f"report_files/{name}" for name in thumbnails)], COMMAND)
     return report
 
 
@@ -446,14 +486,29 @@ def _final_records(folder: str, count: int, name: Any, run: int, tally: dict[str
         expected += 1
         tally["earlier_runs"] += record["run"] != run and "skipped" not in record
         keep = {record.get("overlay"), record.get("map")} if "skipped" not in record else set()
-        for old in [*superseded, record]:
+        group = [*superseded, record]
+        for old in group:
             for key in ("overlay", "map"):
                 if old.get(key) and old[key] not in keep:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path_inside(folder, old[key]))
+                    _remove_own_file(folder, old[key], group)
         yield record
     if expected != count:
         raise RuntimeError(f"the partial results in {folder} hold {expected} of {count} positions")  # a bug
+
+
+def _remove_own_file(folder: str, relative: str, records: list[dict[str, Any]]) -> None:
+    """Remove the figure or map `relative` of the partial folder if it holds what one of `records` wrote there;
+    `UnsafeOutputError` naming it if it holds anything else (a file put there under its name)."""
+    target = path_inside(folder, relative)
+    if not os.path.lexists(target):
+        return
+    name = relative.replace(os.sep, "/")
+    if not any(matches_record(target, (record.get("written") or {}).get(name)) for record in records):
+        raise UnsafeOutputError(
+            f"refusing to remove {target}: it is not the file crane-hf wrote under that name; move it away and "
+            "rerun with --resume."
+        )
+    os.remove(target)
 
 
 def _score_batch(
@@ -494,9 +549,10 @@ def _score_batch(
             overlay="",
         )
         record.update({name: float(output[name]) for name in FEW_SHOT_COLUMNS if name in output})
+        written: dict[str, Any] = {}
         if figures is not None:
             record["overlay"] = os.path.join("overlays", output_name(item.index, item.path, ".png"))
-            _write_atomically(
+            written[record["overlay"]] = _write_atomically(
                 folder,
                 record["overlay"],
                 save_decision_figure,
@@ -510,7 +566,9 @@ def _score_batch(
             )
         if save_maps:
             record["map"] = os.path.join("maps", output_name(item.index, item.path, ".npy"))
-            _write_atomically(folder, record["map"], np.save, anomaly_map)
+            written[record["map"]] = _write_atomically(folder, record["map"], np.save, anomaly_map)
+        if written:  # what this run wrote there (`owned_partial_files`)
+            record["written"] = {name.replace(os.sep, "/"): content for name, content in written.items()}
         records.append(record)
     return records
 
@@ -561,14 +619,15 @@ def _pipeline_outputs(
     return results
 
 
-def _write_atomically(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> None:
+def _write_atomically(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """`write(stream, *args, **kwargs)` a file of the output under a temporary name, then rename: a killed run
-    leaves no torn overlay."""
+    leaves no torn overlay. Returns the file's `content_record`."""
     target = path_inside(folder, relative)
     staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TORN_SUFFIX}")
     with naming_write_errors(target), open(staging, "wb") as stream:  # a full disk names the file
         write(stream, *args, **kwargs)
     os.replace(staging, target)
+    return content_record(target)
 
 
 __all__ = [

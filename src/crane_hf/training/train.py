@@ -58,6 +58,8 @@ from ..io.output_safety import (
     clean_stale_temporaries,
     clean_stale_temporaries_in,
     file_signatures,
+    manifest_records,
+    matches_record,
     on_main_process,
     output_lock,
     protected_paths,
@@ -250,25 +252,38 @@ def _prepare_output_dir(
 
 
 def _check_resume_in_place(output_dir: str, resume: str) -> None:
-    """Refuse to resume in `output_dir` unless `train` wrote it (its marker) and lists every existing file that
-    resuming replaces there (the published model files and the training log)."""
+    """Refuse to resume in `output_dir` unless `train` wrote it (its marker) and lists, with their current content,
+    the existing files that resuming replaces there (the published model files). The training log is appended
+    after every step and listed again only after each checkpoint, so a run killed between them leaves it longer
+    than its record: it needs to be listed, by name."""
     marker = read_marker(output_dir)
     if marker is None or marker.get("command") != "train":
         raise UnsafeOutputError(
             f"refusing to resume in {output_dir}: it was not written by crane-hf train (no {MARKER_NAME} of train); "
             "resuming replaces its config.json and model files. Resume into a new --output-dir instead."
         )
-    listed = set(marker.get("files", []))
+    records = manifest_records(marker)
+    if records is None:
+        raise UnsafeOutputError(
+            f"refusing to resume in {output_dir}: its {MARKER_NAME} lists file names without their content (an "
+            "older crane-hf, or edited), so crane-hf cannot tell its files from yours. Resume into a new "
+            "--output-dir instead."
+        )
     replaced = [name for name in os.listdir(resume) if os.path.isfile(os.path.join(resume, name))]
+
+    def ours(name: str) -> bool:
+        path = os.path.join(output_dir, name)
+        return not os.path.lexists(path) or (
+            name in records if name == TRAINING_LOG else matches_record(path, records.get(name))
+        )
+
     foreign = [
-        os.path.join(output_dir, name)
-        for name in sorted({*replaced, TRAINING_LOG} - {MARKER_NAME})
-        if os.path.lexists(os.path.join(output_dir, name)) and name not in listed
+        os.path.join(output_dir, name) for name in sorted({*replaced, TRAINING_LOG} - {MARKER_NAME}) if not ours(name)
     ]
     if foreign:
         raise UnsafeOutputError(
-            f"refusing to resume in {output_dir}: resuming would replace files crane-hf did not write "
-            f"({', '.join(foreign)}). Move them away or resume into a new --output-dir."
+            f"refusing to resume in {output_dir}: resuming would replace files crane-hf did not write, or changed "
+            f"since it wrote them ({', '.join(foreign)}). Move them away or resume into a new --output-dir."
         )
 
 
