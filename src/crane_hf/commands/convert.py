@@ -16,8 +16,7 @@ from typing import Any
 from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli import HelpFormatter
-from .cli_support import local_path, one_line, run_command
+from .cli_support import HelpFormatter, local_path, one_line, run_command
 
 
 def main(argv: list[str] | None = None) -> int:

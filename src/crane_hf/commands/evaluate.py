@@ -49,8 +49,7 @@ from collections.abc import Sequence
 
 from ..computation_options import add_computation_arguments
 from ..io.output_safety import check_output_dir
-from .cli import HelpFormatter
-from .cli_support import local_path, one_line, require_positive, require_range, run_command
+from .cli_support import HelpFormatter, local_path, one_line, require_positive, require_range, run_command
 from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
 
 

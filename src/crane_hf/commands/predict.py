@@ -339,8 +339,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m crane_hf.predict` / `accelerate launch -m crane_hf.predict`: the predict command."""
-    from .cli import HelpFormatter
-    from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser
+    from .cli_support import EXIT_CODES_HELP, HelpFormatter, OneLineArgumentParser
 
     parser = OneLineArgumentParser(
         prog="python -m crane_hf.predict", description=__doc__, epilog=EXIT_CODES_HELP, formatter_class=HelpFormatter
