@@ -54,7 +54,9 @@ from .process_launch import launched_processes, run_as_worker, run_in_processes,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="preset name, model folder, Hub id or exported folder")
+    parser.add_argument(
+        "--model", type=local_path, default=None, help="preset name, model folder, Hub id or exported folder"
+    )
     parser.add_argument(
         "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
     )

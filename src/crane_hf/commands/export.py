@@ -24,7 +24,7 @@ DEFAULT_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="preset name, model folder or Hub id")
+    parser.add_argument("model", type=local_path, help="preset name, model folder or Hub id")
     parser.add_argument("--format", required=True, choices=FORMAT_CHOICES, help="onnx or openvino")
     parser.add_argument("--output", required=True, type=local_path, help="folder to write")
     parser.add_argument("--image-size", type=int, default=None, help="input side S (default: the model's)")

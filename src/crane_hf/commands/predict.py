@@ -112,7 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="image column of --dataset (default: %(default)s)")
-    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
+    parser.add_argument(
+        "--model", type=local_path, default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder"
+    )
     parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
     parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
     parser.add_argument(

@@ -140,7 +140,7 @@ def write_repository_folder(model: Any, processor: Any, folder: str, repo_id: st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder, preset name or Hub id to publish")
+    parser.add_argument("model", type=local_path, help="model folder, preset name or Hub id to publish")
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/crane-plus-pcb")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument(
