@@ -58,3 +58,30 @@ def test_every_command_reads_a_tilde_model_path_as_the_folder(home_model, comman
 
 def test_a_preset_name_is_not_a_path(home_model):
     assert build_parser().parse_args(["predict", "x.png", "--model", "crane+/mvtec"]).model == "crane+/mvtec"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "x.png"],
+        ["evaluate", "--data", "d"],
+        ["export", "crane+/mvtec", "--format", "onnx", "--output", "o"],
+        ["push", "crane+/mvtec", "--repo-id", "a/b"],
+        ["app"],
+        ["convert", "--checkpoint", "c.pth", "--variant", "crane+", "--output", "o"],
+        ["train", "--data", "d", "--output-dir", "o"],
+    ],
+)
+def test_every_command_reads_tilde_backbone_paths_as_the_folders(home_model, command):
+    args = build_parser().parse_args([*command, "--clip", "~/clip", "--dino", "~/dino"])
+    assert (args.clip, args.dino) == (os.path.expanduser("~/clip"), os.path.expanduser("~/dino"))
+
+
+def test_a_preset_loads_tilde_backbone_folders(home_model, tmp_path):
+    from crane_hf.presets import model_from_preset
+
+    from .tiny_models import fingerprint_compatible_clip
+
+    fingerprint_compatible_clip("crane/mvtec").save_pretrained(tmp_path / "home" / "clip")
+    model = model_from_preset("crane/mvtec", clip="~/clip")
+    assert model.config.preset == "crane/mvtec"

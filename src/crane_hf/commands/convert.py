@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip", required=True, help="CLIP backbone: Hub id or local folder")
-    parser.add_argument("--dino", default=None, help="DINOv2 backbone for Crane+: Hub id or local folder")
+    parser.add_argument("--clip", type=local_path, required=True, help="CLIP backbone: Hub id or local folder")
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="DINOv2 backbone for Crane+: Hub id or local folder"
+    )
     parser.add_argument("--checkpoint", required=True, help="official prompt checkpoint, e.g. epoch_5.pth")
     parser.add_argument("--variant", required=True, choices=["crane", "crane+"])
     parser.add_argument("--output", required=True, type=local_path, help="folder to write (save_pretrained layout)")

@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as loaded)"
     )
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument("--clip", type=local_path, default=None, help="local CLIP folder for a preset")
+    parser.add_argument("--dino", type=local_path, default=None, help="local DINOv2 folder for a preset")
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )

@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest score and map pixel deviation accepted"
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison with the model")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument(
+        "--clip", type=local_path, default=None, help="local CLIP folder for a preset (instead of the Hub)"
+    )
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="local DINOv2 folder for a preset (instead of the Hub)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 

@@ -115,8 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=local_path, default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder"
     )
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument(
+        "--clip", type=local_path, default=None, help="local CLIP folder for a preset (instead of the Hub)"
+    )
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="local DINOv2 folder for a preset (instead of the Hub)"
+    )
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )

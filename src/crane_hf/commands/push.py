@@ -159,8 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run or --space folder")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument("--clip", type=local_path, default=None, help="local CLIP folder for a preset")
+    parser.add_argument("--dino", type=local_path, default=None, help="local DINOv2 folder for a preset")
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )

@@ -137,7 +137,9 @@ def _unavailable_message(preset: Preset, missing: str, reason: str) -> str:
 
 
 def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
-    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
+    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries). A
+    leading "~" is the home folder."""
+    source = os.path.expanduser(source) if source.startswith("~") else source
     if not os.path.isdir(source):
         reason = unavailable_reason(source, cache_dir=backbone_kwargs.get("cache_dir"))
         if reason:
