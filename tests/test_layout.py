@@ -222,14 +222,25 @@ def run_python(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+COMPUTED_NAME = "<a computed name>"
+
+
 def import_statements(path: Path) -> list[tuple[int, str, list[str], int]]:
-    """(level, module, imported names, line) of every import in the file, inside functions and `try` blocks too."""
+    """(level, module, imported names, line) of every import in the file, inside functions and `try` blocks too, and
+    of every `import_module(...)` / `__import__(...)` call (a name that is no string literal: `COMPUTED_NAME`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.extend((0, alias.name, [], node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             found.append((node.level, node.module or "", [alias.name for alias in node.names], node.lineno))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("import_module", "__import__"):
+            name = node.args[0] if node.args else None
+            if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                module = name.value.lstrip(".")
+                found.append((len(name.value) - len(module), module, [], node.lineno))
+            else:
+                found.append((0, COMPUTED_NAME, [], node.lineno))
     return sorted(found, key=lambda item: item[3])
 
 
@@ -269,6 +280,22 @@ def test_the_boundary_check_finds_imports_inside_functions_and_outside_the_folde
     ]
 
 
+def test_the_boundary_check_finds_imports_by_name(tmp_path):
+    """`importlib.import_module` and `__import__` import as surely as an import statement: a literal name is checked
+    like one, a computed name cannot be checked and is refused."""
+    (tmp_path / "named.py").write_text(
+        "import importlib\nfrom importlib import import_module\n\n\ndef f(name):\n"
+        "    importlib.import_module('scipy.ndimage')\n    __import__('datasets')\n"
+        "    import_module('..io.atomic', __package__)\n    return import_module(name)\n"
+    )
+    assert remote_code_problems(tmp_path) == [
+        "named.py:6 imports scipy.ndimage",
+        "named.py:7 imports datasets",
+        "named.py:8 imports ..io.atomic",
+        "named.py:9 imports <a computed name>",
+    ]
+
+
 def test_model_folder_imports_only_what_remote_code_may():
     shipped = {path.name for path in MODEL_FOLDER.glob("*.py")}
     assert {
@@ -299,7 +326,20 @@ def import_graph() -> dict[str, set[str]]:
                 module = ".".join([*base, module] if module else base)
             targets = [module, *(f"{module}.{imported}" for imported in names)]
             graph[name].update(target for target in targets if target in paths and target != name)
+        if name != "crane_hf._deprecated":  # its table names every module an old path hands on, imported on demand
+            graph[name].update(named_modules(path, paths) - {name})
     return graph
+
+
+def named_modules(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The crane_hf modules whose full name a string of the file spells out, where the file imports by name
+    (`importlib.import_module(module_name)`, as the command line does with its table of command modules)."""
+    if not any(module == COMPUTED_NAME for _, module, _, _ in import_statements(path)):
+        return set()
+    strings = {
+        node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.Constant)
+    }
+    return {value for value in strings if isinstance(value, str) and value in modules}
 
 
 def test_no_import_circles():
@@ -329,6 +369,14 @@ def test_no_import_circles():
         if node not in index:
             visit(node)
     assert circles == []
+
+
+def test_import_graph_has_the_modules_imported_by_name():
+    """Modules imported by `importlib.import_module` with their name written out (the command line's table of
+    command modules) are arrows of the graph too; otherwise a circle through them goes unseen."""
+    graph = import_graph()
+    assert "crane_hf.commands.predict" in graph["crane_hf.commands.cli"]
+    assert "crane_hf.commands.cli" not in graph["crane_hf.commands.predict"]
 
 
 def imports_leaving(graph: dict[str, set[str]], package: str) -> set[tuple[str, str]]:

@@ -98,12 +98,19 @@ def check_device(spec: str | None, device: str | torch.device | None) -> None:
     """Refuse, before anything is loaded, a device the model `spec` cannot run on: for an exported folder anything
     but the CPU ("auto" means the CPU there; the message names the folder), otherwise a device this machine does not
     have (`resolve_device`). Raises `ValueError`."""
+    spec = spec if spec is None else model_path(spec)
     if spec is not None and is_exported_folder(spec):  # not model_kind: a missing folder is named where it loads
         from .export.runner import check_cpu_device
 
         check_cpu_device(device, spec)
     else:
         resolve_device(device)
+
+
+def model_path(spec: str) -> str:
+    """`spec` with a leading "~" expanded (a folder typed in quotes or given from code); a preset name or a Hub id
+    never starts with "~" and comes back unchanged."""
+    return os.path.expanduser(spec) if spec.startswith("~") else spec
 
 
 def _presets_hint(spec: str) -> str:
@@ -118,6 +125,7 @@ def model_kind(spec: str) -> str:
     Raises:
         ValueError: `spec` is no preset, no folder here, and not a valid Hub id (the message lists the presets).
     """
+    spec = model_path(spec)
     if is_preset_name(spec):
         return "preset"
     if is_exported_folder(spec):
@@ -142,6 +150,7 @@ def check_model_available(spec: str) -> str:
         ValueError: see `model_kind`.
         OSError: a Hub id that is neither cached nor downloadable here (the message lists the presets).
     """
+    spec = model_path(spec)
     if not is_preset_name(spec):
         check_model_source(spec)
     kind = model_kind(spec)
@@ -245,6 +254,7 @@ def load_model(
             prompts-only folder is neither cached nor downloadable.
     """
     CraneConfig.check_field_names(config_overrides, "load_model")
+    spec = model_path(spec)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     backbone_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     kind = check_model_available(spec)
@@ -318,6 +328,7 @@ def check_model_source(spec: str) -> None:
     A missing `spec` is a missing folder, not a Hub id, when it looks local: absolute, starting with "." or "~",
     more than one "/", no "/" at all (Hub ids of Crane models are "owner/name"), or its first component is an
     existing local folder ("models/crane" where ./models exists)."""
+    spec = model_path(spec)
     parts = spec.replace(os.sep, "/").split("/")
     looks_local = (
         os.path.isabs(spec)
@@ -391,6 +402,7 @@ def prompts_origin(spec: str, model: CraneForAnomalyDetection) -> dict[str, Any]
     checkpoint it was converted from, or the preset it was saved from, when its config records one) or a Hub id."""
     preset = getattr(model.config, "preset", None)
     converted = getattr(model.config, "converted_from", None)
+    spec = model_path(spec)
     kind = model_kind(spec)
     if kind == "preset":
         origin: dict[str, Any] = {"kind": kind, "preset": spec}
@@ -461,6 +473,7 @@ def pipeline_with_presets(
     if name is None:
         name = default_model()
         logger.warning("No model was supplied, defaulted to %s (crane_hf's default preset).", name)
+    name = model_path(name)
     kind = check_model_loadable(name)
     if kind != "preset":
         return pipeline(PIPELINE_TASK, name, **kwargs)

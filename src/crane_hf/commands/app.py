@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..presets import DEFAULT_PRESET
-from .cli_support import one_line, require_range
+from .cli_support import local_path, one_line, require_range
 
 CALIBRATION_FILE = "calibration.json"
 _CALIBRATION_KEYS = {"calibrated_at", "image", "pixel", "previous"}
@@ -148,9 +148,11 @@ def build(args: argparse.Namespace) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id loaded first")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for presets")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for presets")
+    parser.add_argument(
+        "--model", type=local_path, default=DEFAULT_PRESET, help="preset, model folder or Hub id loaded first"
+    )
+    parser.add_argument("--clip", type=local_path, default=None, help="local CLIP folder for presets")
+    parser.add_argument("--dino", type=local_path, default=None, help="local DINOv2 folder for presets")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"

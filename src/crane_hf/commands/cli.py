@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser, run_command
+from .cli_support import EXIT_CODES_HELP, HelpFormatter, OneLineArgumentParser, run_command
 
 COMMANDS = {
     "predict": ("crane_hf.commands.predict", "score images: CSV/JSON table and heatmap overlays"),
@@ -27,18 +27,6 @@ COMMANDS = {
     "export": ("crane_hf.commands.export", "export a model to ONNX or OpenVINO, verified against the model"),
     "app": ("crane_hf.commands.app", "a Gradio app: try images, move thresholds live, save them"),
 }
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and appends each option's default to its help, where it has one that the
-    help does not already state (None and off switches have none to show)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = "%(default)" in text or "default" in text.lower()
-        if shown or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 def build_parser() -> argparse.ArgumentParser:

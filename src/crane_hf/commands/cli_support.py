@@ -36,6 +36,19 @@ nothing else); two runs on one
 output at once: the second is refused."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The help of every command (the dispatcher's and the `python -m` programs'): keeps the description's layout
+    and appends each option's default to its help, where it has one that the help does not already state (None and
+    off switches have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = "%(default)" in text or "default" in text.lower()
+        if shown or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that temporary outputs are removed as on Ctrl-C."""
 
@@ -118,6 +131,7 @@ def one_line(error: BaseException) -> str:
 
 __all__ = [
     "EXIT_CODES_HELP",
+    "HelpFormatter",
     "OneLineArgumentParser",
     "Terminated",
     "local_path",

@@ -16,8 +16,7 @@ from typing import Any
 from ..computation_options import add_computation_arguments, computation_overrides
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import check_output_dir, protected_paths
-from .cli import HelpFormatter
-from .cli_support import local_path, one_line, run_command
+from .cli_support import HelpFormatter, local_path, one_line, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip", required=True, help="CLIP backbone: Hub id or local folder")
-    parser.add_argument("--dino", default=None, help="DINOv2 backbone for Crane+: Hub id or local folder")
+    parser.add_argument("--clip", type=local_path, required=True, help="CLIP backbone: Hub id or local folder")
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="DINOv2 backbone for Crane+: Hub id or local folder"
+    )
     parser.add_argument("--checkpoint", required=True, help="official prompt checkpoint, e.g. epoch_5.pth")
     parser.add_argument("--variant", required=True, choices=["crane", "crane+"])
     parser.add_argument("--output", required=True, type=local_path, help="folder to write (save_pretrained layout)")

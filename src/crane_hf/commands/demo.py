@@ -223,7 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", default="crane-hf-demo", type=local_path, help="folder to write (default: %(default)s)"
     )
-    parser.add_argument("--model", default=DEFAULT_PRESET, help="preset, model folder or Hub id (online mode)")
+    parser.add_argument(
+        "--model", type=local_path, default=DEFAULT_PRESET, help="preset, model folder or Hub id (online mode)"
+    )
     parser.add_argument("--offline", action="store_true", help="skip the Hub: run the small offline demo model")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the offline demo prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example images and the offline demo model")

@@ -49,13 +49,14 @@ from collections.abc import Sequence
 
 from ..computation_options import add_computation_arguments
 from ..io.output_safety import check_output_dir
-from .cli import HelpFormatter
-from .cli_support import local_path, one_line, require_positive, require_range, run_command
+from .cli_support import HelpFormatter, local_path, one_line, require_positive, require_range, run_command
 from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="preset name, model folder, Hub id or exported folder")
+    parser.add_argument(
+        "--model", type=local_path, default=None, help="preset name, model folder, Hub id or exported folder"
+    )
     parser.add_argument(
         "--data", nargs="+", required=True, help="dataset ROOT[:SPLIT[:CLASS,...]] (split defaults to test)"
     )
@@ -72,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as loaded)"
     )
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument("--clip", type=local_path, default=None, help="local CLIP folder for a preset")
+    parser.add_argument("--dino", type=local_path, default=None, help="local DINOv2 folder for a preset")
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )

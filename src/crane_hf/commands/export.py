@@ -24,7 +24,7 @@ DEFAULT_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="preset name, model folder or Hub id")
+    parser.add_argument("model", type=local_path, help="preset name, model folder or Hub id")
     parser.add_argument("--format", required=True, choices=FORMAT_CHOICES, help="onnx or openvino")
     parser.add_argument("--output", required=True, type=local_path, help="folder to write")
     parser.add_argument("--image-size", type=int, default=None, help="input side S (default: the model's)")
@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest score and map pixel deviation accepted"
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison with the model")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument(
+        "--clip", type=local_path, default=None, help="local CLIP folder for a preset (instead of the Hub)"
+    )
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="local DINOv2 folder for a preset (instead of the Hub)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 

@@ -110,9 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
     parser.add_argument("--image-column", default="image", help="image column of --dataset (default: %(default)s)")
-    parser.add_argument("--model", default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset (instead of the Hub)")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset (instead of the Hub)")
+    parser.add_argument(
+        "--model", type=local_path, default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder"
+    )
+    parser.add_argument(
+        "--clip", type=local_path, default=None, help="local CLIP folder for a preset (instead of the Hub)"
+    )
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help="local DINOv2 folder for a preset (instead of the Hub)"
+    )
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )
@@ -292,8 +298,7 @@ def _predict(args: argparse.Namespace, protected: list[tuple[str, str]]) -> Pred
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m crane_hf.predict` / `accelerate launch -m crane_hf.predict`: the predict command."""
-    from .cli import HelpFormatter
-    from .cli_support import EXIT_CODES_HELP, OneLineArgumentParser
+    from .cli_support import EXIT_CODES_HELP, HelpFormatter, OneLineArgumentParser
 
     worker = worker_arguments()  # a process started by --num-processes: the parent's parsed arguments
     if worker is not None:

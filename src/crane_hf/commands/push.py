@@ -140,7 +140,7 @@ def write_repository_folder(model: Any, processor: Any, folder: str, repo_id: st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder, preset name or Hub id to publish")
+    parser.add_argument("model", type=local_path, help="model folder, preset name or Hub id to publish")
     parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/crane-plus-pcb")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument(
@@ -159,8 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dry-run or --space folder")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    parser.add_argument("--clip", default=None, help="local CLIP folder for a preset")
-    parser.add_argument("--dino", default=None, help="local DINOv2 folder for a preset")
+    parser.add_argument("--clip", type=local_path, default=None, help="local CLIP folder for a preset")
+    parser.add_argument("--dino", type=local_path, default=None, help="local DINOv2 folder for a preset")
     parser.add_argument(
         "--allow-backbone-mismatch", action="store_true", help="accept a --clip unlike the preset's fingerprint"
     )

@@ -19,8 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from ..training.options import add_arguments
-from .cli import HelpFormatter
-from .cli_support import one_line, run_command
+from .cli_support import HelpFormatter, one_line, run_command
 
 
 def run(args: argparse.Namespace) -> int:

@@ -139,6 +139,7 @@ def _unavailable_message(preset: Preset, missing: str, reason: str) -> str:
 def _check_backbone_available(source: str, preset: Preset, cache_dir: Any = None) -> None:
     """A backbone given as a Hub id (not a local folder) that is neither cached nor downloadable here fails at once
     (one connection attempt, no download retries) with `BackboneUnavailableError`."""
+    source = os.path.expanduser(source) if source.startswith("~") else source
     if not os.path.isdir(source):
         reason = unavailable_reason(source, cache_dir=cache_dir)
         if reason:
@@ -163,7 +164,9 @@ def check_preset_backbones(name: str, clip: Any = None, dino: Any = None) -> Non
 
 
 def _load_backbone(loader: Any, source: str, preset: Preset, backbone_kwargs: dict[str, Any]) -> Any:
-    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries)."""
+    """`loader(source)`; a Hub id that is neither cached nor downloadable fails at once (no download retries). A
+    leading "~" is the home folder."""
+    source = os.path.expanduser(source) if source.startswith("~") else source
     _check_backbone_available(source, preset, backbone_kwargs.get("cache_dir"))
     try:
         return loader(source, **backbone_kwargs)

@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one or more datasets (meta.json, MVTec-AD, VisA or generic layout), each with a split (default test, "
         "as the zero-shot protocol) and optionally comma-separated classes",
     )
-    parser.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP backbone: Hub id or local folder")
-    parser.add_argument("--dino", default=None, help=f"DINOv2 backbone for crane+ (default {DEFAULT_DINO})")
+    parser.add_argument("--clip", type=local_path, default=DEFAULT_CLIP, help="CLIP backbone: Hub id or local folder")
+    parser.add_argument(
+        "--dino", type=local_path, default=None, help=f"DINOv2 backbone for crane+ (default {DEFAULT_DINO})"
+    )
     parser.add_argument("--variant", choices=("crane", "crane+"), default="crane", help="Crane or Crane+ (D-Attn)")
     parser.add_argument(
         "--output-dir", required=True, type=local_path, help="checkpoints and the final prompts go here"
