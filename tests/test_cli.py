@@ -463,3 +463,23 @@ def test_a_bug_exits_1_with_its_traceback_on_one_process_and_on_two(tiny_model_d
         assert result.returncode == 1, (processes, result.stderr)
         assert "Traceback" in result.stderr and "TypeError: a bug inside the work" in result.stderr, result.stderr
         assert not output.exists()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_destroys_the_process_group_it_joined(tmp_path, fails):
+    """A process of `accelerate launch` / `--num-processes` joins a gloo group; one left alive at exit can abort the
+    process at interpreter shutdown (SIGABRT), failing a finished run. The command destroys it, on success and on
+    error alike."""
+    import torch.distributed as dist
+
+    from crane_hf.commands.cli_support import run_command
+
+    def joins_a_group(args: argparse.Namespace) -> int:
+        dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+        assert dist.is_initialized()
+        if args.fails:
+            raise ValueError("a bad argument")
+        return 0
+
+    assert run_command(joins_a_group, argparse.Namespace(fails=fails)) == (2 if fails else 0)
+    assert not dist.is_initialized()

@@ -121,6 +121,17 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the default `torch.distributed` process group if this process joined one (`accelerate launch`,
+    `--num-processes`). A process that exits with its gloo group alive can abort at interpreter shutdown
+    (SIGABRT, "terminate called without an active exception": gloo's threads outlive the interpreter), which the
+    launcher reports as the whole run failing. Destroying it is local to the process; torch is not imported here."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def one_line(error: BaseException) -> str:
@@ -136,6 +147,7 @@ __all__ = [
     "Terminated",
     "local_path",
     "one_line",
+    "release_process_group",
     "require_positive",
     "require_range",
     "run_command",
