@@ -169,6 +169,13 @@ def test_a_read_only_folder_is_refused_before_scoring(tiny_model_dir, tmp_path, 
         locked.chmod(0o755)
 
 
+def _interruptible() -> None:
+    """In the child before it starts: SIGINT back to its default. A test run started in the background by a shell
+    without job control (`pytest ... &`, as CI harnesses do) inherits SIGINT ignored, and so would the command; a
+    user's Ctrl-C reaches a command whose SIGINT is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list[str], cwd) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "crane_hf.commands.cli", *argv],
@@ -177,6 +184,7 @@ def _start(argv: list[str], cwd) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
     )
 
 
