@@ -188,6 +188,29 @@ def test_readme_development_commands_run_from_the_repository():
         assert ratio > 0, table[0]
 
 
+def readme_shown_commands() -> list[str]:
+    """The commands of the README's user blocks that are shown rather than run (```shell: `crane-hf app` starts a
+    server that runs until stopped), `pip install ... &&` prefixes removed."""
+    commands = []
+    for language, code in ANY_BLOCK.findall(readme_sections()[0]):
+        if language in ("python", "bash"):
+            continue
+        for command in shell_commands(code):
+            command = re.sub(r"^pip install [^&]*&&\s*", "", command)
+            assert language == "shell" and command.startswith(PROGRAMS), f"README ```{language}: {command}"
+            commands.append(command)
+    return commands
+
+
+def test_readme_commands_shown_but_not_run_parse():
+    """The README's ```shell commands (not run by `test_readme_runs_end_to_end`) are accepted by their programs'
+    parsers: the app's command line cannot go stale."""
+    commands = readme_shown_commands()
+    assert any(command.startswith("crane-hf app ") for command in commands), commands
+    for command in commands:
+        parse_only(command, ROOT)
+
+
 def docstring_commands(path: str) -> list[str]:
     """The commands shown in a script's docstring: indented lines that start with a program, continuations joined."""
     with open(path, encoding="utf-8") as stream:
