@@ -256,6 +256,51 @@ def test_a_plain_run_discards_partial_results_and_says_so(images, tiny_model_dir
     assert "note: discarded the partial results of an interrupted run on out" in capsys.readouterr().err
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen point: nothing of the run's own cleanup is run after it."""
+
+
+@pytest.mark.parametrize("killed_at", ["marker", "settings"])
+def test_a_run_killed_while_making_its_partial_folder_does_not_block_the_next(
+    images, tiny_model_dir, monkeypatch, killed_at
+):
+    """Killed between making its partial folder and completing it: what is left is a temporary folder the next run
+    removes, never an unmarked partial folder that the next run would refuse ("move it away")."""
+    import crane_hf.io.output_safety as output_safety
+
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
+    if killed_at == "marker":
+        monkeypatch.setattr(output_safety, "write_marker", lambda *args, **kwargs: (_ for _ in ()).throw(_Killed))
+    else:
+        real_open = open
+
+        def killed_writing_settings(file, mode="r", *args, **kwargs):
+            if str(file).endswith(output_safety.PARTIAL_SETTINGS) and "w" in mode:
+                raise _Killed
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", killed_writing_settings)
+    with pytest.raises(_Killed):
+        main(argv)
+    monkeypatch.undo()  # (this also undoes the fixture's change of folder)
+    monkeypatch.chdir(images.parent)
+    left = sorted(name for name in os.listdir(".") if name.startswith(".out."))
+    assert ".out.crane-hf-partial" not in left and left and all(".out.crane-hf-tmp-" in name for name in left)
+    assert main(argv) == 3  # the next run cleans what was left and completes (one unreadable image: exit 3)
+    assert len(_rows("out")) == 9
+    assert sorted(name for name in os.listdir(".") if name.startswith(".out.")) == []
+
+
+def test_an_empty_partial_folder_from_a_killed_run_is_taken_as_none(images, tiny_model_dir):
+    """An earlier version made the partial folder before its marker: killed in between, it left an empty folder (or
+    one holding only the marker's temporary file), which holds nothing of anyone's: the next run starts anew."""
+    os.makedirs(".out.crane-hf-partial")
+    (images.parent / ".out.crane-hf-partial" / ".crane-hf-output.json.crane-hf-tmp-x1").write_text('{"sta')
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet"]
+    assert main(argv) == 3
+    assert len(_rows("out")) == 9 and not os.path.exists(".out.crane-hf-partial")
+
+
 def test_partial_folders_crane_hf_did_not_write_are_never_used_or_removed(images, tiny_model_dir, capsys):
     os.makedirs(".out.crane-hf-partial")
     (images.parent / ".out.crane-hf-partial" / "mine.txt").write_text("mine")

@@ -442,6 +442,14 @@ def output_lock(path: str) -> Iterator[None]:
         os.close(handle)
 
 
+def _unmarked_start(folder: str) -> bool:
+    """Whether `folder` is a real folder holding nothing but, at most, the temporary file of a marker being written:
+    what a run killed while creating a folder of its own leaves (nothing in it can be a user's)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    return all(item.startswith(MARKER_NAME + TEMP_TAG) for item in os.listdir(folder))
+
+
 def clean_stale_temporaries(path: str) -> list[str]:
     """Remove what killed runs left beside the output `path`; call it holding `output_lock(path)`.
 
@@ -461,8 +469,7 @@ def clean_stale_temporaries(path: str) -> list[str]:
             if os.path.isdir(full) and not os.path.islink(full):
                 # marked, or killed before its marker was in place (empty, or only the marker's own temporary
                 # file): nothing in it can be a user's
-                unmarked_start = all(item.startswith(MARKER_NAME + TEMP_TAG) for item in os.listdir(full))
-                if is_crane_hf_output(full) or unmarked_start:
+                if is_crane_hf_output(full) or _unmarked_start(full):
                     shutil.rmtree(full)
                     done.append(full)
             else:
@@ -533,6 +540,8 @@ def open_partial(
     """
     folder = partial_dir(path)
     outcome = "new"
+    if _unmarked_start(folder):  # an earlier version made the folder before its marker: killed in between
+        shutil.rmtree(folder)
     if os.path.lexists(folder):
         marker = read_marker(folder) if os.path.isdir(folder) and not os.path.islink(folder) else None
         if marker is None or marker.get("state") != "partial" or marker.get("command") != command:
@@ -571,12 +580,14 @@ def open_partial(
             return folder, "resumed"
         shutil.rmtree(folder)
         outcome = "discarded"
-    os.mkdir(folder)
     written = (json.dumps(settings, indent=1, sort_keys=True)).encode("utf-8")
-    # the marker (and the record of the settings it will hold) first: a run killed at any moment leaves a marked folder
-    write_marker(folder, command, state="partial", files={PARTIAL_SETTINGS: bytes_record(written)})
-    with open(os.path.join(folder, PARTIAL_SETTINGS), "wb") as stream:
+    # Made complete (marker, then settings) under a temporary name, then renamed: a run killed at any moment leaves
+    # either a marked partial folder or a temporary folder that the next run's `clean_stale_temporaries` removes.
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=os.path.dirname(folder))
+    write_marker(staging, command, state="partial", files={PARTIAL_SETTINGS: bytes_record(written)})
+    with open(os.path.join(staging, PARTIAL_SETTINGS), "wb") as stream:
         stream.write(written)
+    os.rename(staging, folder)
     return folder, outcome
 
 
