@@ -593,3 +593,11 @@ def test_a_lock_file_that_is_a_link_to_a_users_file_is_refused_not_written_throu
         pass
     assert Path("precious.txt").read_text() == "a user's only copy"
     assert os.path.lexists(".results.crane-hf-lock")  # not crane-hf's: left for the user to look at
+
+
+def test_an_output_under_a_link_to_nothing_is_named_as_such(project, tiny_model_dir, capsys):
+    os.symlink("/nonexistent-crane-hf-target", "gone")
+    assert _predict(tiny_model_dir, ["photos"], "gone/results") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "gone is a symbolic link to nothing" in error, error
+    assert os.path.islink("gone") and not os.path.exists("/nonexistent-crane-hf-target")

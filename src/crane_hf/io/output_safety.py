@@ -394,6 +394,8 @@ def check_writable(path: str) -> None:
     existing = parent
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a symbolic link to nothing.")
     if not os.path.isdir(existing):
         raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder.")
     try:
