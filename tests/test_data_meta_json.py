@@ -162,3 +162,13 @@ def test_write_then_read_round_trips_and_refuses_to_overwrite(tmp_path, root):
         str(root), {"test": [AnomalyRecord("a.png", "", 0, "x", "good")]}, overwrite=True, meta_path=str(target)
     )
     assert json.loads(target.read_text()) == {"test": {"x": [_entry("a.png", cls="x")]}}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_an_image_that_is_a_named_pipe_is_named_as_such_not_as_missing(root):
+    os.remove(root / "bottle/test/broken/000.png")
+    os.mkfifo(root / "bottle/test/broken/000.png")
+    with pytest.raises(DatasetLayoutError) as error:
+        load_meta_json(str(root), "test")
+    message = str(error.value)
+    assert "test/bottle[1]" in message and "image is not a regular file" in message and "not found" not in message

@@ -237,3 +237,30 @@ def test_predict_on_a_glob_over_a_link_to_the_root_scores_each_image_once(linked
         "loop",
         "stolen.png",
     }
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_or_device_among_the_inputs_is_skipped_by_name_never_opened(tiny_model_dir, tmp_path):
+    """Opening a FIFO blocks until a writer comes, and /dev/zero never ends: such inputs are reported, not read."""
+    root = tmp_path / "dir"
+    write_test_images(root, count=2)
+    os.mkfifo(root / "pipe.png")
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{root / 'pipe.png'}\n/dev/zero\n{root / 'part_0.png'}\n")
+    runs = {
+        "folder": [str(root)],
+        "glob": [f"{root}/*.png"],
+        "list": ["--paths-from", str(listed)],
+    }
+    for name, inputs in runs.items():
+        output = tmp_path / f"out-{name}"
+        argv = ["predict", *inputs, "--model", tiny_model_dir, "--output", str(output), "--quiet", "--no-overlays"]
+        outcome, _ = _bounded(lambda argv=argv: main(argv), seconds=120)
+        assert outcome.get("value") == 3, (name, outcome)  # finished, with skipped inputs
+        summary = json.loads((output / "predictions.json").read_text())
+        skipped = {item["path"]: item["reason"] for item in summary["skipped"]}
+        assert "not a regular file" in skipped[str(root / "pipe.png")], (name, skipped)
+        if name == "list":
+            assert "not a regular file" in skipped["/dev/zero"], skipped
+        scored = {os.path.basename(row["path"]) for row in summary["predictions"]}
+        assert scored == ({"part_0.png"} if name == "list" else {"part_0.png", "part_1.png"}), (name, scored)

@@ -29,7 +29,13 @@ from crane_hf.io.output_names import (
     safe_file_name,
     source_file_name,
 )
-from crane_hf.io.output_safety import clean_stale_temporaries, output_lock, read_marker, unowned_entries
+from crane_hf.io.output_safety import (
+    UnsafeOutputError,
+    clean_stale_temporaries,
+    output_lock,
+    read_marker,
+    unowned_entries,
+)
 
 from .tiny_models import subprocess_environment, write_test_images
 
@@ -388,7 +394,7 @@ def test_leftovers_of_killed_runs_are_recognised_by_name_and_marker(project, tin
     os.makedirs(empty)
     half_marked = f"{os.path.dirname(output)}/.results.crane-hf-tmp-killed-while-marking"
     os.makedirs(half_marked)
-    Path(half_marked, f"{MARKER_NAME}.crane-hf-tmp-x1y2").write_text('{"written_by": "cra')
+    Path(half_marked, f"{MARKER_NAME}.crane-hf-tmp-x1y2_abc").write_text('{"written_by": "cra')
     retired = f"{os.path.dirname(output)}/.results.crane-hf-old-killed"
     os.makedirs(f"{retired}/previous")
     with open(f"{retired}/{MARKER_NAME}", "w") as stream:
@@ -527,3 +533,71 @@ def test_evaluate_overlays_of_a_drive_like_class_name_are_written(tiny_model_dir
     assert main([*argv, "--quiet"]) == 0
     assert sorted(os.listdir(output / "overlays")) == ["A_scratch", "_CON", "dents_"]
     assert sum(len(files) for _, _, files in os.walk(output / "overlays")) == 3
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        ".notes.crane-hf-tmp-mine",  # a file named like a temporary, but not in the form crane-hf gives them
+        ".backup.crane-hf-lock",  # named like a lock, holding a user's text
+        ".x.crane-hf-tmp-1/data.txt",  # a folder named like a temporary, with a marker that is not crane-hf's
+        ".x.crane-hf-partial/data.txt",
+        ".x.crane-hf-old-abcdefgh/previous/data.txt",
+    ],
+)
+def test_a_users_file_named_like_a_temporary_inside_an_output_is_not_deleted(project, tiny_model_dir, planted, capsys):
+    """Inside an output, only crane-hf's own leftovers are skipped: temporary files in the form `tempfile` names
+    them, locks holding a process id, and folders holding a valid crane-hf marker of a temporary state."""
+    assert _predict(tiny_model_dir, ["photos"], "results") == 0
+    path = Path("results", planted)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("a user's only copy")
+    if path.parent != Path("results"):
+        Path(path.parts[0], path.parts[1], MARKER_NAME).write_text("{}")  # not a crane-hf marker
+    before = _snapshot("results")
+    capsys.readouterr()
+    assert _predict(tiny_model_dir, ["photos"], "results", "--overwrite") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "holds files crane-hf did not write" in error
+    assert _snapshot("results") == before
+
+
+def test_a_users_file_named_like_a_temporary_beside_an_output_is_not_deleted(project):
+    output = os.path.abspath("results")
+    kept = {
+        ".results.crane-hf-tmp-my-notes.txt": "a user's file",  # not the form of a temporary file of crane-hf's
+        ".results.crane-hf-tmp-mine/data.txt": "a user's folder, with a marker that is not crane-hf's",
+        ".results.crane-hf-old-mine/previous/data.txt": "a user's folder, with a marker that is not crane-hf's",
+    }
+    for name, text in kept.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text(text)
+        if "/" in name:
+            Path(name.split("/")[0], MARKER_NAME).write_text('{"state": "staging"}')
+    with output_lock(output):
+        assert clean_stale_temporaries(output) == []
+    assert all(Path(name).read_text() == text for name, text in kept.items())
+    assert not os.path.exists("results")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_lock_file_that_is_a_link_to_a_users_file_is_refused_not_written_through(project, kind):
+    """`.<output>.crane-hf-lock` planted as a link to a user's file: the lock never truncates or writes it."""
+    Path("precious.txt").write_text("a user's only copy")
+    if kind == "symlink":
+        os.symlink("precious.txt", ".results.crane-hf-lock")
+    else:
+        os.link("precious.txt", ".results.crane-hf-lock")
+    refused = pytest.raises(UnsafeOutputError, match=r"\.results\.crane-hf-lock.*not a lock crane-hf made")
+    with refused, output_lock(os.path.abspath("results")):
+        pass
+    assert Path("precious.txt").read_text() == "a user's only copy"
+    assert os.path.lexists(".results.crane-hf-lock")  # not crane-hf's: left for the user to look at
+
+
+def test_an_output_under_a_link_to_nothing_is_named_as_such(project, tiny_model_dir, capsys):
+    os.symlink("/nonexistent-crane-hf-target", "gone")
+    assert _predict(tiny_model_dir, ["photos"], "gone/results") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "gone is a symbolic link to nothing" in error, error
+    assert os.path.islink("gone") and not os.path.exists("/nonexistent-crane-hf-target")

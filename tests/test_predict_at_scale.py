@@ -295,7 +295,7 @@ def test_an_empty_partial_folder_from_a_killed_run_is_taken_as_none(images, tiny
     """An earlier version made the partial folder before its marker: killed in between, it left an empty folder (or
     one holding only the marker's temporary file), which holds nothing of anyone's: the next run starts anew."""
     os.makedirs(".out.crane-hf-partial")
-    (images.parent / ".out.crane-hf-partial" / ".crane-hf-output.json.crane-hf-tmp-x1").write_text('{"sta')
+    (images.parent / ".out.crane-hf-partial" / ".crane-hf-output.json.crane-hf-tmp-k2x9_q0z").write_text('{"sta')
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet"]
     assert main(argv) == 3
     assert len(_rows("out")) == 9 and not os.path.exists(".out.crane-hf-partial")
@@ -465,3 +465,50 @@ def test_bad_arguments_are_one_line_before_any_work(images, tiny_model_dir, caps
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and message in error, (argv, error)
     assert not os.path.exists("out") and not [name for name in os.listdir(".") if name.startswith(".")]
+
+
+@pytest.mark.parametrize(("sent", "code", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_to_two_processes_ends_with_one_line_and_its_code(tiny_model_dir, tmp_path, sent, code, word):
+    """`--num-processes 2` stopped by SIGTERM or Ctrl-C mid-run: the code of a one-process run, crane-hf's one line
+    and no traceback (the launcher's own traceback on a signal is not a bug), the finished images kept."""
+    import signal
+    import textwrap
+
+    write_test_images(tmp_path / "imgs", count=40)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # slow scoring, so that the signal comes mid-run
+        textwrap.dedent(
+            """
+            import time
+            import crane_hf.prediction.sharded_prediction as sharded
+
+            original = sharded._score_batch
+
+            def _score_batch(*args, **kwargs):
+                time.sleep(0.5)
+                return original(*args, **kwargs)
+
+            sharded._score_batch = _score_batch
+            """
+        )
+    )
+    env = subprocess_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    command = [shutil.which("crane-hf"), "predict", str(tmp_path / "imgs"), "--model", tiny_model_dir]
+    command += ["--output", str(tmp_path / "out"), "--quiet", "--no-overlays", "--batch-size", "1"]
+    process = subprocess.Popen(
+        [*command, "--num-processes", "2"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    rows = tmp_path / ".out.crane-hf-partial" / "rows"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not (rows.is_dir() and any(rows.iterdir())):
+        time.sleep(0.1)
+    time.sleep(1)
+    process.send_signal(getattr(signal, sent))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == code, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert "Traceback" not in stderr, stderr
+    assert lines[-1].startswith(f"crane-hf: {word} ({sent})"), lines
+    assert not (tmp_path / "out").exists() and rows.is_dir()

@@ -258,3 +258,32 @@ def test_a_preprocessor_config_or_index_repeating_a_key_is_refused(folder, shard
     _repeat_key(index_path, "weight_map", {})
     with pytest.raises(CheckpointMismatchError, match="key 'weight_map' appears 2 times"):
         CraneForAnomalyDetection.from_pretrained(sharded)
+
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", ["dangling link", "named pipe", "link to /dev/zero", "folder"])
+def test_a_model_file_that_is_not_a_regular_file_is_named_never_taken_as_missing(folder, tmp_path, name, kind, capsys):
+    """A broken link (a half-deleted Hub cache), a named pipe, a device or a folder under the name of a file of the
+    model folder is refused naming it: not called missing, and never replaced by defaults (a preprocessor config
+    that cannot be read must not silently become the one the config implies)."""
+    if kind == "named pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("named pipes are POSIX")
+    path = folder / name
+    os.remove(path)
+    if kind == "dangling link":
+        os.symlink(tmp_path / "gone" / name, path)
+    elif kind == "named pipe":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        os.symlink("/dev/zero", path)
+    else:
+        os.mkdir(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a regular file")):
+        load_model(str(folder), device="cpu")
+    write_test_images(tmp_path / "images", count=1)
+    argv = ["predict", str(tmp_path / "images"), "--model", str(folder), "--output", str(tmp_path / "out"), "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"{path}: not a regular file" in error
+    assert not os.path.exists(tmp_path / "out")

@@ -33,6 +33,7 @@ import difflib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -337,6 +338,7 @@ def check_model_source(spec: str) -> None:
         or os.path.isdir(os.path.expanduser(parts[0]))
     )
     if os.path.isdir(spec):
+        check_regular_files(spec)
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{os.path.join(spec, 'config.json')} is missing: {spec} is not a model folder.")
         check_json_sizes(spec)
@@ -344,6 +346,34 @@ def check_model_source(spec: str) -> None:
         raise NotADirectoryError(f"model {spec} is a file; give the model folder (it holds config.json).")
     elif looks_local:
         raise FileNotFoundError(f"no such model folder: {spec}. " + _presets_hint(spec))
+
+
+MODEL_FILE_SUFFIXES = (".json", ".safetensors")  # the files of a model folder that crane_hf reads
+
+
+def _not_regular_kind(path: str) -> str:
+    if not os.path.exists(path):
+        return "a symbolic link to nothing"
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    return "a device or socket"
+
+
+def check_regular_files(folder: str) -> None:
+    """Refuse (`ValueError`, naming it) an entry of the model folder `folder` named like a file crane_hf reads
+    there (`MODEL_FILE_SUFFIXES`: config.json, preprocessor_config.json, the weights and their index) that is not a
+    regular file once links are followed: a link to nothing (a half-deleted Hub cache), a named pipe (reading it
+    would block), a device (/dev/zero never ends) or a folder. Such a file is never taken for a missing one (for
+    preprocessor_config.json, that would silently put the defaults in its place)."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(MODEL_FILE_SUFFIXES) and not os.path.isfile(path):
+            raise ValueError(
+                f"{path}: not a regular file ({_not_regular_kind(path)}); put the file itself in the model folder."
+            )
 
 
 MAX_JSON_BYTES = 16 * 2**20  # the largest JSON file read from a model folder (a real config.json is a few kB)

@@ -77,8 +77,8 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
     """Run `python -m module` on `num_processes` processes (`accelerate launch --multi_gpu`, gloo where there is no
     GPU) with the already parsed and checked `args`; returns the exit code a single process would have given.
 
-    Ctrl-C or SIGTERM received here is passed on to the launcher, which stops the processes (each cleans its
-    temporary files and records 130 or 143); the run then returns that code."""
+    Ctrl-C or SIGTERM received here is passed on to the processes (to the launcher while they start), which clean
+    their temporary files and record 130 or 143; the run then returns that code."""
     with tempfile.TemporaryDirectory(prefix="crane-hf-processes-") as folder:
         with open(os.path.join(folder, _ARGUMENTS_FILE), "w", encoding="utf-8") as stream:
             json.dump(_arguments_for_workers(args), stream)
@@ -86,7 +86,7 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         # Its own session: a Ctrl-C in the terminal reaches this process only, which passes it on once.
         environment = {**os.environ, WORKER_FOLDER_VARIABLE: folder}
         launcher = subprocess.Popen(command, env=environment, start_new_session=True)
-        returncode, stopped_by = _wait(launcher)
+        returncode, stopped_by = _wait(launcher, folder, num_processes)
         codes = {rank: int(text) for rank in range(num_processes) if (text := _read(folder, f"exit-{rank}"))}
         # The other processes' messages repeat the main one's; shown when one of them alone failed.
         failed = next((rank for rank, code in codes.items() if code), None)
@@ -115,19 +115,31 @@ def _read(folder: str, name: str) -> str | None:
         return stream.read()
 
 
-def _wait(launcher: subprocess.Popen) -> tuple[int, int | None]:
-    """The launcher's exit code, and the exit code of the last signal passed on to it meanwhile (Ctrl-C: SIGINT,
-    SIGTERM), or None."""
+def _wait(launcher: subprocess.Popen, folder: str, num_processes: int) -> tuple[int, int | None]:
+    """The launcher's exit code, and the exit code of the last signal passed on meanwhile (Ctrl-C: SIGINT,
+    SIGTERM), or None. A signal goes to the processes themselves once each has recorded its process id (each
+    then records 130 or 143 and ends normally, so that the launcher ends without a traceback of its own, which
+    is not a bug); before that, to the launcher, which stops them."""
     stopped_by = None
     while True:
         try:
             return launcher.wait(), stopped_by
         except KeyboardInterrupt:
-            launcher.send_signal(signal.SIGINT)
+            _pass_on(launcher, folder, num_processes, signal.SIGINT)
             stopped_by = EXIT_SIGINT
         except Terminated:
-            launcher.send_signal(signal.SIGTERM)
+            _pass_on(launcher, folder, num_processes, signal.SIGTERM)
             stopped_by = EXIT_SIGTERM
+
+
+def _pass_on(launcher: subprocess.Popen, folder: str, num_processes: int, signum: int) -> None:
+    pids = [_read(folder, f"pid-{rank}") for rank in range(num_processes)]
+    if any(pid is None or not pid.strip().isdigit() for pid in pids):
+        launcher.send_signal(signum)
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # already ended
+            os.kill(int(pid), signum)
 
 
 def worker_arguments() -> argparse.Namespace | None:
@@ -148,6 +160,10 @@ def run_as_worker(run: Callable[[argparse.Namespace], int], args: argparse.Names
 
     rank = os.environ.get("RANK", "0")
     folder = os.environ[WORKER_FOLDER_VARIABLE]
+    written = os.path.join(folder, f"pid-{rank}.writing")
+    with open(written, "w", encoding="utf-8") as stream:  # where the parent passes signals on
+        stream.write(str(os.getpid()))
+    os.replace(written, os.path.join(folder, f"pid-{rank}"))  # never read half-written
     if rank == "0":
         code = run_command(run, args)
     else:

@@ -159,7 +159,10 @@ def _check_record(
         full = os.path.join(root, path)
         kind = "image" if field == "img_path" else "mask"
         if not os.path.isfile(full):
-            problems.append(f"{record.describe()}: {kind} file not found: {full}")
+            # a named pipe (reading it would block), a device, a folder or a link to nothing is not "not found"
+            what = "is not a regular file (a named pipe, device, folder or link to nothing)"
+            what = what if os.path.lexists(full) else "file not found"
+            problems.append(f"{record.describe()}: {kind} {what}: {full}")
             continue
         try:
             sizes[field], file_format = image_file_header(full, verify=verify_images)

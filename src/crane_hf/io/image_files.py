@@ -7,11 +7,13 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .output_names import MARKER_NAME
 
+NOT_REGULAR_REASON = "not a regular file (a named pipe, device or socket): not read"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
 
 
@@ -47,15 +49,29 @@ class _Search:
 
     def keep_file(self, path: str, root: str, real_root: str) -> bool:
         """A file of a search under `root` (real path `real_root`): symbolic links that lead outside `root` are
-        reported, not followed; links into an excluded folder are left out. Plain files need no check: excluded
-        folders are never entered."""
-        if not os.path.islink(path):
-            return True
-        real = os.path.realpath(path)
-        if not _inside(real_root, real):
-            self.skipped.append(SkippedFile(path, f"symbolic link leading outside {root}: not followed"))
+        reported, not followed; links into an excluded folder are left out; what is not a regular file (a named
+        pipe, whose opening would block, or a device) is reported, never opened. Plain files need no other check:
+        excluded folders are never entered."""
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            if not _inside(real_root, real):
+                self.skipped.append(SkippedFile(path, f"symbolic link leading outside {root}: not followed"))
+                return False
+            if self.in_excluded(real):
+                return False
+        return self.regular(path)
+
+    def regular(self, path: str) -> bool:
+        """Whether `path` is a regular file (links followed); an existing one that is not is reported."""
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
             return False
-        return not self.in_excluded(real)
+        if stat.S_ISREG(mode):
+            return True
+        if not stat.S_ISDIR(mode):
+            self.skipped.append(SkippedFile(path, NOT_REGULAR_REASON))
+        return False
 
     def in_excluded(self, real_path: str) -> bool:
         return any(_inside(folder, real_path) for folder in self.exclude)
@@ -128,7 +144,7 @@ class _Search:
         if os.path.isdir(entry):  # named: searched even if it is a crane-hf output
             return self.images_in(entry, entry)
         if os.path.lexists(entry) or not glob.has_magic(entry):
-            return [entry] if os.path.isfile(entry) else []
+            return [entry] if self.regular(entry) else []
         root, matches = self.glob(entry)
         real_root = os.path.realpath(root)
         found = []
@@ -137,7 +153,7 @@ class _Search:
                 found.extend([] if self.leave_out(match) else self.images_in(match, root))
             elif os.path.islink(match) and os.path.isdir(match):
                 self.skipped.append(SkippedFile(match, "symbolic link to a folder: not followed"))
-            elif os.path.isfile(match) and self.keep_file(match, root, real_root):
+            elif os.path.lexists(match) and self.keep_file(match, root, real_root):
                 found.append(match)
         return found
 

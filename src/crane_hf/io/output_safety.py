@@ -27,7 +27,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -114,8 +116,38 @@ def read_marker(folder: str) -> dict[str, Any] | None:
 
 
 def is_crane_hf_output(folder: str) -> bool:
-    """Whether `folder` holds a crane-hf marker (a published output, or a temporary folder of a run)."""
-    return os.path.isfile(os.path.join(folder, MARKER_NAME))
+    """Whether `folder` (not a link) holds a valid crane-hf marker (a published output, or a temporary folder of a
+    run); a file merely named like the marker proves nothing."""
+    return os.path.isdir(folder) and not os.path.islink(folder) and read_marker(folder) is not None
+
+
+# The names `tempfile` gives crane-hf's temporary files (a prefix ending in TEMP_TAG, then 8 characters of
+# [a-z0-9_]; "previous": the kept previous version of a file being replaced, `atomic._stage_and_replace`) and of its
+# locks; a file named otherwise is not crane-hf's, whatever tag its name holds.
+_TEMPORARY_FILE = re.compile(rf"\..+{re.escape(TEMP_TAG)}(?:[a-z0-9_]{{8}}|previous)")
+_LOCK_FILE = re.compile(rf"\..+{re.escape(LOCK_TAG)}")
+_PROCESS_ID = re.compile(rb"[0-9]{0,20}\n?")  # what `output_lock` writes in a lock file
+
+
+def _holds_process_id(path: str) -> bool:
+    """Whether the regular file at `path` (not followed if a link) holds nothing but what `output_lock` writes."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 32:
+            return False
+        with open(path, "rb") as stream:
+            return _PROCESS_ID.fullmatch(stream.read(33)) is not None
+    except OSError:
+        return False
+
+
+def is_own_temporary_file(path: str) -> bool:
+    """Whether `path` is a temporary file or a lock that crane-hf leaves when killed, by the exact form of its name
+    (and, for a lock, its content): a regular file, never a link."""
+    name = os.path.basename(path)
+    if _LOCK_FILE.fullmatch(name):
+        return _holds_process_id(path)
+    return bool(_TEMPORARY_FILE.fullmatch(name)) and os.path.isfile(path) and not os.path.islink(path)
 
 
 def _listing(folder: str) -> list[str]:
@@ -283,11 +315,14 @@ def unowned_entries(folder: str) -> list[str]:
 
 
 def _is_temporary(entry: os.DirEntry) -> bool:
-    """A lock, temporary file or marked temporary folder of crane-hf (recognised by name, and marker for folders)."""
+    """A lock or temporary file of crane-hf (`is_own_temporary_file`), or a temporary folder of a run (named with a
+    crane-hf tag and holding a valid crane-hf marker)."""
     name = entry.name
     if not name.startswith(".") or not any(tag in name for tag in (TEMP_TAG, OLD_TAG, LOCK_TAG, PARTIAL_TAG)):
         return False
-    return not entry.is_dir(follow_symlinks=False) or is_crane_hf_output(entry.path)
+    if entry.is_dir(follow_symlinks=False):
+        return is_crane_hf_output(entry.path)
+    return is_own_temporary_file(entry.path)
 
 
 def clean_stale_temporaries_in(folder: str) -> list[str]:
@@ -359,6 +394,8 @@ def check_writable(path: str) -> None:
     existing = parent
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a symbolic link to nothing.")
     if not os.path.isdir(existing):
         raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder.")
     try:
@@ -404,6 +441,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def _foreign_lock(lock_path: str, what: str) -> str:
+    return (
+        f"refusing to use {lock_path} as the lock of the output: it is {what}, not a lock crane-hf made; move it away."
+    )
+
+
 @contextlib.contextmanager
 def output_lock(path: str) -> Iterator[None]:
     """Hold the exclusive lock of the output `path` (its parent folder must exist); `OutputInUseError` if taken."""
@@ -413,7 +456,16 @@ def output_lock(path: str) -> Iterator[None]:
         yield
         return
     while True:
-        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock file is truncated and written below
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            if not os.path.islink(lock_path):
+                raise
+            raise UnsafeOutputError(_foreign_lock(lock_path, "a symbolic link")) from error
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(handle)
+            raise UnsafeOutputError(_foreign_lock(lock_path, "not a file of its own (a hard link, or a special file)"))
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -427,6 +479,9 @@ def output_lock(path: str) -> Iterator[None]:
             same = os.path.samestat(os.fstat(handle), os.stat(lock_path))
         except FileNotFoundError:
             same = False
+        if same and not _holds_process_id(lock_path):
+            os.close(handle)
+            raise UnsafeOutputError(_foreign_lock(lock_path, "a file holding something else than a process id"))
         if same:  # not a lock file that its previous holder removed while we waited for it
             break
         os.close(handle)
@@ -447,7 +502,10 @@ def _unmarked_start(folder: str) -> bool:
     what a run killed while creating a folder of its own leaves (nothing in it can be a user's)."""
     if not os.path.isdir(folder) or os.path.islink(folder):
         return False
-    return all(item.startswith(MARKER_NAME + TEMP_TAG) for item in os.listdir(folder))
+    return all(
+        item.startswith(MARKER_NAME + TEMP_TAG) and is_own_temporary_file(os.path.join(folder, item))
+        for item in os.listdir(folder)
+    )
 
 
 def clean_stale_temporaries(path: str) -> list[str]:
@@ -472,7 +530,7 @@ def clean_stale_temporaries(path: str) -> list[str]:
                 if is_crane_hf_output(full) or _unmarked_start(full):
                     shutil.rmtree(full)
                     done.append(full)
-            else:
+            elif is_own_temporary_file(full):
                 os.remove(full)
                 done.append(full)
         elif entry.startswith(f".{name}{OLD_TAG}") and os.path.isdir(full) and is_crane_hf_output(full):
@@ -622,6 +680,7 @@ __all__ = [
     "default_protected",
     "file_signatures",
     "is_crane_hf_output",
+    "is_own_temporary_file",
     "make_staging_dir",
     "manifest_records",
     "matches_record",

@@ -1,6 +1,6 @@
 """Content fingerprints: recognise the same training data and the same backbones whatever their paths look like.
 
-- `file_sha256`: SHA-256 of a file's bytes.
+- `file_sha256`: SHA-256 of a regular file's bytes (a named pipe or device is refused, never read).
 - `row_digest` and `combine_digests`: SHA-256 over the rows of an anomaly dataset in order: the image path relative
   to the dataset root, class, defect type, label and the SHA-256 of the image's and the mask's bytes. The same
   files reached through another path (relative or absolute, a trailing slash, a copy elsewhere) give the same
@@ -14,17 +14,29 @@ the same data fingerprint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+NOT_REGULAR = "not a regular file (a named pipe, device or socket): not read"
+
 
 def file_sha256(path: str) -> str:
-    """Hex SHA-256 of the file at `path`."""
-    with open(path, "rb") as stream:
+    """Hex SHA-256 of the regular file at `path`. Anything else (a named pipe, whose opening blocks until a writer
+    comes; a device such as /dev/zero, which never ends; a socket) raises `OSError` (strerror `NOT_REGULAR`) naming
+    `path`: it is opened without blocking and checked before a byte is read."""
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(handle, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(handle, True)
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
@@ -72,4 +84,4 @@ def module_fingerprint(modules: Iterable[torch.nn.Module | None]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["combine_digests", "file_sha256", "module_fingerprint", "row_digest"]
+__all__ = ["NOT_REGULAR", "combine_digests", "file_sha256", "module_fingerprint", "row_digest"]
