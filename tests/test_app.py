@@ -197,3 +197,66 @@ def test_push_space_folder_is_refused_where_it_meets_the_dry_run_folder(tiny_mod
         assert main(argv) == 2
         assert "must be separate folders, neither inside the other" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == []  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("crane+/mvtc", "did you mean crane+/mvtec"),  # a typo of a preset
+        ("/no/such/folder", "no such model folder: /no/such/folder"),
+        ("crane+/mvtec", "needs the backbone openai/clip-vit-large-patch14-336"),  # offline: backbones not here
+    ],
+)
+def test_app_refuses_a_model_it_cannot_load_before_starting(model, problem, monkeypatch, capsys):
+    from crane_hf.commands import app as app_command
+
+    def never(*args, **kwargs):
+        raise AssertionError("the app was built although --model cannot be loaded")
+
+    monkeypatch.setattr(app_command, "build", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["app", "--model", model, "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ")
+    assert problem in lines[0].lower() and "Traceback" not in captured.err
+    assert "Running on" not in captured.out and "crane-hf app on" not in captured.out
+
+
+@pytest.mark.slow
+def test_app_stops_cleanly_on_sigint_and_sigterm(tiny_model_dir, tmp_path):
+    require(GRADIO_MISSING)
+    import signal
+    import time
+
+    from .tiny_models import free_port
+
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        port = free_port()
+        command = [sys.executable, "-m", "crane_hf.commands.cli", "app", "--model", tiny_model_dir]
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**subprocess_environment(), "GRADIO_ANALYTICS_ENABLED": "False"},
+            cwd=tmp_path,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            lines = []
+            while time.monotonic() < deadline:  # serving once Gradio prints its URL
+                line = process.stdout.readline()
+                lines.append(line)
+                if not line or "Running on" in line:
+                    break
+            assert any("Running on" in line for line in lines), "".join(lines) + process.stderr.read()
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == code, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert signal.Signals(signum).name in err

@@ -9,6 +9,9 @@ into the model folder's config.json (and calibration.json), as `crane-hf calibra
 (`calibrate.calibration_lock`); it refuses a folder that is not a crane model folder, a linked config.json (a Hub
 cache entry), a calibration.json crane-hf did not write, and presets.
 
+`--model` is checked before the server starts, with the checks `predict` makes (`check_model_loadable`): a typo of a
+preset, a folder that does not exist or backbones that cannot be had here are refused in one line (exit 2).
+
 The app itself (`reporting/gradio_app.py`) and its figures (`reporting/decision_figure.py`) are the same modules
 `crane-hf push --space` copies into a Hugging Face Space.
 """
@@ -161,13 +164,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model_loading import resolve_device
+    from ..model_loading import check_model_loadable, resolve_device
 
     try:  # the arguments and the device are checked before Gradio or the model is loaded
         require_range("--port", args.port, 1, 65535)
         resolve_device(args.device)
     except (TypeError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    try:  # the checks predict and evaluate make: a typo or a missing folder or backbone fails before the server
+        check_model_loadable(args.model, clip=args.clip, dino=args.dino)
+    except (OSError, ValueError) as error:
+        print(f"error: --model {args.model}: {one_line(error)}", file=sys.stderr)
         return 2
     try:
         import gradio  # noqa: F401
