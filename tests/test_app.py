@@ -40,36 +40,101 @@ def model_copy(tiny_model_dir, tmp_path):
     return folder
 
 
+def loaded_model(folder):
+    from crane_hf.model_loading import load_model
+
+    return load_model(str(folder), device="cpu")[0]
+
+
 def test_save_thresholds_writes_config_and_record(model_copy):
-    message = save_thresholds_to_folder(str(model_copy), 0.61, 0.42)
+    message = save_thresholds_to_folder(str(model_copy), 0.61, 0.42, loaded_model(model_copy))
     config = json.loads((model_copy / "config.json").read_text())
     record = json.loads((model_copy / "calibration.json").read_text())
     assert config["image_threshold"] == 0.61 and config["pixel_threshold"] == 0.42 and "0.6100" in message
-    assert record["previous"] == {"image_threshold": 0.5, "pixel_threshold": 0.5}
+    assert record["previous"]["image_threshold"] == 0.5 and record["previous"]["pixel_threshold"] == 0.5
     assert record["image"]["threshold"] == 0.61 and record["method"] == "set by hand in crane-hf app"
-    save_thresholds_to_folder(str(model_copy), 0.7, 0.4)  # its own calibration.json may be replaced
+    assert record["image"]["target_fpr"] is None and record["normal_images"] is None  # no calibration images
+    save_thresholds_to_folder(str(model_copy), 0.7, 0.4, loaded_model(model_copy))  # its own record is replaced
     assert json.loads((model_copy / "calibration.json").read_text())["previous"]["image_threshold"] == 0.61
 
 
+def test_app_saves_the_record_calibrate_saves_and_the_thresholds_load_as_calibrated(tiny_model_dir, tmp_path):
+    from crane_hf.commands.calibrate import calibrate_folder
+    from crane_hf.model_loading import load_detector
+
+    calibrated, saved = tmp_path / "calibrated", tmp_path / "saved"
+    for folder in (calibrated, saved):
+        shutil.copytree(tiny_model_dir, folder)
+    normal = write_test_images(tmp_path / "normal", count=3)
+    calibrate_folder(str(calibrated), normal, device="cpu", progress=False)
+    save_thresholds_to_folder(str(saved), 0.61, 0.42, loaded_model(saved))
+    records = [json.loads((folder / "calibration.json").read_text()) for folder in (calibrated, saved)]
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (calibrated, saved)]
+    assert set(records[1]) == set(records[0])  # the same record: the same fields, the same meaning
+    for key in ("image", "pixel", "previous"):
+        assert set(records[1][key]) == set(records[0][key]), key
+    for key in ("computation", "computation_changed", "overrides", "reference_memory", "previous"):
+        if key != "previous":
+            assert records[1][key] == records[0][key], key
+    assert records[1]["previous"]["computation"] == records[0]["previous"]["computation"]
+    # what the thresholds hold for is recorded as calibrate records it: the model's computation, zero-shot, float32
+    assert configs[1]["threshold_computation"] == configs[0]["threshold_computation"]
+    assert configs[1]["threshold_computation"]["few_shot_memory"] is None
+    assert configs[1]["threshold_computation"]["dtype"] == "float32"
+    # the saved folder decides with them, and a model loaded with another computation refuses them
+    detector = load_detector(str(saved), device="cpu")
+    assert detector.model.config.threshold_computation == configs[1]["threshold_computation"]
+    result = detector(normal[1])
+    assert result["is_anomalous"] == (result["score"] >= 0.61)
+    other = load_detector(str(saved), device="cpu", soft_mean=not detector.model.config.soft_mean)
+    with pytest.raises(ValueError, match="calibrated for another computation"):
+        other(normal[1])
+
+
+def test_app_saves_thresholds_with_its_reference_memory_as_calibrate_does(model_copy, tmp_path):
+    from crane_hf.model_loading import load_detector
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    model = loaded_model(model_copy)
+    memory = load_detector(str(model_copy), device="cpu").build_reference_memory(references)
+    message = save_thresholds_to_folder(str(model_copy), 0.55, 0.45, model, memory=memory)
+    assert "reference memory" in message
+    record = json.loads((model_copy / "calibration.json").read_text())
+    config = json.loads((model_copy / "config.json").read_text())
+    assert record["reference_memory"] == memory.describe()
+    assert config["threshold_computation"]["few_shot_memory"] == memory.identity
+    assert (model_copy / "reference_memory.safetensors").is_file()  # the memory the thresholds hold for
+    detector = load_detector(str(model_copy), device="cpu")
+    assert detector.model.reference_memory.identity == memory.identity
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    result = detector(test_image)  # fused with the folder's memory, decided with the saved thresholds
+    assert "few_shot_score" in result and result["is_anomalous"] == (result["score"] >= 0.55)
+
+
 def test_save_thresholds_never_writes_over_foreign_files(model_copy, tmp_path):
+    model = loaded_model(model_copy)
     config_before = (model_copy / "config.json").read_bytes()
     (model_copy / "calibration.json").write_text('{"notes": "mine"}')
     with pytest.raises(ValueError, match="not written by crane-hf"):
-        save_thresholds_to_folder(str(model_copy), 0.6, 0.4)
+        save_thresholds_to_folder(str(model_copy), 0.6, 0.4, model)
     assert (model_copy / "config.json").read_bytes() == config_before
     assert (model_copy / "calibration.json").read_text() == '{"notes": "mine"}'
     with pytest.raises(ValueError, match=r"no config\.json"):
-        save_thresholds_to_folder(str(tmp_path / "nothing"), 0.6, 0.4)
+        save_thresholds_to_folder(str(tmp_path / "nothing"), 0.6, 0.4, model)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="not the config of a crane model"):
-        save_thresholds_to_folder(str(other), 0.6, 0.4)
+        save_thresholds_to_folder(str(other), 0.6, 0.4, model)
     assert (other / "config.json").read_text() == '{"model_type": "bert"}'
     (model_copy / "calibration.json").unlink()
     for bad in (1.5, float("nan"), -0.1):
         with pytest.raises(ValueError, match="threshold"):
-            save_thresholds_to_folder(str(model_copy), bad, 0.4)
+            save_thresholds_to_folder(str(model_copy), bad, 0.4, model)
+    changed = loaded_model(model_copy)
+    changed.config = changed.config.with_overrides(soft_mean=not changed.config.soft_mean)
+    with pytest.raises(ValueError, match="soft_mean"):  # the folder computes otherwise than the model in the app
+        save_thresholds_to_folder(str(model_copy), 0.6, 0.4, changed)
     assert (model_copy / "config.json").read_bytes() == config_before and not (
         model_copy / "calibration.json"
     ).exists()
