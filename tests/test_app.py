@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -156,9 +157,10 @@ def test_thresholds_redraw_from_state_without_the_model():
         render_state(state, 1.2, 0.5, "absolute", None)
 
 
-def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp_path):
-    require(GRADIO_MISSING)
-    require_chromium()
+@contextlib.contextmanager
+def app_in_chromium(folder, height: int):
+    """`crane-hf app --model folder` served on a free port and opened in headless Chromium once its model is loaded:
+    yields (driver, a 90 s WebDriverWait); the browser and the server are closed after."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -166,16 +168,27 @@ def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp
 
     from .browser import headless_chromium, start_app
 
-    (image_path,) = write_test_images(tmp_path / "images", count=1)
-    expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
-    args = argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu")
-    app = app_command.build(args)
+    app = app_command.build(argparse.Namespace(model=str(folder), clip=None, dino=None, device="cpu"))
     port = start_app(app)
-    driver = headless_chromium(1400, 1000)
+    driver = headless_chromium(1400, height)
     try:
         wait = WebDriverWait(driver, 90)
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: "default thresholds" in d.find_element(By.ID, "model-status").text)
+        yield driver, wait
+    finally:
+        driver.quit()
+        app.close()
+
+
+def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    require_chromium()
+    from selenium.webdriver.common.by import By
+
+    (image_path,) = write_test_images(tmp_path / "images", count=1)
+    expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
+    with app_in_chromium(model_copy, 1000) as (driver, wait):
         driver.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(image_path)
         wait.until(lambda d: d.find_element(By.ID, "result").text.startswith(("ANOMALOUS:", "OK:")))
         result = driver.find_element(By.ID, "result").text
@@ -199,9 +212,85 @@ def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp
         wait.until(lambda d: "Saved" in d.find_element(By.ID, "save-message").text)
         config = json.loads((model_copy / "config.json").read_text())
         assert config["image_threshold"] == pytest.approx(above) and config["pixel_threshold"] == 1.0
-    finally:
-        driver.quit()
-        app.close()
+
+
+def app_callback(app, name: str):
+    """The function of the app's event handler `name` (the Blocks' registered callbacks)."""
+    (function,) = {block.fn for block in app.fns.values() if getattr(block.fn, "__name__", "") == name}
+    return function
+
+
+def test_app_few_shot_with_reference_images_or_a_memory_refuses_a_reference_image(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+    from crane_hf.reporting.gradio_app import _rgb
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    detector = pipeline("zero-shot-anomaly-detection", model=str(model_copy))
+    expected = detector(test_image, reference_images=references)  # the pipeline's few-shot path, from the files
+    model = app_command.model_opener(device="cpu")(str(model_copy))
+    reference = model.reference(references)
+    assert reference["memory"].num_images == 2 and reference["label"] == "2 reference images"
+    for path in (test_image, None):  # a file, and the pixels of an image dropped into the image box
+        score, anomaly_map = model.score(_rgb(test_image), path, reference)
+        assert score == pytest.approx(expected["score"], abs=1e-6) and score != pytest.approx(
+            expected["zero_shot_score"]
+        )
+        np.testing.assert_allclose(anomaly_map, expected["anomaly_map"], atol=1e-6)
+    copy = tmp_path / "copy-of-a-reference.png"
+    shutil.copyfile(references[0], copy)
+    for path in (references[0], str(copy), None):  # the same file, the same bytes, the same pixels
+        with pytest.raises(ValueError, match="one of the few-shot memory's reference images"):
+            model.score(_rgb(references[0]), path, reference)
+    memory_file = tmp_path / "memory.safetensors"  # a memory saved before (crane-hf predict --reference ... / save)
+    detector.build_reference_memory(references).save(memory_file)
+    saved = model.reference([str(memory_file)])
+    assert saved["label"] == "reference memory memory.safetensors (2 images)"
+    assert model.score(_rgb(test_image), test_image, saved)[0] == pytest.approx(expected["score"], abs=1e-6)
+    with pytest.raises(ValueError, match="one of the few-shot memory's reference images"):
+        model.score(_rgb(references[1]), references[1], saved)  # a file memory knows its images by their bytes
+    with pytest.raises(ValueError, match="not both"):
+        model.reference([str(memory_file), references[0]])
+
+    # through the app's event handlers: references set, a reference image refused by name, the others scored
+    app = app_command.build(argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu"))
+    state = {"model": str(model_copy), "items": []}
+    state, status, *_ = app_callback(app, "on_references")(references, state, 0.5, 0.5, "absolute")
+    assert status.startswith("Few-shot with 2 reference images")
+    state, text, _, table, _ = app_callback(app, "on_files")([references[1], test_image], state, 0.5, 0.5, "absolute")
+    assert "**Not scored:** part_1.png: " in text and "reference images" in text
+    assert [row[0] for row in table] == ["part_0.png"] and table[0][1] == round(expected["score"], 4)
+    state, text, *_ = app_callback(app, "on_image")(_rgb(references[0]), state, 0.5, 0.5, "absolute")
+    assert text.startswith("**Not scored:** upload-2: ") and len(state["items"]) == 1
+    message = app_callback(app, "on_save")(state, 0.6, 0.4)
+    assert message.startswith("Saved") and "reference memory" in message
+    saved_config = json.loads((model_copy / "config.json").read_text())
+    assert saved_config["threshold_computation"]["few_shot_memory"] == state["reference"]["memory"].identity
+    state, status, *_ = app_callback(app, "on_references")(None, state, 0.5, 0.5, "absolute")  # cleared
+    assert state["reference"] is None and status.startswith("No reference images")
+
+
+def test_app_few_shot_in_chromium_refuses_a_reference_image(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    require_chromium()
+    from selenium.webdriver.common.by import By
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    detector = pipeline("zero-shot-anomaly-detection", model=str(model_copy))
+    expected = detector(test_image, reference_images=references)["score"]
+    with app_in_chromium(model_copy, 1200) as (driver, wait):
+        upload = driver.find_element(By.CSS_SELECTOR, "#references-input input[type=file]")
+        upload.send_keys("\n".join(references))
+        wait.until(lambda d: "Few-shot with 2 reference images" in d.find_element(By.ID, "reference-status").text)
+        driver.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(references[0])
+        wait.until(lambda d: "Not scored" in d.find_element(By.ID, "result").text)
+        assert "one of the few-shot memory's reference images" in driver.find_element(By.ID, "result").text
+        driver.find_element(By.CSS_SELECTOR, "#files-input input[type=file]").send_keys(test_image)
+        wait.until(lambda d: d.find_element(By.ID, "result").text.startswith(("ANOMALOUS:", "OK:")))
+        assert f"score {expected:.4f}" in driver.find_element(By.ID, "result").text
+        keep_screenshot(driver, tmp_path, "app-few-shot.png")
 
 
 SPACE_RUN = textwrap.dedent(

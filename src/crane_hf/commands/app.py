@@ -10,6 +10,10 @@ the same record, and the computation the thresholds hold for) and under the same
 it refuses a folder that is not a crane model folder, a linked config.json (a Hub cache entry), a calibration.json
 crane-hf did not write, and presets.
 
+Few-shot: the page takes a handful of normal images of the class (or a saved reference memory); scores and maps are
+then the fused ones, an image that is one of the reference images is refused (named in the page), and "Save
+thresholds" saves them for that memory, with the memory, as `crane-hf calibrate --reference` does.
+
 `--model` is checked before the server starts, with the checks `predict` makes (`check_model_loadable`): a typo of a
 preset, a folder that does not exist or backbones that cannot be had here are refused in one line (exit 2).
 
