@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -40,36 +41,101 @@ def model_copy(tiny_model_dir, tmp_path):
     return folder
 
 
+def loaded_model(folder):
+    from crane_hf.model_loading import load_model
+
+    return load_model(str(folder), device="cpu")[0]
+
+
 def test_save_thresholds_writes_config_and_record(model_copy):
-    message = save_thresholds_to_folder(str(model_copy), 0.61, 0.42)
+    message = save_thresholds_to_folder(str(model_copy), 0.61, 0.42, loaded_model(model_copy))
     config = json.loads((model_copy / "config.json").read_text())
     record = json.loads((model_copy / "calibration.json").read_text())
     assert config["image_threshold"] == 0.61 and config["pixel_threshold"] == 0.42 and "0.6100" in message
-    assert record["previous"] == {"image_threshold": 0.5, "pixel_threshold": 0.5}
+    assert record["previous"]["image_threshold"] == 0.5 and record["previous"]["pixel_threshold"] == 0.5
     assert record["image"]["threshold"] == 0.61 and record["method"] == "set by hand in crane-hf app"
-    save_thresholds_to_folder(str(model_copy), 0.7, 0.4)  # its own calibration.json may be replaced
+    assert record["image"]["target_fpr"] is None and record["normal_images"] is None  # no calibration images
+    save_thresholds_to_folder(str(model_copy), 0.7, 0.4, loaded_model(model_copy))  # its own record is replaced
     assert json.loads((model_copy / "calibration.json").read_text())["previous"]["image_threshold"] == 0.61
 
 
+def test_app_saves_the_record_calibrate_saves_and_the_thresholds_load_as_calibrated(tiny_model_dir, tmp_path):
+    from crane_hf.commands.calibrate import calibrate_folder
+    from crane_hf.model_loading import load_detector
+
+    calibrated, saved = tmp_path / "calibrated", tmp_path / "saved"
+    for folder in (calibrated, saved):
+        shutil.copytree(tiny_model_dir, folder)
+    normal = write_test_images(tmp_path / "normal", count=3)
+    calibrate_folder(str(calibrated), normal, device="cpu", progress=False)
+    save_thresholds_to_folder(str(saved), 0.61, 0.42, loaded_model(saved))
+    records = [json.loads((folder / "calibration.json").read_text()) for folder in (calibrated, saved)]
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (calibrated, saved)]
+    assert set(records[1]) == set(records[0])  # the same record: the same fields, the same meaning
+    for key in ("image", "pixel", "previous"):
+        assert set(records[1][key]) == set(records[0][key]), key
+    for key in ("computation", "computation_changed", "overrides", "reference_memory", "previous"):
+        if key != "previous":
+            assert records[1][key] == records[0][key], key
+    assert records[1]["previous"]["computation"] == records[0]["previous"]["computation"]
+    # what the thresholds hold for is recorded as calibrate records it: the model's computation, zero-shot, float32
+    assert configs[1]["threshold_computation"] == configs[0]["threshold_computation"]
+    assert configs[1]["threshold_computation"]["few_shot_memory"] is None
+    assert configs[1]["threshold_computation"]["dtype"] == "float32"
+    # the saved folder decides with them, and a model loaded with another computation refuses them
+    detector = load_detector(str(saved), device="cpu")
+    assert detector.model.config.threshold_computation == configs[1]["threshold_computation"]
+    result = detector(normal[1])
+    assert result["is_anomalous"] == (result["score"] >= 0.61)
+    other = load_detector(str(saved), device="cpu", soft_mean=not detector.model.config.soft_mean)
+    with pytest.raises(ValueError, match="calibrated for another computation"):
+        other(normal[1])
+
+
+def test_app_saves_thresholds_with_its_reference_memory_as_calibrate_does(model_copy, tmp_path):
+    from crane_hf.model_loading import load_detector
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    model = loaded_model(model_copy)
+    memory = load_detector(str(model_copy), device="cpu").build_reference_memory(references)
+    message = save_thresholds_to_folder(str(model_copy), 0.55, 0.45, model, memory=memory)
+    assert "reference memory" in message
+    record = json.loads((model_copy / "calibration.json").read_text())
+    config = json.loads((model_copy / "config.json").read_text())
+    assert record["reference_memory"] == memory.describe()
+    assert config["threshold_computation"]["few_shot_memory"] == memory.identity
+    assert (model_copy / "reference_memory.safetensors").is_file()  # the memory the thresholds hold for
+    detector = load_detector(str(model_copy), device="cpu")
+    assert detector.model.reference_memory.identity == memory.identity
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    result = detector(test_image)  # fused with the folder's memory, decided with the saved thresholds
+    assert "few_shot_score" in result and result["is_anomalous"] == (result["score"] >= 0.55)
+
+
 def test_save_thresholds_never_writes_over_foreign_files(model_copy, tmp_path):
+    model = loaded_model(model_copy)
     config_before = (model_copy / "config.json").read_bytes()
     (model_copy / "calibration.json").write_text('{"notes": "mine"}')
     with pytest.raises(ValueError, match="not written by crane-hf"):
-        save_thresholds_to_folder(str(model_copy), 0.6, 0.4)
+        save_thresholds_to_folder(str(model_copy), 0.6, 0.4, model)
     assert (model_copy / "config.json").read_bytes() == config_before
     assert (model_copy / "calibration.json").read_text() == '{"notes": "mine"}'
     with pytest.raises(ValueError, match=r"no config\.json"):
-        save_thresholds_to_folder(str(tmp_path / "nothing"), 0.6, 0.4)
+        save_thresholds_to_folder(str(tmp_path / "nothing"), 0.6, 0.4, model)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="not the config of a crane model"):
-        save_thresholds_to_folder(str(other), 0.6, 0.4)
+        save_thresholds_to_folder(str(other), 0.6, 0.4, model)
     assert (other / "config.json").read_text() == '{"model_type": "bert"}'
     (model_copy / "calibration.json").unlink()
     for bad in (1.5, float("nan"), -0.1):
         with pytest.raises(ValueError, match="threshold"):
-            save_thresholds_to_folder(str(model_copy), bad, 0.4)
+            save_thresholds_to_folder(str(model_copy), bad, 0.4, model)
+    changed = loaded_model(model_copy)
+    changed.config = changed.config.with_overrides(soft_mean=not changed.config.soft_mean)
+    with pytest.raises(ValueError, match="soft_mean"):  # the folder computes otherwise than the model in the app
+        save_thresholds_to_folder(str(model_copy), 0.6, 0.4, changed)
     assert (model_copy / "config.json").read_bytes() == config_before and not (
         model_copy / "calibration.json"
     ).exists()
@@ -91,9 +157,10 @@ def test_thresholds_redraw_from_state_without_the_model():
         render_state(state, 1.2, 0.5, "absolute", None)
 
 
-def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp_path):
-    require(GRADIO_MISSING)
-    require_chromium()
+@contextlib.contextmanager
+def app_in_chromium(folder, height: int):
+    """`crane-hf app --model folder` served on a free port and opened in headless Chromium once its model is loaded:
+    yields (driver, a 90 s WebDriverWait); the browser and the server are closed after."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -101,16 +168,27 @@ def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp
 
     from .browser import headless_chromium, start_app
 
-    (image_path,) = write_test_images(tmp_path / "images", count=1)
-    expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
-    args = argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu")
-    app = app_command.build(args)
+    app = app_command.build(argparse.Namespace(model=str(folder), clip=None, dino=None, device="cpu"))
     port = start_app(app)
-    driver = headless_chromium(1400, 1000)
+    driver = headless_chromium(1400, height)
     try:
         wait = WebDriverWait(driver, 90)
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: "default thresholds" in d.find_element(By.ID, "model-status").text)
+        yield driver, wait
+    finally:
+        driver.quit()
+        app.close()
+
+
+def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    require_chromium()
+    from selenium.webdriver.common.by import By
+
+    (image_path,) = write_test_images(tmp_path / "images", count=1)
+    expected = pipeline("zero-shot-anomaly-detection", model=str(model_copy))(image_path)["score"]
+    with app_in_chromium(model_copy, 1000) as (driver, wait):
         driver.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(image_path)
         wait.until(lambda d: d.find_element(By.ID, "result").text.startswith(("ANOMALOUS:", "OK:")))
         result = driver.find_element(By.ID, "result").text
@@ -134,9 +212,85 @@ def test_app_answers_an_upload_and_threshold_changes_in_chromium(model_copy, tmp
         wait.until(lambda d: "Saved" in d.find_element(By.ID, "save-message").text)
         config = json.loads((model_copy / "config.json").read_text())
         assert config["image_threshold"] == pytest.approx(above) and config["pixel_threshold"] == 1.0
-    finally:
-        driver.quit()
-        app.close()
+
+
+def app_callback(app, name: str):
+    """The function of the app's event handler `name` (the Blocks' registered callbacks)."""
+    (function,) = {block.fn for block in app.fns.values() if getattr(block.fn, "__name__", "") == name}
+    return function
+
+
+def test_app_few_shot_with_reference_images_or_a_memory_refuses_a_reference_image(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+    from crane_hf.reporting.gradio_app import _rgb
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    detector = pipeline("zero-shot-anomaly-detection", model=str(model_copy))
+    expected = detector(test_image, reference_images=references)  # the pipeline's few-shot path, from the files
+    model = app_command.model_opener(device="cpu")(str(model_copy))
+    reference = model.reference(references)
+    assert reference["memory"].num_images == 2 and reference["label"] == "2 reference images"
+    for path in (test_image, None):  # a file, and the pixels of an image dropped into the image box
+        score, anomaly_map = model.score(_rgb(test_image), path, reference)
+        assert score == pytest.approx(expected["score"], abs=1e-6) and score != pytest.approx(
+            expected["zero_shot_score"]
+        )
+        np.testing.assert_allclose(anomaly_map, expected["anomaly_map"], atol=1e-6)
+    copy = tmp_path / "copy-of-a-reference.png"
+    shutil.copyfile(references[0], copy)
+    for path in (references[0], str(copy), None):  # the same file, the same bytes, the same pixels
+        with pytest.raises(ValueError, match="one of the few-shot memory's reference images"):
+            model.score(_rgb(references[0]), path, reference)
+    memory_file = tmp_path / "memory.safetensors"  # a memory saved before (crane-hf predict --reference ... / save)
+    detector.build_reference_memory(references).save(memory_file)
+    saved = model.reference([str(memory_file)])
+    assert saved["label"] == "reference memory memory.safetensors (2 images)"
+    assert model.score(_rgb(test_image), test_image, saved)[0] == pytest.approx(expected["score"], abs=1e-6)
+    with pytest.raises(ValueError, match="one of the few-shot memory's reference images"):
+        model.score(_rgb(references[1]), references[1], saved)  # a file memory knows its images by their bytes
+    with pytest.raises(ValueError, match="not both"):
+        model.reference([str(memory_file), references[0]])
+
+    # through the app's event handlers: references set, a reference image refused by name, the others scored
+    app = app_command.build(argparse.Namespace(model=str(model_copy), clip=None, dino=None, device="cpu"))
+    state = {"model": str(model_copy), "items": []}
+    state, status, *_ = app_callback(app, "on_references")(references, state, 0.5, 0.5, "absolute")
+    assert status.startswith("Few-shot with 2 reference images")
+    state, text, _, table, _ = app_callback(app, "on_files")([references[1], test_image], state, 0.5, 0.5, "absolute")
+    assert "**Not scored:** part_1.png: " in text and "reference images" in text
+    assert [row[0] for row in table] == ["part_0.png"] and table[0][1] == round(expected["score"], 4)
+    state, text, *_ = app_callback(app, "on_image")(_rgb(references[0]), state, 0.5, 0.5, "absolute")
+    assert text.startswith("**Not scored:** upload-2: ") and len(state["items"]) == 1
+    message = app_callback(app, "on_save")(state, 0.6, 0.4)
+    assert message.startswith("Saved") and "reference memory" in message
+    saved_config = json.loads((model_copy / "config.json").read_text())
+    assert saved_config["threshold_computation"]["few_shot_memory"] == state["reference"]["memory"].identity
+    state, status, *_ = app_callback(app, "on_references")(None, state, 0.5, 0.5, "absolute")  # cleared
+    assert state["reference"] is None and status.startswith("No reference images")
+
+
+def test_app_few_shot_in_chromium_refuses_a_reference_image(model_copy, tmp_path):
+    require(GRADIO_MISSING)
+    require_chromium()
+    from selenium.webdriver.common.by import By
+
+    references = write_test_images(tmp_path / "references", count=2, seed=5)
+    (test_image,) = write_test_images(tmp_path / "test", count=1, seed=9)
+    detector = pipeline("zero-shot-anomaly-detection", model=str(model_copy))
+    expected = detector(test_image, reference_images=references)["score"]
+    with app_in_chromium(model_copy, 1200) as (driver, wait):
+        upload = driver.find_element(By.CSS_SELECTOR, "#references-input input[type=file]")
+        upload.send_keys("\n".join(references))
+        wait.until(lambda d: "Few-shot with 2 reference images" in d.find_element(By.ID, "reference-status").text)
+        driver.find_element(By.CSS_SELECTOR, "#image-input input[type=file]").send_keys(references[0])
+        wait.until(lambda d: "Not scored" in d.find_element(By.ID, "result").text)
+        assert "one of the few-shot memory's reference images" in driver.find_element(By.ID, "result").text
+        driver.find_element(By.CSS_SELECTOR, "#files-input input[type=file]").send_keys(test_image)
+        wait.until(lambda d: d.find_element(By.ID, "result").text.startswith(("ANOMALOUS:", "OK:")))
+        assert f"score {expected:.4f}" in driver.find_element(By.ID, "result").text
+        keep_screenshot(driver, tmp_path, "app-few-shot.png")
 
 
 SPACE_RUN = textwrap.dedent(
@@ -197,3 +351,66 @@ def test_push_space_folder_is_refused_where_it_meets_the_dry_run_folder(tiny_mod
         assert main(argv) == 2
         assert "must be separate folders, neither inside the other" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == []  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("crane+/mvtc", "did you mean crane+/mvtec"),  # a typo of a preset
+        ("/no/such/folder", "no such model folder: /no/such/folder"),
+        ("crane+/mvtec", "needs the backbone openai/clip-vit-large-patch14-336"),  # offline: backbones not here
+    ],
+)
+def test_app_refuses_a_model_it_cannot_load_before_starting(model, problem, monkeypatch, capsys):
+    from crane_hf.commands import app as app_command
+
+    def never(*args, **kwargs):
+        raise AssertionError("the app was built although --model cannot be loaded")
+
+    monkeypatch.setattr(app_command, "build", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["app", "--model", model, "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ")
+    assert problem in lines[0].lower() and "Traceback" not in captured.err
+    assert "Running on" not in captured.out and "crane-hf app on" not in captured.out
+
+
+@pytest.mark.slow
+def test_app_stops_cleanly_on_sigint_and_sigterm(tiny_model_dir, tmp_path):
+    require(GRADIO_MISSING)
+    import signal
+    import time
+
+    from .tiny_models import free_port
+
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        port = free_port()
+        command = [sys.executable, "-m", "crane_hf.commands.cli", "app", "--model", tiny_model_dir]
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**subprocess_environment(), "GRADIO_ANALYTICS_ENABLED": "False"},
+            cwd=tmp_path,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            lines = []
+            while time.monotonic() < deadline:  # serving once Gradio prints its URL
+                line = process.stdout.readline()
+                lines.append(line)
+                if not line or "Running on" in line:
+                    break
+            assert any("Running on" in line for line in lines), "".join(lines) + process.stderr.read()
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == code, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert signal.Signals(signum).name in err

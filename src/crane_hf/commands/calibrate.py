@@ -134,20 +134,11 @@ def _calibrate(
 ) -> dict[str, Any]:
     """`calibrate_folder` once its arguments are checked and the folder is locked: the images are scored a chunk
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
-    from ..model_loading import computation_changes, computation_summary, load_model, make_pipeline
-    from ..models.crane.configuration_crane import (
-        FEW_SHOT_MEMORY,
-        LEGACY_COMPUTATION_SWITCH,
-        PROMPT_TEXT_FIELDS,
-        PUBLISHED_COMPUTATION,
-        THRESHOLD_DTYPE,
-        CraneConfig,
-        dtype_name,
-    )
+    from ..model_loading import load_model, make_pipeline
+    from ..models.crane.configuration_crane import CraneConfig
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
-    config_path = os.path.join(model_dir, "config.json")
     found = find_image_inputs(inputs, exclude=[model_dir])
     paths = found.paths
     skipped = [f"{item.path}: {item.reason}" for item in found.skipped]
@@ -185,16 +176,82 @@ def _calibrate(
         )
     image_threshold, image_rate = threshold_for_fpr(np.asarray(scores, dtype=np.float32), fpr)
     pixel_threshold, pixel_rate = pixels.threshold(pixel_fpr)
+    return write_calibration(
+        model_dir,
+        model,
+        previous,
+        image={"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
+        pixel={"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
+        method=CALIBRATED_ON_NORMAL_IMAGES,
+        normal_images=len(scores),
+        skipped=skipped,
+        left_out=found.left_out,
+        config_overrides=config_overrides,
+        memory=memory,
+        save_memory=reference is not None,
+        references_left_out=references_left_out,
+    )
+
+
+CALIBRATED_ON_NORMAL_IMAGES = "calibrated on normal images at target false-positive rates (crane-hf calibrate)"
+
+
+def write_calibration(
+    model_dir: str,
+    model: Any,
+    previous: Any,
+    image: dict[str, Any],
+    pixel: dict[str, Any],
+    method: str,
+    normal_images: int | None = None,
+    skipped: list[str] | None = None,
+    left_out: list[str] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    memory: Any = None,
+    save_memory: bool = False,
+    references_left_out: list[str] | None = None,
+) -> dict[str, Any]:
+    """Save thresholds into `model_dir`: its config.json (`image_threshold`, `pixel_threshold`, the overridden
+    computation fields and `threshold_computation`, what the thresholds hold for) and calibration.json (the record of
+    how they were obtained, returned), all or none (`atomic_write_many`). The one writer of `crane-hf calibrate` and
+    of the app's "Save thresholds"; the caller holds `calibration_lock(model_dir)`.
+
+    Args:
+        model: the loaded model the thresholds were chosen with: its computation, dtype and reference memory are
+            what they hold for (`CraneConfig.check_thresholds` refuses them under another one).
+        previous: the folder's `CraneConfig` before this calibration (its thresholds and computation are recorded).
+        image / pixel: {"target_fpr", "threshold", "fpr_on_calibration_set"} (target and rate None for thresholds
+            set by hand); thresholds are floats in [0, 1].
+        method: how the thresholds were obtained, in words.
+        normal_images: normal images scored (None: none, thresholds set by hand).
+        skipped, left_out, references_left_out: inputs skipped (with the reason), folders left out, reference images
+            left out of the calibration images.
+        config_overrides: `CraneConfig` fields the model was loaded with (saved into config.json with the thresholds).
+        memory: the `ReferenceMemory` the scores were fused with (None: zero-shot); `save_memory`: also write it into
+            the folder (`reference_memory.safetensors`), since the thresholds hold for it.
+    """
+    from ..model_loading import computation_changes, computation_summary
+    from ..models.crane.configuration_crane import (
+        FEW_SHOT_MEMORY,
+        LEGACY_COMPUTATION_SWITCH,
+        PROMPT_TEXT_FIELDS,
+        PUBLISHED_COMPUTATION,
+        THRESHOLD_DTYPE,
+        dtype_name,
+    )
     from ..models.crane.json_reading import load_json_without_duplicates  # not at import: --help stays light
 
+    config_overrides = dict(config_overrides or {})
+    config_path = os.path.join(model_dir, "config.json")
     config = load_json_without_duplicates(config_path)
     record = {
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "normal_images": len(scores),
-        "skipped": skipped,
-        "left_out": found.left_out,
-        "image": {"target_fpr": fpr, "threshold": image_threshold, "fpr_on_calibration_set": image_rate},
-        "pixel": {"target_fpr": pixel_fpr, "threshold": pixel_threshold, "fpr_on_calibration_set": pixel_rate},
+        "method": method,
+        "normal_images": normal_images,
+        "skipped": list(skipped or []),
+        "left_out": list(left_out or []),
+        "image": dict(image),
+        "pixel": dict(pixel),
         "previous": {
             "image_threshold": config.get("image_threshold"),
             "pixel_threshold": config.get("pixel_threshold"),
@@ -205,7 +262,7 @@ def _calibrate(
         "computation_changed": computation_changes(previous, model.config),
         "overrides": config_overrides,
         "reference_memory": memory.describe() if memory is not None else None,
-        "reference_images_left_out": references_left_out,
+        "reference_images_left_out": list(references_left_out or []),
     }
     saved = set(config_overrides)
     if saved & {*PUBLISHED_COMPUTATION, LEGACY_COMPUTATION_SWITCH}:
@@ -217,8 +274,8 @@ def _calibrate(
     for name in sorted(saved):
         value = getattr(model.config, name)
         config[name] = value.to_dict() if hasattr(value, "to_dict") else value
-    config["image_threshold"] = image_threshold  # after the overrides: the calibrated values are what is saved
-    config["pixel_threshold"] = pixel_threshold
+    config["image_threshold"] = image["threshold"]  # after the overrides: the calibrated values are what is saved
+    config["pixel_threshold"] = pixel["threshold"]
     # What the thresholds hold for: this computation and the reference memory the scores were fused with (None:
     # zero-shot), so that predict refuses them for another memory or for zero-shot scores.
     config["threshold_computation"] = {
@@ -230,7 +287,7 @@ def _calibrate(
         os.path.join(model_dir, "calibration.json"): (json.dumps(record, indent=2) + "\n").encode("utf-8"),
         config_path: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"),
     }
-    if reference is not None:  # the thresholds hold for this memory: it goes into the folder with them
+    if save_memory and memory is not None:  # the thresholds hold for this memory: it goes into the folder with them
         from ..models.crane.reference_memory import MEMORY_FILE_NAME
 
         files[os.path.join(model_dir, MEMORY_FILE_NAME)] = memory.to_bytes()

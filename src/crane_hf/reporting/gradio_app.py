@@ -9,6 +9,12 @@ So this module imports only gradio, numpy, Pillow and its neighbour `decision_fi
 
 The model runs once per image: its score and anomaly map stay in the session's state, and moving the image or pixel
 threshold (or the colour scale) only redraws the figure and the verdicts.
+
+Few-shot: a session may give a handful of normal images of the class, or a reference memory saved before (a
+.safetensors file); its images are then scored with the pipeline's few-shot path (`reference_images` /
+`reference_memory`: fused zero-shot + few-shot scores and maps). An image that is one of the reference images (the
+same file, bytes or pixels) is refused by the pipeline (`ValueError`) and named in the page; the others are scored.
+Saved thresholds are saved for that memory (and the memory with them).
 """
 
 from __future__ import annotations
@@ -45,23 +51,64 @@ class AppModel:
         config = detector.model.config
         return cls(name, detector, float(config.image_threshold), float(config.pixel_threshold), folder)
 
-    def score(self, image: np.ndarray) -> tuple[float, np.ndarray]:
-        """(image score, anomaly map float32 [H, W]) of an RGB uint8 image; one image at a time per model."""
+    def score(
+        self, image: np.ndarray, path: str | None = None, reference: dict[str, Any] | None = None
+    ) -> tuple[float, np.ndarray]:
+        """(image score, anomaly map float32 [H, W]) of an RGB uint8 image; one image at a time per model.
+
+        `path`: the image's file, if it came as one: the pipeline reads it (as `crane-hf predict` does) and can tell
+        a reference image by its file and bytes too. `reference`: the session's few-shot reference (`reference`);
+        scores and maps are then the fused ones, and an image that is one of its reference images is refused by the
+        pipeline (`ValueError`). The app decides with its own thresholds (the sliders), so the call names one: the
+        model's (calibrated for its own computation) are not asked for."""
+        call = dict((reference or {}).get("call", {}))
         with self.lock:
-            result = self.detector(Image.fromarray(image))
+            result = self.detector(path or Image.fromarray(image), threshold=self.image_threshold, **call)
         anomaly_map = np.asarray(result["anomaly_map"], dtype=np.float32)
         score = float(result["score"])
         if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
             raise ValueError("the model returned a non-finite score or map; nothing is shown.")
         return score, anomaly_map
 
+    def reference(self, files: Sequence[str]) -> dict[str, Any]:
+        """A session's few-shot reference from uploaded files: one saved reference memory (a .safetensors file,
+        checked against the model: `pipeline.load_reference_memory`) or normal images of the class (their memory
+        bank is built by `pipeline.build_reference_memory` from the pixels, as the app reads images, so that the
+        same picture uploaded again, as a file or into the image box, is known by its pixels).
+
+        Returns {"call": the pipeline's call arguments, "memory": the `ReferenceMemory`, "label": a description}.
+        Raises `ValueError` naming a file that is not a readable image, or a memory of another model."""
+        files = [os.fspath(file) for file in files]
+        if not files:
+            raise ValueError("give normal images of the class, or one saved reference memory (.safetensors).")
+        memories = [file for file in files if file.endswith(".safetensors")]
+        if memories:
+            if len(files) > 1:
+                raise ValueError("give one reference memory (.safetensors) alone, or normal images, not both.")
+            with self.lock:
+                memory = self.detector.load_reference_memory(files[0])
+            label = f"reference memory {os.path.basename(files[0])} ({memory.num_images} images)"
+            return {"call": {"reference_memory": files[0]}, "memory": memory, "label": label}
+        images = []
+        for file in files:
+            try:
+                images.append(_rgb(file))
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise ValueError(f"{os.path.basename(file)}: not a readable image ({error})") from error
+        with self.lock:
+            memory = self.detector.build_reference_memory(images)
+        return {"call": {"reference_images": images}, "memory": memory, "label": f"{len(images)} reference images"}
+
 
 def _rgb(image: Any) -> np.ndarray:
-    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8."""
+    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8; a file's EXIF orientation is applied,
+    as the pipeline applies it (and as gr.Image does), so that the figure and the map have the same size."""
     if isinstance(image, str):
+        from PIL import ImageOps
+
         with Image.open(image) as opened:
             opened.load()
-            return np.asarray(opened.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)
@@ -95,6 +142,8 @@ def render_state(
         f"**{item['name']}** · image threshold {image_threshold:.3f} · pixel threshold {pixel_threshold:.3f} · "
         f"{100 * fraction:.1f}% of the pixels at or above it · model {state.get('model', '')}"
     )
+    if state.get("reference"):
+        text += f" · few-shot with {state['reference']['label']}"
     figure = render_decision_figure(
         item["image"],
         item["map"],
@@ -110,7 +159,7 @@ def render_state(
 def build_app(
     open_model: Callable[[str], AppModel],
     model_choices: Sequence[str],
-    save_thresholds: Callable[[AppModel, float, float], str] | None = None,
+    save_thresholds: Callable[[AppModel, float, float, Any], str] | None = None,
     title: str = "Crane zero-shot anomaly detection",
     description: str = "",
     allow_custom_models: bool = True,
@@ -121,7 +170,9 @@ def build_app(
         open_model: loads (and may cache) a model from one of `model_choices` or a folder typed by the user; raises
             `ValueError` / `OSError` with a message to show.
         model_choices: presets, folders or Hub ids offered; the first is loaded when a session starts.
-        save_thresholds: writes the thresholds into the model's folder and returns a message; None hides saving.
+        save_thresholds: `save_thresholds(model, image_threshold, pixel_threshold, memory)` writes the thresholds
+            into the model's folder (for the session's few-shot reference memory, None: none) and returns a message;
+            None hides saving.
         allow_custom_models: let users type a model that is not in `model_choices` (a Space offers only its own).
     """
     import gradio as gr
@@ -132,15 +183,14 @@ def build_app(
             model = open_model(spec)
         except (ValueError, OSError) as error:
             return (state, f"**Could not load {spec}:** {error}", gr.update(), gr.update(), *_redraw(state))
-        state["model"] = spec
-        items = []
-        for item in state.get("items", []):  # the images already there, scored by the new model
-            score, anomaly_map = model.score(item["image"])
-            items.append({**item, "score": score, "map": anomaly_map})
-        state["items"] = items
+        dropped = (
+            " · the reference images were for the previous model: give them again" if state.get("reference") else ""
+        )
+        state["model"], state["reference"] = spec, None
+        state["items"], refused = _rescored(model, state)  # the images already there, scored by the new model
         saveable = "" if model.folder else " (a preset or Hub model: start the app on a model folder to save)"
         status = f"Model **{spec}** · default thresholds image {model.image_threshold:.3f}, pixel " + (
-            f"{model.pixel_threshold:.3f}{saveable}"
+            f"{model.pixel_threshold:.3f}{saveable}{dropped}{_refused_note(refused)}"
         )
         return (
             state,
@@ -150,6 +200,19 @@ def build_app(
             *_redraw(state, model.image_threshold, model.pixel_threshold),
         )
 
+    def _rescored(model: AppModel, state: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The session's images scored again (by `model`, with the session's reference); those the pipeline
+        refuses (a reference image) are dropped and named."""
+        items, refused = [], []
+        for item in state.get("items", []):
+            try:
+                score, anomaly_map = model.score(item["image"], item.get("path"), state.get("reference"))
+            except ValueError as error:
+                refused.append(f"{item['name']}: {error}")
+                continue
+            items.append({**item, "score": score, "map": anomaly_map})
+        return items, refused
+
     def _redraw(state, image_threshold=None, pixel_threshold=None, color_scale="absolute", selected=None):
         if image_threshold is None:
             return gr.update(), gr.update(), gr.update(), gr.update()
@@ -157,25 +220,58 @@ def build_app(
         names = [item["name"] for item in state.get("items", [])]
         return text, figure, table, gr.update(choices=names, value=selected if selected in names else None)
 
-    def add_images(images: list[tuple[str, np.ndarray]], state, image_threshold, pixel_threshold, color_scale):
+    def add_images(
+        images: list[tuple[str, np.ndarray, str | None]], state, image_threshold, pixel_threshold, color_scale
+    ):
         state = dict(state or {})
+        scored, refused = [], []
         try:
             model = open_model(state["model"])
-            scored = []
-            for name, image in images:
-                score, anomaly_map = model.score(image)
-                scored.append({"name": name, "image": image, "score": score, "map": anomaly_map})
+            for name, image, path in images:
+                try:
+                    score, anomaly_map = model.score(image, path, state.get("reference"))
+                except ValueError as error:  # e.g. one of the few-shot reference images: refused, the others scored
+                    refused.append(f"{name}: {error}")
+                    continue
+                scored.append({"name": name, "image": image, "path": path, "score": score, "map": anomaly_map})
         except (ValueError, OSError, KeyError) as error:
             return state, f"**Could not score the image:** {error}", None, [], gr.update()
+        if not scored:
+            return state, f"**Not scored:** {'; '.join(refused)}", gr.update(), gr.update(), gr.update()
         items = [i for i in state.get("items", []) if i["name"] not in {s["name"] for s in scored}] + scored
         state["items"] = items[-MAX_IMAGES:]
-        return state, *_redraw(state, image_threshold, pixel_threshold, color_scale, scored[-1]["name"])
+        text, *rest = _redraw(state, image_threshold, pixel_threshold, color_scale, scored[-1]["name"])
+        return state, text + _refused_note(refused), *rest
 
     def on_image(image, state, image_threshold, pixel_threshold, color_scale):
         if image is None:
             return state, gr.update(), gr.update(), gr.update(), gr.update()
         name = f"upload-{len((state or {}).get('items', [])) + 1}"
-        return add_images([(name, _rgb(image))], state, image_threshold, pixel_threshold, color_scale)
+        return add_images([(name, _rgb(image), None)], state, image_threshold, pixel_threshold, color_scale)
+
+    def on_references(files, state, image_threshold, pixel_threshold, color_scale):
+        state = dict(state or {})
+        if not files:  # cleared: zero-shot again (or the model folder's own memory)
+            if not state.get("reference"):
+                return state, gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+            state["reference"] = None
+            label = "No reference images: zero-shot scores (or the model folder's own reference memory)."
+        else:
+            paths = [file if isinstance(file, str) else getattr(file, "name", str(file)) for file in files]
+            try:
+                model = open_model(state["model"])
+                reference = model.reference(paths)
+            except (ValueError, OSError, KeyError) as error:
+                return state, f"**Reference not used:** {error}", gr.update(), gr.update(), gr.update(), gr.update()
+            state["reference"] = reference
+            label = (
+                f"Few-shot with {reference['label']}: scores and maps are the fused zero-shot + few-shot ones. "
+                "Thresholds hold for one memory: set them here and save them with it."
+            )
+        model = open_model(state["model"])
+        state["items"], refused = _rescored(model, state)
+        redrawn = _redraw(state, image_threshold, pixel_threshold, color_scale)
+        return state, label + _refused_note(refused), *redrawn
 
     def on_files(files, state, image_threshold, pixel_threshold, color_scale):
         if not files:
@@ -184,7 +280,7 @@ def build_app(
         for file in files:
             path = file if isinstance(file, str) else getattr(file, "name", str(file))
             try:
-                images.append((os.path.basename(path), _rgb(path)))
+                images.append((os.path.basename(path), _rgb(path), path))
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 return state, f"**{os.path.basename(path)}:** not a readable image ({error})", None, [], gr.update()
         return add_images(images, state, image_threshold, pixel_threshold, color_scale)
@@ -201,6 +297,7 @@ def build_app(
                 model,
                 _check_threshold("image threshold", image_threshold),
                 _check_threshold("pixel threshold", pixel_threshold),
+                ((state or {}).get("reference") or {}).get("memory"),
             )
         except (ValueError, OSError, KeyError) as error:
             return f"**Not saved:** {error}"
@@ -231,6 +328,13 @@ def build_app(
                 files_input = gr.File(
                     label="or several images", file_count="multiple", file_types=["image"], elem_id="files-input"
                 )
+                references_input = gr.File(
+                    label="few-shot (optional): normal images of the class, or a saved reference memory",
+                    file_count="multiple",
+                    file_types=["image", ".safetensors"],
+                    elem_id="references-input",
+                )
+                reference_status = gr.Markdown(elem_id="reference-status")
                 image_threshold = gr.Slider(
                     0.0, 1.0, value=0.5, step=0.001, label="image threshold", elem_id="image-threshold"
                 )
@@ -256,11 +360,19 @@ def build_app(
         settings = [state, image_threshold, pixel_threshold, color_scale]
         image_input.upload(on_image, [image_input, *settings], [state, *redraw_outputs])
         files_input.upload(on_files, [files_input, *settings], [state, *redraw_outputs])
+        reference_outputs = [state, reference_status, *redraw_outputs]
+        references_input.upload(on_references, [references_input, *settings], reference_outputs)
+        references_input.clear(on_references, [references_input, *settings], reference_outputs)
         for control in (image_threshold, pixel_threshold, color_scale, shown):
             control.change(on_thresholds, [*settings, shown], redraw_outputs, show_progress="hidden")
         if save_thresholds is not None:
             save_button.click(on_save, [state, image_threshold, pixel_threshold], save_message)
     return app
+
+
+def _refused_note(refused: Sequence[str]) -> str:
+    """The images the pipeline refused to score (each "name: reason"), as a line to append; "" when none."""
+    return f"\n\n**Not scored:** {'; '.join(refused)}" if refused else ""
 
 
 def launch_options() -> dict[str, Any]:
