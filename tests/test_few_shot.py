@@ -355,3 +355,59 @@ def test_pipeline_refuses_bad_reference_inputs(few_shot_folder, tmp_path):
     other.save(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"other\.safetensors was built with other backbone weights"):
         detector(good[0], reference_memory=str(tmp_path / "other.safetensors"))
+
+
+def _forged(tmp_path, name: str, tensors=None, metadata=None) -> Path:
+    """A memory file of a tiny Crane+ model with some tensors or metadata values changed (a stranger's file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = tmp_path / "genuine.safetensors"
+    if not source.exists():
+        tiny_model("crane+").build_reference_memory(images(2), ["sha256:aa", "sha256:bb"]).save(source)
+    with safe_open(str(source), framework="pt") as reader:
+        stored_metadata = dict(reader.metadata())
+        names = list(reader.keys())
+        stored = {key: reader.get_tensor(key) for key in names}
+    if tensors is not None:
+        tensors(stored)
+    stored_metadata.update(metadata or {})
+    path = tmp_path / f"{name}.safetensors"
+    save_file(stored, str(path), metadata=stored_metadata)
+    return path
+
+
+def _scale_features(factor: float):
+    def change(tensors: dict) -> None:
+        for key in tensors:
+            if key.startswith("features."):
+                tensors[key] = tensors[key] * factor
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "message"),
+    [
+        # Features that are not unit vectors: x1000 makes every test patch "identical" (few-shot score 0, a silent
+        # pass), zeros make every patch equally far (0.5).
+        (_scale_features(1000.0), None, r"features\.clip_0 holds rows that are not unit vectors"),
+        (_scale_features(0.0), None, r"features\.clip_0 holds rows that are not unit vectors"),
+        (lambda t: t.__setitem__("probe.dino", t["probe.dino"] * float("nan")), None, r"probe\.dino holds non-fin"),
+        (lambda t: t.__setitem__("junk", torch.zeros(3)), None, r"unknown tensors \['junk'\]"),
+        (None, {"settings": "[1]"}, r"settings must be a JSON object"),
+        (None, {"class_name": '{"a": 1}'}, r"class_name must be a string or null"),
+        (None, {"fingerprints": '"abc"'}, r"fingerprints must be a list of non-empty strings"),
+        (None, {"fingerprints": '["", ""]'}, r"fingerprints must be a list of non-empty strings"),
+        (None, {"grid": "[4.7, 4.2]"}, r"grid must be two positive integers"),
+        (None, {"grid": "[1e400, 1]"}, r"grid must be two positive integers"),
+        (None, {"grid": "[true, 4]"}, r"grid must be two positive integers"),
+    ],
+)
+def test_a_forged_memory_file_is_refused_naming_the_file_and_the_part(tmp_path, tensors, metadata, message):
+    """A memory from a stranger's folder decides pass/fail: any part that `save` would not have written fails closed
+    with one ValueError naming the file, never a silent score and never a traceback of another type."""
+    path = _forged(tmp_path, "forged", tensors, metadata)
+    with pytest.raises(ValueError, match=rf"forged\.safetensors: damaged reference memory: .*{message}"):
+        ReferenceMemory.load(path)
+    assert ReferenceMemory.load(tmp_path / "genuine.safetensors").num_images == 2  # the genuine file loads

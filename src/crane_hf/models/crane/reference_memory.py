@@ -48,6 +48,9 @@ DISTANCE_CHUNK_ELEMENTS = 1 << 22
 # the same weights in another dtype stay above 0.99, another backbone is far below.
 PROBE_MIN_COSINE = 0.9
 FEW_SHOT_FEATURES = ("all", "clip", "dino")
+# How far from 1 the L2 norm of a memory feature row may be: float16 / bfloat16 models normalize in their dtype
+# (errors near 4e-3); a row further off was not written by `build_reference_memory` and is refused.
+UNIT_NORM_TOLERANCE = 2e-2
 # The config fields that decide the features a memory holds; a memory built under other values is refused.
 FEATURE_FIELDS = (
     "variant",
@@ -266,34 +269,54 @@ class ReferenceMemory:
         except SafetensorError as error:
             raise ValueError(f"{path}: not a valid safetensors file ({error}).") from error
         try:
-            class_name = json.loads(metadata["class_name"])
-            fingerprints = [str(item) for item in json.loads(metadata["fingerprints"])]
-            grid = tuple(int(value) for value in json.loads(metadata["grid"]))
-            settings = json.loads(metadata["settings"])
+            values = {key: json.loads(metadata[key]) for key in ("class_name", "fingerprints", "grid", "settings")}
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: damaged reference-memory metadata ({error!r}).") from None
+        unknown = sorted(name for name in tensors if not name.startswith(("features.", "probe.")))
+        if unknown:
+            raise ValueError(f"{path}: damaged reference memory: unknown tensors {unknown}.")
         features = {name.removeprefix("features."): t for name, t in tensors.items() if name.startswith("features.")}
         probe = {name.removeprefix("probe."): t for name, t in tensors.items() if name.startswith("probe.")}
-        memory = cls(features, grid, fingerprints, class_name, settings, probe)  # type: ignore[arg-type]
+        grid, fingerprints = values["grid"], values["fingerprints"]
+        grid = tuple(grid) if isinstance(grid, list) else grid
+        fingerprints = list(fingerprints) if isinstance(fingerprints, list) else fingerprints
+        memory = cls(features, grid, fingerprints, values["class_name"], values["settings"], probe)  # type: ignore[arg-type]
         memory.check_consistent(path)
         return memory
 
     def check_consistent(self, source: str = "the reference memory") -> None:
-        """Refuse a memory whose parts do not agree (sizes, dtypes, finiteness), naming `source`."""
+        """Refuse a memory whose parts are not what `build_reference_memory` and `save` make (types, sizes, dtypes,
+        finiteness, unit-length features), naming `source`: a memory from a stranger's folder decides pass/fail, so
+        any other content fails closed (`ValueError`)."""
         problems = []
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            problems.append(f"grid {list(self.grid)}")
+        grid_ok = isinstance(self.grid, tuple) and len(self.grid) == 2 and all(_positive_int(v) for v in self.grid)
+        if not grid_ok:
+            problems.append(f"grid must be two positive integers, got {self.grid!r}")
+        if not isinstance(self.fingerprints, list) or not all(isinstance(f, str) and f for f in self.fingerprints):
+            problems.append(f"fingerprints must be a list of non-empty strings, got {self.fingerprints!r}")
+        if not (self.class_name is None or isinstance(self.class_name, str)):
+            problems.append(f"class_name must be a string or null, got {self.class_name!r}")
+        if not isinstance(self.settings, dict):
+            problems.append(f"settings must be a JSON object, got {self.settings!r}")
+        if problems:
+            raise ValueError(f"{source}: damaged reference memory: " + "; ".join(problems) + ".")
         if not self.features or not self.fingerprints:
             problems.append("no features or no images")
-        expected = self.num_images * self.grid[0] * self.grid[1] if len(self.grid) == 2 else -1
+        expected = self.num_images * self.grid[0] * self.grid[1]
         for name, tensor in self.features.items():
             if not tensor.is_floating_point() or tensor.dim() != 2 or tensor.shape[0] != expected:
                 problems.append(f"features.{name} {list(tensor.shape)} {tensor.dtype} (expected [{expected}, C])")
             elif not torch.isfinite(tensor).all():
                 problems.append(f"features.{name} holds non-finite values")
+            elif not ((tensor.float().norm(dim=-1) - 1.0).abs() <= UNIT_NORM_TOLERANCE).all():
+                problems.append(
+                    f"features.{name} holds rows that are not unit vectors (the memory keeps L2-normalized features)"
+                )
             probe = self.probe.get(name)
             if probe is None or probe.dim() != 2 or probe.shape[-1] != tensor.shape[-1]:
                 problems.append(f"probe.{name} missing or of another size")
+            elif not probe.is_floating_point() or not torch.isfinite(probe).all():
+                problems.append(f"probe.{name} holds non-finite or non-float values")
         if set(self.probe) - set(self.features):
             problems.append(f"probe tensors without features: {sorted(set(self.probe) - set(self.features))}")
         if problems:
@@ -326,6 +349,11 @@ class ReferenceMemory:
                     f"{source} was built with other backbone weights: its {name} features of the probe image differ "
                     f"from this model's (mean cosine {cosine:.3f} < {PROBE_MIN_COSINE})."
                 )
+
+
+def _positive_int(value: Any) -> bool:
+    """Whether `value` is an int (not a bool) >= 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def select_sources(names: Iterable[str], sources: str) -> list[str]:
