@@ -411,3 +411,29 @@ def test_a_forged_memory_file_is_refused_naming_the_file_and_the_part(tmp_path, 
     with pytest.raises(ValueError, match=rf"forged\.safetensors: damaged reference memory: .*{message}"):
         ReferenceMemory.load(path)
     assert ReferenceMemory.load(tmp_path / "genuine.safetensors").num_images == 2  # the genuine file loads
+
+
+def test_the_same_pixels_in_other_bytes_are_a_reference_image_too(few_shot_folder, tmp_path):
+    """A reference file re-encoded (another PNG compression, a 16-bit copy of 8-bit values is not the same pixels),
+    or opened as a PIL image / array, holds the reference's pixels under other bytes: compared with itself it would
+    score ~0 in the few-shot branch and pass as normal. It is refused with memories built from files, and with
+    such a memory saved and loaded again."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    reencoded = tmp_path / "reencoded.png"
+    Image.open(good[0]).save(reencoded, compress_level=1)
+    assert reencoded.read_bytes() != Path(good[0]).read_bytes()
+    memory = detector.build_reference_memory(good[:2])
+    memory.save(tmp_path / "memory.safetensors")
+    pixels = np.asarray(Image.open(good[1]).convert("RGB"))
+    for image in (reencoded, str(reencoded), Image.open(good[1]), pixels, reencoded.read_bytes()):
+        for kwargs in ({"reference_images": good[:2]}, {"reference_memory": tmp_path / "memory.safetensors"}):
+            with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+                detector(image, **kwargs)
+    # a re-encoding that changes the pixels (lossy JPEG) is another image, scored as any image
+    Image.open(good[0]).save(tmp_path / "lossy.jpg", quality=80)
+    assert np.isfinite(detector(str(tmp_path / "lossy.jpg"), reference_images=good[:2])["score"])
+    assert np.isfinite(detector(good[3], reference_images=good[:2])["score"])

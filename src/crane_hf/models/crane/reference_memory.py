@@ -22,8 +22,10 @@ w = 0.5 is the average of the zero-shot and few-shot maps and scores that WinCLI
 maps, which ranks pixels the same); w = 1 is the few-shot branch alone, w = 0 the zero-shot model.
 
 A memory is saved as safetensors (`save`, `load`; `MEMORY_FILE_NAME` beside a model's weights): the features, the
-class name, each image's fingerprint (sha256 of the file bytes, or of the pixel array), the settings that decide the
-features and the model's features of a fixed probe image, by which a memory of another model is refused.
+class name, each image's fingerprint (sha256 of the file bytes, or of the pixel array) and, where known, the sha256 of
+its decoded RGB pixels (so that a re-encoded copy of a reference image, other bytes with the same pixels, is known as
+one), the settings that decide the features and the model's features of a fixed probe image, by which a memory of
+another model is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ DISTANCE_CHUNK_ELEMENTS = 1 << 22
 # Mean cosine similarity between a memory's probe features and the model's, below which the memory is refused:
 # the same weights in another dtype stay above 0.99, another backbone is far below.
 PROBE_MIN_COSINE = 0.9
+# Why an image to score whose decoded pixels are those of a reference image is left out (predict, calibrate).
+SAME_PIXELS_REASON = (
+    "the same pixels as a reference image of the few-shot memory (compared with itself it would score as normal)"
+)
 FEW_SHOT_FEATURES = ("all", "clip", "dino")
 # How far from 1 the L2 norm of a memory feature row may be: float16 / bfloat16 models normalize in their dtype
 # (errors near 4e-3); a row further off was not written by `build_reference_memory` and is refused.
@@ -164,6 +170,9 @@ class ReferenceMemory:
         probe: source name -> the model's features of `probe_pixel_values` [N, C], to recognize the model.
         image_paths: the files the memory was built from, where it was built from files in this process (not saved:
             a loaded memory knows its images by fingerprint only); used to recognize them by path.
+        pixel_fingerprints: "sha256:<hex>" of each image's decoded RGB pixel array (`array_fingerprint` of
+            `image_to_rgb_array`), where the builder decoded them (empty otherwise): a copy of a reference image
+            in other bytes (re-encoded, or given as a PIL image or array) is known by them.
     """
 
     features: dict[str, torch.Tensor]
@@ -173,6 +182,7 @@ class ReferenceMemory:
     settings: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, torch.Tensor] = field(default_factory=dict)
     image_paths: list[str] = field(default_factory=list)
+    pixel_fingerprints: list[str] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -195,6 +205,12 @@ class ReferenceMemory:
         order. Calibrated thresholds record it (`CraneConfig.threshold_computation`): they hold for this memory."""
         digest = hashlib.sha256("\n".join(sorted(self.fingerprints)).encode("utf-8")).hexdigest()
         return f"sha256:{digest}"
+
+    @property
+    def known_fingerprints(self) -> frozenset[str]:
+        """Every fingerprint by which an image is one of this memory's: of its bytes or pixel array (`fingerprints`)
+        and of its decoded pixels (`pixel_fingerprints`)."""
+        return frozenset(self.fingerprints) | frozenset(self.pixel_fingerprints)
 
     def to(self, device: torch.device | str) -> ReferenceMemory:
         """Move the feature tensors to `device` (in place; a no-op where they are); returns the memory."""
@@ -238,6 +254,7 @@ class ReferenceMemory:
             "fingerprints": json.dumps(self.fingerprints),
             "grid": json.dumps(list(self.grid)),
             "settings": json.dumps(self.settings, sort_keys=True),
+            "pixel_fingerprints": json.dumps(self.pixel_fingerprints),
         }
         return save(tensors, metadata=metadata)
 
@@ -270,6 +287,7 @@ class ReferenceMemory:
             raise ValueError(f"{path}: not a valid safetensors file ({error}).") from error
         try:
             values = {key: json.loads(metadata[key]) for key in ("class_name", "fingerprints", "grid", "settings")}
+            pixel_fingerprints = json.loads(metadata.get("pixel_fingerprints", "[]"))  # absent from older files
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: damaged reference-memory metadata ({error!r}).") from None
         unknown = sorted(name for name in tensors if not name.startswith(("features.", "probe.")))
@@ -281,6 +299,7 @@ class ReferenceMemory:
         grid = tuple(grid) if isinstance(grid, list) else grid
         fingerprints = list(fingerprints) if isinstance(fingerprints, list) else fingerprints
         memory = cls(features, grid, fingerprints, values["class_name"], values["settings"], probe)  # type: ignore[arg-type]
+        memory.pixel_fingerprints = pixel_fingerprints
         memory.check_consistent(path)
         return memory
 
@@ -294,6 +313,11 @@ class ReferenceMemory:
             problems.append(f"grid must be two positive integers, got {self.grid!r}")
         if not isinstance(self.fingerprints, list) or not all(isinstance(f, str) and f for f in self.fingerprints):
             problems.append(f"fingerprints must be a list of non-empty strings, got {self.fingerprints!r}")
+        pixels = self.pixel_fingerprints
+        if not isinstance(pixels, list) or not all(isinstance(f, str) and f for f in pixels):
+            problems.append(f"pixel_fingerprints must be a list of non-empty strings, got {pixels!r}")
+        elif pixels and isinstance(self.fingerprints, list) and len(pixels) != len(self.fingerprints):
+            problems.append(f"{len(pixels)} pixel_fingerprints for {len(self.fingerprints)} images")
         if not (self.class_name is None or isinstance(self.class_name, str)):
             problems.append(f"class_name must be a string or null, got {self.class_name!r}")
         if not isinstance(self.settings, dict):
@@ -372,6 +396,7 @@ def select_sources(names: Iterable[str], sources: str) -> list[str]:
 
 __all__ = [
     "MEMORY_FILE_NAME",
+    "SAME_PIXELS_REASON",
     "ReferenceMemory",
     "array_fingerprint",
     "file_fingerprint",
