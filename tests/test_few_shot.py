@@ -437,3 +437,26 @@ def test_the_same_pixels_in_other_bytes_are_a_reference_image_too(few_shot_folde
     Image.open(good[0]).save(tmp_path / "lossy.jpg", quality=80)
     assert np.isfinite(detector(str(tmp_path / "lossy.jpg"), reference_images=good[:2])["score"])
     assert np.isfinite(detector(good[3], reference_images=good[:2])["score"])
+
+
+def test_a_reference_image_in_another_bit_depth_is_a_reference_image_too(few_shot_folder, tmp_path):
+    """A 16-bit copy of an 8-bit reference (values x 257) or its float array (/ 255) is the same picture at 8 bits:
+    compared with itself it scored ~6e-5 and passed as normal. Pixel fingerprints are taken at 8 bits."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    pixels = np.asarray(Image.open(good[0]).convert("RGB"))
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray8.png")
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+        detector(str(tmp_path / "gray16.png"), reference_images=[str(tmp_path / "gray8.png")])
+    for image in (pixels.astype(np.float32) / 255, pixels.astype(np.float64) / 255):
+        with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+            detector(image, reference_images=good[:2])
+    with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+        detector(pixels, reference_images=[pixels.astype(np.float32) / 255])
+    # one 8-bit step brighter is another picture, scored as any image
+    brighter = np.clip(pixels.astype(np.int16) + 1, 0, 255).astype(np.uint8)
+    assert np.isfinite(detector(brighter, reference_images=good[:2])["score"])

@@ -113,7 +113,7 @@ def _refuse_reference_image(memory: ReferenceMemory, image: Any, file: str | Non
     if encoded is not None:  # as a file's bytes, and as `build_reference_memory` fingerprints bytes
         same = same or f"sha256:{hashlib.sha256(encoded).hexdigest()}" in known
         same = same or array_fingerprint(np.frombuffer(encoded, dtype=np.uint8)) in known
-    if same or pixel_fingerprint(image) in known:
+    if same or array_fingerprint(image_to_rgb_array(image)) in known or pixel_fingerprint(image) in known:
         name = file or "an input image"
         raise ValueError(
             f"{name} is one of the few-shot memory's reference images (the same file, bytes or pixels): compared "
@@ -122,9 +122,15 @@ def _refuse_reference_image(memory: ReferenceMemory, image: Any, file: str | Non
 
 
 def pixel_fingerprint(image: Any) -> str:
-    """ "sha256:<hex>" of a decoded image's RGB pixel array (`image_to_rgb_array`, as the model is given it): the
-    same for the same pixels whatever file bytes or PIL mode held them (`ReferenceMemory.pixel_fingerprints`)."""
-    return array_fingerprint(image_to_rgb_array(image))
+    """ "sha256:<hex>" of a decoded image's RGB pixels (`image_to_rgb_array`) at 8 bits: 16-bit and float pixels
+    are rounded to uint8 first. The same for the same picture whatever file bytes, PIL mode or bit depth held it (a
+    16-bit copy of an 8-bit image, its float array), so a copy of a reference image is known by it
+    (`ReferenceMemory.pixel_fingerprints`); pictures that differ by less than half an 8-bit step everywhere give the
+    model the same input to within that step, and compare with each other as with themselves."""
+    rgb = image_to_rgb_array(image)
+    if rgb.dtype != np.uint8:  # float32 in [0, 1]
+        rgb = np.rint(rgb.astype(np.float64) * 255.0).astype(np.uint8)
+    return array_fingerprint(rgb)
 
 
 def _is_local_path(image: Any) -> bool:
