@@ -372,6 +372,7 @@ def _forged(tmp_path, name: str, tensors=None, metadata=None) -> Path:
     if tensors is not None:
         tensors(stored)
     stored_metadata.update(metadata or {})
+    stored_metadata = {key: value for key, value in stored_metadata.items() if value is not None}
     path = tmp_path / f"{name}.safetensors"
     save_file(stored, str(path), metadata=stored_metadata)
     return path
@@ -460,3 +461,18 @@ def test_a_reference_image_in_another_bit_depth_is_a_reference_image_too(few_sho
     # one 8-bit step brighter is another picture, scored as any image
     brighter = np.clip(pixels.astype(np.int16) + 1, 0, 255).astype(np.uint8)
     assert np.isfinite(detector(brighter, reference_images=good[:2])["score"])
+
+
+def test_pixel_fingerprints_are_saved_checked_and_optional_in_older_files(tmp_path):
+    """A memory file of an earlier version has no pixel fingerprints: it loads (its images known by their bytes);
+    pixel fingerprints of another count than the images are refused."""
+    memory = tiny_model("crane+").build_reference_memory(images(2), ["sha256:aa", "sha256:bb"])
+    memory.pixel_fingerprints = ["sha256:cc", "sha256:dd"]
+    memory.save(tmp_path / "genuine.safetensors")
+    loaded = ReferenceMemory.load(tmp_path / "genuine.safetensors")
+    assert loaded.pixel_fingerprints == ["sha256:cc", "sha256:dd"]
+    assert loaded.known_fingerprints == {"sha256:aa", "sha256:bb", "sha256:cc", "sha256:dd"}
+    older = _forged(tmp_path, "older", metadata={"pixel_fingerprints": None})  # no such key
+    assert ReferenceMemory.load(older).known_fingerprints == {"sha256:aa", "sha256:bb"}
+    with pytest.raises(ValueError, match=r"damaged reference memory: 1 pixel_fingerprints for 2 images"):
+        ReferenceMemory.load(_forged(tmp_path, "short", metadata={"pixel_fingerprints": '["sha256:cc"]'}))
