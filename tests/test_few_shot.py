@@ -355,3 +355,124 @@ def test_pipeline_refuses_bad_reference_inputs(few_shot_folder, tmp_path):
     other.save(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=r"other\.safetensors was built with other backbone weights"):
         detector(good[0], reference_memory=str(tmp_path / "other.safetensors"))
+
+
+def _forged(tmp_path, name: str, tensors=None, metadata=None) -> Path:
+    """A memory file of a tiny Crane+ model with some tensors or metadata values changed (a stranger's file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = tmp_path / "genuine.safetensors"
+    if not source.exists():
+        tiny_model("crane+").build_reference_memory(images(2), ["sha256:aa", "sha256:bb"]).save(source)
+    with safe_open(str(source), framework="pt") as reader:
+        stored_metadata = dict(reader.metadata())
+        names = list(reader.keys())
+        stored = {key: reader.get_tensor(key) for key in names}
+    if tensors is not None:
+        tensors(stored)
+    stored_metadata.update(metadata or {})
+    stored_metadata = {key: value for key, value in stored_metadata.items() if value is not None}
+    path = tmp_path / f"{name}.safetensors"
+    save_file(stored, str(path), metadata=stored_metadata)
+    return path
+
+
+def _scale_features(factor: float):
+    def change(tensors: dict) -> None:
+        for key in tensors:
+            if key.startswith("features."):
+                tensors[key] = tensors[key] * factor
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "message"),
+    [
+        # Features that are not unit vectors: x1000 makes every test patch "identical" (few-shot score 0, a silent
+        # pass), zeros make every patch equally far (0.5).
+        (_scale_features(1000.0), None, r"features\.clip_0 holds rows that are not unit vectors"),
+        (_scale_features(0.0), None, r"features\.clip_0 holds rows that are not unit vectors"),
+        (lambda t: t.__setitem__("probe.dino", t["probe.dino"] * float("nan")), None, r"probe\.dino holds non-fin"),
+        (lambda t: t.__setitem__("junk", torch.zeros(3)), None, r"unknown tensors \['junk'\]"),
+        (None, {"settings": "[1]"}, r"settings must be a JSON object"),
+        (None, {"class_name": '{"a": 1}'}, r"class_name must be a string or null"),
+        (None, {"fingerprints": '"abc"'}, r"fingerprints must be a list of non-empty strings"),
+        (None, {"fingerprints": '["", ""]'}, r"fingerprints must be a list of non-empty strings"),
+        (None, {"grid": "[4.7, 4.2]"}, r"grid must be two positive integers"),
+        (None, {"grid": "[1e400, 1]"}, r"grid must be two positive integers"),
+        (None, {"grid": "[true, 4]"}, r"grid must be two positive integers"),
+    ],
+)
+def test_a_forged_memory_file_is_refused_naming_the_file_and_the_part(tmp_path, tensors, metadata, message):
+    """A memory from a stranger's folder decides pass/fail: any part that `save` would not have written fails closed
+    with one ValueError naming the file, never a silent score and never a traceback of another type."""
+    path = _forged(tmp_path, "forged", tensors, metadata)
+    with pytest.raises(ValueError, match=rf"forged\.safetensors: damaged reference memory: .*{message}"):
+        ReferenceMemory.load(path)
+    assert ReferenceMemory.load(tmp_path / "genuine.safetensors").num_images == 2  # the genuine file loads
+
+
+def test_the_same_pixels_in_other_bytes_are_a_reference_image_too(few_shot_folder, tmp_path):
+    """A reference file re-encoded (another PNG compression, a 16-bit copy of 8-bit values is not the same pixels),
+    or opened as a PIL image / array, holds the reference's pixels under other bytes: compared with itself it would
+    score ~0 in the few-shot branch and pass as normal. It is refused with memories built from files, and with
+    such a memory saved and loaded again."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    reencoded = tmp_path / "reencoded.png"
+    Image.open(good[0]).save(reencoded, compress_level=1)
+    assert reencoded.read_bytes() != Path(good[0]).read_bytes()
+    memory = detector.build_reference_memory(good[:2])
+    memory.save(tmp_path / "memory.safetensors")
+    pixels = np.asarray(Image.open(good[1]).convert("RGB"))
+    for image in (reencoded, str(reencoded), Image.open(good[1]), pixels, reencoded.read_bytes()):
+        for kwargs in ({"reference_images": good[:2]}, {"reference_memory": tmp_path / "memory.safetensors"}):
+            with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+                detector(image, **kwargs)
+    # a re-encoding that changes the pixels (lossy JPEG) is another image, scored as any image
+    Image.open(good[0]).save(tmp_path / "lossy.jpg", quality=80)
+    assert np.isfinite(detector(str(tmp_path / "lossy.jpg"), reference_images=good[:2])["score"])
+    assert np.isfinite(detector(good[3], reference_images=good[:2])["score"])
+
+
+def test_a_reference_image_in_another_bit_depth_is_a_reference_image_too(few_shot_folder, tmp_path):
+    """A 16-bit copy of an 8-bit reference (values x 257) or its float array (/ 255) is the same picture at 8 bits:
+    compared with itself it scored ~6e-5 and passed as normal. Pixel fingerprints are taken at 8 bits."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, good, _ = few_shot_folder
+    detector = pipeline("zero-shot-anomaly-detection", model=folder)
+    pixels = np.asarray(Image.open(good[0]).convert("RGB"))
+    Image.fromarray(pixels[..., 0]).save(tmp_path / "gray8.png")
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+        detector(str(tmp_path / "gray16.png"), reference_images=[str(tmp_path / "gray8.png")])
+    for image in (pixels.astype(np.float32) / 255, pixels.astype(np.float64) / 255):
+        with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+            detector(image, reference_images=good[:2])
+    with pytest.raises(ValueError, match="is one of the few-shot memory's reference images"):
+        detector(pixels, reference_images=[pixels.astype(np.float32) / 255])
+    # one 8-bit step brighter is another picture, scored as any image
+    brighter = np.clip(pixels.astype(np.int16) + 1, 0, 255).astype(np.uint8)
+    assert np.isfinite(detector(brighter, reference_images=good[:2])["score"])
+
+
+def test_pixel_fingerprints_are_saved_checked_and_optional_in_older_files(tmp_path):
+    """A memory file of an earlier version has no pixel fingerprints: it loads (its images known by their bytes);
+    pixel fingerprints of another count than the images are refused."""
+    memory = tiny_model("crane+").build_reference_memory(images(2), ["sha256:aa", "sha256:bb"])
+    memory.pixel_fingerprints = ["sha256:cc", "sha256:dd"]
+    memory.save(tmp_path / "genuine.safetensors")
+    loaded = ReferenceMemory.load(tmp_path / "genuine.safetensors")
+    assert loaded.pixel_fingerprints == ["sha256:cc", "sha256:dd"]
+    assert loaded.known_fingerprints == {"sha256:aa", "sha256:bb", "sha256:cc", "sha256:dd"}
+    older = _forged(tmp_path, "older", metadata={"pixel_fingerprints": None})  # no such key
+    assert ReferenceMemory.load(older).known_fingerprints == {"sha256:aa", "sha256:bb"}
+    with pytest.raises(ValueError, match=r"damaged reference memory: 1 pixel_fingerprints for 2 images"):
+        ReferenceMemory.load(_forged(tmp_path, "short", metadata={"pixel_fingerprints": '["sha256:cc"]'}))

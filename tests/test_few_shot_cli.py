@@ -299,10 +299,14 @@ def test_evaluate_shots_averages_the_seeds_with_their_spread(shots_setup):
     assert " ± " in (output / "metrics.md").read_text()
 
 
-def test_evaluate_shots_leaves_a_classs_reference_images_out_of_its_test_images(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("re_encode", [False, True])
+def test_evaluate_shots_leaves_a_classs_reference_images_out_of_its_test_images(
+    tmp_path, monkeypatch, capsys, re_encode
+):
     """A test image that is one of the drawn reference images (here: copies of every normal train image of brick,
-    under other names, among its test images) would be compared with itself: it is left out of that seed's scored
-    images, and one line says how many were."""
+    under other names, among its test images; byte copies, or re-encoded: the same pixels in other bytes) would be
+    compared with itself: it is left out of that seed's scored images, and one line says how many were."""
+    from PIL import Image
 
     from crane_hf.evaluation import few_shot
     from crane_hf.training.data_loading import image_file
@@ -315,7 +319,11 @@ def test_evaluate_shots_leaves_a_classs_reference_images_out_of_its_test_images(
     copies = {}
     for path in sorted((tmp_path / "data" / "brick" / "train" / "good").iterdir()):
         copy = tmp_path / "data" / "brick" / "test" / "good" / f"copy_{path.name}"
-        shutil.copyfile(path, copy)
+        if re_encode:
+            Image.open(path).save(copy, compress_level=1)
+            assert copy.read_bytes() != path.read_bytes()
+        else:
+            shutil.copyfile(path, copy)
         copies[os.path.realpath(path)] = str(copy)
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     meta["test"]["brick"] += [
@@ -369,3 +377,36 @@ def test_evaluate_shots_refuses_bad_arguments_in_one_line(shots_setup, capsys, e
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert not output.exists()
+
+
+def test_predict_and_calibrate_leave_out_a_reference_image_re_encoded(setup, tmp_path, capsys):
+    """The same pixels under other bytes (a PNG re-encoded) are a reference image: predict cannot know before reading
+    it, so it is skipped with its reason (exit 3, the other images scored); calibrate leaves it out of the
+    thresholds and names it."""
+    from PIL import Image
+
+    work, model_dir, good, parts = setup
+    reencoded = tmp_path / "reencoded.png"
+    Image.open(good[0]).save(reencoded, compress_level=1)
+    output = tmp_path / "predicted"
+    argv = ["predict", *parts, str(reencoded), "--model", model_dir, "--output", str(output), "--quiet"]
+    capsys.readouterr()
+    assert main([*argv, "--no-overlays", "--reference", str(work / "good")]) == 3
+    err = error_lines(capsys.readouterr().err)
+    assert err == [
+        f"skipped {reencoded}: the same pixels as a reference image of the few-shot memory (compared with "
+        "itself it would score as normal)"
+    ], err
+    with open(output / "predictions.csv", encoding="utf-8") as stream:
+        assert sorted(row["path"] for row in csv.DictReader(stream)) == sorted(parts)
+    folder = save_tiny_model_folder(tmp_path / "model", "crane+")
+    assert main(["calibrate", folder, *parts, str(reencoded), "--reference", *good, "--quiet"]) == 0
+    record = json.loads((tmp_path / "model" / "calibration.json").read_text())
+    assert record["normal_images"] == len(parts)
+    assert record["reference_images_left_out"] == [str(reencoded)]
+    assert f"note: left out {reencoded} (a reference image of the few-shot memory)" in capsys.readouterr().err
+    before = (tmp_path / "model" / "config.json").read_bytes()
+    assert main(["calibrate", folder, str(reencoded), "--reference", *good, "--quiet"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error: all 1 normal images given to calibrate are reference"), err
+    assert (tmp_path / "model" / "config.json").read_bytes() == before

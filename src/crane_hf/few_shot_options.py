@@ -96,6 +96,7 @@ def reference_images_among(
     memory: Any,
     fingerprint: Callable[[Any], str],
     path: Callable[[Any], str | None] | None = None,
+    pixels: Callable[[Any], str] | None = None,
 ) -> list[Any]:
     """The `items` that are images of `memory` (a `ReferenceMemory`): the same file as one it was built from (by
     resolved path, where `memory.image_paths` knows them) or the same content (`fingerprint(item)`, "sha256:<hex>",
@@ -104,15 +105,25 @@ def reference_images_among(
     refuses them). An item whose fingerprint cannot be computed (`OSError`, `ValueError`) is not one of them: it is
     skipped, with its reason, when it is read.
 
-    `path(item)` gives an item's file path (None: not a file; `path=None`: no item is a file).
+    `path(item)` gives an item's file path (None: not a file; `path=None`: no item is a file). `pixels(item)`, where
+    given, the "sha256:<hex>" of its decoded RGB pixels: asked only of items not found otherwise, and only when the
+    memory knows its images' pixels (`ReferenceMemory.pixel_fingerprints`), it finds a reference image in other
+    bytes (re-encoded).
     """
-    known = set(memory.fingerprints)
+    known = memory.known_fingerprints
     files = {os.path.realpath(name) for name in getattr(memory, "image_paths", ())}
+    by_pixels = pixels is not None and bool(getattr(memory, "pixel_fingerprints", ()))
+
+    def is_reference(item: Any) -> bool:
+        name = path(item) if path is not None else None
+        if (name is not None and os.path.realpath(name) in files) or fingerprint(item) in known:
+            return True
+        return by_pixels and pixels(item) in known
+
     found = []
     for item in items:
         try:
-            name = path(item) if path is not None else None
-            if (name is not None and os.path.realpath(name) in files) or fingerprint(item) in known:
+            if is_reference(item):
                 found.append(item)
         except (OSError, ValueError):
             continue

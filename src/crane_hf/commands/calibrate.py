@@ -61,6 +61,15 @@ def threshold_for_fpr(values: np.ndarray, fpr: float) -> tuple[float, float]:
     return lowest_threshold(values, fpr)
 
 
+def _all_reference_images(count: int) -> ValueError:
+    """The error when every normal image given to calibrate is a reference image of the few-shot memory."""
+    return ValueError(
+        f"all {count} normal images given to calibrate are reference images of the few-shot memory (the same files, "
+        "bytes or pixels) and were left out: a memory finds its own images perfectly normal. Calibrate on normal "
+        "images of the class that are not its reference images."
+    )
+
+
 def calibrate_folder(
     model_dir: str,
     inputs: list[str],
@@ -136,6 +145,7 @@ def _calibrate(
     at a time, keeping their scores and a fixed-size histogram of their pixel values."""
     from ..model_loading import load_model, make_pipeline
     from ..models.crane.configuration_crane import CraneConfig
+    from ..models.crane.reference_memory import SAME_PIXELS_REASON
     from ..models.crane.thresholds import ValueHistogram
     from .predict import score_image_files
 
@@ -151,11 +161,7 @@ def _calibrate(
     excluded = set(references_left_out)
     paths = [path for path in paths if path not in excluded]
     if references_left_out and not paths:
-        raise ValueError(
-            f"all {len(references_left_out)} normal images given to calibrate are reference images of the few-shot "
-            "memory (the same files or the same bytes) and were left out: a memory finds its own images perfectly "
-            "normal. Calibrate on normal images of the class that are not its reference images."
-        )
+        raise _all_reference_images(len(references_left_out))
     pipe = make_pipeline(model, processor)
     scores: list[float] = []
     pixels = ValueHistogram()
@@ -163,13 +169,19 @@ def _calibrate(
     with tqdm(total=len(paths), desc="Calibrating", unit="image", disable=not progress) as bar:
         # No decision is made here: the folder's thresholds (perhaps for the computation being replaced) are unused.
         no_decisions = {"threshold": 1.0}
-        for path, _, output, reason in score_image_files(pipe, paths, batch_size, no_decisions, chunk_size):
+        known = memory.known_fingerprints if memory is not None else frozenset()
+        for path, _, output, reason in score_image_files(pipe, paths, batch_size, no_decisions, chunk_size, known):
             bar.update(1)
+            if reason == SAME_PIXELS_REASON:  # a reference image in other bytes, known once decoded
+                references_left_out.append(path)
+                continue
             if output is None:
                 skipped.append(f"{path}: {reason}")
                 continue
             scores.append(output["score"])
             pixels.update(output["anomaly_map"])
+    if not scores and references_left_out and not skipped:
+        raise _all_reference_images(len(references_left_out))
     if not scores:
         raise ValueError(
             "No readable normal images to calibrate on." + (f" Skipped: {'; '.join(skipped)}" if skipped else "")

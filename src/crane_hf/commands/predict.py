@@ -71,20 +71,34 @@ def _score_chunk(pipe, images, batch_size, params):
 
 
 def score_image_files(
-    pipe: Any, paths: list[str], batch_size: int, params: dict[str, Any], chunk_size: int
+    pipe: Any,
+    paths: list[str],
+    batch_size: int,
+    params: dict[str, Any],
+    chunk_size: int,
+    reference_pixels: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, Any, dict[str, Any] | None, str | None]]:
     """Read and score `chunk_size` image files at a time in this process (memory does not grow with their number;
     `crane-hf calibrate` keeps every map's histogram); yields, for each path, (path, decoded image, pipeline output,
-    None) or (path, None, None, the reason it was skipped)."""
+    None) or (path, None, None, the reason it was skipped). An image whose decoded pixels have one of
+    `reference_pixels` (a few-shot memory's `known_fingerprints`) is a reference image: not scored, its reason
+    `SAME_PIXELS_REASON`."""
     from ..models.crane.image_reading import read_image
+    from ..models.crane.pipeline_zero_shot_anomaly_detection import pixel_fingerprint
+    from ..models.crane.reference_memory import SAME_PIXELS_REASON
 
     for start in range(0, len(paths), chunk_size):
         loaded = []
         for path in paths[start : start + chunk_size]:
             try:
-                loaded.append((path, read_image(path)))
+                image = read_image(path)
             except ValueError as error:
                 yield path, None, None, str(error).removeprefix(f"{path}: ")
+                continue
+            if reference_pixels and pixel_fingerprint(image) in reference_pixels:
+                yield path, None, None, SAME_PIXELS_REASON
+                continue
+            loaded.append((path, image))
         results = _score_chunk(pipe, [image for _, image in loaded], batch_size, params) if loaded else []
         for (path, image), (output, error) in zip(loaded, results):
             if output is not None:

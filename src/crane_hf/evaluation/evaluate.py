@@ -616,6 +616,7 @@ def _evaluate_few_shot(
     references: dict[int, dict[str, list[str]]] = {}
     skipped: list[tuple[int, str]] = []
     test_fingerprints: dict[int, str] = {}  # each test row hashed once, whatever the number of seeds
+    test_pixels: dict[int, str] = {}  # and decoded once more at most, to find re-encoded reference images
     with contextlib.ExitStack() as claim:
         staging = _claim_output(claim, state, args, evaluation_protections(args, model_spec))
         with state.split_between_processes(list(range(len(dataset)))) as shard:
@@ -628,7 +629,7 @@ def _evaluate_few_shot(
                     for name in shard_classes
                 }
                 # a test image that is one of its class's reference images would be compared with itself
-                left_out_rows = set(reference_rows(dataset, shard, memories, test_fingerprints))
+                left_out_rows = set(reference_rows(dataset, shard, memories, test_fingerprints, test_pixels))
                 accumulators, shard_skipped = score_with_memories(
                     model,
                     processor,

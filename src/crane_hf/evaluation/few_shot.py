@@ -6,9 +6,10 @@ outputs (and of the few-shot branch alone) are averaged over the seeds and repor
 Draws: seed s orders a class's normal train images by path and picks K of them with `numpy.random.default_rng(s)`
 (without replacement), so a draw depends only on the seed, the class and its images. `crane-hf evaluate --shots K
 --seeds N` runs seeds 0 .. N-1; a class with fewer than K normal train images is refused before any image is scored.
-A test image that is one of its class's drawn reference images (the same file, or the same bytes: a test split that
-shares images with the train split) is left out of that seed's scored images, as calibrate leaves them out: compared
-with itself it would score perfectly normal and inflate the metrics.
+A test image that is one of its class's drawn reference images (the same file, the same bytes, or the same decoded
+pixels in other bytes: a test split that shares images with the train split, perhaps re-encoded) is left out of that
+seed's scored images, as calibrate leaves them out: compared with itself it would score perfectly normal and inflate
+the metrics. Finding re-encoded copies decodes each test image once more (once for all the seeds).
 """
 
 from __future__ import annotations
@@ -61,28 +62,52 @@ def row_fingerprint(record: dict[str, Any]) -> str:
     return file_fingerprint(image.get("path") or record["image_path"])
 
 
+def row_pixels(record: dict[str, Any]) -> str:
+    """ "sha256:<hex>" of an undecoded row's decoded RGB pixels (`pixel_fingerprint`); `ValueError` / `OSError` for
+    an image that cannot be read."""
+    from ..models.crane.image_reading import read_encoded_image
+    from ..models.crane.pipeline_zero_shot_anomaly_detection import pixel_fingerprint
+
+    return pixel_fingerprint(read_encoded_image(record["image"]))
+
+
 def row_file(record: dict[str, Any]) -> str | None:
     """The file an undecoded row's image is read from; None when the row holds the image's bytes."""
     image = record["image"] or {}
     return None if image.get("bytes") is not None else image.get("path") or record["image_path"]
 
 
-def reference_rows(dataset: Any, rows: Sequence[int], memories: dict[str, Any], fingerprints: dict[int, str]) -> list:
+def reference_rows(
+    dataset: Any,
+    rows: Sequence[int],
+    memories: dict[str, Any],
+    fingerprints: dict[int, str],
+    pixel_fingerprints: dict[int, str] | None = None,
+) -> list:
     """The `rows` of `dataset` that are reference images of their class's memory (`memories`: class -> memory), by
-    file or by content (`few_shot_options.reference_images_among`): scored, they would be compared with themselves.
-    `fingerprints` caches each row's sha256 across seeds."""
+    file, bytes or decoded pixels (`few_shot_options.reference_images_among`): scored, they would be compared with
+    themselves. `fingerprints` and `pixel_fingerprints` cache each row's sha256 of bytes and of pixels across seeds."""
     from ..few_shot_options import reference_images_among
+
+    pixel_cache = {} if pixel_fingerprints is None else pixel_fingerprints
 
     def fingerprint(row: int) -> str:
         if row not in fingerprints:
             fingerprints[row] = row_fingerprint(dataset[row])
         return fingerprints[row]
 
+    def pixels(row: int) -> str:
+        if row not in pixel_cache:
+            pixel_cache[row] = row_pixels(dataset[row])
+        return pixel_cache[row]
+
     class_names = dataset["class_name"]
     found: list[int] = []
     for name, memory in memories.items():
         class_rows = [row for row in rows if class_names[row] == name]
-        found += reference_images_among(class_rows, memory, fingerprint, path=lambda row: row_file(dataset[row]))
+        found += reference_images_among(
+            class_rows, memory, fingerprint, path=lambda row: row_file(dataset[row]), pixels=pixels
+        )
     return sorted(found)
 
 
@@ -101,6 +126,7 @@ def build_class_memory(model: Any, images: Any, rows: list[int], class_name: str
     fingerprints = [row_fingerprint(images.dataset[row]) for row in rows]
     memory = model.build_reference_memory(batches(), fingerprints, class_name=class_name)
     memory.image_paths = [path for path in (row_file(images.dataset[row]) for row in rows) if path is not None]
+    memory.pixel_fingerprints = [row_pixels(images.dataset[row]) for row in rows]
     return memory
 
 
@@ -222,6 +248,7 @@ __all__ = [
     "normal_train_rows",
     "reference_rows",
     "row_file",
+    "row_pixels",
     "score_with_memories",
     "train_split_of",
 ]

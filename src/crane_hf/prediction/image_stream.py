@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from ..models.crane.image_reading import read_encoded_image, read_image
-from ..models.crane.pipeline_zero_shot_anomaly_detection import model_inputs_for_image
+from ..models.crane.pipeline_zero_shot_anomaly_detection import model_inputs_for_image, pixel_fingerprint
+from ..models.crane.reference_memory import SAME_PIXELS_REASON
 from ..training.fingerprints import file_sha256
 
 READ_ERRORS = (ValueError, OSError, SyntaxError, Image.DecompressionBombError)
@@ -143,7 +144,9 @@ class ImageStream(torch.utils.data.Dataset):
     """The items `positions` of `source` as model inputs (see the module docstring).
 
     `done` maps a position to the fingerprint of the result a resumed run holds for it. `image_processor`, `dtype`
-    and `keep_image` are those of the pipeline (`model_inputs_for_image`).
+    and `keep_image` are those of the pipeline (`model_inputs_for_image`). `reference_pixels`: the few-shot memory's
+    `known_fingerprints`; an image whose decoded pixels have one of them is a reference image in other bytes, which
+    would match itself in the memory: it is skipped (`SAME_PIXELS_REASON`).
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class ImageStream(torch.utils.data.Dataset):
         dtype: torch.dtype | None,
         keep_image: bool,
         done: dict[int, str] | None = None,
+        reference_pixels: frozenset[str] = frozenset(),
     ):
         self.source = source
         self.positions = positions
@@ -161,6 +165,7 @@ class ImageStream(torch.utils.data.Dataset):
         self.dtype = dtype
         self.keep_image = keep_image
         self.done = done or {}
+        self.reference_pixels = reference_pixels
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -173,6 +178,8 @@ class ImageStream(torch.utils.data.Dataset):
             digest, image = self.source.read(index, self.done.get(index))
             if image is None:
                 return StreamItem(index, path, digest, "done")
+            if self.reference_pixels and pixel_fingerprint(image) in self.reference_pixels:
+                return StreamItem(index, path, digest, "skipped", SAME_PIXELS_REASON)
             inputs = model_inputs_for_image(self.image_processor, image, self.dtype, self.keep_image)
         except ValueError as error:
             return StreamItem(index, path, digest, "skipped", str(error))

@@ -302,7 +302,9 @@ def refuse_reference_inputs(source: Any, memory: Any) -> None:
     scores near 0, a "not anomalous" that says nothing; calibrate and evaluate leave them out, but a prediction run
     decides on every input it is given, so it fails closed instead: no image is scored.
 
-    Reads every input once more (its SHA-256) before the run; only with a reference memory.
+    Reads every input once more (its SHA-256) before the run; only with a reference memory. A reference image in
+    other bytes (the same decoded pixels, e.g. re-encoded) is known only once decoded: it is skipped then, with its
+    reason (`ImageStream`, `SAME_PIXELS_REASON`).
     """
     from ..few_shot_options import reference_images_among
 
@@ -382,7 +384,8 @@ def run_prediction(
         with state.split_between_processes(list(range(len(source)))) as share:
             positions = range(share[0], share[-1] + 1) if share else range(0)
         done = done_fingerprints(folder, positions, source.name) if outcome == "resumed" else {}
-        stream = ImageStream(source, positions, processor, pipe.dtype, write_overlays, done)
+        known = memory.known_fingerprints if memory is not None else frozenset()
+        stream = ImageStream(source, positions, processor, pipe.dtype, write_overlays, done, known)
         loader = image_loader(stream, batch_size, workers, pin_memory=pipe.device.type == "cuda")
         writer = ShardWriter(folder, run, state.process_index)
         bar = tqdm(

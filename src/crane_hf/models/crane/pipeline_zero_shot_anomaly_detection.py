@@ -103,8 +103,9 @@ MAP_KEYS = ("anomaly_map", "zero_shot_map", "few_shot_map")
 def _refuse_reference_image(memory: ReferenceMemory, image: Any, file: str | None, encoded: bytes | None) -> None:
     """Raise `ValueError` if the image to score is one of `memory`'s reference images: the same file (resolved
     path), the same file or encoded bytes (sha256), or the same RGB pixels (sha256): the fingerprints
-    `build_reference_memory` records. Compared with itself it would score as normal, a silent pass."""
-    known = set(memory.fingerprints)
+    `build_reference_memory` records, and those of its decoded pixels (a re-encoded copy). Compared with itself it
+    would score as normal, a silent pass."""
+    known = memory.known_fingerprints
     same = file is not None and (
         os.path.realpath(file) in {os.path.realpath(name) for name in getattr(memory, "image_paths", ())}
         or file_fingerprint(file) in known
@@ -112,12 +113,24 @@ def _refuse_reference_image(memory: ReferenceMemory, image: Any, file: str | Non
     if encoded is not None:  # as a file's bytes, and as `build_reference_memory` fingerprints bytes
         same = same or f"sha256:{hashlib.sha256(encoded).hexdigest()}" in known
         same = same or array_fingerprint(np.frombuffer(encoded, dtype=np.uint8)) in known
-    if same or array_fingerprint(image_to_rgb_array(image)) in known:
+    if same or array_fingerprint(image_to_rgb_array(image)) in known or pixel_fingerprint(image) in known:
         name = file or "an input image"
         raise ValueError(
             f"{name} is one of the few-shot memory's reference images (the same file, bytes or pixels): compared "
             "with itself it scores as normal. Leave it out of the images to score (or out of the reference images)."
         )
+
+
+def pixel_fingerprint(image: Any) -> str:
+    """ "sha256:<hex>" of a decoded image's RGB pixels (`image_to_rgb_array`) at 8 bits: 16-bit and float pixels
+    are rounded to uint8 first. The same for the same picture whatever file bytes, PIL mode or bit depth held it (a
+    16-bit copy of an 8-bit image, its float array), so a copy of a reference image is known by it
+    (`ReferenceMemory.pixel_fingerprints`); pictures that differ by less than half an 8-bit step everywhere give the
+    model the same input to within that step, and compare with each other as with themselves."""
+    rgb = image_to_rgb_array(image)
+    if rgb.dtype != np.uint8:  # float32 in [0, 1]
+        rgb = np.rint(rgb.astype(np.float64) * 255.0).astype(np.uint8)
+    return array_fingerprint(rgb)
 
 
 def _is_local_path(image: Any) -> bool:
@@ -251,16 +264,20 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         if cached is not None and cached[0] == (tuple(fingerprints), class_name):
             return cached[1]
 
+        pixels: list[str] = []
+
         def batches() -> Iterator[torch.Tensor]:
             for start in range(0, len(images), batch_size):
-                chunk = [
-                    self.preprocess(image, timeout=timeout)["pixel_values"]
-                    for image in images[start : start + batch_size]
-                ]
-                yield torch.cat(chunk)
+                chunk = []
+                for image in images[start : start + batch_size]:
+                    decoded, _, _, source = self._decode(image, timeout)
+                    pixels.append(pixel_fingerprint(decoded))
+                    chunk.append(model_inputs_for_image(self.image_processor, decoded, self.dtype, False, source))
+                yield torch.cat([inputs["pixel_values"] for inputs in chunk])
 
         memory = self.model.build_reference_memory(batches(), fingerprints, class_name=class_name)
         memory.image_paths = [os.fspath(image) for image in images if _is_local_path(image)]
+        memory.pixel_fingerprints = pixels
         self._reference_cache = ((tuple(fingerprints), class_name), memory)
         return memory
 
@@ -360,6 +377,15 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     ) -> dict[str, Any]:
         """Read and preprocess one image. With `memory_images` (the few-shot memory in use), an image that is one of
         the memory's reference images is refused (`ValueError`): compared with itself it would score as normal."""
+        image, file, encoded, source = self._decode(image, timeout)
+        if memory_images is not None:
+            _refuse_reference_image(memory_images, image, file, encoded)
+        return model_inputs_for_image(self.image_processor, image, self.dtype, keep_image, source)
+
+    @staticmethod
+    def _decode(image: Any, timeout: float | None) -> tuple[Any, str | None, bytes | None, str | None]:
+        """An input as (decoded image, the local file it was read from, the encoded bytes it was given as, the file
+        or URL that names it in errors); a PIL image or array is returned as given."""
         encoded = file = None
         if isinstance(image, os.PathLike):  # a pathlib.Path is a file path, as a string is
             image = os.fspath(image)
@@ -377,9 +403,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         elif isinstance(image, str):
             file = image
             image = read_image(image)
-        if memory_images is not None:
-            _refuse_reference_image(memory_images, image, file, encoded)
-        return model_inputs_for_image(self.image_processor, image, self.dtype, keep_image, source)
+        return image, file, encoded, source
 
     def _forward(
         self,

@@ -22,8 +22,10 @@ w = 0.5 is the average of the zero-shot and few-shot maps and scores that WinCLI
 maps, which ranks pixels the same); w = 1 is the few-shot branch alone, w = 0 the zero-shot model.
 
 A memory is saved as safetensors (`save`, `load`; `MEMORY_FILE_NAME` beside a model's weights): the features, the
-class name, each image's fingerprint (sha256 of the file bytes, or of the pixel array), the settings that decide the
-features and the model's features of a fixed probe image, by which a memory of another model is refused.
+class name, each image's fingerprint (sha256 of the file bytes, or of the pixel array) and, where known, the sha256 of
+its decoded RGB pixels (so that a re-encoded copy of a reference image, other bytes with the same pixels, is known as
+one), the settings that decide the features and the model's features of a fixed probe image, by which a memory of
+another model is refused.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ DISTANCE_CHUNK_ELEMENTS = 1 << 22
 # Mean cosine similarity between a memory's probe features and the model's, below which the memory is refused:
 # the same weights in another dtype stay above 0.99, another backbone is far below.
 PROBE_MIN_COSINE = 0.9
+# Why an image to score whose decoded pixels are those of a reference image is left out (predict, calibrate).
+SAME_PIXELS_REASON = (
+    "the same pixels as a reference image of the few-shot memory (compared with itself it would score as normal)"
+)
 FEW_SHOT_FEATURES = ("all", "clip", "dino")
+# How far from 1 the L2 norm of a memory feature row may be: float16 / bfloat16 models normalize in their dtype
+# (errors near 4e-3); a row further off was not written by `build_reference_memory` and is refused.
+UNIT_NORM_TOLERANCE = 2e-2
 # The config fields that decide the features a memory holds; a memory built under other values is refused.
 FEATURE_FIELDS = (
     "variant",
@@ -161,6 +170,9 @@ class ReferenceMemory:
         probe: source name -> the model's features of `probe_pixel_values` [N, C], to recognize the model.
         image_paths: the files the memory was built from, where it was built from files in this process (not saved:
             a loaded memory knows its images by fingerprint only); used to recognize them by path.
+        pixel_fingerprints: "sha256:<hex>" of each image's decoded RGB pixel array (`array_fingerprint` of
+            `image_to_rgb_array`), where the builder decoded them (empty otherwise): a copy of a reference image
+            in other bytes (re-encoded, or given as a PIL image or array) is known by them.
     """
 
     features: dict[str, torch.Tensor]
@@ -170,6 +182,7 @@ class ReferenceMemory:
     settings: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, torch.Tensor] = field(default_factory=dict)
     image_paths: list[str] = field(default_factory=list)
+    pixel_fingerprints: list[str] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -192,6 +205,12 @@ class ReferenceMemory:
         order. Calibrated thresholds record it (`CraneConfig.threshold_computation`): they hold for this memory."""
         digest = hashlib.sha256("\n".join(sorted(self.fingerprints)).encode("utf-8")).hexdigest()
         return f"sha256:{digest}"
+
+    @property
+    def known_fingerprints(self) -> frozenset[str]:
+        """Every fingerprint by which an image is one of this memory's: of its bytes or pixel array (`fingerprints`)
+        and of its decoded pixels (`pixel_fingerprints`)."""
+        return frozenset(self.fingerprints) | frozenset(self.pixel_fingerprints)
 
     def to(self, device: torch.device | str) -> ReferenceMemory:
         """Move the feature tensors to `device` (in place; a no-op where they are); returns the memory."""
@@ -235,6 +254,7 @@ class ReferenceMemory:
             "fingerprints": json.dumps(self.fingerprints),
             "grid": json.dumps(list(self.grid)),
             "settings": json.dumps(self.settings, sort_keys=True),
+            "pixel_fingerprints": json.dumps(self.pixel_fingerprints),
         }
         return save(tensors, metadata=metadata)
 
@@ -266,34 +286,61 @@ class ReferenceMemory:
         except SafetensorError as error:
             raise ValueError(f"{path}: not a valid safetensors file ({error}).") from error
         try:
-            class_name = json.loads(metadata["class_name"])
-            fingerprints = [str(item) for item in json.loads(metadata["fingerprints"])]
-            grid = tuple(int(value) for value in json.loads(metadata["grid"]))
-            settings = json.loads(metadata["settings"])
+            values = {key: json.loads(metadata[key]) for key in ("class_name", "fingerprints", "grid", "settings")}
+            pixel_fingerprints = json.loads(metadata.get("pixel_fingerprints", "[]"))  # absent from older files
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: damaged reference-memory metadata ({error!r}).") from None
+        unknown = sorted(name for name in tensors if not name.startswith(("features.", "probe.")))
+        if unknown:
+            raise ValueError(f"{path}: damaged reference memory: unknown tensors {unknown}.")
         features = {name.removeprefix("features."): t for name, t in tensors.items() if name.startswith("features.")}
         probe = {name.removeprefix("probe."): t for name, t in tensors.items() if name.startswith("probe.")}
-        memory = cls(features, grid, fingerprints, class_name, settings, probe)  # type: ignore[arg-type]
+        grid, fingerprints = values["grid"], values["fingerprints"]
+        grid = tuple(grid) if isinstance(grid, list) else grid
+        fingerprints = list(fingerprints) if isinstance(fingerprints, list) else fingerprints
+        memory = cls(features, grid, fingerprints, values["class_name"], values["settings"], probe)  # type: ignore[arg-type]
+        memory.pixel_fingerprints = pixel_fingerprints
         memory.check_consistent(path)
         return memory
 
     def check_consistent(self, source: str = "the reference memory") -> None:
-        """Refuse a memory whose parts do not agree (sizes, dtypes, finiteness), naming `source`."""
+        """Refuse a memory whose parts are not what `build_reference_memory` and `save` make (types, sizes, dtypes,
+        finiteness, unit-length features), naming `source`: a memory from a stranger's folder decides pass/fail, so
+        any other content fails closed (`ValueError`)."""
         problems = []
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            problems.append(f"grid {list(self.grid)}")
+        grid_ok = isinstance(self.grid, tuple) and len(self.grid) == 2 and all(_positive_int(v) for v in self.grid)
+        if not grid_ok:
+            problems.append(f"grid must be two positive integers, got {self.grid!r}")
+        if not isinstance(self.fingerprints, list) or not all(isinstance(f, str) and f for f in self.fingerprints):
+            problems.append(f"fingerprints must be a list of non-empty strings, got {self.fingerprints!r}")
+        pixels = self.pixel_fingerprints
+        if not isinstance(pixels, list) or not all(isinstance(f, str) and f for f in pixels):
+            problems.append(f"pixel_fingerprints must be a list of non-empty strings, got {pixels!r}")
+        elif pixels and isinstance(self.fingerprints, list) and len(pixels) != len(self.fingerprints):
+            problems.append(f"{len(pixels)} pixel_fingerprints for {len(self.fingerprints)} images")
+        if not (self.class_name is None or isinstance(self.class_name, str)):
+            problems.append(f"class_name must be a string or null, got {self.class_name!r}")
+        if not isinstance(self.settings, dict):
+            problems.append(f"settings must be a JSON object, got {self.settings!r}")
+        if problems:
+            raise ValueError(f"{source}: damaged reference memory: " + "; ".join(problems) + ".")
         if not self.features or not self.fingerprints:
             problems.append("no features or no images")
-        expected = self.num_images * self.grid[0] * self.grid[1] if len(self.grid) == 2 else -1
+        expected = self.num_images * self.grid[0] * self.grid[1]
         for name, tensor in self.features.items():
             if not tensor.is_floating_point() or tensor.dim() != 2 or tensor.shape[0] != expected:
                 problems.append(f"features.{name} {list(tensor.shape)} {tensor.dtype} (expected [{expected}, C])")
             elif not torch.isfinite(tensor).all():
                 problems.append(f"features.{name} holds non-finite values")
+            elif not ((tensor.float().norm(dim=-1) - 1.0).abs() <= UNIT_NORM_TOLERANCE).all():
+                problems.append(
+                    f"features.{name} holds rows that are not unit vectors (the memory keeps L2-normalized features)"
+                )
             probe = self.probe.get(name)
             if probe is None or probe.dim() != 2 or probe.shape[-1] != tensor.shape[-1]:
                 problems.append(f"probe.{name} missing or of another size")
+            elif not probe.is_floating_point() or not torch.isfinite(probe).all():
+                problems.append(f"probe.{name} holds non-finite or non-float values")
         if set(self.probe) - set(self.features):
             problems.append(f"probe tensors without features: {sorted(set(self.probe) - set(self.features))}")
         if problems:
@@ -328,6 +375,11 @@ class ReferenceMemory:
                 )
 
 
+def _positive_int(value: Any) -> bool:
+    """Whether `value` is an int (not a bool) >= 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def select_sources(names: Iterable[str], sources: str) -> list[str]:
     """The memory sources `CraneConfig.few_shot_features` selects among `names` ("all", "clip", "dino")."""
     names = list(names)
@@ -344,6 +396,7 @@ def select_sources(names: Iterable[str], sources: str) -> list[str]:
 
 __all__ = [
     "MEMORY_FILE_NAME",
+    "SAME_PIXELS_REASON",
     "ReferenceMemory",
     "array_fingerprint",
     "file_fingerprint",
