@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -315,6 +316,80 @@ def test_export_command(tmp_path, capsys):
     assert main([*argv[:-1], str(tmp_path / "x"), "--image-size", "50"]) == 2
     assert "multiple of the patch size 14" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _checkpoint_folder(path, variant: str = "crane") -> dict[str, bytes]:
+    """A model folder as `crane-hf train` writes it (crane-hf's output marker inside); returns its files' bytes."""
+    from crane_hf.io.atomic import atomic_output_dir
+
+    model = tiny_model(variant)
+    with atomic_output_dir(str(path), overwrite=False, command="train") as staging:
+        model.save_pretrained(staging)
+        CraneImageProcessor.from_crane_config(model.config).save_pretrained(staging)
+    return {name: (path / name).read_bytes() for name in os.listdir(path)}
+
+
+@needs_export
+def test_export_never_replaces_the_model_folder_it_reads(tmp_path, capsys):
+    """`--overwrite` replaces an earlier export, never the model being exported: a trained checkpoint (which carries
+    crane-hf's output marker) given as its own --output, or inside the --output, stays as it was."""
+    checkpoint = tmp_path / "runs" / "checkpoint"
+    before = _checkpoint_folder(checkpoint)
+    for output in (checkpoint, tmp_path / "runs"):
+        if output == tmp_path / "runs":
+            from crane_hf.io.output_names import MARKER_NAME as marker
+
+            (output / marker).write_text((checkpoint / marker).read_text())  # an earlier crane-hf output holding it
+        argv = ["export", str(checkpoint), "--format", "onnx", "--output", str(output), "--overwrite"]
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"refusing to write {output}: it" in errors[0] and "the model folder" in errors[0]
+        assert {name: (checkpoint / name).read_bytes() for name in os.listdir(checkpoint)} == before
+    model = modeling_crane.CraneForAnomalyDetection.from_pretrained(checkpoint).eval()
+    with pytest.raises(ValueError, match="the model folder"):  # the Python function too
+        export_model(model, checkpoint, overwrite=True)
+    assert {name: (checkpoint / name).read_bytes() for name in os.listdir(checkpoint)} == before
+
+
+@needs_export
+def test_a_few_shot_model_is_refused_not_exported_zero_shot(tmp_path, capsys):
+    """The graph holds the zero-shot branch only: a model with a reference memory (whose pipeline gives fused scores)
+    is refused, naming the memory, rather than exported as a zero-shot graph that scores differently."""
+    model = tiny_model("crane")
+    size = model.config.image_size
+    references = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model.set_reference_memory(model.build_reference_memory(references, ["sha256:aa", "sha256:bb"]))
+    with pytest.raises(ValueError, match="reference memory"):
+        export_model(model, tmp_path / "api")
+    folder = tmp_path / "few-shot"
+    model.save_pretrained(folder)
+    CraneImageProcessor.from_crane_config(model.config).save_pretrained(folder)
+    assert main(["export", str(folder), "--format", "onnx", "--output", str(tmp_path / "cli")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "reference memory (few-shot)" in errors[0]
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
+    model.set_reference_memory(None)  # the zero-shot model, asked for explicitly, exports
+    assert export_model(model, tmp_path / "zero-shot")["variant"] == "crane"
+
+
+@needs_export
+@pytest.mark.parametrize(("name", "damaged"), [("crane-onnx", "model.onnx.data"), ("crane+-openvino", "model.bin")])
+def test_a_damaged_weights_file_is_one_line_naming_the_folder(exported, tmp_path, capsys, name, damaged):
+    """A truncated weights file (an interrupted copy of a stranger's folder) fails where the runtime loads it, as a
+    `ValueError` naming the folder and file (crane-hf predict: one line, exit 2), never a runtime's traceback."""
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(exported(name), folder)
+    data = (folder / damaged).read_bytes()
+    (folder / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder))}/.* could not be loaded"):
+        ExportedCraneModel(folder)
+    images = write_test_images(tmp_path / "images", count=1)
+    assert main(["predict", *images, "--model", str(folder), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(folder) in err and "could not be loaded" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------- the eager model is unchanged by the export

@@ -50,12 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.exporting import ExportParityError, export_model
     from ..io.atomic import check_can_write
+    from ..io.output_safety import check_not_protected, protected_paths
     from ..model_loading import load_model
 
     if not args.tolerance >= 0:
         print(f"error: --tolerance must be >= 0, got {args.tolerance}", file=sys.stderr)
         return 2
+    # The model folder and the backbones are read, never replaced (refused before anything is loaded).
+    protected = [
+        *protected_paths("the model folder", [args.model]),
+        *protected_paths("a backbone", [args.clip, args.dino]),
+    ]
     try:
+        check_not_protected(args.output, protected)
         check_can_write(args.output, args.overwrite)
         model, processor = load_model(
             args.model, clip=args.clip, dino=args.dino, device="cpu", dtype="float32", allow_exported=False
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             tolerance=args.tolerance,
             overwrite=args.overwrite,
+            protected=protected,
         )
     except ExportParityError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..io.atomic import atomic_output_dir
+from ..io.output_safety import protected_paths
 from ..models.crane.configuration_crane import _as_int
 from ..models.crane.d_attention import float32_mask_flips, float64_dattn
 from ..models.crane.gaussian_smoothing import gaussian_smooth
@@ -205,6 +206,7 @@ def export_model(
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     overwrite: bool = False,
+    protected: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Export `model` to a self-describing folder (see the module docstring) and return its metadata.
 
@@ -222,10 +224,14 @@ def export_model(
         verify: compare the exported graph with the eager model on a probe batch before writing the folder.
         tolerance: the largest difference of the scores and at any pixel of the maps that the verification
             accepts (absolute; scores and maps are in [0, 1]; `verify_export`).
-        overwrite: replace an existing `output_dir`.
+        overwrite: replace an existing `output_dir` (an earlier output of crane-hf; never the folder the model was
+            loaded from, `model.name_or_path`, nor one holding it, nor a `protected` (what, path) folder).
+        protected: more (what, path) folders the output may not be or contain (the command's backbone folders).
 
     Raises:
-        ValueError: a bad argument (format, image size, a non-float32 or training-mode model).
+        ValueError: a bad argument (format, image size, a non-float32 or training-mode model), a model holding a
+            reference memory (few-shot: the graph computes the zero-shot branch only), or an output that is or
+            contains the model folder (`UnsafeOutputError`).
         ImportError: an exporter or runtime is not installed (the message names the packages).
         ExportParityError: the verification found a larger deviation than `tolerance`.
         OutputExistsError: `output_dir` exists and `overwrite` is False.
@@ -234,6 +240,13 @@ def export_model(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
     if float16_weights and format != "openvino":
         raise ValueError("float16_weights applies to the openvino format only.")
+    if getattr(model, "reference_memory", None) is not None:
+        raise ValueError(
+            f"{model.name_or_path or 'The model'} holds a reference memory (few-shot), whose fused scores the "
+            "exported graph would not compute: export covers the zero-shot branch only. To export the zero-shot "
+            "model, remove the memory first (model.set_reference_memory(None), or a model folder without "
+            "reference_memory.safetensors)."
+        )
     if any(parameter.device.type != "cpu" for parameter in model.parameters()):
         raise ValueError("Export a model on the CPU (model.to('cpu')).")
     size = _check_image_size(model, model.config.image_size if image_size is None else image_size)
@@ -260,7 +273,10 @@ def export_model(
         "weights": "float16" if float16_weights else "float32",
         "exported_with": _versions(),
     }
-    with atomic_output_dir(os.fspath(output_dir), overwrite=overwrite, command="export") as staging:
+    protected = [*(protected or []), *protected_paths("the model folder", [model.name_or_path])]
+    with atomic_output_dir(
+        os.fspath(output_dir), overwrite=overwrite, protected=protected, command="export"
+    ) as staging:
         graph_path = os.path.join(staging, FORMATS[format])
         if format == "onnx":
             export_onnx(graph, graph_path, size)

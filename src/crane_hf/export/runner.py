@@ -59,7 +59,8 @@ class ExportedCraneModel:
 
     Raises:
         FileNotFoundError / ValueError: the folder is not a complete, consistent exported folder, or a file it
-            names leaves the folder (the message names the file and field).
+            names leaves the folder (the message names the file and field), or the runtime cannot load its
+            graph or weights (a truncated file: the message names the graph file).
         ImportError: the runtime (or onnx, for the check of an ONNX file) is not installed.
     """
 
@@ -86,7 +87,15 @@ class ExportedCraneModel:
             )
         self.config._name_or_path = self.folder
         graph_path = check_graph_files(self.folder, self.metadata)
-        self._session = self._load(graph_path, num_threads)
+        try:
+            self._session = self._load(graph_path, num_threads)
+        except ValueError:
+            raise
+        except Exception as error:  # the runtimes' own types (onnxruntime's Fail, OpenVINO's RuntimeError, ...)
+            raise ValueError(
+                f"{graph_path} could not be loaded by {self.backend} (a damaged or truncated file, or not as "
+                f"export_model wrote it): {' '.join(str(error).split())}"
+            ) from error
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> ExportedCraneModel:
