@@ -316,3 +316,21 @@ def _assert_same_rows(rows: list[dict], reference: list[dict], tolerance: float 
         assert abs(row["score"] - expected["score"]) <= tolerance
         assert abs(row["max_pixel_score"] - expected["max_pixel_score"]) <= tolerance
         assert row["is_anomalous"] == expected["is_anomalous"]
+
+
+def test_an_edited_computation_field_in_the_exported_config_is_refused(folders, tmp_path):
+    """The graph's computation is fixed at export and recorded in crane_export.json: a config.json edited to claim
+    another one (records, and overrides compared with it, would then describe what the graph does not compute) is
+    refused naming the field; thresholds, applied after the graph, may still be edited."""
+    exported = tmp_path / "exported"
+    shutil.copytree(folders("onnx"), exported)
+    recorded = json.loads((exported / EXPORT_FILE).read_text())["computation"]
+    config = json.loads((exported / "config.json").read_text())
+    assert recorded["soft_mean"] is config["soft_mean"] is False and recorded["feature_layers"] == [6]
+    _edit_json(exported / "config.json", image_threshold=0.9)
+    assert ExportedCraneModel(exported).config.image_threshold == 0.9
+    _edit_json(exported / "config.json", soft_mean=True)
+    with pytest.raises(ValueError, match=r"config\.json: soft_mean True differs from the graph's False"):
+        ExportedCraneModel(exported)
+    with pytest.raises(ValueError, match="soft_mean"):
+        load_model(str(exported), soft_mean=True)  # an override equal to the edited value is no way around it

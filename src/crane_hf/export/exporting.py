@@ -32,6 +32,7 @@ from ..models.crane.modeling_crane import CraneForAnomalyDetection
 from .folder import EXPORT_FILE, FORMATS, INPUT_NAME, read_export_metadata
 from .graph import CraneExportGraph
 from .packages import require
+from .runner import POST_PROCESSING_FIELDS
 
 OPSET = 23  # the first opset with ONNX's Attention operator (what scaled_dot_product_attention exports to)
 DEFAULT_TOLERANCE = 1e-4
@@ -271,6 +272,12 @@ def export_model(
         "variant": config.variant,
         "opset": OPSET,
         "weights": "float16" if float16_weights else "float32",
+        # What the graph computes (config.json may be edited afterwards; the runner refuses one that differs here).
+        "computation": {
+            name: value
+            for name, value in json.loads(json.dumps(config.inference_computation, default=str)).items()
+            if name not in POST_PROCESSING_FIELDS
+        },
         "exported_with": _versions(),
     }
     protected = [*(protected or []), *protected_paths("the model folder", [model.name_or_path])]

@@ -4,7 +4,8 @@
     model.xml, model.bin         (format "openvino": OpenVINO IR)
     config.json                  the model's `CraneConfig` (thresholds, smoothing sigma; image_size = the export's)
     preprocessor_config.json     the `CraneImageProcessor` at the export's image size
-    crane_export.json            format, graph file, input and outputs, versions, and the verification result
+    crane_export.json            format, graph file, input and outputs, the computation the graph does (the
+                                 config's inference fields), versions, and the verification result
 
 A folder downloaded from someone else is read as untrusted: every field of `crane_export.json` the runner relies
 on is checked (type and value, named in the error), the graph files must be regular files inside the folder (no
@@ -47,7 +48,8 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     `input` ({"name": "pixel_values", "shape": ["batch", 3, S, S], "dtype": "float32"}), `outputs`
     (["anomaly_scores", "anomaly_maps"] and, with smoothed maps, "smoothed_anomaly_maps"), `smoothing_sigma`
     (None, or the sigma in pixels of the smoothed output), `weights` ("float32" | "float16") and whatever else the
-    file holds (`variant`, `opset`, `exported_with`, `verification`: informational).
+    file holds (`variant`, `opset`, `exported_with`, `verification`: informational; `computation`: the config fields
+    the graph computes with, which the runner compares with `config.json`).
 
     Raises:
         FileNotFoundError: the folder has no `crane_export.json`.
@@ -91,7 +93,14 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise field("smoothing_sigma", f"must be null without the {OUTPUT_NAMES[2]} output")
     if metadata.get("weights") not in WEIGHT_TYPES:
         raise field("weights", f"must be one of {', '.join(WEIGHT_TYPES)}")
-    for name, kind in (("variant", str), ("opset", int), ("exported_with", dict), ("verification", dict)):
+    optional = (
+        ("variant", str),
+        ("opset", int),
+        ("exported_with", dict),
+        ("verification", dict),
+        ("computation", dict),
+    )
+    for name, kind in optional:
         if name in metadata and metadata[name] is not None and not isinstance(metadata[name], kind):
             raise field(name, f"must be a {kind.__name__} when present")
     return metadata

@@ -15,6 +15,7 @@ preprocessing, the same smoothing and resizing of the maps, the same thresholds 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -85,6 +86,7 @@ class ExportedCraneModel:
                 f"{self.folder}/config.json: image_size {self.config.image_size!r} differs from the graph's "
                 f"{self.image_size} ({EXPORT_FILE}); the folder is not as export_model wrote it."
             )
+        self._check_computation()
         self.config._name_or_path = self.folder
         graph_path = check_graph_files(self.folder, self.metadata)
         try:
@@ -96,6 +98,21 @@ class ExportedCraneModel:
                 f"{graph_path} could not be loaded by {self.backend} (a damaged or truncated file, or not as "
                 f"export_model wrote it): {' '.join(str(error).split())}"
             ) from error
+
+    def _check_computation(self) -> None:
+        """config.json's inference fields must be those the graph was exported with (`computation` of
+        `crane_export.json`; absent in older exports): the records and the overrides are compared with config.json,
+        so an edited field would describe what the graph does not compute. Thresholds and sigma may change."""
+        for name, value in (self.metadata.get("computation") or {}).items():
+            if name in POST_PROCESSING_FIELDS:
+                continue
+            actual = json.loads(json.dumps(getattr(self.config, name, None), default=str))
+            if actual != value:
+                raise ValueError(
+                    f"{self.folder}/config.json: {name} {actual!r} differs from the graph's {value!r} "
+                    f"({EXPORT_FILE}); the computation of an exported graph is fixed: export the model again to "
+                    "change it."
+                )
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> ExportedCraneModel:
