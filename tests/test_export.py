@@ -392,6 +392,21 @@ def test_a_damaged_weights_file_is_one_line_naming_the_folder(exported, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_an_image_size_above_the_supported_side_is_refused_before_tracing(tmp_path, monkeypatch):
+    """--image-size is checked against the largest input side a config accepts (2048) before the probe batch is
+    allocated and the graph traced: 100002 px (a multiple of 14) would otherwise allocate a 240 GB probe."""
+    from crane_hf.export import exporting
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the graph was traced")
+
+    monkeypatch.setattr(exporting, "export_onnx", traced)
+    for size in (2058, 100002):
+        with pytest.raises(ValueError, match=f"image_size={size} exceeds the largest supported input side 2048"):
+            export_model(tiny_model("crane"), tmp_path / "out", image_size=size)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------- the eager model is unchanged by the export
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..io.atomic import atomic_output_dir
 from ..io.output_safety import protected_paths
-from ..models.crane.configuration_crane import _as_int
+from ..models.crane.configuration_crane import MAX_IMAGE_SIZE, _as_int
 from ..models.crane.d_attention import float32_mask_flips, float64_dattn
 from ..models.crane.gaussian_smoothing import gaussian_smooth
 from ..models.crane.image_processing_crane import CraneImageProcessor
@@ -61,6 +61,8 @@ def _check_image_size(model: CraneForAnomalyDetection, image_size: int) -> int:
         patches.append(_as_int(config.dino_config.patch_size))
     if isinstance(image_size, bool) or int(image_size) != image_size or image_size <= 0:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+    if image_size > MAX_IMAGE_SIZE:  # as a config refuses it, before the probe batch is allocated
+        raise ValueError(f"image_size={image_size} exceeds the largest supported input side {MAX_IMAGE_SIZE}.")
     for patch in patches:
         if image_size % patch:
             raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}.")
