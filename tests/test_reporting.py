@@ -233,3 +233,39 @@ def test_evaluate_report_has_metric_table_and_f1_max_points(tiny_model_dir, tmp_
         assert caption == f"{metrics[name]['image_f1_max']:.3f}"  # the point drawn is the table's F1-max
     overlays = set(re.findall(r'href="(overlays/[^"]+)"', html))  # thumbnail and "figure" links
     assert len(overlays) == 14 and all((output / link).is_file() for link in overlays)
+
+
+@pytest.mark.parametrize("stem", ["hash#1", "q?x=1", "pct%41", "a&b <c> 'd' \"e\"", "colon:x", "ünï 日本"])
+def test_report_links_reach_files_whose_names_url_syntax_would_break(tmp_path, stem):
+    """A browser reads `#` as a fragment, `?` as a query, `%41` as "A" and `x:` as a scheme: every href and src of
+    the page, decoded as a browser decodes it, must name the file that is there (and the name stays escaped)."""
+    from pathlib import Path
+    from urllib.parse import unquote, urljoin, urlparse
+
+    from PIL import Image
+
+    from crane_hf.reporting.run_report import write_run_report
+
+    images, output = tmp_path / "images", tmp_path / "run"
+    (output / "overlays").mkdir(parents=True)
+    images.mkdir()
+    image = images / f"{stem}.png"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(image)
+    overlay = output / "overlays" / f"{stem}.png.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(overlay)
+    rows = [{"path": str(image), "score": 0.7, "overlay": f"overlays/{stem}.png.png"}]
+    page = write_run_report(str(output), rows, image_threshold=0.5, pixel_threshold=0.5, title="t")
+    html = Path(page).read_text(encoding="utf-8")
+    links = [link for link in re.findall(r'(?:src|href)="([^"]+)"', html) if not link.startswith("data:")]
+    base = (output / "report.html").as_uri()
+    targets = set()
+    for link in links:
+        link = link.replace("&amp;", "&").replace("&#34;", '"').replace("&#39;", "'").replace("&lt;", "<")
+        link = link.replace("&gt;", ">")
+        parsed = urlparse(urljoin(base, link))
+        assert parsed.scheme == "file" and not parsed.fragment and not parsed.query, link
+        target = unquote(parsed.path)
+        assert os.path.isfile(target), (link, target)
+        targets.add(target)
+    assert {str(image), str(overlay)} <= targets
+    assert "<c>" not in html  # the name is escaped, not markup

@@ -60,12 +60,14 @@ def _flag(value: Any) -> bool:
 
 
 def _relative_link(target: str, folder: str) -> str:
-    """A link usable from `folder/report.html`: relative when possible, else a file URI."""
+    """A link usable from `folder/report.html`: relative when possible, else a file URI; percent-encoded, so that a
+    file name holding `#`, `?`, `%` or `:` (read by a browser as fragment, query, escape or scheme) still names it."""
     from pathlib import Path
+    from urllib.parse import quote
 
     target_path = Path(target if os.path.isabs(target) else os.path.join(folder, target)).resolve()
     try:
-        return Path(os.path.relpath(target_path, Path(folder).resolve())).as_posix()
+        return quote(Path(os.path.relpath(target_path, Path(folder).resolve())).as_posix(), safe="/")
     except ValueError:  # another drive on Windows
         return target_path.as_uri()
 
