@@ -414,3 +414,16 @@ def test_app_stops_cleanly_on_sigint_and_sigterm(tiny_model_dir, tmp_path):
         assert process.returncode == code, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert signal.Signals(signum).name in err
+
+
+def test_app_shows_a_file_as_the_pipeline_reads_it(tmp_path):
+    """An uploaded 16-bit image is scaled to 8 bits for the figure (not clipped to white), a photo is upright."""
+    from crane_hf.reporting.gradio_app import _rgb
+
+    from .test_reporting import _sixteen_bit_and_rotated
+
+    sixteen, rotated, expected = _sixteen_bit_and_rotated(str(tmp_path))
+    shown = _rgb(sixteen)
+    assert shown.dtype == np.uint8 and shown.shape == (48, 64, 3)
+    assert np.abs(shown[:, :, 0].astype(np.float64) - expected).max() <= 1
+    assert _rgb(rotated).shape == (64, 48, 3)

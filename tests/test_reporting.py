@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,7 +240,6 @@ def test_evaluate_report_has_metric_table_and_f1_max_points(tiny_model_dir, tmp_
 def test_report_links_reach_files_whose_names_url_syntax_would_break(tmp_path, stem):
     """A browser reads `#` as a fragment, `?` as a query, `%41` as "A" and `x:` as a scheme: every href and src of
     the page, decoded as a browser decodes it, must name the file that is there (and the name stays escaped)."""
-    from pathlib import Path
     from urllib.parse import unquote, urljoin, urlparse
 
     from PIL import Image
@@ -269,3 +269,38 @@ def test_report_links_reach_files_whose_names_url_syntax_would_break(tmp_path, s
         targets.add(target)
     assert {str(image), str(overlay)} <= targets
     assert "<c>" not in html  # the name is escaped, not markup
+
+
+def _sixteen_bit_and_rotated(folder) -> tuple[str, str, np.ndarray]:
+    """A 16-bit gradient PNG and a JPEG whose EXIF orientation (6) turns its 48 x 64 pixels to 64 x 48."""
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    sixteen = os.path.join(folder, "sixteen.png")
+    Image.fromarray(gradient).save(sixteen)
+    rotated = os.path.join(folder, "exif6.jpg")
+    photo = Image.fromarray(np.full((48, 64, 3), 100, np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(rotated, exif=exif)
+    # what the pipeline scores, brute force: 16-bit values over 65535, shown as 8-bit
+    expected = np.floor(gradient.astype(np.float64) / 65535 * 255 + 0.5)
+    return sixteen, rotated, expected
+
+
+def test_report_thumbnails_show_the_image_the_model_scored(tmp_path):
+    """Without decision figures (--no-overlays) the thumbnail is the image itself: a 16-bit image is scaled (not
+    clipped to white) and a photo is upright, as the pipeline reads them."""
+    from PIL import Image
+
+    from crane_hf.reporting.run_report import write_run_report
+
+    sixteen, rotated, expected = _sixteen_bit_and_rotated(str(tmp_path))
+    output = tmp_path / "run"
+    output.mkdir()
+    rows = [{"path": sixteen, "score": 0.2}, {"path": rotated, "score": 0.1}]
+    html = Path(write_run_report(str(output), rows, image_threshold=0.5, pixel_threshold=0.5, title="t")).read_text()
+    thumbnails = re.findall(r'src="(report_files/thumbnails/[^"]+)"[^>]*alt="([^"]+)"', html)
+    shown = {name: np.asarray(Image.open(output / src).convert("L"), dtype=np.float64) for src, name in thumbnails}
+    assert abs(shown["sixteen.png"].mean() - expected.mean()) < 3  # clipped to 8 bits it would be about 255
+    assert shown["exif6.jpg"].shape == (64, 48)

@@ -46,6 +46,26 @@ def verdict(score: float, image_threshold: float) -> str:
     return "ANOMALOUS" if score >= image_threshold else "OK"
 
 
+def display_rgb(image: Image.Image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a PIL image as the pipeline scores it (`CraneImageProcessor`), for showing it: the EXIF
+    orientation applied; 16-bit and 32-bit integer images ("I;16", "I") scaled by 65535 (or 2**31 - 1 when a value
+    exceeds 65535) and float images ("F", values in [0, 1]) by 1, then to 8 bits, rather than clipped by
+    `convert("RGB")` (which shows most 16-bit images white); other modes (palette, grey, RGBA...) by `convert("RGB")`.
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / (
+                65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2**31 - 1
+            )
+        gray = (np.nan_to_num(values).clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def _rgb_uint8(image: Any) -> np.ndarray:
     """RGB uint8 [H, W, 3] from a PIL image or a uint8 [H, W] / [H, W, 3|4] array."""
     if isinstance(image, Image.Image):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decision_figure import COLOR_SCALES, at_or_above, render_decision_figure, verdict
+from .decision_figure import COLOR_SCALES, at_or_above, display_rgb, render_decision_figure, verdict
 
 MAX_IMAGES = 64  # images kept per session (each keeps its float32 map)
 
@@ -101,14 +101,13 @@ class AppModel:
 
 
 def _rgb(image: Any) -> np.ndarray:
-    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8; a file's EXIF orientation is applied,
-    as the pipeline applies it (and as gr.Image does), so that the figure and the map have the same size."""
+    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8; a file is read as the pipeline reads it
+    (`display_rgb`: EXIF orientation applied, as gr.Image also does, so that the figure and the map have the same
+    size; 16-bit images scaled, not clipped to white)."""
     if isinstance(image, str):
-        from PIL import ImageOps
-
         with Image.open(image) as opened:
             opened.load()
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+            return display_rgb(opened)
     array = np.asarray(image)
     if array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)

@@ -73,10 +73,14 @@ def _relative_link(target: str, folder: str) -> str:
 
 
 def _thumbnail(source: str, destination: str) -> tuple[int, int]:
-    """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height)."""
+    """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height). The image
+    is shown as the pipeline read it (`display_rgb`: upright, 16-bit images scaled rather than clipped to white)."""
+    from .decision_figure import display_rgb
+
     with Image.open(source) as image:
-        image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
-        rgb = image.convert("RGB")
+        image.draft("RGB", (THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4))  # a large JPEG is decoded at a reduced size
+        rgb = Image.fromarray(display_rgb(image))
+    rgb.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
     rgb.save(destination, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
     return rgb.size
 
