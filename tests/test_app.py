@@ -427,3 +427,23 @@ def test_app_shows_a_file_as_the_pipeline_reads_it(tmp_path):
     assert shown.dtype == np.uint8 and shown.shape == (48, 64, 3)
     assert np.abs(shown[:, :, 0].astype(np.float64) - expected).max() <= 1
     assert _rgb(rotated).shape == (64, 48, 3)
+
+
+def test_app_scores_every_readable_file_and_names_the_unreadable_ones(tiny_model_dir, tmp_path):
+    """One unreadable file among several dropped ones: the others are scored, the bad one is named, none is lost."""
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+
+    write_test_images(tmp_path, count=2)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    app = app_command.build(argparse.Namespace(model=tiny_model_dir, clip=None, dino=None, device="cpu"))
+    handlers = {function.fn.__name__: function.fn for function in app.fns.values() if function.fn}
+    state = handlers["load"](tiny_model_dir, {})[0]
+    files = [str(tmp_path / name) for name in ("part_0.png", "empty.png", "part_1.png", "corrupt.png")]
+    state, text, _, table, _ = handlers["on_files"](files, state, 0.5, 0.5, "absolute")
+    assert [row[0] for row in table] == ["part_0.png", "part_1.png"]
+    assert [item["name"] for item in state["items"]] == ["part_0.png", "part_1.png"]
+    assert "Not scored" in text and "empty.png" in text and "corrupt.png" in text
+    state, text, *_ = handlers["on_files"]([str(tmp_path / "empty.png")], state, 0.5, 0.5, "absolute")
+    assert "empty.png" in text and len(state["items"]) == 2  # the images already scored stay

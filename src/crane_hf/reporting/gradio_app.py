@@ -220,10 +220,17 @@ def build_app(
         return text, figure, table, gr.update(choices=names, value=selected if selected in names else None)
 
     def add_images(
-        images: list[tuple[str, np.ndarray, str | None]], state, image_threshold, pixel_threshold, color_scale
+        images: list[tuple[str, np.ndarray, str | None]],
+        state,
+        image_threshold,
+        pixel_threshold,
+        color_scale,
+        unreadable: Sequence[str] = (),
     ):
+        """Score `images` into the session; `unreadable` ("name: reason" of files that could not be read) and the
+        images the pipeline refuses are named in the result, the others are scored."""
         state = dict(state or {})
-        scored, refused = [], []
+        scored, refused = [], list(unreadable)
         try:
             model = open_model(state["model"])
             for name, image, path in images:
@@ -275,14 +282,14 @@ def build_app(
     def on_files(files, state, image_threshold, pixel_threshold, color_scale):
         if not files:
             return state, gr.update(), gr.update(), gr.update(), gr.update()
-        images = []
-        for file in files:
+        images, unreadable = [], []
+        for file in files:  # an unreadable file is named; the others are still scored
             path = file if isinstance(file, str) else getattr(file, "name", str(file))
             try:
                 images.append((os.path.basename(path), _rgb(path), path))
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                return state, f"**{os.path.basename(path)}:** not a readable image ({error})", None, [], gr.update()
-        return add_images(images, state, image_threshold, pixel_threshold, color_scale)
+                unreadable.append(f"{os.path.basename(path)}: not a readable image ({error})")
+        return add_images(images, state, image_threshold, pixel_threshold, color_scale, unreadable)
 
     def on_thresholds(state, image_threshold, pixel_threshold, color_scale, selected):
         return _redraw(state or {}, image_threshold, pixel_threshold, color_scale, selected)
