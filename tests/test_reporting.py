@@ -304,3 +304,41 @@ def test_report_thumbnails_show_the_image_the_model_scored(tmp_path):
     shown = {name: np.asarray(Image.open(output / src).convert("L"), dtype=np.float64) for src, name in thumbnails}
     assert abs(shown["sixteen.png"].mean() - expected.mean()) < 3  # clipped to 8 bits it would be about 255
     assert shown["exif6.jpg"].shape == (64, 48)
+
+
+def _shown_numbers(text: str, *labels: str) -> list[float]:
+    return [float(re.search(rf"{label}\s*([0-9.]+)", text).group(1)) for label in labels]
+
+
+@pytest.mark.parametrize(("score", "threshold"), [(0.49996, 0.5), (0.4999999, 0.5), (0.5, 0.5), (0.50004, 0.5)])
+def test_shown_score_and_threshold_never_contradict_the_verdict(tmp_path, score, threshold):
+    """Score 0.49996 at threshold 0.5 is OK; written "score 0.500 (threshold 0.500)" a reader applying score >=
+    threshold would call it anomalous. The figure, the report and the app show enough digits to tell them apart."""
+    from crane_hf.reporting.gradio_app import render_state
+    from crane_hf.reporting.run_report import write_run_report
+
+    anomalous = score >= threshold
+    image = np.zeros((8, 8, 3), np.uint8)
+    anomaly_map = np.zeros((8, 8), np.float32)
+    title = decision_figure(
+        image, anomaly_map, score=score, image_threshold=threshold, pixel_threshold=0.5, name="a.png"
+    ).get_suptitle()
+    shown_score, shown_threshold = _shown_numbers(title, "score", "image threshold")
+    assert ("ANOMALOUS" in title) == anomalous == (shown_score >= shown_threshold), title
+
+    state = {"model": "m", "items": [{"name": "a.png", "image": image, "score": score, "map": anomaly_map}]}
+    text, _, table = render_state(state, threshold, 0.5, "absolute", None)
+    shown_score, shown_threshold = _shown_numbers(text, "score", "image threshold")
+    assert (
+        text.startswith("### ANOMALOUS" if anomalous else "### OK") and (shown_score >= shown_threshold) == anomalous
+    )
+    assert (float(table[0][1]) >= shown_threshold) == anomalous
+
+    output = tmp_path / "run"
+    output.mkdir()
+    rows = [{"path": "a.png", "score": score}]
+    html = Path(write_run_report(str(output), rows, image_threshold=threshold, pixel_threshold=0.5, title="t"))
+    html = html.read_text(encoding="utf-8")
+    shown_score = _shown_numbers(html, '<span class="score">score')[0]
+    shown_threshold = _shown_numbers(html, 'id="image-threshold" data-value="[^"]*">image threshold')[0]
+    assert (shown_score >= shown_threshold) == anomalous and ('data-verdict="anomalous"' in html) == anomalous

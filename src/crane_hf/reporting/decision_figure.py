@@ -46,6 +46,17 @@ def verdict(score: float, image_threshold: float) -> str:
     return "ANOMALOUS" if score >= image_threshold else "OK"
 
 
+def decision_digits(score: float, image_threshold: float, digits: int = 3) -> int:
+    """Decimal places (at least `digits`) at which `score` and `image_threshold`, both written with them, agree with
+    the verdict: a score below the threshold is never written equal to it (0.49996 at 0.5 is "0.49996", not "0.500",
+    which a reader applying score >= threshold would call anomalous). Rounding keeps order, so a score at or above
+    the threshold is never written below it."""
+    score, image_threshold = float(score), float(image_threshold)
+    while digits < 17 and score < image_threshold and f"{score:.{digits}f}" == f"{image_threshold:.{digits}f}":
+        digits += 1
+    return digits
+
+
 def display_rgb(image: Image.Image) -> np.ndarray:
     """RGB uint8 [H, W, 3] of a PIL image as the pipeline scores it (`CraneImageProcessor`), for showing it: the EXIF
     orientation applied; 16-bit and 32-bit integer images ("I;16", "I") scaled by 65535 (or 2**31 - 1 when a value
@@ -222,8 +233,9 @@ def decision_figure(
     decision_axes.set_title(f"pixels >= {pixel_threshold:.3f}: {100 * fraction:.1f}%", fontsize=10)
 
     decided = verdict(score, image_threshold)
+    digits = decision_digits(score, image_threshold)
     figure.suptitle(
-        f"{_short_name(name)}\n{decided}   score {score:.3f}   (image threshold {image_threshold:.3f})",
+        f"{_short_name(name)}\n{decided}   score {score:.{digits}f}   (image threshold {image_threshold:.{digits}f})",
         color=ANOMALOUS_COLOR if decided == "ANOMALOUS" else NORMAL_COLOR,
         fontsize=12,
         fontweight="bold",

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decision_figure import COLOR_SCALES, at_or_above, display_rgb, render_decision_figure, verdict
+from .decision_figure import (
+    COLOR_SCALES,
+    at_or_above,
+    decision_digits,
+    display_rgb,
+    render_decision_figure,
+    verdict,
+)
 
 MAX_IMAGES = 64  # images kept per session (each keeps its float32 map)
 
@@ -132,13 +139,21 @@ def render_state(
         return "Upload or drop an image to score it.", None, []
     image_threshold = _check_threshold("image threshold", image_threshold)
     pixel_threshold = _check_threshold("pixel threshold", pixel_threshold)
-    table = [[item["name"], round(item["score"], 4), verdict(item["score"], image_threshold)] for item in items]
+    table = [
+        [
+            i["name"],
+            round(i["score"], decision_digits(i["score"], image_threshold, 4)),
+            verdict(i["score"], image_threshold),
+        ]
+        for i in items
+    ]
     item = next((i for i in items if i["name"] == selected), items[-1])
     decided = verdict(item["score"], image_threshold)
+    digits = decision_digits(item["score"], image_threshold, 4)
     fraction = float(at_or_above(item["map"], pixel_threshold).mean())
     text = (
-        f"### {decided}: score {item['score']:.4f}\n"
-        f"**{item['name']}** · image threshold {image_threshold:.3f} · pixel threshold {pixel_threshold:.3f} · "
+        f"### {decided}: score {item['score']:.{digits}f}\n"
+        f"**{item['name']}** · image threshold {image_threshold:.{digits}f} · pixel threshold {pixel_threshold:.3f} · "
         f"{100 * fraction:.1f}% of the pixels at or above it · model {state.get('model', '')}"
     )
     if state.get("reference"):

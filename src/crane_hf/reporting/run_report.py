@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image
 
+from .decision_figure import decision_digits, display_rgb
+
 REPORT_FILE = "report.html"
 ASSETS_FOLDER = "report_files"
 THUMBNAIL_WIDTH = 480  # pixels; a decision figure is about 1100 wide
@@ -75,8 +77,6 @@ def _relative_link(target: str, folder: str) -> str:
 def _thumbnail(source: str, destination: str) -> tuple[int, int]:
     """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height). The image
     is shown as the pipeline read it (`display_rgb`: upright, 16-bit images scaled rather than clipped to white)."""
-    from .decision_figure import display_rgb
-
     with Image.open(source) as image:
         image.draft("RGB", (THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4))  # a large JPEG is decoded at a reduced size
         rgb = Image.fromarray(display_rgb(image))
@@ -103,6 +103,7 @@ def _prepare_rows(
             "path": path,
             "name": str(row.get("name") or path),
             "score": score,
+            "score_text": f"{score:.{decision_digits(score, image_threshold, 4)}f}",  # never written = the threshold
             "verdict": "anomalous" if anomalous else "ok",
             "class_name": str(row.get("class_name") or image_class(path)),
             "truth": truth,
