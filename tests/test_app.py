@@ -447,3 +447,22 @@ def test_app_scores_every_readable_file_and_names_the_unreadable_ones(tiny_model
     assert "Not scored" in text and "empty.png" in text and "corrupt.png" in text
     state, text, *_ = handlers["on_files"]([str(tmp_path / "empty.png")], state, 0.5, 0.5, "absolute")
     assert "empty.png" in text and len(state["items"]) == 2  # the images already scored stay
+
+
+def test_app_uploads_past_the_session_limit_keep_the_newest_under_their_own_names(tiny_model_dir, monkeypatch):
+    """Past MAX_IMAGES the oldest image leaves; a new upload never takes the name of (and replaces) a newer one."""
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+    from crane_hf.reporting import gradio_app
+
+    monkeypatch.setattr(gradio_app, "MAX_IMAGES", 2)
+    app = app_command.build(argparse.Namespace(model=tiny_model_dir, clip=None, dino=None, device="cpu"))
+    handlers = {function.fn.__name__: function.fn for function in app.fns.values() if function.fn}
+    state = handlers["load"](tiny_model_dir, {})[0]
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    for image in images:
+        state = handlers["on_image"](image, state, 0.5, 0.5, "absolute")[0]
+    kept = state["items"]
+    assert [item["name"] for item in kept] == ["upload-3", "upload-4"]
+    assert all(np.array_equal(item["image"], image) for item, image in zip(kept, images[2:]))

@@ -260,6 +260,7 @@ def build_app(
         if not scored:
             return state, f"**Not scored:** {'; '.join(refused)}", gr.update(), gr.update(), gr.update()
         items = [i for i in state.get("items", []) if i["name"] not in {s["name"] for s in scored}] + scored
+        state["scored"] = _scored_so_far(state) + len(scored)
         state["items"] = items[-MAX_IMAGES:]
         text, *rest = _redraw(state, image_threshold, pixel_threshold, color_scale, scored[-1]["name"])
         return state, text + _refused_note(refused), *rest
@@ -267,7 +268,8 @@ def build_app(
     def on_image(image, state, image_threshold, pixel_threshold, color_scale):
         if image is None:
             return state, gr.update(), gr.update(), gr.update(), gr.update()
-        name = f"upload-{len((state or {}).get('items', [])) + 1}"
+        # numbered by the images scored in the session so far, not len(items), which stops growing at MAX_IMAGES
+        name = f"upload-{_scored_so_far(state or {}) + 1}"
         return add_images([(name, _rgb(image), None)], state, image_threshold, pixel_threshold, color_scale)
 
     def on_references(files, state, image_threshold, pixel_threshold, color_scale):
@@ -389,6 +391,11 @@ def build_app(
         if save_thresholds is not None:
             save_button.click(on_save, [state, image_threshold, pixel_threshold], save_message)
     return app
+
+
+def _scored_so_far(state: dict[str, Any]) -> int:
+    """How many images the session has scored (its uploads are numbered by it)."""
+    return int(state.get("scored", len(state.get("items", []))))
 
 
 def _refused_note(refused: Sequence[str]) -> str:
