@@ -298,12 +298,15 @@ def test_report_thumbnails_show_the_image_the_model_scored(tmp_path):
     sixteen, rotated, expected = _sixteen_bit_and_rotated(str(tmp_path))
     output = tmp_path / "run"
     output.mkdir()
-    rows = [{"path": sixteen, "score": 0.2}, {"path": rotated, "score": 0.1}]
+    large = str(tmp_path / "large16.png")  # reduced before it is shown: Pillow cannot reduce a 16-bit image itself
+    Image.fromarray(np.linspace(0, 65535, 4000 * 1200).reshape(1200, 4000).astype(np.uint16)).save(large)
+    rows = [{"path": sixteen, "score": 0.2}, {"path": rotated, "score": 0.1}, {"path": large, "score": 0.3}]
     html = Path(write_run_report(str(output), rows, image_threshold=0.5, pixel_threshold=0.5, title="t")).read_text()
     thumbnails = re.findall(r'src="(report_files/thumbnails/[^"]+)"[^>]*alt="([^"]+)"', html)
     shown = {name: np.asarray(Image.open(output / src).convert("L"), dtype=np.float64) for src, name in thumbnails}
     assert abs(shown["sixteen.png"].mean() - expected.mean()) < 3  # clipped to 8 bits it would be about 255
     assert shown["exif6.jpg"].shape == (64, 48)
+    assert shown["large16.png"].shape == (144, 480) and abs(shown["large16.png"].mean() - 127.5) < 3
 
 
 def _shown_numbers(text: str, *labels: str) -> list[float]:

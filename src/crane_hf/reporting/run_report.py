@@ -78,7 +78,10 @@ def _thumbnail(source: str, destination: str) -> tuple[int, int]:
     """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height). The image
     is shown as the pipeline read it (`display_rgb`: upright, 16-bit images scaled rather than clipped to white)."""
     with Image.open(source) as image:
-        image.draft("RGB", (THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4))  # a large JPEG is decoded at a reduced size
+        # reduced before it is converted (a large JPEG is even decoded at a reduced size), either way up; Pillow
+        # resizes 16-bit images as 32-bit ("I"), which display_rgb scales as it scales "I;16"
+        image = image.convert("I") if image.mode.startswith("I;16") else image
+        image.thumbnail((THUMBNAIL_WIDTH * 4, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
         rgb = Image.fromarray(display_rgb(image))
     rgb.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
     rgb.save(destination, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
