@@ -345,3 +345,15 @@ def test_shown_score_and_threshold_never_contradict_the_verdict(tmp_path, score,
     shown_score = _shown_numbers(html, '<span class="score">score')[0]
     shown_threshold = _shown_numbers(html, 'id="image-threshold" data-value="[^"]*">image threshold')[0]
     assert (shown_score >= shown_threshold) == anomalous and ('data-verdict="anomalous"' in html) == anomalous
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5, "0.5x"])
+@pytest.mark.parametrize("which", ["image_threshold", "pixel_threshold"])
+def test_report_refuses_a_threshold_it_cannot_decide_with(tmp_path, bad, which):
+    """score >= NaN is False: with a NaN image threshold a 0.9 image was written "ok". Nothing is written."""
+    from crane_hf.reporting.run_report import write_run_report
+
+    thresholds = {"image_threshold": 0.5, "pixel_threshold": 0.5, which: bad}
+    with pytest.raises(ValueError, match=which):
+        write_run_report(str(tmp_path), [{"path": "a.png", "score": 0.9}], title="t", **thresholds)
+    assert not (tmp_path / "report.html").exists()

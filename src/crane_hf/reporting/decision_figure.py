@@ -99,7 +99,10 @@ def at_or_above(values: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _check_unit(name: str, value: float) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number.") from None
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value} must be a finite number in [0, 1].")
     return value

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from .decision_figure import decision_digits, display_rgb
+from .decision_figure import _check_unit, decision_digits, display_rgb
 
 REPORT_FILE = "report.html"
 ASSETS_FOLDER = "report_files"
@@ -175,13 +175,16 @@ def write_run_report(
         progress: show a tqdm bar over the thumbnails.
 
     Raises:
-        ValueError: a score or pixel fraction that is not a number in [0, 1] (naming the row and the file).
+        ValueError: a threshold, score or pixel fraction that is not a number in [0, 1] (naming it, and for a row the
+            row and the file); nothing is written then.
     """
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from tqdm.auto import tqdm
 
     from .charts import roc_pr_curves, score_histogram, svg_data_uri
 
+    image_threshold = _check_unit("image_threshold", image_threshold)  # score >= NaN would make every image "ok"
+    pixel_threshold = _check_unit("pixel_threshold", pixel_threshold)
     bar = tqdm(total=len(rows), desc="Report", unit="image", disable=not progress)
     prepared = _prepare_rows(folder, rows, image_threshold, bar.update)
     bar.close()
