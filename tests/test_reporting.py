@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crane_hf.commands.cli import main
-from crane_hf.reporting.charts import f1_max_point
+from crane_hf.reporting.charts import f1_max_point, roc_pr_curves, svg_data_uri
 from crane_hf.reporting.decision_figure import decision_figure, figure_to_image
 from crane_hf.reporting.run_report import image_class
 
@@ -357,3 +357,22 @@ def test_report_refuses_a_threshold_it_cannot_decide_with(tmp_path, bad, which):
     with pytest.raises(ValueError, match=which):
         write_run_report(str(tmp_path), [{"path": "a.png", "score": 0.9}], title="t", **thresholds)
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("name", ["cost$\\bad$.png", "a$x^2$.png", "line_3/$5 part.png"])
+def test_decision_figure_writes_a_file_name_with_dollars_as_it_is(name):
+    """matplotlib reads $...$ as mathematics: "a$x^2$.png" was drawn as a, x squared, and "cost$\\bad$.png" raised."""
+    figure = decision_figure(
+        np.zeros((8, 8, 3), np.uint8),
+        np.zeros((8, 8), np.float32),
+        score=0.3,
+        image_threshold=0.5,
+        pixel_threshold=0.5,
+        name=name,
+    )
+    figure_to_image(figure)  # draws every text
+    title = figure._suptitle
+    assert name in title.get_text() and not title.get_parse_math()
+    curves, _ = roc_pr_curves([0, 1, 0, 1], [0.1, 0.8, 0.3, 0.6], name)  # a class named by its folder, in a report
+    svg_data_uri(curves)
+    assert curves._suptitle.get_text() == name and not curves._suptitle.get_parse_math()

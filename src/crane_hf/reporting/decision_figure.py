@@ -242,6 +242,7 @@ def decision_figure(
         color=ANOMALOUS_COLOR if decided == "ANOMALOUS" else NORMAL_COLOR,
         fontsize=12,
         fontweight="bold",
+        parse_math=False,  # a file name is text: "$x^2$" is not mathematics, and "$\\bad$" would raise
         y=1.0 - 0.06 / figure.get_figheight(),
         va="top",
     )
