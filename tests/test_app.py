@@ -414,3 +414,55 @@ def test_app_stops_cleanly_on_sigint_and_sigterm(tiny_model_dir, tmp_path):
         assert process.returncode == code, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert signal.Signals(signum).name in err
+
+
+def test_app_shows_a_file_as_the_pipeline_reads_it(tmp_path):
+    """An uploaded 16-bit image is scaled to 8 bits for the figure (not clipped to white), a photo is upright."""
+    from crane_hf.reporting.gradio_app import _rgb
+
+    from .test_reporting import _sixteen_bit_and_rotated
+
+    sixteen, rotated, expected = _sixteen_bit_and_rotated(str(tmp_path))
+    shown = _rgb(sixteen)
+    assert shown.dtype == np.uint8 and shown.shape == (48, 64, 3)
+    assert np.abs(shown[:, :, 0].astype(np.float64) - expected).max() <= 1
+    assert _rgb(rotated).shape == (64, 48, 3)
+
+
+def test_app_scores_every_readable_file_and_names_the_unreadable_ones(tiny_model_dir, tmp_path):
+    """One unreadable file among several dropped ones: the others are scored, the bad one is named, none is lost."""
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+
+    write_test_images(tmp_path, count=2)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    app = app_command.build(argparse.Namespace(model=tiny_model_dir, clip=None, dino=None, device="cpu"))
+    handlers = {function.fn.__name__: function.fn for function in app.fns.values() if function.fn}
+    state = handlers["load"](tiny_model_dir, {})[0]
+    files = [str(tmp_path / name) for name in ("part_0.png", "empty.png", "part_1.png", "corrupt.png")]
+    state, text, _, table, _ = handlers["on_files"](files, state, 0.5, 0.5, "absolute")
+    assert [row[0] for row in table] == ["part_0.png", "part_1.png"]
+    assert [item["name"] for item in state["items"]] == ["part_0.png", "part_1.png"]
+    assert "Not scored" in text and "empty.png" in text and "corrupt.png" in text
+    state, text, *_ = handlers["on_files"]([str(tmp_path / "empty.png")], state, 0.5, 0.5, "absolute")
+    assert "empty.png" in text and len(state["items"]) == 2  # the images already scored stay
+
+
+def test_app_uploads_past_the_session_limit_keep_the_newest_under_their_own_names(tiny_model_dir, monkeypatch):
+    """Past MAX_IMAGES the oldest image leaves; a new upload never takes the name of (and replaces) a newer one."""
+    require(GRADIO_MISSING)
+    from crane_hf.commands import app as app_command
+    from crane_hf.reporting import gradio_app
+
+    monkeypatch.setattr(gradio_app, "MAX_IMAGES", 2)
+    app = app_command.build(argparse.Namespace(model=tiny_model_dir, clip=None, dino=None, device="cpu"))
+    handlers = {function.fn.__name__: function.fn for function in app.fns.values() if function.fn}
+    state = handlers["load"](tiny_model_dir, {})[0]
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    for image in images:
+        state = handlers["on_image"](image, state, 0.5, 0.5, "absolute")[0]
+    kept = state["items"]
+    assert [item["name"] for item in kept] == ["upload-3", "upload-4"]
+    assert all(np.array_equal(item["image"], image) for item, image in zip(kept, images[2:]))

@@ -6,12 +6,13 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from crane_hf.commands.cli import main
-from crane_hf.reporting.charts import f1_max_point
+from crane_hf.reporting.charts import f1_max_point, roc_pr_curves, svg_data_uri
 from crane_hf.reporting.decision_figure import decision_figure, figure_to_image
 from crane_hf.reporting.run_report import image_class
 
@@ -233,3 +234,145 @@ def test_evaluate_report_has_metric_table_and_f1_max_points(tiny_model_dir, tmp_
         assert caption == f"{metrics[name]['image_f1_max']:.3f}"  # the point drawn is the table's F1-max
     overlays = set(re.findall(r'href="(overlays/[^"]+)"', html))  # thumbnail and "figure" links
     assert len(overlays) == 14 and all((output / link).is_file() for link in overlays)
+
+
+@pytest.mark.parametrize("stem", ["hash#1", "q?x=1", "pct%41", "a&b <c> 'd' \"e\"", "colon:x", "ünï 日本"])
+def test_report_links_reach_files_whose_names_url_syntax_would_break(tmp_path, stem):
+    """A browser reads `#` as a fragment, `?` as a query, `%41` as "A" and `x:` as a scheme: every href and src of
+    the page, decoded as a browser decodes it, must name the file that is there (and the name stays escaped)."""
+    from urllib.parse import unquote, urljoin, urlparse
+
+    from PIL import Image
+
+    from crane_hf.reporting.run_report import write_run_report
+
+    images, output = tmp_path / "images", tmp_path / "run"
+    (output / "overlays").mkdir(parents=True)
+    images.mkdir()
+    image = images / f"{stem}.png"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(image)
+    overlay = output / "overlays" / f"{stem}.png.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(overlay)
+    rows = [{"path": str(image), "score": 0.7, "overlay": f"overlays/{stem}.png.png"}]
+    page = write_run_report(str(output), rows, image_threshold=0.5, pixel_threshold=0.5, title="t")
+    html = Path(page).read_text(encoding="utf-8")
+    links = [link for link in re.findall(r'(?:src|href)="([^"]+)"', html) if not link.startswith("data:")]
+    base = (output / "report.html").as_uri()
+    targets = set()
+    for link in links:
+        link = link.replace("&amp;", "&").replace("&#34;", '"').replace("&#39;", "'").replace("&lt;", "<")
+        link = link.replace("&gt;", ">")
+        parsed = urlparse(urljoin(base, link))
+        assert parsed.scheme == "file" and not parsed.fragment and not parsed.query, link
+        target = unquote(parsed.path)
+        assert os.path.isfile(target), (link, target)
+        targets.add(target)
+    assert {str(image), str(overlay)} <= targets
+    assert "<c>" not in html  # the name is escaped, not markup
+
+
+def _sixteen_bit_and_rotated(folder) -> tuple[str, str, np.ndarray]:
+    """A 16-bit gradient PNG and a JPEG whose EXIF orientation (6) turns its 48 x 64 pixels to 64 x 48."""
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    sixteen = os.path.join(folder, "sixteen.png")
+    Image.fromarray(gradient).save(sixteen)
+    rotated = os.path.join(folder, "exif6.jpg")
+    photo = Image.fromarray(np.full((48, 64, 3), 100, np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(rotated, exif=exif)
+    # what the pipeline scores, brute force: 16-bit values over 65535, shown as 8-bit
+    expected = np.floor(gradient.astype(np.float64) / 65535 * 255 + 0.5)
+    return sixteen, rotated, expected
+
+
+def test_report_thumbnails_show_the_image_the_model_scored(tmp_path):
+    """Without decision figures (--no-overlays) the thumbnail is the image itself: a 16-bit image is scaled (not
+    clipped to white) and a photo is upright, as the pipeline reads them."""
+    from PIL import Image
+
+    from crane_hf.reporting.run_report import write_run_report
+
+    sixteen, rotated, expected = _sixteen_bit_and_rotated(str(tmp_path))
+    output = tmp_path / "run"
+    output.mkdir()
+    large = str(tmp_path / "large16.png")  # reduced before it is shown: Pillow cannot reduce a 16-bit image itself
+    Image.fromarray(np.linspace(0, 65535, 4000 * 1200).reshape(1200, 4000).astype(np.uint16)).save(large)
+    rows = [{"path": sixteen, "score": 0.2}, {"path": rotated, "score": 0.1}, {"path": large, "score": 0.3}]
+    html = Path(write_run_report(str(output), rows, image_threshold=0.5, pixel_threshold=0.5, title="t")).read_text()
+    thumbnails = re.findall(r'src="(report_files/thumbnails/[^"]+)"[^>]*alt="([^"]+)"', html)
+    shown = {name: np.asarray(Image.open(output / src).convert("L"), dtype=np.float64) for src, name in thumbnails}
+    assert abs(shown["sixteen.png"].mean() - expected.mean()) < 3  # clipped to 8 bits it would be about 255
+    assert shown["exif6.jpg"].shape == (64, 48)
+    assert shown["large16.png"].shape == (144, 480) and abs(shown["large16.png"].mean() - 127.5) < 3
+
+
+def _shown_numbers(text: str, *labels: str) -> list[float]:
+    return [float(re.search(rf"{label}\s*([0-9.]+)", text).group(1)) for label in labels]
+
+
+@pytest.mark.parametrize(("score", "threshold"), [(0.49996, 0.5), (0.4999999, 0.5), (0.5, 0.5), (0.50004, 0.5)])
+def test_shown_score_and_threshold_never_contradict_the_verdict(tmp_path, score, threshold):
+    """Score 0.49996 at threshold 0.5 is OK; written "score 0.500 (threshold 0.500)" a reader applying score >=
+    threshold would call it anomalous. The figure, the report and the app show enough digits to tell them apart."""
+    from crane_hf.reporting.gradio_app import render_state
+    from crane_hf.reporting.run_report import write_run_report
+
+    anomalous = score >= threshold
+    image = np.zeros((8, 8, 3), np.uint8)
+    anomaly_map = np.zeros((8, 8), np.float32)
+    title = decision_figure(
+        image, anomaly_map, score=score, image_threshold=threshold, pixel_threshold=0.5, name="a.png"
+    ).get_suptitle()
+    shown_score, shown_threshold = _shown_numbers(title, "score", "image threshold")
+    assert ("ANOMALOUS" in title) == anomalous == (shown_score >= shown_threshold), title
+
+    state = {"model": "m", "items": [{"name": "a.png", "image": image, "score": score, "map": anomaly_map}]}
+    text, _, table = render_state(state, threshold, 0.5, "absolute", None)
+    shown_score, shown_threshold = _shown_numbers(text, "score", "image threshold")
+    assert (
+        text.startswith("### ANOMALOUS" if anomalous else "### OK") and (shown_score >= shown_threshold) == anomalous
+    )
+    assert (float(table[0][1]) >= shown_threshold) == anomalous
+
+    output = tmp_path / "run"
+    output.mkdir()
+    rows = [{"path": "a.png", "score": score}]
+    html = Path(write_run_report(str(output), rows, image_threshold=threshold, pixel_threshold=0.5, title="t"))
+    html = html.read_text(encoding="utf-8")
+    shown_score = _shown_numbers(html, '<span class="score">score')[0]
+    shown_threshold = _shown_numbers(html, 'id="image-threshold" data-value="[^"]*">image threshold')[0]
+    assert (shown_score >= shown_threshold) == anomalous and ('data-verdict="anomalous"' in html) == anomalous
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5, "0.5x"])
+@pytest.mark.parametrize("which", ["image_threshold", "pixel_threshold"])
+def test_report_refuses_a_threshold_it_cannot_decide_with(tmp_path, bad, which):
+    """score >= NaN is False: with a NaN image threshold a 0.9 image was written "ok". Nothing is written."""
+    from crane_hf.reporting.run_report import write_run_report
+
+    thresholds = {"image_threshold": 0.5, "pixel_threshold": 0.5, which: bad}
+    with pytest.raises(ValueError, match=which):
+        write_run_report(str(tmp_path), [{"path": "a.png", "score": 0.9}], title="t", **thresholds)
+    assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("name", ["cost$\\bad$.png", "a$x^2$.png", "line_3/$5 part.png"])
+def test_decision_figure_writes_a_file_name_with_dollars_as_it_is(name):
+    """matplotlib reads $...$ as mathematics: "a$x^2$.png" was drawn as a, x squared, and "cost$\\bad$.png" raised."""
+    figure = decision_figure(
+        np.zeros((8, 8, 3), np.uint8),
+        np.zeros((8, 8), np.float32),
+        score=0.3,
+        image_threshold=0.5,
+        pixel_threshold=0.5,
+        name=name,
+    )
+    figure_to_image(figure)  # draws every text
+    title = figure._suptitle
+    assert name in title.get_text() and not title.get_parse_math()
+    curves, _ = roc_pr_curves([0, 1, 0, 1], [0.1, 0.8, 0.3, 0.6], name)  # a class named by its folder, in a report
+    svg_data_uri(curves)
+    assert curves._suptitle.get_text() == name and not curves._suptitle.get_parse_math()

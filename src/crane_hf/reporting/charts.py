@@ -118,5 +118,5 @@ def roc_pr_curves(labels: Sequence[int], scores: Sequence[float], title: str) ->
         axes.set_xlim(-0.02, 1.02)
         axes.set_ylim(-0.02, 1.02)
         axes.legend(fontsize=7, loc="lower right" if axes is roc_axes else "lower left")
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(title, fontsize=11, parse_math=False)  # a class (folder) name is text, "$...$" included
     return figure, point

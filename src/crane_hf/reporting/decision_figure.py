@@ -46,6 +46,37 @@ def verdict(score: float, image_threshold: float) -> str:
     return "ANOMALOUS" if score >= image_threshold else "OK"
 
 
+def decision_digits(score: float, image_threshold: float, digits: int = 3) -> int:
+    """Decimal places (at least `digits`) at which `score` and `image_threshold`, both written with them, agree with
+    the verdict: a score below the threshold is never written equal to it (0.49996 at 0.5 is "0.49996", not "0.500",
+    which a reader applying score >= threshold would call anomalous). Rounding keeps order, so a score at or above
+    the threshold is never written below it."""
+    score, image_threshold = float(score), float(image_threshold)
+    while digits < 17 and score < image_threshold and f"{score:.{digits}f}" == f"{image_threshold:.{digits}f}":
+        digits += 1
+    return digits
+
+
+def display_rgb(image: Image.Image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a PIL image as the pipeline scores it (`CraneImageProcessor`), for showing it: the EXIF
+    orientation applied; 16-bit and 32-bit integer images ("I;16", "I") scaled by 65535 (or 2**31 - 1 when a value
+    exceeds 65535) and float images ("F", values in [0, 1]) by 1, then to 8 bits, rather than clipped by
+    `convert("RGB")` (which shows most 16-bit images white); other modes (palette, grey, RGBA...) by `convert("RGB")`.
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / (
+                65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2**31 - 1
+            )
+        gray = (np.nan_to_num(values).clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def _rgb_uint8(image: Any) -> np.ndarray:
     """RGB uint8 [H, W, 3] from a PIL image or a uint8 [H, W] / [H, W, 3|4] array."""
     if isinstance(image, Image.Image):
@@ -68,7 +99,10 @@ def at_or_above(values: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _check_unit(name: str, value: float) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number.") from None
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}={value} must be a finite number in [0, 1].")
     return value
@@ -202,11 +236,13 @@ def decision_figure(
     decision_axes.set_title(f"pixels >= {pixel_threshold:.3f}: {100 * fraction:.1f}%", fontsize=10)
 
     decided = verdict(score, image_threshold)
+    digits = decision_digits(score, image_threshold)
     figure.suptitle(
-        f"{_short_name(name)}\n{decided}   score {score:.3f}   (image threshold {image_threshold:.3f})",
+        f"{_short_name(name)}\n{decided}   score {score:.{digits}f}   (image threshold {image_threshold:.{digits}f})",
         color=ANOMALOUS_COLOR if decided == "ANOMALOUS" else NORMAL_COLOR,
         fontsize=12,
         fontweight="bold",
+        parse_math=False,  # a file name is text: "$x^2$" is not mathematics, and "$\\bad$" would raise
         y=1.0 - 0.06 / figure.get_figheight(),
         va="top",
     )

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decision_figure import COLOR_SCALES, at_or_above, render_decision_figure, verdict
+from .decision_figure import (
+    COLOR_SCALES,
+    at_or_above,
+    decision_digits,
+    display_rgb,
+    render_decision_figure,
+    verdict,
+)
 
 MAX_IMAGES = 64  # images kept per session (each keeps its float32 map)
 
@@ -101,14 +108,13 @@ class AppModel:
 
 
 def _rgb(image: Any) -> np.ndarray:
-    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8; a file's EXIF orientation is applied,
-    as the pipeline applies it (and as gr.Image does), so that the figure and the map have the same size."""
+    """An uploaded image (numpy from gr.Image, or a file path) as RGB uint8; a file is read as the pipeline reads it
+    (`display_rgb`: EXIF orientation applied, as gr.Image also does, so that the figure and the map have the same
+    size; 16-bit images scaled, not clipped to white)."""
     if isinstance(image, str):
-        from PIL import ImageOps
-
         with Image.open(image) as opened:
             opened.load()
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+            return display_rgb(opened)
     array = np.asarray(image)
     if array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)
@@ -133,13 +139,21 @@ def render_state(
         return "Upload or drop an image to score it.", None, []
     image_threshold = _check_threshold("image threshold", image_threshold)
     pixel_threshold = _check_threshold("pixel threshold", pixel_threshold)
-    table = [[item["name"], round(item["score"], 4), verdict(item["score"], image_threshold)] for item in items]
+    table = [
+        [
+            i["name"],
+            round(i["score"], decision_digits(i["score"], image_threshold, 4)),
+            verdict(i["score"], image_threshold),
+        ]
+        for i in items
+    ]
     item = next((i for i in items if i["name"] == selected), items[-1])
     decided = verdict(item["score"], image_threshold)
+    digits = decision_digits(item["score"], image_threshold, 4)
     fraction = float(at_or_above(item["map"], pixel_threshold).mean())
     text = (
-        f"### {decided}: score {item['score']:.4f}\n"
-        f"**{item['name']}** · image threshold {image_threshold:.3f} · pixel threshold {pixel_threshold:.3f} · "
+        f"### {decided}: score {item['score']:.{digits}f}\n"
+        f"**{item['name']}** · image threshold {image_threshold:.{digits}f} · pixel threshold {pixel_threshold:.3f} · "
         f"{100 * fraction:.1f}% of the pixels at or above it · model {state.get('model', '')}"
     )
     if state.get("reference"):
@@ -221,10 +235,17 @@ def build_app(
         return text, figure, table, gr.update(choices=names, value=selected if selected in names else None)
 
     def add_images(
-        images: list[tuple[str, np.ndarray, str | None]], state, image_threshold, pixel_threshold, color_scale
+        images: list[tuple[str, np.ndarray, str | None]],
+        state,
+        image_threshold,
+        pixel_threshold,
+        color_scale,
+        unreadable: Sequence[str] = (),
     ):
+        """Score `images` into the session; `unreadable` ("name: reason" of files that could not be read) and the
+        images the pipeline refuses are named in the result, the others are scored."""
         state = dict(state or {})
-        scored, refused = [], []
+        scored, refused = [], list(unreadable)
         try:
             model = open_model(state["model"])
             for name, image, path in images:
@@ -239,6 +260,7 @@ def build_app(
         if not scored:
             return state, f"**Not scored:** {'; '.join(refused)}", gr.update(), gr.update(), gr.update()
         items = [i for i in state.get("items", []) if i["name"] not in {s["name"] for s in scored}] + scored
+        state["scored"] = _scored_so_far(state) + len(scored)
         state["items"] = items[-MAX_IMAGES:]
         text, *rest = _redraw(state, image_threshold, pixel_threshold, color_scale, scored[-1]["name"])
         return state, text + _refused_note(refused), *rest
@@ -246,7 +268,8 @@ def build_app(
     def on_image(image, state, image_threshold, pixel_threshold, color_scale):
         if image is None:
             return state, gr.update(), gr.update(), gr.update(), gr.update()
-        name = f"upload-{len((state or {}).get('items', [])) + 1}"
+        # numbered by the images scored in the session so far, not len(items), which stops growing at MAX_IMAGES
+        name = f"upload-{_scored_so_far(state or {}) + 1}"
         return add_images([(name, _rgb(image), None)], state, image_threshold, pixel_threshold, color_scale)
 
     def on_references(files, state, image_threshold, pixel_threshold, color_scale):
@@ -276,14 +299,14 @@ def build_app(
     def on_files(files, state, image_threshold, pixel_threshold, color_scale):
         if not files:
             return state, gr.update(), gr.update(), gr.update(), gr.update()
-        images = []
-        for file in files:
+        images, unreadable = [], []
+        for file in files:  # an unreadable file is named; the others are still scored
             path = file if isinstance(file, str) else getattr(file, "name", str(file))
             try:
                 images.append((os.path.basename(path), _rgb(path), path))
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                return state, f"**{os.path.basename(path)}:** not a readable image ({error})", None, [], gr.update()
-        return add_images(images, state, image_threshold, pixel_threshold, color_scale)
+                unreadable.append(f"{os.path.basename(path)}: not a readable image ({error})")
+        return add_images(images, state, image_threshold, pixel_threshold, color_scale, unreadable)
 
     def on_thresholds(state, image_threshold, pixel_threshold, color_scale, selected):
         return _redraw(state or {}, image_threshold, pixel_threshold, color_scale, selected)
@@ -368,6 +391,11 @@ def build_app(
         if save_thresholds is not None:
             save_button.click(on_save, [state, image_threshold, pixel_threshold], save_message)
     return app
+
+
+def _scored_so_far(state: dict[str, Any]) -> int:
+    """How many images the session has scored (its uploads are numbered by it)."""
+    return int(state.get("scored", len(state.get("items", []))))
 
 
 def _refused_note(refused: Sequence[str]) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image
 
+from .decision_figure import _check_unit, decision_digits, display_rgb
+
 REPORT_FILE = "report.html"
 ASSETS_FOLDER = "report_files"
 THUMBNAIL_WIDTH = 480  # pixels; a decision figure is about 1100 wide
@@ -60,21 +62,28 @@ def _flag(value: Any) -> bool:
 
 
 def _relative_link(target: str, folder: str) -> str:
-    """A link usable from `folder/report.html`: relative when possible, else a file URI."""
+    """A link usable from `folder/report.html`: relative when possible, else a file URI; percent-encoded, so that a
+    file name holding `#`, `?`, `%` or `:` (read by a browser as fragment, query, escape or scheme) still names it."""
     from pathlib import Path
+    from urllib.parse import quote
 
     target_path = Path(target if os.path.isabs(target) else os.path.join(folder, target)).resolve()
     try:
-        return Path(os.path.relpath(target_path, Path(folder).resolve())).as_posix()
+        return quote(Path(os.path.relpath(target_path, Path(folder).resolve())).as_posix(), safe="/")
     except ValueError:  # another drive on Windows
         return target_path.as_uri()
 
 
 def _thumbnail(source: str, destination: str) -> tuple[int, int]:
-    """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height)."""
+    """Write a JPEG thumbnail THUMBNAIL_WIDTH wide (or smaller) of `source`; returns its (width, height). The image
+    is shown as the pipeline read it (`display_rgb`: upright, 16-bit images scaled rather than clipped to white)."""
     with Image.open(source) as image:
-        image.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
-        rgb = image.convert("RGB")
+        # reduced before it is converted (a large JPEG is even decoded at a reduced size), either way up; Pillow
+        # resizes 16-bit images as 32-bit ("I"), which display_rgb scales as it scales "I;16"
+        image = image.convert("I") if image.mode.startswith("I;16") else image
+        image.thumbnail((THUMBNAIL_WIDTH * 4, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
+        rgb = Image.fromarray(display_rgb(image))
+    rgb.thumbnail((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 4), Image.Resampling.LANCZOS)
     rgb.save(destination, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
     return rgb.size
 
@@ -97,6 +106,7 @@ def _prepare_rows(
             "path": path,
             "name": str(row.get("name") or path),
             "score": score,
+            "score_text": f"{score:.{decision_digits(score, image_threshold, 4)}f}",  # never written = the threshold
             "verdict": "anomalous" if anomalous else "ok",
             "class_name": str(row.get("class_name") or image_class(path)),
             "truth": truth,
@@ -165,13 +175,16 @@ def write_run_report(
         progress: show a tqdm bar over the thumbnails.
 
     Raises:
-        ValueError: a score or pixel fraction that is not a number in [0, 1] (naming the row and the file).
+        ValueError: a threshold, score or pixel fraction that is not a number in [0, 1] (naming it, and for a row the
+            row and the file); nothing is written then.
     """
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from tqdm.auto import tqdm
 
     from .charts import roc_pr_curves, score_histogram, svg_data_uri
 
+    image_threshold = _check_unit("image_threshold", image_threshold)  # score >= NaN would make every image "ok"
+    pixel_threshold = _check_unit("pixel_threshold", pixel_threshold)
     bar = tqdm(total=len(rows), desc="Report", unit="image", disable=not progress)
     prepared = _prepare_rows(folder, rows, image_threshold, bar.update)
     bar.close()
