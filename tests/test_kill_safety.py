@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from crane_hf import CraneForAnomalyDetection
@@ -86,3 +87,30 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backbones, s
     uninterrupted = CraneForAnomalyDetection.from_pretrained(str(uninterrupted_output))
     for name, tensor in uninterrupted.prompt_learner.state_dict().items():  # killed 3 times, resumed: same prompts
         assert torch.equal(resumed.prompt_learner.state_dict()[name], tensor), name
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen point: none of the run's own cleanup runs after it."""
+
+
+def test_a_run_killed_while_publishing_its_model_files_resumes(backbones, synthetic, tmp_path, monkeypatch):
+    """Killed after copying a checkpoint's model files into --output-dir and before listing them in its manifest:
+    the files are known by their content (the checkpoint's manifest lists it), so `--resume-from-checkpoint latest`
+    resumes instead of refusing them as a user's."""
+    import crane_hf.training.checkpoints as checkpoints
+    from crane_hf.commands.cli import main
+
+    output = tmp_path / "run"
+    real_claim = checkpoints.claim_entries
+
+    def killed_before_listing(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(checkpoints, "claim_entries", killed_before_listing)
+    with pytest.raises(_Killed):
+        main(["train", *tiny_training_args(backbones, synthetic, output, "--cpu", epochs=1)])
+    monkeypatch.setattr(checkpoints, "claim_entries", real_claim)
+    assert _assert_checkpoints_complete(output) == 1 and (output / "model.safetensors").is_file()
+    argv = ["train", *tiny_training_args(backbones, synthetic, output, "--cpu", epochs=2)]
+    assert main([*argv, "--resume-from-checkpoint", "latest"]) == 0
+    assert _assert_checkpoints_complete(output) == 2

@@ -270,12 +270,17 @@ def _check_resume_in_place(output_dir: str, resume: str) -> None:
             "--output-dir instead."
         )
     replaced = [name for name in os.listdir(resume) if os.path.isfile(os.path.join(resume, name))]
+    # A run killed while publishing a checkpoint's model files (`publish_model`: files copied, then listed) leaves
+    # them unlisted: each is still known by its content, listed in the manifest of a checkpoint of this run.
+    published_from = [manifest_records(read_marker(path) or {}) or {} for _, path in list_checkpoints(output_dir)]
 
     def ours(name: str) -> bool:
         path = os.path.join(output_dir, name)
-        return not os.path.lexists(path) or (
-            name in records if name == TRAINING_LOG else matches_record(path, records.get(name))
-        )
+        if not os.path.lexists(path):
+            return True
+        if name == TRAINING_LOG:
+            return name in records
+        return any(matches_record(path, listed.get(name)) for listed in (records, *published_from))
 
     foreign = [
         os.path.join(output_dir, name) for name in sorted({*replaced, TRAINING_LOG} - {MARKER_NAME}) if not ours(name)
