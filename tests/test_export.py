@@ -125,7 +125,9 @@ def test_exported_folder_describes_itself(exported, models):
     check = metadata["verification"]
     assert check["max_abs_diff_maps"] <= TOLERANCE and check["max_abs_diff_smoothed_maps"] <= TOLERANCE
     assert check["tolerance"] == 1e-4 and check["backend"] == "openvino" and check["eager_float32_mask_flips"] == 0
-    written = {"model.xml", "model.bin", "config.json", "preprocessor_config.json", EXPORT_FILE}
+    assert metadata["dino_graph_file"] == "dino.xml"  # Crane+ to OpenVINO: D-Attn's weights between two graphs
+    written = {"model.xml", "model.bin", "dino.xml", "dino.bin", "config.json", "preprocessor_config.json"}
+    written.add(EXPORT_FILE)
     assert set(os.listdir(folder)) == written | {MARKER_NAME}  # the marker lists what the export wrote
     with open(os.path.join(folder, MARKER_NAME), encoding="utf-8") as stream:
         marker = json.load(stream)
@@ -233,10 +235,53 @@ def test_verification_refuses_a_graph_that_differs_from_the_model(exported, monk
 
 
 @needs_export
-def test_verification_of_a_crane_plus_openvino_graph_names_openvinos_float32_mask_decision(exported):
-    """OpenVINO's CPU plugin has no float64: a refused Crane+ OpenVINO graph says what that means for D-Attn."""
-    with pytest.raises(ExportParityError, match=r"OpenVINO's CPU plugin computes D-Attn's float64 mask decision"):
-        verify_export(tiny_model("crane+", seed=1), exported("crane+-openvino"))
+def test_crane_plus_openvino_takes_dattn_weights_computed_in_float64_from_its_dinov2_graph(exported, models):
+    """OpenVINO's CPU plugin has no float64, so a Crane+ OpenVINO folder is two graphs: DINOv2's patch tokens, and the
+    rest taking D-Attn's weights as an input; the runner computes the weights between them in float64 (as the ONNX
+    graph does inside itself). The main graph really computes with the weights it is given, as the eager model does
+    with the same weights."""
+    folder = exported("crane+-openvino")
+    runner = ExportedCraneModel(folder)
+    model = models["crane+"]
+    config = model.config
+    assert runner.dattn_weights_outside and ExportedCraneModel(exported("crane+-onnx")).dattn_weights_outside is False
+    pixels = _probe(SMALL_SIZE, 3)
+    fed = []
+    main_graph = runner._session
+    runner._session = lambda feed: fed.append(feed) or main_graph(feed)
+    outputs = runner.run(pixels.numpy())
+    with torch.inference_mode():
+        tokens, grid = model._dino_patch_tokens(pixels)
+        expected = dino_similarity_attention_float64(tokens, config.dattn_beta, config.dattn_gamma)
+    cells = grid[0] * grid[1]
+    weights = fed[0]["dattn_weights"]
+    assert weights.dtype == np.float32 and weights.shape == (3, cells, cells) == (3, 9, 9)
+    assert np.abs(weights - expected.numpy()).max() <= 1e-6
+    assert np.array_equal(weights == 0, expected.numpy() == 0)  # the same mask decisions
+    assert np.allclose(weights.sum(-1), 1.0, atol=1e-6)
+
+    other = np.full_like(weights, 1.0 / cells)  # uniform D-Attn weights: other maps, in the graph and in eager
+    uniform = main_graph({"pixel_values": pixels.numpy(), "dattn_weights": other})
+    with torch.inference_mode():
+        image_embeds, patch_features, grid = model.encode_image(pixels, dattn_weights=torch.from_numpy(other))
+        eager = model.forward_from_features(image_embeds, patch_features, grid, (SMALL_SIZE, SMALL_SIZE))
+    assert np.abs(uniform["anomaly_maps"] - eager.anomaly_maps.numpy()).max() <= TOLERANCE
+    assert np.abs(uniform["anomaly_scores"] - eager.anomaly_scores.numpy()).max() <= TOLERANCE
+    assert np.abs(uniform["anomaly_maps"] - outputs["anomaly_maps"]).max() > 1e-3
+
+
+def test_encode_image_with_given_dattn_weights_is_bitwise_its_own_and_checks_them(images):
+    crane_plus, crane = tiny_model("crane+"), tiny_model("crane")
+    with torch.inference_mode():
+        image_embeds, patch_features, grid, tokens = crane_plus.encode_image(images, return_dino_tokens=True)
+        weights = dino_similarity_attention(tokens, crane_plus.config.dattn_beta, crane_plus.config.dattn_gamma)
+        given = crane_plus.encode_image(images, return_dino_tokens=True, dattn_weights=weights)
+        assert torch.equal(given[0], image_embeds) and torch.equal(given[1], patch_features) and given[2] == grid
+        assert given[3] is None  # DINOv2 did not run
+        with pytest.raises(ValueError, match=r"dattn_weights must have shape \[3, 16, 16\] \(\[B, M, M\], M = 16"):
+            crane_plus.encode_image(images, dattn_weights=weights[:, :4, :4])
+        with pytest.raises(ValueError, match="dattn_weights were given, but this crane model has no D-Attn"):
+            crane.encode_image(images, dattn_weights=weights)
 
 
 @needs_export

@@ -168,9 +168,9 @@ def test_what_an_exported_graph_cannot_honour_is_refused_with_one_line(folders, 
 # ---------------------------------------------------------------------------------- a stranger's exported folder
 
 
-def _copy(folders, tmp_path, name: str = "copy") -> str:
+def _copy(folders, tmp_path, name: str = "copy", fmt: str = "onnx") -> str:
     target = tmp_path / name
-    shutil.copytree(folders("onnx"), target)
+    shutil.copytree(folders(fmt), target)
     return str(target)
 
 
@@ -260,6 +260,41 @@ def test_an_inconsistent_folder_is_refused(folders, tmp_path):
         folder, outputs=["anomaly_scores", "anomaly_maps", "smoothed_anomaly_maps"], smoothing_sigma=4.0
     )  # the graph has no smoothed output
     with pytest.raises(ValueError, match=r"the graph takes .* not \['pixel_values'\] -> .* as crane_export\.json"):
+        load_model(folder)
+
+
+def test_the_dinov2_graph_of_a_crane_plus_openvino_folder_is_checked_like_the_main_graph(folders, tmp_path):
+    """A Crane+ OpenVINO folder is two graphs (D-Attn's weights computed between them, docs/export.md): the second
+    graph's name, files and ports are checked as the first's, each refusal one line naming the file or field."""
+    original = folders("openvino")
+    assert json.loads(pathlib.Path(original, EXPORT_FILE).read_text())["dino_graph_file"] == "dino.xml"
+    folder = _copy(folders, tmp_path, "renamed", "openvino")
+    _edit_metadata(folder, dino_graph_file="../dino.xml")
+    with pytest.raises(ValueError, match=r"field 'dino_graph_file' must be 'dino\.xml' for format 'openvino'"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "no-weights", "openvino")
+    os.remove(os.path.join(folder, "dino.bin"))
+    with pytest.raises(FileNotFoundError, match=r"dino\.bin is missing \(the OpenVINO weights of dino\.xml"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "linked", "openvino")
+    os.rename(os.path.join(folder, "dino.xml"), tmp_path / "elsewhere.xml")
+    os.symlink(tmp_path / "elsewhere.xml", os.path.join(folder, "dino.xml"))
+    with pytest.raises(ValueError, match=r"the DINOv2 graph file must be a regular file inside"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "swapped", "openvino")  # the main graph where the DINOv2 graph should be
+    for extension in ("xml", "bin"):
+        shutil.copy(os.path.join(folder, f"model.{extension}"), os.path.join(folder, f"dino.{extension}"))
+    with pytest.raises(ValueError, match=r"dino\.xml: the graph takes .* not \['pixel_values'\] -> \['dino_tokens'\]"):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "one-graph", "openvino")  # the record no longer names the DINOv2 graph
+    metadata = json.loads(pathlib.Path(folder, EXPORT_FILE).read_text())
+    del metadata["dino_graph_file"]
+    pathlib.Path(folder, EXPORT_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"model\.xml: the graph takes .* not \['pixel_values'\] -> "):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "onnx-named", "onnx")  # a DINOv2 graph named where there is none
+    _edit_metadata(folder, dino_graph_file="dino.onnx")
+    with pytest.raises(FileNotFoundError, match=r"dino\.onnx is missing \(the DINOv2 graph file, named by"):
         load_model(folder)
 
 

@@ -5,6 +5,10 @@ ONNX's `Attention` operator); OpenVINO's IR is converted from that ONNX file by 
 formats hold the same graph. The exported folder describes itself (`folder.py`: its files, and how a stranger's
 folder is checked).
 
+Crane+ to OpenVINO is two graphs, DINOv2's patch tokens (`DinoTokensGraph`) and the rest taking the D-Attn weights
+as an input, because OpenVINO's CPU plugin computes float64 in float32 and D-Attn's hard mask must be decided in
+float64 (docs/export.md); the runner computes the weights between them. The ONNX file stays one graph.
+
 Before the folder appears, the exported file is run on a probe batch of two seeded random images and compared
 with the eager model (`verify_export`); a deviation above its tolerance raises `ExportParityError` and leaves
 nothing behind.
@@ -29,8 +33,8 @@ from ..models.crane.d_attention import float32_mask_flips, float64_dattn
 from ..models.crane.gaussian_smoothing import gaussian_smooth
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneForAnomalyDetection
-from .folder import EXPORT_FILE, FORMATS, INPUT_NAME, read_export_metadata
-from .graph import CraneExportGraph
+from .folder import DINO_GRAPHS, EXPORT_FILE, FORMATS, INPUT_NAME, read_export_metadata
+from .graph import CraneExportGraph, DinoTokensGraph
 from .packages import require
 from .runner import POST_PROCESSING_FIELDS
 
@@ -69,24 +73,28 @@ def _check_image_size(model: CraneForAnomalyDetection, image_size: int) -> int:
     return int(image_size)
 
 
-def export_onnx(graph: CraneExportGraph, path: str, image_size: int, opset: int = OPSET) -> None:
-    """Trace `graph` with `torch.onnx.export` (dynamo) to `path`: input [batch, 3, S, S], batch dynamic.
+def export_onnx(graph: CraneExportGraph | DinoTokensGraph, path: str, image_size: int, opset: int = OPSET) -> None:
+    """Trace `graph` with `torch.onnx.export` (dynamo) to `path`: input [batch, 3, S, S] (and, for a graph taking
+    D-Attn weights, [batch, M, M]), batch dynamic.
 
     The weights are stored as ONNX external data in `<path>.data` beside it (whatever their size: the graph file stays
     small, so a runner checks its external-data locations without reading the weights, `folder.py`).
     """
     require("onnx", "ONNX export")
-    example = torch.zeros(PROBE_BATCH, 3, image_size, image_size)
+    examples = [torch.zeros(PROBE_BATCH, 3, image_size, image_size)]
+    if len(graph.input_names) == 2:  # D-Attn weights: uniform rows (the values do not matter to the trace)
+        cells = (image_size // _as_int(graph.model.config.dino_config.patch_size)) ** 2
+        examples.append(torch.full((PROBE_BATCH, cells, cells), 1.0 / cells))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
-            (example,),
+            tuple(examples),
             dynamo=True,
             opset_version=opset,
-            input_names=[INPUT_NAME],
+            input_names=list(graph.input_names),
             output_names=list(graph.output_names),
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=tuple({0: batch} for _ in examples),
             optimize=True,
             verbose=False,
         )
@@ -184,16 +192,9 @@ def verify_export(
     )
     failures = result.failures()
     if failures:
-        hint = ""
-        if model.config.use_dattn and runner.backend == "openvino":
-            hint = (
-                " OpenVINO's CPU plugin computes D-Attn's float64 mask decision in float32, so logits within float32 "
-                "rounding of 0 can be decided the other way (docs/export.md); the onnx format run by ONNX Runtime "
-                "decides them in float64."
-            )
         raise ExportParityError(
             f"The exported graph ({runner.backend}) differs from the model on a probe batch of {PROBE_BATCH} images: "
-            f"{'; '.join(failures)}. Nothing was written.{hint}"
+            f"{'; '.join(failures)}. Nothing was written."
         )
     return result
 
@@ -216,7 +217,8 @@ def export_model(
     Args:
         model: a float32 `CraneForAnomalyDetection` in eval mode, on the CPU.
         output_dir: the folder to write (built under a temporary name, renamed when complete).
-        format: "onnx" (ONNX Runtime, any ONNX runtime with opset 23) or "openvino" (OpenVINO IR).
+        format: "onnx" (ONNX Runtime, any ONNX runtime with opset 23) or "openvino" (OpenVINO IR; for Crane+ two
+            graphs, DINOv2's and the rest, with D-Attn's weights computed between them by the runner in float64).
         image_size: the side S of the square input the graph takes; default `model.config.image_size`.
         smoothed_maps: also output the maps smoothed with `model.config.smoothing_sigma` (for runtimes without
             PyTorch; the runner smooths the unsmoothed maps itself, as the pipeline does).
@@ -259,7 +261,9 @@ def export_model(
         require("onnxruntime" if format == "onnx" else "openvino", f"Verifying the {format} export")
     if format == "openvino":
         require("openvino", "OpenVINO export")
-    graph = CraneExportGraph(model, smoothing_sigma=sigma)
+    # Crane+ to OpenVINO: D-Attn's weights from outside the graph, in float64 (the module docstring)
+    dattn_weights_outside = model.config.use_dattn and format == "openvino"
+    graph = CraneExportGraph(model, smoothing_sigma=sigma, dattn_weights_input=dattn_weights_outside)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.image_size = size
     processor = copy.deepcopy(image_processor or CraneImageProcessor.from_crane_config(model.config))
@@ -273,6 +277,7 @@ def export_model(
         "smoothing_sigma": sigma or None,
         "variant": config.variant,
         "opset": OPSET,
+        **({"dino_graph_file": DINO_GRAPHS[format]} if dattn_weights_outside else {}),
         "weights": "float16" if float16_weights else "float32",
         # What the graph computes (config.json may be edited afterwards; the runner refuses one that differs here).
         "computation": {
@@ -286,13 +291,17 @@ def export_model(
     with atomic_output_dir(
         os.fspath(output_dir), overwrite=overwrite, protected=protected, command="export"
     ) as staging:
-        graph_path = os.path.join(staging, FORMATS[format])
-        if format == "onnx":
-            export_onnx(graph, graph_path, size)
-        else:
+        graphs = [(graph, FORMATS[format])]
+        if dattn_weights_outside:
+            graphs.append((DinoTokensGraph(model), DINO_GRAPHS[format]))
+        for each, name in graphs:
+            graph_path = os.path.join(staging, name)
+            if format == "onnx":
+                export_onnx(each, graph_path, size)
+                continue
             with tempfile.TemporaryDirectory(prefix=".onnx-", dir=staging) as scratch:
                 onnx_path = os.path.join(scratch, "model.onnx")
-                export_onnx(graph, onnx_path, size)
+                export_onnx(each, onnx_path, size)
                 convert_to_openvino(onnx_path, graph_path, float16_weights=float16_weights)
         config.to_json_file(os.path.join(staging, "config.json"))
         processor.to_json_file(os.path.join(staging, "preprocessor_config.json"))

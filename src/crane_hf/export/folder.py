@@ -2,6 +2,8 @@
 
     model.onnx, model.onnx.data  (format "onnx": the graph, and its weights as ONNX external data)
     model.xml, model.bin         (format "openvino": OpenVINO IR)
+    dino.xml, dino.bin           (Crane+, format "openvino": DINOv2's patch tokens; model.xml then takes the D-Attn
+                                 weights as a second input, computed by the runner in float64 between the two)
     config.json                  the model's `CraneConfig` (thresholds, smoothing sigma; image_size = the export's)
     preprocessor_config.json     the `CraneImageProcessor` at the export's image size
     crane_export.json            format, graph file, input and outputs, the computation the graph does (the
@@ -25,7 +27,10 @@ from .packages import require
 
 EXPORT_FILE = "crane_export.json"
 FORMATS = {"onnx": "model.onnx", "openvino": "model.xml"}
+DINO_GRAPHS = {"onnx": "dino.onnx", "openvino": "dino.xml"}
 INPUT_NAME = "pixel_values"
+DATTN_WEIGHTS_NAME = "dattn_weights"  # the second input of a graph whose D-Attn weights come from outside
+DINO_TOKENS_NAME = "dino_tokens"
 OUTPUT_NAMES = ("anomaly_scores", "anomaly_maps", "smoothed_anomaly_maps")
 WEIGHT_TYPES = ("float32", "float16")
 MAX_METADATA_BYTES = 1 << 20  # crane_export.json is about 1 kB; a larger file is not one export wrote
@@ -47,9 +52,10 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     Returns a dict with `format` ("onnx" | "openvino"), `graph_file` (the format's file name), `image_size` (int S),
     `input` ({"name": "pixel_values", "shape": ["batch", 3, S, S], "dtype": "float32"}), `outputs`
     (["anomaly_scores", "anomaly_maps"] and, with smoothed maps, "smoothed_anomaly_maps"), `smoothing_sigma`
-    (None, or the sigma in pixels of the smoothed output), `weights` ("float32" | "float16") and whatever else the
-    file holds (`variant`, `opset`, `exported_with`, `verification`: informational; `computation`: the config fields
-    the graph computes with, which the runner compares with `config.json`).
+    (None, or the sigma in pixels of the smoothed output), `weights` ("float32" | "float16"), `dino_graph_file`
+    (absent, or the DINOv2 graph's file name when D-Attn's weights are computed outside the graph) and whatever
+    else the file holds (`variant`, `opset`, `exported_with`, `verification`: informational; `computation`: the
+    config fields the graph computes with, which the runner compares with `config.json`).
 
     Raises:
         FileNotFoundError: the folder has no `crane_export.json`.
@@ -91,6 +97,8 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
             raise field("smoothing_sigma", f"must be a positive number when the outputs include {OUTPUT_NAMES[2]}")
     elif sigma is not None:
         raise field("smoothing_sigma", f"must be null without the {OUTPUT_NAMES[2]} output")
+    if metadata.get("dino_graph_file", DINO_GRAPHS[fmt]) != DINO_GRAPHS[fmt]:
+        raise field("dino_graph_file", f"must be {DINO_GRAPHS[fmt]!r} for format {fmt!r} when present")
     if metadata.get("weights") not in WEIGHT_TYPES:
         raise field("weights", f"must be one of {', '.join(WEIGHT_TYPES)}")
     optional = (
@@ -152,23 +160,28 @@ def check_onnx_external_data(folder: str, graph_path: str) -> list[str]:
     return files
 
 
-def check_graph_files(folder: str | os.PathLike, metadata: dict[str, Any]) -> str:
-    """The path of the graph file of a checked `metadata`, after checking every file the runtime will read.
+def check_graph_files(folder: str | os.PathLike, metadata: dict[str, Any], key: str = "graph_file") -> str:
+    """The path of the graph file `metadata[key]` ("graph_file" or "dino_graph_file") of a checked `metadata`, after
+    checking every file the runtime will read for it.
 
     ONNX: the graph and its external-data files (`check_onnx_external_data`); OpenVINO: the `.xml` and the `.bin`
     beside it. Each must be a regular file inside `folder`.
     """
     folder = os.fspath(folder)
-    graph_path = _regular_file_inside(folder, metadata["graph_file"], "the graph file")
+    what = "the DINOv2 graph file" if key == "dino_graph_file" else "the graph file"
+    graph_path = _regular_file_inside(folder, metadata[key], what)
     if metadata["format"] == "onnx":
         check_onnx_external_data(folder, graph_path)
     else:
-        weights = os.path.splitext(metadata["graph_file"])[0] + ".bin"
-        _regular_file_inside(folder, weights, "the OpenVINO weights")
+        weights = os.path.splitext(metadata[key])[0] + ".bin"
+        _regular_file_inside(folder, weights, f"the OpenVINO weights of {metadata[key]}")
     return graph_path
 
 
 __all__ = [
+    "DATTN_WEIGHTS_NAME",
+    "DINO_GRAPHS",
+    "DINO_TOKENS_NAME",
     "EXPORT_FILE",
     "FORMATS",
     "INPUT_NAME",

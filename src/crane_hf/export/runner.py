@@ -10,7 +10,9 @@ preprocessing, the same smoothing and resizing of the maps, the same thresholds 
     detector = load_exported_detector("exported/")   # the "zero-shot-anomaly-detection" pipeline
     detector("part.png")                             # {"score": ..., "is_anomalous": ..., "anomaly_map": ...}
 
-`ExportedCraneModel.run` takes and returns numpy arrays only (the graph itself needs no PyTorch).
+`ExportedCraneModel.run` takes and returns numpy arrays only (the graph itself needs no PyTorch). A Crane+ OpenVINO
+folder holds two graphs (`folder.py`): `run` computes the D-Attn weights between them in float64
+(`d_attention.dino_similarity_attention_float64`, with PyTorch on the CPU), as the ONNX graph does inside itself.
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ import numpy as np
 import torch
 
 from ..models.crane.configuration_crane import CraneConfig
+from ..models.crane.d_attention import dino_similarity_attention_float64
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput
-from .folder import EXPORT_FILE, INPUT_NAME, check_graph_files, read_export_metadata
+from .folder import (
+    DATTN_WEIGHTS_NAME,
+    DINO_TOKENS_NAME,
+    EXPORT_FILE,
+    INPUT_NAME,
+    check_graph_files,
+    read_export_metadata,
+)
 from .packages import require
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -88,14 +98,31 @@ class ExportedCraneModel:
             )
         self._check_computation()
         self.config._name_or_path = self.folder
+        # D-Attn's weights computed here between a DINOv2 graph and the main graph (OpenVINO has no float64)
+        self.dattn_weights_outside = "dino_graph_file" in self.metadata
+        if self.dattn_weights_outside and not self.config.use_dattn:
+            raise ValueError(
+                f"{self.folder}/{EXPORT_FILE} names a DINOv2 graph ({self.metadata['dino_graph_file']}), but "
+                f"config.json is a {self.config.variant} model without D-Attn; the folder is not as export_model "
+                "wrote it."
+            )
+        self._dino = None
+        if self.dattn_weights_outside:
+            dino_path = check_graph_files(self.folder, self.metadata, "dino_graph_file")
+            self._dino = self._open(dino_path, num_threads, (INPUT_NAME,), (DINO_TOKENS_NAME,))
+        inputs = (INPUT_NAME, DATTN_WEIGHTS_NAME) if self.dattn_weights_outside else (INPUT_NAME,)
         graph_path = check_graph_files(self.folder, self.metadata)
+        self._session = self._open(graph_path, num_threads, inputs, self.output_names)
+
+    def _open(self, path: str, num_threads: int | None, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+        """`_load`, with a runtime's own error while loading as one `ValueError` naming the file."""
         try:
-            self._session = self._load(graph_path, num_threads)
+            return self._load(path, num_threads, inputs, outputs)
         except ValueError:
             raise
         except Exception as error:  # the runtimes' own types (onnxruntime's Fail, OpenVINO's RuntimeError, ...)
             raise ValueError(
-                f"{graph_path} could not be loaded by {self.backend} (a damaged or truncated file, or not as "
+                f"{path} could not be loaded by {self.backend} (a damaged or truncated file, or not as "
                 f"export_model wrote it): {' '.join(str(error).split())}"
             ) from error
 
@@ -119,16 +146,28 @@ class ExportedCraneModel:
         """Same as the constructor (for symmetry with `CraneForAnomalyDetection.from_pretrained`)."""
         return cls(folder, **kwargs)
 
-    def _check_ports(self, inputs: list[set[str]], outputs: list[set[str]]) -> None:
-        """The graph's own input and output names (a set of names per port) must be those of `crane_export.json`."""
-        if len(inputs) != 1 or INPUT_NAME not in inputs[0] or not set(self.output_names) <= set().union(*outputs):
+    @staticmethod
+    def _check_ports(
+        path: str,
+        inputs: list[set[str]],
+        outputs: list[set[str]],
+        expected_inputs: tuple[str, ...],
+        expected_outputs: tuple[str, ...],
+    ) -> None:
+        """A graph's own input and output names (a set of names per port) must be those `crane_export.json`
+        implies: exactly `expected_inputs`, and at least `expected_outputs`."""
+        takes_expected = len(inputs) == len(expected_inputs) and all(
+            any(name in port for port in inputs) for name in expected_inputs
+        )
+        if not takes_expected or not set(expected_outputs) <= set().union(*outputs):
             raise ValueError(
-                f"{self.folder}/{self.metadata['graph_file']}: the graph takes {[sorted(n) for n in inputs]} and "
-                f"returns {[sorted(n) for n in outputs]}, not [{INPUT_NAME!r}] -> {list(self.output_names)} as "
-                f"{EXPORT_FILE} says."
+                f"{path}: the graph takes {[sorted(n) for n in inputs]} and returns {[sorted(n) for n in outputs]}, "
+                f"not {list(expected_inputs)} -> {list(expected_outputs)} as {EXPORT_FILE} says."
             )
 
-    def _load(self, path: str, num_threads: int | None) -> Any:
+    def _load(self, path: str, num_threads: int | None, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+        """A function from a dict of the graph's `inputs` (numpy) to a dict of its `outputs` (numpy)."""
+        names = list(outputs)
         if self.backend == "onnxruntime":
             require("onnxruntime", "Running an ONNX export")
             import onnxruntime
@@ -137,9 +176,9 @@ class ExportedCraneModel:
             if num_threads:
                 options.intra_op_num_threads = num_threads
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            self._check_ports([{p.name} for p in session.get_inputs()], [{p.name} for p in session.get_outputs()])
-            names = list(self.output_names)
-            return lambda pixels: dict(zip(names, session.run(names, {INPUT_NAME: pixels})))
+            ports = ([{p.name} for p in session.get_inputs()], [{p.name} for p in session.get_outputs()])
+            self._check_ports(path, *ports, inputs, outputs)
+            return lambda feed: dict(zip(names, session.run(names, feed)))
         require("openvino", "Running an OpenVINO export")
         import openvino
 
@@ -148,13 +187,14 @@ class ExportedCraneModel:
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
         compiled = openvino.Core().compile_model(path, "CPU", properties)
-        self._check_ports([p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs])
-        ports = {name: compiled.output(name) for name in self.output_names}
+        ports = ([p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs])
+        self._check_ports(path, *ports, inputs, outputs)
+        output_ports = {name: compiled.output(name) for name in names}
         request = compiled.create_infer_request()
 
-        def run(pixels: np.ndarray) -> dict[str, np.ndarray]:
-            results = request.infer({INPUT_NAME: pixels})
-            return {name: np.array(results[port], copy=True) for name, port in ports.items()}
+        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            results = request.infer(feed)
+            return {name: np.array(results[port], copy=True) for name, port in output_ports.items()}
 
         return run
 
@@ -222,7 +262,16 @@ class ExportedCraneModel:
             raise TypeError(f"pixel_values must be floating point, got {pixels.dtype}.")
         if not np.isfinite(pixels).all():
             raise ValueError("pixel_values contains NaN or infinite values.")
-        outputs = self._session(np.ascontiguousarray(pixels, dtype=np.float32))
+        feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
+        if self._dino is not None:
+            tokens = self._dino(feed)[DINO_TOKENS_NAME]
+            if not np.isfinite(tokens).all():
+                raise ValueError(f"The exported DINOv2 graph ({self.backend}) returned non-finite patch tokens.")
+            weights = dino_similarity_attention_float64(
+                torch.from_numpy(tokens), self.config.dattn_beta, self.config.dattn_gamma
+            )
+            feed[DATTN_WEIGHTS_NAME] = np.ascontiguousarray(weights.numpy(), dtype=np.float32)
+        outputs = self._session(feed)
         for name, value in outputs.items():
             if not np.isfinite(value).all():
                 raise ValueError(f"The exported graph ({self.backend}) returned non-finite values in {name}.")

@@ -618,11 +618,23 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         return tokens[:, 1 + registers :], grid
 
-    def encode_image(self, pixel_values: torch.Tensor, return_dino_tokens: bool = False) -> tuple:
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        return_dino_tokens: bool = False,
+        dattn_weights: torch.Tensor | None = None,
+    ) -> tuple:
         """Run the vision towers.
 
         With `return_dino_tokens`, a fourth value follows: the DINOv2 last-layer patch tokens [B, M, C_dino] on the
         maps' grid (Crane+), or `None` (Crane); the other values are the same.
+
+        `dattn_weights` (Crane+ only): D-Attn weights [B, M, M] computed elsewhere from the DINOv2 patch tokens
+        (`d_attention.dino_similarity_attention` or its float64 form); DINOv2 is then not run here (its tokens are
+        returned as `None`). An exported OpenVINO graph takes them as an input (docs/export.md).
+
+        Raises:
+            ValueError: `dattn_weights` for a model without D-Attn, or not of shape [B, M, M].
 
         Returns:
             image_embeds: normalized global embeddings [B, D].
@@ -634,6 +646,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
             grid: the maps' patch grid (gh, gw).
         """
         config = self.config
+        given_grid = None if dattn_weights is None else self._check_dattn_weights(dattn_weights, pixel_values)
         vision = self.clip.vision_model
         layers = vision.encoder.layers
         dtype = vision.embeddings.patch_embedding.weight.dtype
@@ -644,9 +657,14 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         o = torch.cat([cls_token, patches], dim=1) + self._position_embeddings(grid, dtype, patches.device)
         o = vision.pre_layrnorm(o)
 
-        dino_tokens, map_grid = self._dino_patch_tokens(pixel_values) if config.use_dattn else (None, grid)
-        dattn_weights = None  # [B, M, M], built at the first D-Attn layer and shared by the later ones
-        eattn_maps = dino_tokens is None or config.both_eattn_dattn
+        use_dattn = config.use_dattn
+        dino_tokens, map_grid = None, grid
+        if given_grid is not None:
+            map_grid = given_grid
+        elif use_dattn:
+            dino_tokens, map_grid = self._dino_patch_tokens(pixel_values)
+        # dattn_weights [B, M, M]: given, or built at the first D-Attn layer and shared by the later ones
+        eattn_maps = not use_dattn or config.both_eattn_dattn
         final_eattn_map = config.eattn_map_source == "last_layer"
         dattn_after_attention = config.dattn_input == "after_attention"
         first_eattn = len(layers) - config.eattn_layers
@@ -656,7 +674,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         # stream after its attention (dattn_input "after_attention"), the attention runs for every token and only
         # the MLP for the class token.
         trim_last = config.eattn_layers > 0
-        keep_last_o_mid = dino_tokens is not None and dattn_after_attention and len(layers) in wanted
+        keep_last_o_mid = use_dattn and dattn_after_attention and len(layers) in wanted
         maps: list[torch.Tensor] = []
         e = o
         for index, layer in enumerate(layers):
@@ -674,7 +692,7 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
                 after_attention = e if index == first_eattn else o_mid
             if index + 1 not in wanted:
                 continue
-            if dino_tokens is not None:
+            if use_dattn:
                 if dattn_weights is None:
                     dattn_weights = dino_similarity_attention(dino_tokens, config.dattn_beta, config.dattn_gamma)
                 if dattn_after_attention:
@@ -693,6 +711,21 @@ class CraneForAnomalyDetection(CranePreTrainedModel):
         if return_dino_tokens:
             return image_embeds, patch_features, map_grid, dino_tokens
         return image_embeds, patch_features, map_grid
+
+    def _check_dattn_weights(self, weights: torch.Tensor, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The maps' grid (DINOv2's) for D-Attn weights given to `encode_image`, after checking them."""
+        if not self.config.use_dattn:
+            raise ValueError(f"dattn_weights were given, but this {self.config.variant} model has no D-Attn.")
+        patch = _as_int(self.config.dino_config.patch_size)
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        cells = grid[0] * grid[1]
+        expected = (pixel_values.shape[0], cells, cells)
+        if not torch.compiler.is_exporting() and tuple(weights.shape) != expected:
+            raise ValueError(
+                f"dattn_weights must have shape {list(expected)} ([B, M, M], M = {cells} DINOv2 patches), got "
+                f"{list(weights.shape)}."
+            )
+        return grid
 
     @staticmethod
     def _regrid(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
