@@ -611,9 +611,12 @@ LEGACY_DIR = os.path.join(FIXTURES, "legacy_official_code_compat")
 def test_configs_with_the_old_switch_load_to_the_outputs_they_gave(case, published):
     """config.json files written by the code that had `official_code_compat` (true and false) load as the three new
     fields and give the outputs that code gave on the same weights (stored by the fixture's
-    make_expected_outputs.py): per-layer bit for bit; published up to float32 rounding (that code stacked the
-    copies of the final e stream), deep-prompt gradients up to float16 rounding (now rounded per prompt row before
-    the rows are summed, as the published code does, where that code summed and then rounded)."""
+    make_expected_outputs.py on another machine): within float32 rounding, 1e-5 of each tensor's largest magnitude
+    (bit for bit on the machine that stored them; another CPU's kernels round differently: up to 2e-6 of it
+    measured on an Intel Xeon against the AMD EPYC that wrote them), published deep-prompt gradients up to float16
+    rounding (now rounded per prompt row before the rows are summed, as the published code does, where that code
+    summed and then rounded). A changed computation moves these outputs by far more (the two switches' maps and scores
+    differ by 1e-2 to 3e-2 of their largest value, their gradients by 4e-2 to 1e-1)."""
     expected = load_safetensors(os.path.join(LEGACY_DIR, "expected_outputs.safetensors"))
     with open(os.path.join(LEGACY_DIR, case, "config.json")) as stream:
         assert json.load(stream)["official_code_compat"] is published
@@ -625,12 +628,9 @@ def test_configs_with_the_old_switch_load_to_the_outputs_they_gave(case, publish
     assert set(outputs) == {key.split(".", 1)[1] for key in expected if key.startswith(case + ".")}
     for name, value in outputs.items():
         reference = expected[f"{case}.{name}"]
-        if not published:
-            assert torch.equal(value, reference), name
-        elif name == "grad.deep_prompts":
-            assert torch.allclose(value, reference, rtol=0, atol=5e-3 * reference.abs().max()), name
-        else:
-            assert torch.allclose(value, reference, rtol=1e-5, atol=1e-6), name
+        scale = reference.abs().max()
+        bound = 5e-3 if published and name == "grad.deep_prompts" else 1e-5
+        assert value.shape == reference.shape and (value - reference).abs().max() <= bound * scale, name
 
 
 def _saved_folder(tmp_path, include_backbones: bool) -> tuple[CraneForAnomalyDetection, str]:
