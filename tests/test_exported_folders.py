@@ -67,7 +67,9 @@ def test_predict_on_an_exported_folder_gives_the_eager_folders_rows(folders, fmt
         assert abs(row["score"] - reference["score"]) <= TOLERANCE
         assert row["is_anomalous"] == reference["is_anomalous"] == (row["score"] >= 0.41)  # the folder's threshold
         assert abs(row["max_pixel_score"] - reference["max_pixel_score"]) <= TOLERANCE
-        assert row["anomalous_pixel_fraction"] == reference["anomalous_pixel_fraction"]
+        # maps within 1e-4 may put a pixel within 1e-4 of the pixel threshold on its other side: a few pixels of
+        # the 2100 - 3072 of these images, never a different map
+        assert abs(row["anomalous_pixel_fraction"] - reference["anomalous_pixel_fraction"]) <= 5 / 2100
         assert row["overlay"] == reference["overlay"]
     summary = json.loads((tmp_path / "exported" / "predictions.json").read_text())
     assert (summary["model"], summary["image_threshold"], summary["pixel_threshold"]) == (exported, 0.41, 0.58)
