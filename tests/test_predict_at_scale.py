@@ -291,6 +291,52 @@ def test_a_run_killed_while_making_its_partial_folder_does_not_block_the_next(
     assert sorted(name for name in os.listdir(".") if name.startswith(".out.")) == []
 
 
+@pytest.mark.parametrize("killed_at", ["second figure", "second publication"])
+def test_a_run_killed_between_a_figure_and_its_record_resumes_to_the_table_of_an_uninterrupted_run(
+    images, tiny_model_dir, monkeypatch, killed_at
+):
+    """Killed in the middle of a batch: after a decision figure was written but before the batch's records were on
+    disk, or after they were but before the figures got their names. `--resume` takes the partial folder up (never
+    "a file crane-hf did not write": every figure there has its record) and ends with an uninterrupted run's output;
+    a record whose figure is not there is scored again, so no row names a missing figure."""
+    import crane_hf.reporting.decision_figure as decision_figure
+
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "2", "--workers", "0"]
+    # batch 1: broken.png and part_0.png (one figure); batch 2: part_1.png and part_2.png
+    if killed_at == "second figure":  # the 3rd figure: batch 2's second, its first one complete
+        real_save, saved = decision_figure.save_decision_figure, []
+
+        def killed_saving(*args, **kwargs):
+            saved.append(1)
+            if len(saved) == 3:
+                raise _Killed
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(decision_figure, "save_decision_figure", killed_saving)
+    else:  # the 3rd figure given its name: batch 2's second
+        real_replace, renamed = os.replace, []
+
+        def killed_renaming(source, target, *args, **kwargs):
+            if os.sep + "overlays" + os.sep in str(target):
+                renamed.append(1)
+                if len(renamed) == 3:
+                    raise _Killed
+            return real_replace(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", killed_renaming)
+    with pytest.raises(_Killed):
+        main([*argv, "--output", "out"])
+    monkeypatch.undo()
+    monkeypatch.chdir(images.parent)
+    assert main([*argv, "--output", "out", "--resume"]) == 3, "the interrupted run was not taken up"
+    assert main([*argv, "--output", "fresh"]) == 3
+    assert _snapshot("out") == _snapshot("fresh")
+    rows = _rows("out")
+    assert len(rows) == 9 and all(os.path.isfile(os.path.join("out", row["overlay"])) for row in rows)
+    assert sorted(os.listdir("out/overlays")) == sorted(os.path.basename(row["overlay"]) for row in rows)
+    assert not [name for name in os.listdir(".") if name.startswith(".")]
+
+
 def test_an_empty_partial_folder_from_a_killed_run_is_taken_as_none(images, tiny_model_dir):
     """An earlier version made the partial folder before its marker: killed in between, it left an empty folder (or
     one holding only the marker's temporary file), which holds nothing of anyone's: the next run starts anew."""

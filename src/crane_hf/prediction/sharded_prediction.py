@@ -4,18 +4,18 @@
     crane-hf predict /data/archive --model crane+/mvtec --output out --num-processes 4     # the same, launched for you
 
 The main process lists the inputs once and claims the output (checks, lock, the partial folder:
-`io.atomic.resumable_output_dir`); `PartialState.split_between_processes` gives each process a contiguous share of
-the positions, without padding or duplicates. Each process reads its images in DataLoader workers
-(`image_stream`), scores them batch by batch on its device (pinned memory and non-blocking copies on CUDA) and
-appends one record per image to its own shard, flushed per batch (`result_shards`); decision figures
-(`reporting.decision_figure`) and maps are written by the process that scored the image, under a temporary name and
-renamed. When every process has finished, the main process merges the shards in order of position into the tables,
-builds report.html from the merged rows when asked (`reporting.run_report`) and publishes the output. The tables do
-not depend on the number of processes: an image gives the same bits whatever else is in its batch
-(docs/architecture.md, "Bitwise reproducibility"), and the rows are ordered by position in the input list.
+`io.atomic.resumable_output_dir`); `PartialState.split_between_processes` gives each process a contiguous share of the
+positions, without padding or duplicates. Each process reads its images in DataLoader workers (`image_stream`), scores
+them batch by batch on its device (pinned memory and non-blocking copies on CUDA) and appends one record per image to
+its own shard, flushed per batch (`result_shards`); decision figures (`reporting.decision_figure`) and maps are written
+by the process that scored the image, under a temporary name, renamed once the batch's records are on disk. When every
+process has finished, the main process merges the shards in order of position into the tables, builds report.html from
+the merged rows when asked (`reporting.run_report`) and publishes the output. The tables do not depend on the number of
+processes: an image gives the same bits whatever else is in its batch (docs/architecture.md, "Bitwise
+reproducibility"), and the rows are ordered by position in the input list.
 
-With `resume`, positions whose image was already scored (same path, same SHA-256 of its bytes) are not scored
-again; a killed run loses at most its batches in flight.
+With `resume`, positions whose image was already scored (same path, same SHA-256 of its bytes, its figure and map
+in place) are not scored again; a killed run loses at most its batches in flight.
 
 This module imports torch, accelerate and the model folder only when a run starts (`crane-hf predict --help` stays
 fast: tests/test_startup.py).
@@ -399,6 +399,7 @@ def run_prediction(
                 for record in kept:
                     writer.write(record)
                 writer.flush()  # a killed run loses at most the batch in flight
+                _publish_files(folder, kept)  # its figures and maps get their names once their records are on disk
                 bar.update(len(batch["items"]))
         except BaseException:
             if state.is_main_process:
@@ -461,8 +462,8 @@ class FigureOptions:
 
 
 def _prepare_folder(folder: str, write_overlays: bool, save_maps: bool) -> int:
-    """Make the folders of overlays and maps, remove files that a killed run left half-written (temporary names
-    of `_write_atomically`), and return the number of this run."""
+    """Make the folders of overlays and maps, remove files that a killed run left half-written or not yet named
+    (temporary names of `_write_staged`), and return the number of this run."""
     for name, wanted in (("overlays", write_overlays), ("maps", save_maps)):
         subfolder = os.path.join(folder, name)
         if wanted:
@@ -555,7 +556,7 @@ def _score_batch(
         written: dict[str, Any] = {}
         if figures is not None:
             record["overlay"] = os.path.join("overlays", output_name(item.index, item.path, ".png"))
-            written[record["overlay"]] = _write_atomically(
+            written[record["overlay"]] = _write_staged(
                 folder,
                 record["overlay"],
                 save_decision_figure,
@@ -569,7 +570,7 @@ def _score_batch(
             )
         if save_maps:
             record["map"] = os.path.join("maps", output_name(item.index, item.path, ".npy"))
-            written[record["map"]] = _write_atomically(folder, record["map"], np.save, anomaly_map)
+            written[record["map"]] = _write_staged(folder, record["map"], np.save, anomaly_map)
         if written:  # what this run wrote there (`owned_partial_files`)
             record["written"] = {name.replace(os.sep, "/"): content for name, content in written.items()}
         records.append(record)
@@ -622,15 +623,29 @@ def _pipeline_outputs(
     return results
 
 
-def _write_atomically(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """`write(stream, *args, **kwargs)` a file of the output under a temporary name, then rename: a killed run
-    leaves no torn overlay. Returns the file's `content_record`."""
+def _staging_path(folder: str, relative: str) -> tuple[str, str]:
+    """(temporary name, final path) of the figure or map `relative` of the partial folder `folder`."""
     target = path_inside(folder, relative)
-    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TORN_SUFFIX}")
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TORN_SUFFIX}"), target
+
+
+def _write_staged(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`write(stream, *args, **kwargs)` a figure or map of the partial folder under its temporary name (renamed by
+    `_publish_files` once the image's record is on disk, so that a killed run never leaves a figure without its
+    record, which would make the partial folder hold a file no record shows crane-hf wrote). Returns the file's
+    `content_record`."""
+    staging, target = _staging_path(folder, relative)
     with naming_write_errors(target), open(staging, "wb") as stream:  # a full disk names the file
         write(stream, *args, **kwargs)
-    os.replace(staging, target)
-    return content_record(target)
+    return content_record(staging)
+
+
+def _publish_files(folder: str, records: list[dict[str, Any]]) -> None:
+    """Give the figures and maps of `records` (written by `_write_staged`) their names. A run killed before
+    leaves records whose files are missing: a resumed run scores those images again (`done_fingerprints`)."""
+    for record in records:
+        for name in record.get("written") or {}:
+            os.replace(*_staging_path(folder, name))
 
 
 __all__ = [
