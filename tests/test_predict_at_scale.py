@@ -337,6 +337,55 @@ def test_a_run_killed_between_a_figure_and_its_record_resumes_to_the_table_of_an
     assert not [name for name in os.listdir(".") if name.startswith(".")]
 
 
+@pytest.mark.parametrize("killed_at", ["thumbnail", "report page"])
+def test_a_run_killed_while_building_its_report_resumes_without_scoring_again(
+    images, tiny_model_dir, monkeypatch, killed_at, capsys
+):
+    """Killed while report.html and its thumbnails were written (every image scored, the tables written): the
+    partial folder is taken up by --resume (its half-built report is crane-hf's), no image is scored again and the
+    output is an uninterrupted run's."""
+    import crane_hf.reporting.run_report as run_report
+
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "4", "--workers", "0", "--report"]
+    if killed_at == "thumbnail":
+        real_thumbnail, made = run_report._thumbnail, []
+
+        def killed_on_the_third(*args):
+            made.append(1)
+            if len(made) == 3:
+                raise _Killed
+            return real_thumbnail(*args)
+
+        monkeypatch.setattr(run_report, "_thumbnail", killed_on_the_third)
+    else:
+        real_open = open
+
+        def killed_writing_the_page(file, mode="r", *args, **kwargs):
+            if str(file).endswith("report.html") and "w" in mode:
+                stream = real_open(file, mode, *args, **kwargs)
+                stream.write("<html><body>half")
+                stream.close()
+                raise _Killed
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", killed_writing_the_page)
+    with pytest.raises(_Killed):
+        main([*argv, "--output", "out"])
+    monkeypatch.undo()
+    monkeypatch.chdir(images.parent)
+    capsys.readouterr()
+    assert main([*argv, "--output", "out", "--resume"]) == 3, capsys.readouterr().err
+    assert "(9 of them scored by the interrupted run" in capsys.readouterr().out  # none scored again
+    assert main([*argv, "--output", "fresh"]) == 3
+    out, fresh = _snapshot("out"), _snapshot("fresh")
+    assert sorted(out) == sorted(fresh)
+    assert {name: out[name] for name in out if "report" not in name} == {
+        name: fresh[name] for name in fresh if "report" not in name
+    }
+    assert len(_cards("out")) == 9 and b"</html>" in out["report.html"]
+    assert not [name for name in os.listdir(".") if name.startswith(".")]
+
+
 def test_an_empty_partial_folder_from_a_killed_run_is_taken_as_none(images, tiny_model_dir):
     """An earlier version made the partial folder before its marker: killed in between, it left an empty folder (or
     one holding only the marker's temporary file), which holds nothing of anyone's: the next run starts anew."""

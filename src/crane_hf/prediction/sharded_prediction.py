@@ -38,6 +38,7 @@ from ..io.output_names import MARKER_NAME, TEMP_TAG, path_inside, safe_file_name
 from ..io.output_safety import (
     UnsafeOutputError,
     check_output_dir,
+    claim_contents,
     claim_entries,
     content_record,
     file_signatures,
@@ -63,6 +64,7 @@ from .result_shards import (
 
 COMMAND = "predict"
 TORN_SUFFIX = ".crane-hf-writing"  # an overlay or map being written (renamed when complete)
+REPORT_STAGING = ".report.crane-hf-writing"  # report.html and report_files/ being written (renamed when complete)
 
 
 @dataclass
@@ -95,12 +97,13 @@ def _typed_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 # Temporaries a predict run leaves in its partial folder when killed (a figure or map being written, the marker
-# being rewritten, the JSON Lines table behind predictions.parquet): crane-hf's by their names, which no user file
-# takes by chance; they are removed or rewritten.
+# being rewritten, the JSON Lines table behind predictions.parquet, the report being built): crane-hf's by their
+# names, which no user file takes by chance; they are removed or rewritten.
 _OWN_TEMPORARIES = re.compile(
     rf"(?:overlays|maps)/\.\d{{5,}}_[^/]*\.(?:png|npy){re.escape(TORN_SUFFIX)}"
     r"|\.predictions\.jsonl\.tmp"
     rf"|{re.escape(MARKER_NAME + TEMP_TAG)}[^/]*"
+    rf"|{re.escape(REPORT_STAGING)}/.+"
 )
 
 
@@ -434,14 +437,36 @@ def run_prediction(
         claim_entries(folder, tables, COMMAND)  # with their content: a run killed from here on is taken up
         report.resumed = tally["earlier_runs"]
         report.skipped = [SkippedFile(item["path"], item["reason"]) for item in skipped]
-        shutil.rmtree(os.path.join(folder, ROWS_FOLDER))
         if show.report_html:
-            from ..reporting.run_report import write_predictions_report
-
-            write_predictions_report(folder, rows, summary, skipped, notice=show.notice, progress=progress)
-            thumbnails = file_signatures(os.path.join(folder, "report_files"))  # every file under it, at any depth
-            claim_entries(folder, ["report.html", *(f"report_files/{name}" for name in thumbnails)], COMMAND)
+            _write_report(folder, rows, summary, skipped, show.notice, progress)
+        shutil.rmtree(os.path.join(folder, ROWS_FOLDER))  # last: a run killed before is resumed from its records
     return report
+
+
+def _write_report(
+    folder: str, rows: list[dict[str, Any]], summary: dict[str, Any], skipped: list, notice: str | None, progress: bool
+) -> None:
+    """report.html and report_files/ of the partial folder `folder`, built under `REPORT_STAGING` (crane-hf's
+    temporary by its name), listed with their content in the folder's marker, then renamed: a run killed at any
+    point leaves no file of the report that a resumed run would have to refuse as not crane-hf's."""
+    from ..reporting.run_report import ASSETS_FOLDER, REPORT_FILE, write_predictions_report
+
+    staging = os.path.join(folder, REPORT_STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    os.makedirs(staging)
+    write_predictions_report(folder, rows, summary, skipped, notice=notice, progress=progress, write_to=staging)
+    names = [
+        REPORT_FILE,
+        *(f"{ASSETS_FOLDER}/{name}" for name in file_signatures(os.path.join(staging, ASSETS_FOLDER))),
+    ]
+    claim_contents(folder, {name: content_record(os.path.join(staging, *name.split("/"))) for name in names}, COMMAND)
+    for name in (ASSETS_FOLDER, REPORT_FILE):  # a report of a run killed after it got its names: listed, replaced
+        target = os.path.join(folder, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def _kept_rows(records: Any, rows: list[dict[str, Any]]) -> Any:
