@@ -446,6 +446,24 @@ def _interrupted_after(batches: int, argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
 
 
+def test_resumed_with_fewer_images_leaves_no_figure_of_an_image_no_longer_listed(images, tiny_model_dir, monkeypatch):
+    """Interrupted after 9 of 10 positions; two images are removed from the folder before --resume: the output has
+    no figure or map of a position beyond the new list (each figure in overlays/ is named by a row), as a fresh run
+    on the images left."""
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--workers", "0", "--batch-size", "3"]
+    argv += ["--save-maps"]
+    _interrupted_after(3, [*argv, "--output", "out"], monkeypatch)
+    os.remove("imgs/part_6.png")
+    os.remove("imgs/part_7.png")
+    assert main([*argv, "--output", "out", "--resume"]) == 3
+    assert main([*argv, "--output", "fresh"]) == 3
+    assert _snapshot("out") == _snapshot("fresh")
+    rows = _rows("out")
+    assert len(rows) == 7
+    assert sorted(os.listdir("out/overlays")) == sorted(os.path.basename(row["overlay"]) for row in rows)
+    assert len(os.listdir("out/maps")) == 7
+
+
 @pytest.mark.parametrize("replaced", ["figure", "map", "shard", "settings", "marker lists a user file"])
 def test_a_users_file_under_a_partial_files_name_is_never_discarded_nor_published(
     images, tiny_model_dir, monkeypatch, replaced, capsys

@@ -503,12 +503,18 @@ def _prepare_folder(folder: str, write_overlays: bool, save_maps: bool) -> int:
 
 def _final_records(folder: str, count: int, name: Any, run: int, tally: dict[str, int]):
     """The latest record of every position, in order; files of superseded records that the latest one does not
-    name (an overlay of an image now skipped, or scored under another name) are removed from the partial folder.
-    Counts the records of earlier runs in `tally["earlier_runs"]`."""
+    name (an overlay of an image now skipped, or scored under another name) are removed from the partial folder, as
+    are those of positions beyond `count` (an earlier run's, whose input list was longer). Counts the records of
+    earlier runs in `tally["earlier_runs"]`."""
     expected = 0
     for record, superseded in merged_records(folder):
         index = record["index"]
-        if index >= count:
+        if index >= count:  # no longer listed: its files are no result of this run
+            group = [*superseded, record]
+            for old in group:
+                for key in ("overlay", "map"):
+                    if old.get(key):
+                        _remove_own_file(folder, old[key], group)
             continue
         if index != expected or record["path"] != name(index):
             raise RuntimeError(f"the partial results in {folder} do not cover position {expected}")  # a bug
