@@ -551,6 +551,71 @@ def test_a_list_of_paths_and_a_parquet_dataset_give_the_rows_of_the_folder(image
     assert parquet["score"] == [float(row["score"]) for row in expected]
 
 
+def _parquet_of(paths: list[str], target: str, names: list | None = None) -> None:
+    """A Parquet file holding the bytes of the images `paths` (and an `image_path` column `names`, if given)."""
+    from pathlib import Path
+
+    import datasets
+
+    columns = {"image": [{"bytes": Path(path).read_bytes(), "path": None} for path in paths]}
+    features = {"image": datasets.Image()}
+    if names is not None:
+        columns["image_path"], features["image_path"] = names, datasets.Value("string")
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(target)
+
+
+def test_a_dataset_folder_laid_out_by_split_gives_the_rows_of_the_split_asked(images, tiny_model_dir, capsys):
+    """Parquet files named by split (data/train-*.parquet, data/test-*.parquet, the Hub's layout): --split picks
+    its files, never the rows of every split; a split that is not there, or --split other than train for Parquet
+    files that make one split, is one line before the model is loaded."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    os.makedirs("by_split/data")
+    _parquet_of(parts[:2], "by_split/data/train-00000-of-00001.parquet")
+    _parquet_of(parts[2:5], "by_split/data/test-00000-of-00001.parquet")
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0"]
+    assert main([*argv, "--dataset", "by_split", "--split", "test", "--output", "test"]) == 0
+    assert main([*argv, *parts[2:5], "--output", "files"]) == 0
+    scores = [row["score"] for row in _rows("files")]
+    assert [row["score"] for row in _rows("test")] == scores
+    assert main([*argv, "--dataset", "by_split", "--output", "train"]) == 0  # --split train by default
+    assert len(_rows("train")) == 2
+    capsys.readouterr()
+    for dataset, split in (("by_split", "validation"), ("by_split/data/test-00000-of-00001.parquet", "test")):
+        assert main([*argv, "--dataset", dataset, "--split", split, "--output", "refused"]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --split {split}:") and "Traceback" not in err, err
+        assert not os.path.exists("refused")
+
+
+def test_parquet_files_without_one_schema_or_not_parquet_are_one_line_naming_the_file(images, tiny_model_dir, capsys):
+    """A folder of Parquet files whose columns differ, or a file that is not Parquet: one line naming the file, before
+    the model is loaded (was: the traceback of `datasets`, exit 1)."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    os.makedirs("mixed")
+    _parquet_of(parts[:2], "mixed/a.parquet")
+    _parquet_of(parts[2:4], "mixed/b.parquet", names=["x.png", "y.png"])
+    os.makedirs("broken")
+    (images.parent / "broken" / "a.parquet").write_bytes(b"not parquet at all")
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0", "--output", "out"]
+    capsys.readouterr()
+    for dataset, named in (("mixed", "b.parquet"), ("broken", "a.parquet")):
+        assert main([*argv, "--dataset", dataset]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --dataset {dataset}:") and named in lines[0], err
+        assert not os.path.exists("out")
+
+
+def test_dataset_rows_without_an_image_path_are_named_by_their_row(images, tiny_model_dir):
+    """An `image_path` column with an empty cell: that row is named SPEC[row], never "None"."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    _parquet_of(parts[:3], "named.parquet", names=["a.png", None, ""])
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0", "--output", "out"]
+    assert main([*argv, "--dataset", "named.parquet"]) == 0
+    assert [row["path"] for row in _rows("out")] == ["a.png", "named.parquet[1]", "named.parquet[2]"]
+
+
 def test_torn_last_lines_are_ignored_and_other_damage_refused(tmp_path):
     shard = tmp_path / "rows" / "run-0001-process-00000.jsonl"
     shard.parent.mkdir()

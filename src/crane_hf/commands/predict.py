@@ -122,7 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score the image column of a datasets dataset: Parquet files (a file, folder or glob), a folder saved "
         "with save_to_disk, or a Hub dataset id",
     )
-    parser.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split of --dataset (default: %(default)s); Parquet files make one split, train, unless a folder holds "
+        "them by split (data/SPLIT-*.parquet, the Hub's layout)",
+    )
     parser.add_argument("--image-column", default="image", help="image column of --dataset (default: %(default)s)")
     parser.add_argument(
         "--model", type=local_path, default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder"
@@ -224,7 +229,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.dataset is not None:
         from ..prediction.dataset_inputs import parquet_files
 
-        parquet_files(args.dataset)
+        parquet_files(args.dataset, args.split)
     protected = [
         *prediction_protections(inputs, args.model),
         *protected_paths("a backbone", [args.clip, args.dino]),

@@ -72,7 +72,7 @@ class FileSource:
 
 class DatasetSource:
     """The image column of a `datasets.Dataset`, read undecoded (the encoded bytes are fingerprinted and decoded
-    here, with the guards of files). Items are named by the `image_path` column where the dataset has one, else
+    here, with the guards of files). Items are named by the `image_path` column where the row has one, else
     `LABEL[row]`."""
 
     def __init__(self, dataset: Any, column: str = "image", label: str = "dataset"):
@@ -91,7 +91,9 @@ class DatasetSource:
         return len(self.dataset)
 
     def name(self, index: int) -> str:
-        return str(self.names[index]) if self.names is not None else f"{self.label}[{index}]"
+        """The row's `image_path`, or `LABEL[index]` when there is none (no such column, an empty cell)."""
+        named = self.names[index] if self.names is not None else None
+        return str(named) if named not in (None, "") else f"{self.label}[{index}]"
 
     def _cell(self, index: int) -> dict[str, Any]:
         cell = self.dataset[index][self.column]
