@@ -690,3 +690,48 @@ def test_a_signal_to_two_processes_ends_with_one_line_and_its_code(tiny_model_di
     assert "Traceback" not in stderr, stderr
     assert lines[-1].startswith(f"crane-hf: {word} ({sent})"), lines
     assert not (tmp_path / "out").exists() and rows.is_dir()
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_two_process_run_killed_alone_leaves_no_process_scoring_on(images, tiny_model_dir):
+    """SIGKILL of `crane-hf predict --num-processes 2` alone (a cron timeout, the OOM killer, `kill -9` of the PID a
+    scheduler knows): the launcher and the processes it started end with it (they used to score on, holding the
+    devices, and publish the output of a run that was killed); `--resume` then finishes the run."""
+    import signal
+
+    write_test_images(images / "more", count=30, seed=4)
+    command = [shutil.which("crane-hf"), "predict", "imgs", "--model", tiny_model_dir, "--quiet", "--no-overlays"]
+    command += ["--workers", "1", "--batch-size", "1", "--output", "out"]
+    process = subprocess.Popen(
+        [*command, "--num-processes", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    started: set[int] = set()
+    try:
+        _wait_for_records(".out.crane-hf-partial", 2, process)
+        started = _descendants(process.pid)
+        assert len(started) >= 3  # the launcher and its two processes, at least
+        os.kill(process.pid, signal.SIGKILL)  # the run alone, not its process group
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and set(_live_processes()) & started:
+            time.sleep(0.1)
+        alive = set(_live_processes()) & started
+        assert not alive, f"processes {alive} of the killed run scored on"
+    finally:
+        for pid in _descendants(process.pid) | (set(_live_processes()) & started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not os.path.exists("out")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 3, resumed.stderr
+    assert len(_rows("out")) == 39
