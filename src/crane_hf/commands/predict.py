@@ -115,7 +115,12 @@ def default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--paths-from", default=None, help="a text file of image paths, one per line")
+    parser.add_argument(
+        "--paths-from",
+        default=None,
+        help="a text file of image paths, files, folders or glob patterns, one per line, taken as they are (blank "
+        "lines ignored; relative paths are relative to the working folder, not to the file; no comments)",
+    )
     parser.add_argument(
         "--dataset",
         default=None,
