@@ -735,3 +735,33 @@ def test_a_two_process_run_killed_alone_leaves_no_process_scoring_on(images, tin
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 3, resumed.stderr
     assert len(_rows("out")) == 39
+
+
+def test_the_sha256_of_a_row_is_that_of_the_bytes_scored_when_the_file_is_rewritten_meanwhile(
+    images, tiny_model_dir, monkeypatch
+):
+    """A file rewritten while the run reads it (a camera still writing, a sync): the row's SHA-256 is that of the
+    very bytes whose pixels were scored, never the SHA-256 of one version beside the score of another (which a
+    resumed run would then keep as done)."""
+    import hashlib
+
+    os.makedirs("one")
+    shutil.copy("imgs/part_0.png", "one/image.png")
+    before = (images.parent / "one" / "image.png").read_bytes()
+    after = (images / "part_5.png").read_bytes()
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0"]
+    assert main([*argv, "imgs/part_0.png", "imgs/part_5.png", "--output", "expected"]) == 0
+    scores = {row["sha256"]: row["score"] for row in _rows("expected")}
+    real_open, opened = Image.open, []
+
+    def rewritten_meanwhile(source, *args, **kwargs):  # the writer acts just before the image is decoded
+        opened.append(1)
+        (images.parent / "one" / "image.png").write_bytes(after)
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", rewritten_meanwhile)
+    assert main([*argv, "one", "--output", "out"]) == 0
+    assert opened
+    (row,) = _rows("out")
+    assert row["sha256"] in (hashlib.sha256(before).hexdigest(), hashlib.sha256(after).hexdigest())
+    assert row["score"] == scores[row["sha256"]]
