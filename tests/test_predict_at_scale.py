@@ -703,18 +703,25 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_two_process_run_killed_alone_leaves_no_process_scoring_on(images, tiny_model_dir):
-    """SIGKILL of `crane-hf predict --num-processes 2` alone (a cron timeout, the OOM killer, `kill -9` of the PID a
-    scheduler knows): the launcher and the processes it started end with it (they used to score on, holding the
-    devices, and publish the output of a run that was killed); `--resume` then finishes the run."""
+@pytest.mark.parametrize("launched_by", ["--num-processes", "accelerate launch"])
+def test_a_two_process_run_killed_alone_leaves_no_process_scoring_on(images, tiny_model_dir, launched_by):
+    """SIGKILL of `crane-hf predict --num-processes 2` or of `accelerate launch -m crane_hf.predict` alone (a cron
+    timeout, the OOM killer, `kill -9` of the PID a scheduler knows): the processes it started end with it (they
+    used to score on, holding the devices, and publish the output of a run that was killed); `--resume` then
+    finishes the run."""
     import signal
 
+    from crane_hf.commands.process_launch import accelerate_launch_command
+
     write_test_images(images / "more", count=30, seed=4)
-    command = [shutil.which("crane-hf"), "predict", "imgs", "--model", tiny_model_dir, "--quiet", "--no-overlays"]
-    command += ["--workers", "1", "--batch-size", "1", "--output", "out"]
-    process = subprocess.Popen(
-        [*command, "--num-processes", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    arguments = ["imgs", "--model", tiny_model_dir, "--quiet", "--no-overlays"]
+    arguments += ["--workers", "1", "--batch-size", "1", "--output", "out"]
+    command = [shutil.which("crane-hf"), "predict", *arguments]
+    if launched_by == "--num-processes":
+        started_command = [*command, "--num-processes", "2"]
+    else:
+        started_command = [*accelerate_launch_command("crane_hf.predict", 2), *arguments]
+    process = subprocess.Popen(started_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: set[int] = set()
     try:
         _wait_for_records(".out.crane-hf-partial", 2, process)

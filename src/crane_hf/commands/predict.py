@@ -53,7 +53,13 @@ from .cli_support import (
     require_range,
     run_command,
 )
-from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
+from .process_launch import (
+    end_with_parent,
+    launched_processes,
+    run_as_worker,
+    run_in_processes,
+    worker_arguments,
+)
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -250,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     try:  # every argument, the device and the output are checked before the model is loaded
         protected = check_arguments(args)
         world = launched_processes()
+        if world > 1:  # a process of a launcher: ends with it, even when it is killed with SIGKILL
+            end_with_parent(os.getppid())
         if args.num_processes > 1 and world == 1:
             return run_in_processes("crane_hf.commands.predict", args, args.num_processes)
         if world > 1 and args.num_processes not in (1, world):
