@@ -291,6 +291,101 @@ def test_a_run_killed_while_making_its_partial_folder_does_not_block_the_next(
     assert sorted(name for name in os.listdir(".") if name.startswith(".out.")) == []
 
 
+@pytest.mark.parametrize("killed_at", ["second figure", "second publication"])
+def test_a_run_killed_between_a_figure_and_its_record_resumes_to_the_table_of_an_uninterrupted_run(
+    images, tiny_model_dir, monkeypatch, killed_at
+):
+    """Killed in the middle of a batch: after a decision figure was written but before the batch's records were on
+    disk, or after they were but before the figures got their names. `--resume` takes the partial folder up (never
+    "a file crane-hf did not write": every figure there has its record) and ends with an uninterrupted run's output;
+    a record whose figure is not there is scored again, so no row names a missing figure."""
+    import crane_hf.reporting.decision_figure as decision_figure
+
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "2", "--workers", "0"]
+    # batch 1: broken.png and part_0.png (one figure); batch 2: part_1.png and part_2.png
+    if killed_at == "second figure":  # the 3rd figure: batch 2's second, its first one complete
+        real_save, saved = decision_figure.save_decision_figure, []
+
+        def killed_saving(*args, **kwargs):
+            saved.append(1)
+            if len(saved) == 3:
+                raise _Killed
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(decision_figure, "save_decision_figure", killed_saving)
+    else:  # the 3rd figure given its name: batch 2's second
+        real_replace, renamed = os.replace, []
+
+        def killed_renaming(source, target, *args, **kwargs):
+            if os.sep + "overlays" + os.sep in str(target):
+                renamed.append(1)
+                if len(renamed) == 3:
+                    raise _Killed
+            return real_replace(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", killed_renaming)
+    with pytest.raises(_Killed):
+        main([*argv, "--output", "out"])
+    monkeypatch.undo()
+    monkeypatch.chdir(images.parent)
+    assert main([*argv, "--output", "out", "--resume"]) == 3, "the interrupted run was not taken up"
+    assert main([*argv, "--output", "fresh"]) == 3
+    assert _snapshot("out") == _snapshot("fresh")
+    rows = _rows("out")
+    assert len(rows) == 9 and all(os.path.isfile(os.path.join("out", row["overlay"])) for row in rows)
+    assert sorted(os.listdir("out/overlays")) == sorted(os.path.basename(row["overlay"]) for row in rows)
+    assert not [name for name in os.listdir(".") if name.startswith(".")]
+
+
+@pytest.mark.parametrize("killed_at", ["thumbnail", "report page"])
+def test_a_run_killed_while_building_its_report_resumes_without_scoring_again(
+    images, tiny_model_dir, monkeypatch, killed_at, capsys
+):
+    """Killed while report.html and its thumbnails were written (every image scored, the tables written): the
+    partial folder is taken up by --resume (its half-built report is crane-hf's), no image is scored again and the
+    output is an uninterrupted run's."""
+    import crane_hf.reporting.run_report as run_report
+
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "4", "--workers", "0", "--report"]
+    if killed_at == "thumbnail":
+        real_thumbnail, made = run_report._thumbnail, []
+
+        def killed_on_the_third(*args):
+            made.append(1)
+            if len(made) == 3:
+                raise _Killed
+            return real_thumbnail(*args)
+
+        monkeypatch.setattr(run_report, "_thumbnail", killed_on_the_third)
+    else:
+        real_open = open
+
+        def killed_writing_the_page(file, mode="r", *args, **kwargs):
+            if str(file).endswith("report.html") and "w" in mode:
+                stream = real_open(file, mode, *args, **kwargs)
+                stream.write("<html><body>half")
+                stream.close()
+                raise _Killed
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", killed_writing_the_page)
+    with pytest.raises(_Killed):
+        main([*argv, "--output", "out"])
+    monkeypatch.undo()
+    monkeypatch.chdir(images.parent)
+    capsys.readouterr()
+    assert main([*argv, "--output", "out", "--resume"]) == 3, capsys.readouterr().err
+    assert "(9 of them scored by the interrupted run" in capsys.readouterr().out  # none scored again
+    assert main([*argv, "--output", "fresh"]) == 3
+    out, fresh = _snapshot("out"), _snapshot("fresh")
+    assert sorted(out) == sorted(fresh)
+    assert {name: out[name] for name in out if "report" not in name} == {
+        name: fresh[name] for name in fresh if "report" not in name
+    }
+    assert len(_cards("out")) == 9 and b"</html>" in out["report.html"]
+    assert not [name for name in os.listdir(".") if name.startswith(".")]
+
+
 def test_an_empty_partial_folder_from_a_killed_run_is_taken_as_none(images, tiny_model_dir):
     """An earlier version made the partial folder before its marker: killed in between, it left an empty folder (or
     one holding only the marker's temporary file), which holds nothing of anyone's: the next run starts anew."""
@@ -349,6 +444,24 @@ def _interrupted_after(batches: int, argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted)
     assert main(argv) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
+
+
+def test_resumed_with_fewer_images_leaves_no_figure_of_an_image_no_longer_listed(images, tiny_model_dir, monkeypatch):
+    """Interrupted after 9 of 10 positions; two images are removed from the folder before --resume: the output has
+    no figure or map of a position beyond the new list (each figure in overlays/ is named by a row), as a fresh run
+    on the images left."""
+    argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--workers", "0", "--batch-size", "3"]
+    argv += ["--save-maps"]
+    _interrupted_after(3, [*argv, "--output", "out"], monkeypatch)
+    os.remove("imgs/part_6.png")
+    os.remove("imgs/part_7.png")
+    assert main([*argv, "--output", "out", "--resume"]) == 3
+    assert main([*argv, "--output", "fresh"]) == 3
+    assert _snapshot("out") == _snapshot("fresh")
+    rows = _rows("out")
+    assert len(rows) == 7
+    assert sorted(os.listdir("out/overlays")) == sorted(os.path.basename(row["overlay"]) for row in rows)
+    assert len(os.listdir("out/maps")) == 7
 
 
 @pytest.mark.parametrize("replaced", ["figure", "map", "shard", "settings", "marker lists a user file"])
@@ -438,6 +551,71 @@ def test_a_list_of_paths_and_a_parquet_dataset_give_the_rows_of_the_folder(image
     assert parquet["score"] == [float(row["score"]) for row in expected]
 
 
+def _parquet_of(paths: list[str], target: str, names: list | None = None) -> None:
+    """A Parquet file holding the bytes of the images `paths` (and an `image_path` column `names`, if given)."""
+    from pathlib import Path
+
+    import datasets
+
+    columns = {"image": [{"bytes": Path(path).read_bytes(), "path": None} for path in paths]}
+    features = {"image": datasets.Image()}
+    if names is not None:
+        columns["image_path"], features["image_path"] = names, datasets.Value("string")
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(target)
+
+
+def test_a_dataset_folder_laid_out_by_split_gives_the_rows_of_the_split_asked(images, tiny_model_dir, capsys):
+    """Parquet files named by split (data/train-*.parquet, data/test-*.parquet, the Hub's layout): --split picks
+    its files, never the rows of every split; a split that is not there, or --split other than train for Parquet
+    files that make one split, is one line before the model is loaded."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    os.makedirs("by_split/data")
+    _parquet_of(parts[:2], "by_split/data/train-00000-of-00001.parquet")
+    _parquet_of(parts[2:5], "by_split/data/test-00000-of-00001.parquet")
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0"]
+    assert main([*argv, "--dataset", "by_split", "--split", "test", "--output", "test"]) == 0
+    assert main([*argv, *parts[2:5], "--output", "files"]) == 0
+    scores = [row["score"] for row in _rows("files")]
+    assert [row["score"] for row in _rows("test")] == scores
+    assert main([*argv, "--dataset", "by_split", "--output", "train"]) == 0  # --split train by default
+    assert len(_rows("train")) == 2
+    capsys.readouterr()
+    for dataset, split in (("by_split", "validation"), ("by_split/data/test-00000-of-00001.parquet", "test")):
+        assert main([*argv, "--dataset", dataset, "--split", split, "--output", "refused"]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --split {split}:") and "Traceback" not in err, err
+        assert not os.path.exists("refused")
+
+
+def test_parquet_files_without_one_schema_or_not_parquet_are_one_line_naming_the_file(images, tiny_model_dir, capsys):
+    """A folder of Parquet files whose columns differ, or a file that is not Parquet: one line naming the file, before
+    the model is loaded (was: the traceback of `datasets`, exit 1)."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    os.makedirs("mixed")
+    _parquet_of(parts[:2], "mixed/a.parquet")
+    _parquet_of(parts[2:4], "mixed/b.parquet", names=["x.png", "y.png"])
+    os.makedirs("broken")
+    (images.parent / "broken" / "a.parquet").write_bytes(b"not parquet at all")
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0", "--output", "out"]
+    capsys.readouterr()
+    for dataset, named in (("mixed", "b.parquet"), ("broken", "a.parquet")):
+        assert main([*argv, "--dataset", dataset]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --dataset {dataset}:") and named in lines[0], err
+        assert not os.path.exists("out")
+
+
+def test_dataset_rows_without_an_image_path_are_named_by_their_row(images, tiny_model_dir):
+    """An `image_path` column with an empty cell: that row is named SPEC[row], never "None"."""
+    parts = sorted(str(path) for path in images.glob("part_*.png"))
+    _parquet_of(parts[:3], "named.parquet", names=["a.png", None, ""])
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0", "--output", "out"]
+    assert main([*argv, "--dataset", "named.parquet"]) == 0
+    assert [row["path"] for row in _rows("out")] == ["a.png", "named.parquet[1]", "named.parquet[2]"]
+
+
 def test_torn_last_lines_are_ignored_and_other_damage_refused(tmp_path):
     shard = tmp_path / "rows" / "run-0001-process-00000.jsonl"
     shard.parent.mkdir()
@@ -512,3 +690,85 @@ def test_a_signal_to_two_processes_ends_with_one_line_and_its_code(tiny_model_di
     assert "Traceback" not in stderr, stderr
     assert lines[-1].startswith(f"crane-hf: {word} ({sent})"), lines
     assert not (tmp_path / "out").exists() and rows.is_dir()
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("launched_by", ["--num-processes", "accelerate launch"])
+def test_a_two_process_run_killed_alone_leaves_no_process_scoring_on(images, tiny_model_dir, launched_by):
+    """SIGKILL of `crane-hf predict --num-processes 2` or of `accelerate launch -m crane_hf.predict` alone (a cron
+    timeout, the OOM killer, `kill -9` of the PID a scheduler knows): the processes it started end with it (they
+    used to score on, holding the devices, and publish the output of a run that was killed); `--resume` then
+    finishes the run."""
+    import signal
+
+    from crane_hf.commands.process_launch import accelerate_launch_command
+
+    write_test_images(images / "more", count=30, seed=4)
+    arguments = ["imgs", "--model", tiny_model_dir, "--quiet", "--no-overlays"]
+    arguments += ["--workers", "1", "--batch-size", "1", "--output", "out"]
+    command = [shutil.which("crane-hf"), "predict", *arguments]
+    if launched_by == "--num-processes":
+        started_command = [*command, "--num-processes", "2"]
+    else:
+        started_command = [*accelerate_launch_command("crane_hf.predict", 2), *arguments]
+    process = subprocess.Popen(started_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: set[int] = set()
+    try:
+        _wait_for_records(".out.crane-hf-partial", 2, process)
+        started = _descendants(process.pid)
+        assert len(started) >= 3  # the launcher and its two processes, at least
+        os.kill(process.pid, signal.SIGKILL)  # the run alone, not its process group
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and set(_live_processes()) & started:
+            time.sleep(0.1)
+        alive = set(_live_processes()) & started
+        assert not alive, f"processes {alive} of the killed run scored on"
+    finally:
+        for pid in _descendants(process.pid) | (set(_live_processes()) & started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not os.path.exists("out")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 3, resumed.stderr
+    assert len(_rows("out")) == 39
+
+
+def test_the_sha256_of_a_row_is_that_of_the_bytes_scored_when_the_file_is_rewritten_meanwhile(
+    images, tiny_model_dir, monkeypatch
+):
+    """A file rewritten while the run reads it (a camera still writing, a sync): the row's SHA-256 is that of the
+    very bytes whose pixels were scored, never the SHA-256 of one version beside the score of another (which a
+    resumed run would then keep as done)."""
+    import hashlib
+
+    os.makedirs("one")
+    shutil.copy("imgs/part_0.png", "one/image.png")
+    before = (images.parent / "one" / "image.png").read_bytes()
+    after = (images / "part_5.png").read_bytes()
+    argv = ["predict", "--model", tiny_model_dir, "--quiet", "--no-overlays", "--workers", "0"]
+    assert main([*argv, "imgs/part_0.png", "imgs/part_5.png", "--output", "expected"]) == 0
+    scores = {row["sha256"]: row["score"] for row in _rows("expected")}
+    real_open, opened = Image.open, []
+
+    def rewritten_meanwhile(source, *args, **kwargs):  # the writer acts just before the image is decoded
+        opened.append(1)
+        (images.parent / "one" / "image.png").write_bytes(after)
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", rewritten_meanwhile)
+    assert main([*argv, "one", "--output", "out"]) == 0
+    assert opened
+    (row,) = _rows("out")
+    assert row["sha256"] in (hashlib.sha256(before).hexdigest(), hashlib.sha256(after).hexdigest())
+    assert row["score"] == scores[row["sha256"]]

@@ -53,7 +53,13 @@ from .cli_support import (
     require_range,
     run_command,
 )
-from .process_launch import launched_processes, run_as_worker, run_in_processes, worker_arguments
+from .process_launch import (
+    end_with_parent,
+    launched_processes,
+    run_as_worker,
+    run_in_processes,
+    worker_arguments,
+)
 
 
 def _score_chunk(pipe, images, batch_size, params):
@@ -115,14 +121,24 @@ def default_workers() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--paths-from", default=None, help="a text file of image paths, one per line")
+    parser.add_argument(
+        "--paths-from",
+        default=None,
+        help="a text file of image paths, files, folders or glob patterns, one per line, taken as they are (blank "
+        "lines ignored; relative paths are relative to the working folder, not to the file; no comments)",
+    )
     parser.add_argument(
         "--dataset",
         default=None,
         help="score the image column of a datasets dataset: Parquet files (a file, folder or glob), a folder saved "
         "with save_to_disk, or a Hub dataset id",
     )
-    parser.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split of --dataset (default: %(default)s); Parquet files make one split, train, unless a folder holds "
+        "them by split (data/SPLIT-*.parquet, the Hub's layout)",
+    )
     parser.add_argument("--image-column", default="image", help="image column of --dataset (default: %(default)s)")
     parser.add_argument(
         "--model", type=local_path, default="crane+/mvtec", help="preset name, model folder, Hub id or exported folder"
@@ -224,7 +240,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.dataset is not None:
         from ..prediction.dataset_inputs import parquet_files
 
-        parquet_files(args.dataset)
+        parquet_files(args.dataset, args.split)
     protected = [
         *prediction_protections(inputs, args.model),
         *protected_paths("a backbone", [args.clip, args.dino]),
@@ -240,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     try:  # every argument, the device and the output are checked before the model is loaded
         protected = check_arguments(args)
         world = launched_processes()
+        if world > 1:  # a process of a launcher: ends with it, even when it is killed with SIGKILL
+            end_with_parent(os.getppid())
         if args.num_processes > 1 and world == 1:
             return run_in_processes("crane_hf.commands.predict", args, args.num_processes)
         if world > 1 and args.num_processes not in (1, world):

@@ -6,7 +6,8 @@ report is complete but some inputs were skipped; 2: an input was refused; 130/14
 `--num-processes N` starts the launcher itself: each process runs the command with the parsed arguments, records its
 exit code in a private folder and exits 0 when crane-hf handled the outcome; the parent then exits with the main
 process's code (or another process's, if only that one failed). A process that ends without recording a code (a
-crash, a kill) makes the run exit 1, the launcher's traceback above it.
+crash, a kill) makes the run exit 1, the launcher's traceback above it. On Linux, the launcher and the processes end
+when the command that started them is killed, even with SIGKILL (`end_with_parent`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         command = accelerate_launch_command(module, num_processes)
         # Its own session: a Ctrl-C in the terminal reaches this process only, which passes it on once.
         environment = {**os.environ, WORKER_FOLDER_VARIABLE: folder}
-        launcher = subprocess.Popen(command, env=environment, start_new_session=True)
+        launcher = subprocess.Popen(
+            command, env=environment, start_new_session=True, preexec_fn=_ends_with(os.getpid())
+        )
         returncode, stopped_by = _wait(launcher, folder, num_processes)
         codes = {rank: int(text) for rank in range(num_processes) if (text := _read(folder, f"exit-{rank}"))}
         # The other processes' messages repeat the main one's; shown when one of them alone failed.
@@ -105,6 +108,26 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         )
         return EXIT_BUG
     return codes[0] or next((code for code in codes.values() if code), 0)
+
+
+def end_with_parent(parent: int) -> None:
+    """On Linux, this process gets SIGKILL when its parent (process id `parent`) dies (prctl PR_SET_PDEATHSIG), so
+    that a run whose process is killed with SIGKILL (a cron timeout, the OOM killer, `kill -9` of the PID a scheduler
+    knows) leaves no launcher or process behind scoring on, holding the devices, and publishing the output of a run
+    that was killed. Elsewhere nothing changes. If the parent died before the call, ends now, as the signal would."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _ends_with(parent: int) -> Callable[[], None]:
+    """`preexec_fn` of the launcher: `end_with_parent(parent)` in the child, before it runs the launcher."""
+    return lambda: end_with_parent(parent)
 
 
 def _read(folder: str, name: str) -> str | None:
@@ -160,6 +183,7 @@ def run_as_worker(run: Callable[[argparse.Namespace], int], args: argparse.Names
 
     rank = os.environ.get("RANK", "0")
     folder = os.environ[WORKER_FOLDER_VARIABLE]
+    end_with_parent(os.getppid())  # killed with the launcher, which is killed with the command that started it
     written = os.path.join(folder, f"pid-{rank}.writing")
     with open(written, "w", encoding="utf-8") as stream:  # where the parent passes signals on
         stream.write(str(os.getpid()))

@@ -249,14 +249,22 @@ def claim_entries(folder: str, entries: Iterable[str], command: str | None) -> N
     content now, creating the marker (its state kept); listed files that no longer exist are dropped from it, so
     that a later file of that name is not taken for crane-hf's. Files listed before keep the content recorded
     then (a file changed since is not claimed again)."""
+    claim_contents(
+        folder, {entry: content_record(os.path.join(folder, *entry.split("/"))) for entry in entries}, command
+    )
+
+
+def claim_contents(folder: str, contents: dict[str, ContentRecord], command: str | None) -> None:
+    """`claim_entries` with the content of each entry given (relative path -> `content_record`): files about to be
+    renamed to those paths, claimed before they get their names, so that a run killed in between leaves no file
+    that its folder's marker does not list."""
     marker = read_marker(folder) or {}
     records = {
         path: record
         for path, record in (manifest_records(marker) or {}).items()
         if os.path.lexists(os.path.join(folder, *path.split("/")))
     }
-    for entry in entries:
-        records[entry] = content_record(os.path.join(folder, *entry.split("/")))
+    records.update(contents)
     write_marker(folder, marker.get("command") or command, marker.get("state", "complete"), files=records)
 
 
@@ -673,6 +681,7 @@ __all__ = [
     "check_replaceable",
     "check_writable",
     "claim_changed",
+    "claim_contents",
     "claim_entries",
     "clean_stale_temporaries",
     "clean_stale_temporaries_in",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..models.crane.image_reading import read_encoded_image, read_image
+from ..models.crane.image_reading import read_encoded_image, read_image_bytes
 from ..models.crane.pipeline_zero_shot_anomaly_detection import model_inputs_for_image, pixel_fingerprint
 from ..models.crane.reference_memory import SAME_PIXELS_REASON
 from ..training.fingerprints import file_sha256
@@ -59,20 +59,31 @@ class FileSource:
             raise ValueError(f"could not be read ({error.strerror or error})") from error
 
     def read(self, index: int, expected: str | None) -> tuple[str, Image.Image | None]:
-        """(SHA-256 of the file, decoded image or None when it equals `expected`); `ValueError` with the reason."""
+        """(SHA-256 of the file, decoded image or None when it equals `expected`); `ValueError` with the reason.
+        The file is read once: the SHA-256 is that of the bytes decoded, even if the file is rewritten meanwhile."""
         path = self.paths[index]
-        digest = self.sha256(index)
+        data = _read_bytes(path)
+        digest = hashlib.sha256(data).hexdigest()
         if digest == expected:
             return digest, None
         try:
-            return digest, read_image(path)
+            return digest, read_image_bytes(data, path)
         except READ_ERRORS as error:
             raise ValueError(str(error).removeprefix(f"{path}: ")) from error
 
 
+def _read_bytes(path: str) -> bytes:
+    """The bytes of the file `path`; `ValueError` with the reason when it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as error:
+        raise ValueError(f"could not be read ({error.strerror or error})") from error
+
+
 class DatasetSource:
     """The image column of a `datasets.Dataset`, read undecoded (the encoded bytes are fingerprinted and decoded
-    here, with the guards of files). Items are named by the `image_path` column where the dataset has one, else
+    here, with the guards of files). Items are named by the `image_path` column where the row has one, else
     `LABEL[row]`."""
 
     def __init__(self, dataset: Any, column: str = "image", label: str = "dataset"):
@@ -91,7 +102,9 @@ class DatasetSource:
         return len(self.dataset)
 
     def name(self, index: int) -> str:
-        return str(self.names[index]) if self.names is not None else f"{self.label}[{index}]"
+        """The row's `image_path`, or `LABEL[index]` when there is none (no such column, an empty cell)."""
+        named = self.names[index] if self.names is not None else None
+        return str(named) if named not in (None, "") else f"{self.label}[{index}]"
 
     def _cell(self, index: int) -> dict[str, Any]:
         cell = self.dataset[index][self.column]
@@ -118,6 +131,8 @@ class DatasetSource:
 
     def read(self, index: int, expected: str | None) -> tuple[str, Image.Image | None]:
         cell = self._cell(index)
+        if not cell.get("bytes"):  # a file: read once, so that the SHA-256 is that of the bytes decoded
+            cell = {"bytes": _read_bytes(cell["path"]), "path": cell["path"]}
         try:
             digest = self._digest(cell)
             if digest == expected:

@@ -6,12 +6,12 @@ line torn by the kill (the last one, without its newline) is ignored when read b
 position in the run's input list (`index`), its path, the SHA-256 of its bytes and either the row of the
 predictions table or the reason it was skipped.
 
-A resumed run (`done_fingerprints`) takes as done every position whose latest record is a scored row for the same
-path; the image is re-read and counts as done only if its fingerprint is unchanged. When the run completes,
-`merged_records` reads every shard at once, in order of position (each shard is sorted, so the merge holds one
-line per shard in memory, however many images), keeping the latest record of each position, and `write_tables`
-streams them into the tables: predictions.csv, predictions.json, predictions.jsonl and predictions.parquet
-(through `datasets`), as asked.
+A resumed run (`done_fingerprints`) takes as done every position whose latest record is a scored row for the same path,
+with its figure and map in place; the image is re-read and counts as done only if its fingerprint is unchanged. When
+the run completes, `merged_records` reads every shard at once, in order of position (each shard is sorted, so the merge
+holds one line per shard in memory, however many images), keeping the latest record of each position, and
+`write_tables` streams them into the tables: predictions.csv, predictions.json, predictions.jsonl and
+predictions.parquet (through `datasets`), as asked.
 """
 
 from __future__ import annotations
@@ -98,12 +98,18 @@ def merged_records(folder: str) -> Iterator[tuple[dict[str, Any], list[dict[str,
 
 def done_fingerprints(folder: str, positions: range, name: Callable[[int], str]) -> dict[int, str]:
     """Position -> SHA-256 of the scored row a previous run holds, for the `positions` whose latest record is a
-    scored row for the path the position has now (`name(index)`)."""
+    scored row for the path the position has now (`name(index)`) and whose figure and map are in `folder` with the
+    content the record gives (a run killed after writing a batch's records, before naming its files, left them
+    without: those images are scored again)."""
+    from ..io.output_safety import matches_record
+
     done: dict[int, str] = {}
     for record, _ in merged_records(folder):
         index = record["index"]
         if index in positions and "skipped" not in record and record["path"] == name(index):
-            done[index] = record["sha256"]
+            written = (record.get("written") or {}).items()
+            if all(matches_record(os.path.join(folder, *file.split("/")), content) for file, content in written):
+                done[index] = record["sha256"]
     return done
 
 

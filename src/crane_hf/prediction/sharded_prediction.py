@@ -4,18 +4,18 @@
     crane-hf predict /data/archive --model crane+/mvtec --output out --num-processes 4     # the same, launched for you
 
 The main process lists the inputs once and claims the output (checks, lock, the partial folder:
-`io.atomic.resumable_output_dir`); `PartialState.split_between_processes` gives each process a contiguous share of
-the positions, without padding or duplicates. Each process reads its images in DataLoader workers
-(`image_stream`), scores them batch by batch on its device (pinned memory and non-blocking copies on CUDA) and
-appends one record per image to its own shard, flushed per batch (`result_shards`); decision figures
-(`reporting.decision_figure`) and maps are written by the process that scored the image, under a temporary name and
-renamed. When every process has finished, the main process merges the shards in order of position into the tables,
-builds report.html from the merged rows when asked (`reporting.run_report`) and publishes the output. The tables do
-not depend on the number of processes: an image gives the same bits whatever else is in its batch
-(docs/architecture.md, "Bitwise reproducibility"), and the rows are ordered by position in the input list.
+`io.atomic.resumable_output_dir`); `PartialState.split_between_processes` gives each process a contiguous share of the
+positions, without padding or duplicates. Each process reads its images in DataLoader workers (`image_stream`), scores
+them batch by batch on its device (pinned memory and non-blocking copies on CUDA) and appends one record per image to
+its own shard, flushed per batch (`result_shards`); decision figures (`reporting.decision_figure`) and maps are written
+by the process that scored the image, under a temporary name, renamed once the batch's records are on disk. When every
+process has finished, the main process merges the shards in order of position into the tables, builds report.html from
+the merged rows when asked (`reporting.run_report`) and publishes the output. The tables do not depend on the number of
+processes: an image gives the same bits whatever else is in its batch (docs/architecture.md, "Bitwise
+reproducibility"), and the rows are ordered by position in the input list.
 
-With `resume`, positions whose image was already scored (same path, same SHA-256 of its bytes) are not scored
-again; a killed run loses at most its batches in flight.
+With `resume`, positions whose image was already scored (same path, same SHA-256 of its bytes, its figure and map
+in place) are not scored again; a killed run loses at most its batches in flight.
 
 This module imports torch, accelerate and the model folder only when a run starts (`crane-hf predict --help` stays
 fast: tests/test_startup.py).
@@ -38,6 +38,7 @@ from ..io.output_names import MARKER_NAME, TEMP_TAG, path_inside, safe_file_name
 from ..io.output_safety import (
     UnsafeOutputError,
     check_output_dir,
+    claim_contents,
     claim_entries,
     content_record,
     file_signatures,
@@ -63,6 +64,7 @@ from .result_shards import (
 
 COMMAND = "predict"
 TORN_SUFFIX = ".crane-hf-writing"  # an overlay or map being written (renamed when complete)
+REPORT_STAGING = ".report.crane-hf-writing"  # report.html and report_files/ being written (renamed when complete)
 
 
 @dataclass
@@ -95,12 +97,13 @@ def _typed_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 # Temporaries a predict run leaves in its partial folder when killed (a figure or map being written, the marker
-# being rewritten, the JSON Lines table behind predictions.parquet): crane-hf's by their names, which no user file
-# takes by chance; they are removed or rewritten.
+# being rewritten, the JSON Lines table behind predictions.parquet, the report being built): crane-hf's by their
+# names, which no user file takes by chance; they are removed or rewritten.
 _OWN_TEMPORARIES = re.compile(
     rf"(?:overlays|maps)/\.\d{{5,}}_[^/]*\.(?:png|npy){re.escape(TORN_SUFFIX)}"
     r"|\.predictions\.jsonl\.tmp"
     rf"|{re.escape(MARKER_NAME + TEMP_TAG)}[^/]*"
+    rf"|{re.escape(REPORT_STAGING)}/.+"
 )
 
 
@@ -399,6 +402,7 @@ def run_prediction(
                 for record in kept:
                     writer.write(record)
                 writer.flush()  # a killed run loses at most the batch in flight
+                _publish_files(folder, kept)  # its figures and maps get their names once their records are on disk
                 bar.update(len(batch["items"]))
         except BaseException:
             if state.is_main_process:
@@ -433,14 +437,36 @@ def run_prediction(
         claim_entries(folder, tables, COMMAND)  # with their content: a run killed from here on is taken up
         report.resumed = tally["earlier_runs"]
         report.skipped = [SkippedFile(item["path"], item["reason"]) for item in skipped]
-        shutil.rmtree(os.path.join(folder, ROWS_FOLDER))
         if show.report_html:
-            from ..reporting.run_report import write_predictions_report
-
-            write_predictions_report(folder, rows, summary, skipped, notice=show.notice, progress=progress)
-            thumbnails = file_signatures(os.path.join(folder, "report_files"))  # every file under it, at any depth
-            claim_entries(folder, ["report.html", *(f"report_files/{name}" for name in thumbnails)], COMMAND)
+            _write_report(folder, rows, summary, skipped, show.notice, progress)
+        shutil.rmtree(os.path.join(folder, ROWS_FOLDER))  # last: a run killed before is resumed from its records
     return report
+
+
+def _write_report(
+    folder: str, rows: list[dict[str, Any]], summary: dict[str, Any], skipped: list, notice: str | None, progress: bool
+) -> None:
+    """report.html and report_files/ of the partial folder `folder`, built under `REPORT_STAGING` (crane-hf's
+    temporary by its name), listed with their content in the folder's marker, then renamed: a run killed at any
+    point leaves no file of the report that a resumed run would have to refuse as not crane-hf's."""
+    from ..reporting.run_report import ASSETS_FOLDER, REPORT_FILE, write_predictions_report
+
+    staging = os.path.join(folder, REPORT_STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    os.makedirs(staging)
+    write_predictions_report(folder, rows, summary, skipped, notice=notice, progress=progress, write_to=staging)
+    names = [
+        REPORT_FILE,
+        *(f"{ASSETS_FOLDER}/{name}" for name in file_signatures(os.path.join(staging, ASSETS_FOLDER))),
+    ]
+    claim_contents(folder, {name: content_record(os.path.join(staging, *name.split("/"))) for name in names}, COMMAND)
+    for name in (ASSETS_FOLDER, REPORT_FILE):  # a report of a run killed after it got its names: listed, replaced
+        target = os.path.join(folder, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def _kept_rows(records: Any, rows: list[dict[str, Any]]) -> Any:
@@ -461,8 +487,8 @@ class FigureOptions:
 
 
 def _prepare_folder(folder: str, write_overlays: bool, save_maps: bool) -> int:
-    """Make the folders of overlays and maps, remove files that a killed run left half-written (temporary names
-    of `_write_atomically`), and return the number of this run."""
+    """Make the folders of overlays and maps, remove files that a killed run left half-written or not yet named
+    (temporary names of `_write_staged`), and return the number of this run."""
     for name, wanted in (("overlays", write_overlays), ("maps", save_maps)):
         subfolder = os.path.join(folder, name)
         if wanted:
@@ -477,12 +503,18 @@ def _prepare_folder(folder: str, write_overlays: bool, save_maps: bool) -> int:
 
 def _final_records(folder: str, count: int, name: Any, run: int, tally: dict[str, int]):
     """The latest record of every position, in order; files of superseded records that the latest one does not
-    name (an overlay of an image now skipped, or scored under another name) are removed from the partial folder.
-    Counts the records of earlier runs in `tally["earlier_runs"]`."""
+    name (an overlay of an image now skipped, or scored under another name) are removed from the partial folder, as
+    are those of positions beyond `count` (an earlier run's, whose input list was longer). Counts the records of
+    earlier runs in `tally["earlier_runs"]`."""
     expected = 0
     for record, superseded in merged_records(folder):
         index = record["index"]
-        if index >= count:
+        if index >= count:  # no longer listed: its files are no result of this run
+            group = [*superseded, record]
+            for old in group:
+                for key in ("overlay", "map"):
+                    if old.get(key):
+                        _remove_own_file(folder, old[key], group)
             continue
         if index != expected or record["path"] != name(index):
             raise RuntimeError(f"the partial results in {folder} do not cover position {expected}")  # a bug
@@ -555,7 +587,7 @@ def _score_batch(
         written: dict[str, Any] = {}
         if figures is not None:
             record["overlay"] = os.path.join("overlays", output_name(item.index, item.path, ".png"))
-            written[record["overlay"]] = _write_atomically(
+            written[record["overlay"]] = _write_staged(
                 folder,
                 record["overlay"],
                 save_decision_figure,
@@ -569,7 +601,7 @@ def _score_batch(
             )
         if save_maps:
             record["map"] = os.path.join("maps", output_name(item.index, item.path, ".npy"))
-            written[record["map"]] = _write_atomically(folder, record["map"], np.save, anomaly_map)
+            written[record["map"]] = _write_staged(folder, record["map"], np.save, anomaly_map)
         if written:  # what this run wrote there (`owned_partial_files`)
             record["written"] = {name.replace(os.sep, "/"): content for name, content in written.items()}
         records.append(record)
@@ -622,15 +654,29 @@ def _pipeline_outputs(
     return results
 
 
-def _write_atomically(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """`write(stream, *args, **kwargs)` a file of the output under a temporary name, then rename: a killed run
-    leaves no torn overlay. Returns the file's `content_record`."""
+def _staging_path(folder: str, relative: str) -> tuple[str, str]:
+    """(temporary name, final path) of the figure or map `relative` of the partial folder `folder`."""
     target = path_inside(folder, relative)
-    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TORN_SUFFIX}")
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{TORN_SUFFIX}"), target
+
+
+def _write_staged(folder: str, relative: str, write: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`write(stream, *args, **kwargs)` a figure or map of the partial folder under its temporary name (renamed by
+    `_publish_files` once the image's record is on disk, so that a killed run never leaves a figure without its
+    record, which would make the partial folder hold a file no record shows crane-hf wrote). Returns the file's
+    `content_record`."""
+    staging, target = _staging_path(folder, relative)
     with naming_write_errors(target), open(staging, "wb") as stream:  # a full disk names the file
         write(stream, *args, **kwargs)
-    os.replace(staging, target)
-    return content_record(target)
+    return content_record(staging)
+
+
+def _publish_files(folder: str, records: list[dict[str, Any]]) -> None:
+    """Give the figures and maps of `records` (written by `_write_staged`) their names. A run killed before
+    leaves records whose files are missing: a resumed run scores those images again (`done_fingerprints`)."""
+    for record in records:
+        for name in record.get("written") or {}:
+            os.replace(*_staging_path(folder, name))
 
 
 __all__ = [

@@ -89,9 +89,13 @@ def _thumbnail(source: str, destination: str) -> tuple[int, int]:
 
 
 def _prepare_rows(
-    folder: str, rows: Sequence[Mapping[str, Any]], image_threshold: float, progress: Callable | None
+    folder: str,
+    rows: Sequence[Mapping[str, Any]],
+    image_threshold: float,
+    progress: Callable | None,
+    write_to: str | None = None,
 ) -> list[dict[str, Any]]:
-    thumbnails = os.path.join(folder, ASSETS_FOLDER, "thumbnails")
+    thumbnails = os.path.join(write_to or folder, ASSETS_FOLDER, "thumbnails")
     os.makedirs(thumbnails, exist_ok=True)
     prepared = []
     for position, row in enumerate(rows):
@@ -158,6 +162,7 @@ def write_run_report(
     metric_columns: Sequence[tuple[str, str]] = (),
     skipped: Iterable[Mapping[str, Any]] = (),
     progress: bool = False,
+    write_to: str | None = None,
 ) -> str:
     """Write `folder/report.html` and its thumbnails (`folder/report_files/`); returns the report's path.
 
@@ -173,6 +178,8 @@ def write_run_report(
             with labels in `rows`, each class also gets its ROC and precision-recall curves.
         skipped: mappings with `path` and `reason`, listed at the end.
         progress: show a tqdm bar over the thumbnails.
+        write_to: write report.html and report_files/ into this folder instead (links are still those of a report
+            in `folder`, where they are to be moved: a report built under a temporary name, then renamed).
 
     Raises:
         ValueError: a threshold, score or pixel fraction that is not a number in [0, 1] (naming it, and for a row the
@@ -186,7 +193,7 @@ def write_run_report(
     image_threshold = _check_unit("image_threshold", image_threshold)  # score >= NaN would make every image "ok"
     pixel_threshold = _check_unit("pixel_threshold", pixel_threshold)
     bar = tqdm(total=len(rows), desc="Report", unit="image", disable=not progress)
-    prepared = _prepare_rows(folder, rows, image_threshold, bar.update)
+    prepared = _prepare_rows(folder, rows, image_threshold, bar.update, write_to)
     bar.close()
     has_labels = any(item["truth"] for item in prepared)
     if has_labels:
@@ -233,7 +240,7 @@ def write_run_report(
         curves=curves,
         skipped=list(skipped),
     )
-    path = os.path.join(folder, REPORT_FILE)
+    path = os.path.join(write_to or folder, REPORT_FILE)
     with open(path, "w", encoding="utf-8") as stream:
         stream.write(html)
     return path
@@ -262,9 +269,11 @@ def write_predictions_report(
     skipped: Iterable[Mapping[str, str]] = (),
     notice: str | None = None,
     progress: bool = False,
+    write_to: str | None = None,
 ) -> str:
     """`write_run_report` for the `rows` of a `crane-hf predict` run (path, score, is_anomalous, overlay...) and
-    the head of its predictions.json (`summary`: model, image_threshold, pixel_threshold); returns the page's path."""
+    the head of its predictions.json (`summary`: model, image_threshold, pixel_threshold); returns the page's path.
+    `write_to`: as in `write_run_report`."""
     model = summary.get("model")
     return write_run_report(
         folder,
@@ -276,4 +285,5 @@ def write_predictions_report(
         notice=notice,
         skipped=list(skipped),
         progress=progress,
+        write_to=write_to,
     )
