@@ -43,6 +43,7 @@ from ..prediction.sharded_prediction import (
     predict_images,
     prediction_protections,
 )
+from ..process_lifetime import end_with_parent
 from .cli_support import (
     EXIT_ERROR,
     EXIT_OK,
@@ -54,7 +55,6 @@ from .cli_support import (
     run_command,
 )
 from .process_launch import (
-    end_with_parent,
     launched_processes,
     run_as_worker,
     run_in_processes,

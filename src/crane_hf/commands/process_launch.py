@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from ..process_lifetime import end_with_parent, ends_with_parent
 from .cli_support import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, Terminated
 
 WORKER_FOLDER_VARIABLE = "CRANE_HF_WORKER_FOLDER"  # set by `run_in_processes` for the processes it starts
@@ -86,9 +87,7 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         command = accelerate_launch_command(module, num_processes)
         # Its own session: a Ctrl-C in the terminal reaches this process only, which passes it on once.
         environment = {**os.environ, WORKER_FOLDER_VARIABLE: folder}
-        launcher = subprocess.Popen(
-            command, env=environment, start_new_session=True, preexec_fn=_ends_with(os.getpid())
-        )
+        launcher = subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=ends_with_parent())
         returncode, stopped_by = _wait(launcher, folder, num_processes)
         codes = {rank: int(text) for rank in range(num_processes) if (text := _read(folder, f"exit-{rank}"))}
         # The other processes' messages repeat the main one's; shown when one of them alone failed.
@@ -108,26 +107,6 @@ def run_in_processes(module: str, args: argparse.Namespace, num_processes: int) 
         )
         return EXIT_BUG
     return codes[0] or next((code for code in codes.values() if code), 0)
-
-
-def end_with_parent(parent: int) -> None:
-    """On Linux, this process gets SIGKILL when its parent (process id `parent`) dies (prctl PR_SET_PDEATHSIG), so
-    that a run whose process is killed with SIGKILL (a cron timeout, the OOM killer, `kill -9` of the PID a scheduler
-    knows) leaves no launcher or process behind scoring on, holding the devices, and publishing the output of a run
-    that was killed. Elsewhere nothing changes. If the parent died before the call, ends now, as the signal would."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _ends_with(parent: int) -> Callable[[], None]:
-    """`preexec_fn` of the launcher: `end_with_parent(parent)` in the child, before it runs the launcher."""
-    return lambda: end_with_parent(parent)
 
 
 def _read(folder: str, name: str) -> str | None:

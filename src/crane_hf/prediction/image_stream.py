@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from PIL import Image
 from ..models.crane.image_reading import read_encoded_image, read_image_bytes
 from ..models.crane.pipeline_zero_shot_anomaly_detection import model_inputs_for_image, pixel_fingerprint
 from ..models.crane.reference_memory import SAME_PIXELS_REASON
+from ..process_lifetime import end_with_parent
 from ..training.fingerprints import file_sha256
 
 READ_ERRORS = (ValueError, OSError, SyntaxError, Image.DecompressionBombError)
@@ -227,24 +226,16 @@ def image_loader(stream: ImageStream, batch_size: int, workers: int, pin_memory:
         collate_fn=collate_images,
         pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
-        worker_init_fn=end_with_parent if workers else None,
+        worker_init_fn=_worker_ends_with_parent if workers else None,
     )
 
 
-def end_with_parent(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: on Linux, the worker gets SIGKILL when the process that started it dies
-    (prctl PR_SET_PDEATHSIG), so that a run killed with SIGKILL (a cron timeout, the OOM killer) leaves no worker
-    behind holding its files and memory. Elsewhere nothing changes (the DataLoader's own watchdog remains)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+def _worker_ends_with_parent(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ends with the process that started it, even one killed with SIGKILL
+    (`process_lifetime.end_with_parent`; the DataLoader's own watchdog remains)."""
     parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before the call: end now, as the signal would
-        os._exit(1)
+    if parent is not None:
+        end_with_parent(parent.pid)
 
 
 def batches(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, Any]]:
