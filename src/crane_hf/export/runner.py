@@ -17,6 +17,7 @@ folder holds two graphs (`folder.py`): `run` computes the D-Attn weights between
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -180,13 +181,12 @@ class ExportedCraneModel:
             self._check_ports(path, *ports, inputs, outputs)
             return lambda feed: dict(zip(names, session.run(names, feed)))
         require("openvino", "Running an OpenVINO export")
-        import openvino
 
         # float32 arithmetic: on CPUs with bf16 support OpenVINO would otherwise default to bf16.
         properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
-        compiled = openvino.Core().compile_model(path, "CPU", properties)
+        compiled = _openvino_core().compile_model(path, "CPU", properties)
         ports = ([p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs])
         self._check_ports(path, *ports, inputs, outputs)
         output_ports = {name: compiled.output(name) for name in names}
@@ -289,6 +289,15 @@ class ExportedCraneModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.folder!r}, backend={self.backend!r}, image_size={self.image_size})"
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    """One `openvino.Core` for the process, shared by every graph the runners load (OpenVINO's advice: several
+    Cores in one process, as a two-graph Crane+ folder made, crashed the process beside ONNX Runtime)."""
+    import openvino
+
+    return openvino.Core()
 
 
 def load_exported_detector(folder: str | os.PathLike, backend: str | None = None, num_threads: int | None = None):
