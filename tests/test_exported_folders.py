@@ -298,6 +298,73 @@ def test_the_dinov2_graph_of_a_crane_plus_openvino_folder_is_checked_like_the_ma
         load_model(folder)
 
 
+def _save_dino_graph(folder: str, pixel_shape: list[int], tokens_shape: list[int]) -> None:
+    """Replace a folder's dino.xml/.bin by a graph with DINOv2's port names but other shapes (-1: dynamic)."""
+    import openvino
+    from openvino import opset13 as ops
+
+    pixels = ops.parameter(pixel_shape, openvino.Type.f32, name="pixel_values")
+    tokens = ops.reshape(pixels, ops.constant(np.array(tokens_shape, dtype=np.int64)), special_zero=True)
+    tokens.output(0).set_names({"dino_tokens"})
+    model = openvino.Model([ops.result(tokens)], [pixels], "dino")
+    openvino.save_model(model, os.path.join(folder, "dino.xml"))
+
+
+def test_a_dinov2_graph_of_other_shapes_is_refused_with_one_line_not_image_by_image(folders, tmp_path, capsys):
+    """A DINOv2 graph whose input or tokens are not the folder's (another image size, another model) is refused
+    when the folder is loaded; one whose shapes are dynamic and wrong, when it returns them. Was: each image
+    skipped with OpenVINO's many-line error (exit 3)."""
+    images = write_test_images(tmp_path / "images", count=2)
+    folder = _copy(folders, tmp_path, "other-size", "openvino")
+    _save_dino_graph(folder, [-1, 3, 84, 84], [0, 36, -1])  # a DINOv2 graph exported at 84 pixels
+    with pytest.raises(
+        ValueError, match=r"dino\.xml: pixel_values has shape \['\?', 3, 84, 84\], not \['batch', 3, 56"
+    ):
+        load_model(folder)
+    assert main(["predict", *images, "--model", folder, "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "dino.xml: pixel_values has shape" in lines[0] and not (tmp_path / "out").exists()
+    folder = _copy(folders, tmp_path, "other-width", "openvino")
+    _save_dino_graph(folder, [-1, 3, 56, 56], [0, 16, -1])  # 16 tokens of 588 channels, not 24
+    with pytest.raises(
+        ValueError, match=r"dino\.xml: dino_tokens has shape \['\?', 16, 588\], not \['batch', 16, 24\]"
+    ):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "dynamic", "openvino")
+    _save_dino_graph(folder, [-1, 3, -1, -1], [0, -1, 24])  # loads, but returns 392 tokens at 56 pixels
+    runner = ExportedCraneModel(folder)
+    with pytest.raises(ValueError, match=r"dino\.xml returned dino_tokens of shape \[2, 392, 24\], not \[2, 16, 24\]"):
+        runner.run(np.zeros((2, 3, 56, 56), np.float32))
+
+
+def test_the_dattn_parameters_of_a_two_graph_folder_must_be_recorded(folders, tmp_path):
+    """The runner computes D-Attn's weights with config.json's beta and gamma: a two-graph folder whose record does
+    not hold them is refused, so that an edited config.json cannot change the computation unnoticed."""
+    for name, computation in [("none", None), ("partial", {"dattn_gamma": 3.0}), ("text", {"dattn_beta": "1.2"})]:
+        folder = _copy(folders, tmp_path, name, "openvino")
+        metadata = json.loads(pathlib.Path(folder, EXPORT_FILE).read_text())
+        computation = computation if computation is None else {**metadata["computation"], **computation}
+        if computation is not None and name == "partial":
+            del computation["dattn_beta"]
+        _edit_metadata(folder, computation=computation)
+        _edit_json(os.path.join(folder, "config.json"), dattn_beta=2.0)
+        with pytest.raises(ValueError, match=r"field 'computation' must record dattn_beta and dattn_gamma"):
+            load_model(folder)
+
+
+@pytest.mark.parametrize("field, value", [("use_dattn", False), ("variant", "crane")])
+def test_a_derived_field_in_config_json_is_refused_with_one_line(folders, tmp_path, capsys, field, value):
+    """Was: AttributeError traceback (exit 1) from a property without a setter, exported or eager folder alike."""
+    images = write_test_images(tmp_path / "images", count=1)
+    for kind in ("openvino", "model"):
+        folder = _copy(folders, tmp_path, f"{kind}-{field}", kind)
+        _edit_json(os.path.join(folder, "config.json"), **{field: value})
+        output = str(tmp_path / f"out-{kind}")
+        assert main(["predict", *images, "--model", folder, "--output", output, "--quiet"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(lines) == 1 and f"config.json: {field} is derived from the other fields" in lines[0]
+
+
 def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_graph(
     folders, tmp_path, monkeypatch, capsys
 ):
@@ -369,3 +436,14 @@ def test_an_edited_computation_field_in_the_exported_config_is_refused(folders, 
         ExportedCraneModel(exported)
     with pytest.raises(ValueError, match="soft_mean"):
         load_model(str(exported), soft_mean=True)  # an override equal to the edited value is no way around it
+
+
+def test_float64_pixels_beyond_float32s_range_are_refused_as_infinite_without_a_warning(folders):
+    """Was: numpy's overflow RuntimeWarning while casting, then the graph's non-finite outputs."""
+    import warnings
+
+    runner = ExportedCraneModel(folders("openvino"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"pixel_values contains NaN or infinite values \(in float32"):
+            runner.run(np.full((1, 3, 56, 56), 1e40))

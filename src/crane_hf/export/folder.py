@@ -99,6 +99,18 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise field("smoothing_sigma", f"must be null without the {OUTPUT_NAMES[2]} output")
     if metadata.get("dino_graph_file", DINO_GRAPHS[fmt]) != DINO_GRAPHS[fmt]:
         raise field("dino_graph_file", f"must be {DINO_GRAPHS[fmt]!r} for format {fmt!r} when present")
+    if "dino_graph_file" in metadata:
+        # the runner computes D-Attn's weights between the two graphs with config.json's beta and gamma: they must be
+        # recorded, so that an edited config.json is refused (the exports that write this field always record them)
+        computation = metadata.get("computation")
+        recorded = isinstance(computation, dict) and all(
+            isinstance(computation.get(name), (int, float))
+            and not isinstance(computation.get(name), bool)
+            and math.isfinite(computation.get(name))
+            for name in ("dattn_beta", "dattn_gamma")
+        )
+        if not recorded:
+            raise field("computation", "must record dattn_beta and dattn_gamma (numbers) with a dino_graph_file")
     if metadata.get("weights") not in WEIGHT_TYPES:
         raise field("weights", f"must be one of {', '.join(WEIGHT_TYPES)}")
     optional = (
