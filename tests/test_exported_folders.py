@@ -73,9 +73,10 @@ def test_predict_on_an_exported_folder_gives_the_eager_folders_rows(folders, fmt
     assert (summary["model"], summary["image_threshold"], summary["pixel_threshold"]) == (exported, 0.41, 0.58)
 
 
-def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])  # openvino: Crane+'s two graphs
+def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path, fmt):
     exported = tmp_path / "exported"
-    shutil.copytree(folders("onnx"), exported)
+    shutil.copytree(folders(fmt), exported)
     eager_dir = tmp_path / "model"
     shutil.copytree(folders("model"), eager_dir)
     normal = write_test_images(tmp_path / "normal", count=8, seed=3)
@@ -96,15 +97,16 @@ def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path):
     runner = ExportedCraneModel(exported)  # the runner reads the thresholds calibrate wrote
     assert runner.config.image_threshold == records[0]["image"]["threshold"]
     assert runner.config.pixel_threshold == records[0]["pixel"]["threshold"]
-    assert json.loads((exported / EXPORT_FILE).read_text())["format"] == "onnx"  # the export record is untouched
+    assert json.loads((exported / EXPORT_FILE).read_text())["format"] == fmt  # the export record is untouched
 
 
-def test_evaluate_on_an_exported_folder_gives_the_eager_metrics(folders, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_evaluate_on_an_exported_folder_gives_the_eager_metrics(folders, tmp_path, fmt):
     data = generate_synthetic_dataset(
         str(tmp_path / "data"), classes=["brick"], image_size=64, train_good=0, test_good=3, test_defective=2
     )
     reports = []
-    for name in ("model", "onnx"):
+    for name in ("model", fmt):
         output = tmp_path / f"eval-{name}"
         assert main(["evaluate", "--model", folders(name), "--data", data, "--output", str(output), "--quiet"]) == 0
         reports.append(json.loads((output / "metrics.json").read_text())["metrics"])
@@ -365,8 +367,9 @@ def test_a_derived_field_in_config_json_is_refused_with_one_line(folders, tmp_pa
         assert len(lines) == 1 and f"config.json: {field} is derived from the other fields" in lines[0]
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_graph(
-    folders, tmp_path, monkeypatch, capsys
+    folders, tmp_path, monkeypatch, capsys, fmt
 ):
     import crane_hf.prediction.sharded_prediction as sharded_prediction
 
@@ -374,7 +377,7 @@ def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_
 
     for name, value in subprocess_environment().items():  # the launched processes import this checkout
         monkeypatch.setenv(name, value)
-    exported = _copy(folders, tmp_path, "onnx-copy")
+    exported = _copy(folders, tmp_path, f"{fmt}-copy", fmt)
     write_test_images(tmp_path / "images", count=5, size=(48, 64))
     common = ["predict", str(tmp_path / "images"), "--model", exported, "--batch-size", "2", "--quiet"]
     common += ["--workers", "0"]
@@ -395,13 +398,18 @@ def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_
     monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_one_batch)
     assert main([*common, "--output", str(tmp_path / "resumed")]) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
-    import onnx
+    if fmt == "onnx":
+        import onnx
 
-    graph = os.path.join(exported, json.loads(pathlib.Path(exported, EXPORT_FILE).read_text())["graph_file"])
-    original = pathlib.Path(graph).read_bytes()
-    changed = onnx.load(graph)
-    changed.doc_string = "another graph"  # other bytes, the same numbers: still not the graph that scored them
-    onnx.save(changed, graph)
+        graph = os.path.join(exported, json.loads(pathlib.Path(exported, EXPORT_FILE).read_text())["graph_file"])
+        original = pathlib.Path(graph).read_bytes()
+        changed = onnx.load(graph)
+        changed.doc_string = "another graph"  # other bytes, the same numbers: still not the graph that scored them
+        onnx.save(changed, graph)
+    else:  # the DINOv2 graph of the two counts too
+        graph = os.path.join(exported, "dino.xml")
+        original = pathlib.Path(graph).read_bytes()
+        pathlib.Path(graph).write_bytes(original + b"\n")
     capsys.readouterr()
     assert main([*common, "--output", str(tmp_path / "resumed"), "--resume"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
