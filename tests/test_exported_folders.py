@@ -455,3 +455,18 @@ def test_float64_pixels_beyond_float32s_range_are_refused_as_infinite_without_a_
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=r"pixel_values contains NaN or infinite values \(in float32"):
             runner.run(np.full((1, 3, 56, 56), 1e40))
+
+
+@pytest.mark.parametrize("name", [EXPORT_FILE, "config.json", "preprocessor_config.json"])
+def test_the_json_files_of_an_exported_folder_must_be_regular_files_inside_it(folders, tmp_path, name):
+    """Was: a link to a file elsewhere was read; the graph files were checked, these not."""
+    folder = _copy(folders, tmp_path, "linked", "openvino")
+    elsewhere = tmp_path / f"elsewhere-{name}"
+    os.rename(os.path.join(folder, name), elsewhere)
+    os.symlink(elsewhere, os.path.join(folder, name))
+    with pytest.raises(ValueError, match=rf"{name}: .* must be a regular file inside .* \(it is a link"):
+        load_model(folder)
+    os.remove(os.path.join(folder, name))
+    os.mkfifo(os.path.join(folder, name))
+    with pytest.raises(ValueError, match=rf"{name}: .*not a regular file"):  # model_loading's check, or the runner's
+        load_model(folder)

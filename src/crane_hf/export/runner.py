@@ -35,6 +35,7 @@ from .folder import (
     INPUT_NAME,
     OUTPUT_NAMES,
     check_graph_files,
+    check_json_files,
     read_export_metadata,
 )
 from .packages import require
@@ -91,6 +92,7 @@ class ExportedCraneModel:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}.")
         self.image_size = int(self.metadata["image_size"])
         self.output_names = tuple(self.metadata["outputs"])
+        check_json_files(self.folder)
         self.config = CraneConfig.from_pretrained(self.folder)
         if self.config.image_size != self.image_size:
             raise ValueError(
