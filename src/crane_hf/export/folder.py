@@ -11,9 +11,9 @@
 
 A folder downloaded from someone else is read as untrusted: every field of `crane_export.json` the runner relies
 on is checked (type and value, named in the error), the graph files and the JSON files must be regular files
-inside the folder (no symbolic link), and the external-data locations of an ONNX file are read with onnx's external-data helpers and
-refused where they leave the folder, before a runtime opens the file. Errors are one line naming the file and the
-field or tensor.
+inside the folder (no symbolic link), and the external-data locations of an ONNX file are read with onnx's
+external-data helpers and refused where they leave the folder, before a runtime opens the file. Errors are one
+line naming the file and the field or tensor.
 """
 
 from __future__ import annotations
