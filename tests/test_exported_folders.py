@@ -470,3 +470,11 @@ def test_the_json_files_of_an_exported_folder_must_be_regular_files_inside_it(fo
     os.mkfifo(os.path.join(folder, name))
     with pytest.raises(ValueError, match=rf"{name}: .*not a regular file"):  # model_loading's check, or the runner's
         load_model(folder)
+
+
+def test_a_crane_plus_onnx_graph_is_not_run_on_openvino(folders):
+    """OpenVINO's CPU plugin would decide the graph's float64 D-Attn mask in float32 (what the two-graph OpenVINO
+    export avoids); was: accepted, silently."""
+    with pytest.raises(ValueError, match=r"Crane\+ ONNX graph deciding D-Attn's mask in float64.*onnxruntime"):
+        ExportedCraneModel(folders("onnx"), backend="openvino")
+    assert ExportedCraneModel(folders("onnx")).backend == "onnxruntime"

@@ -66,8 +66,8 @@ class ExportedCraneModel:
     Args:
         folder: the exported folder (`crane_export.json`, the graph files, `config.json`,
             `preprocessor_config.json`), read as untrusted (`folder.py`).
-        backend: "onnxruntime" or "openvino"; default the export's own runtime (an ONNX file also runs on
-            OpenVINO; an OpenVINO IR only on OpenVINO).
+        backend: "onnxruntime" or "openvino"; default the export's own runtime (a Crane ONNX file also runs on
+            OpenVINO, not a Crane+ one: its float64 D-Attn mask; an OpenVINO IR only on OpenVINO).
         num_threads: threads of the runtime; default the runtime's (all cores).
 
     Raises:
@@ -100,6 +100,12 @@ class ExportedCraneModel:
                 f"{self.image_size} ({EXPORT_FILE}); the folder is not as export_model wrote it."
             )
         self._check_computation()
+        if self.backend == "openvino" and fmt == "onnx" and self.config.use_dattn:
+            raise ValueError(
+                f"{self.folder} is a Crane+ ONNX graph deciding D-Attn's mask in float64, which OpenVINO's CPU plugin "
+                "computes in float32 (docs/export.md): run it with onnxruntime, or export the model with --format "
+                "openvino (two graphs, the mask decided in float64 between them)."
+            )
         self.config._name_or_path = self.folder
         # D-Attn's weights computed here between a DINOv2 graph and the main graph (OpenVINO has no float64)
         self.dattn_weights_outside = "dino_graph_file" in self.metadata
