@@ -133,6 +133,7 @@ def test_what_an_exported_graph_cannot_honour_is_refused_with_one_line(folders, 
     assert model.config.image_threshold == 0.9 and processor.image_size == model.image_size
 
     images = write_test_images(tmp_path / "images", count=1)
+    capsys.readouterr()  # the fixture's export, when this test is the first to ask for it
     argvs = [
         ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--dtype", "bfloat16"],
         ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--device", "cuda:1"],
