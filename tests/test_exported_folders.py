@@ -75,9 +75,10 @@ def test_predict_on_an_exported_folder_gives_the_eager_folders_rows(folders, fmt
     assert (summary["model"], summary["image_threshold"], summary["pixel_threshold"]) == (exported, 0.41, 0.58)
 
 
-def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])  # openvino: Crane+'s two graphs
+def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path, fmt):
     exported = tmp_path / "exported"
-    shutil.copytree(folders("onnx"), exported)
+    shutil.copytree(folders(fmt), exported)
     eager_dir = tmp_path / "model"
     shutil.copytree(folders("model"), eager_dir)
     normal = write_test_images(tmp_path / "normal", count=8, seed=3)
@@ -98,15 +99,16 @@ def test_load_detector_and_calibrate_take_an_exported_folder(folders, tmp_path):
     runner = ExportedCraneModel(exported)  # the runner reads the thresholds calibrate wrote
     assert runner.config.image_threshold == records[0]["image"]["threshold"]
     assert runner.config.pixel_threshold == records[0]["pixel"]["threshold"]
-    assert json.loads((exported / EXPORT_FILE).read_text())["format"] == "onnx"  # the export record is untouched
+    assert json.loads((exported / EXPORT_FILE).read_text())["format"] == fmt  # the export record is untouched
 
 
-def test_evaluate_on_an_exported_folder_gives_the_eager_metrics(folders, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_evaluate_on_an_exported_folder_gives_the_eager_metrics(folders, tmp_path, fmt):
     data = generate_synthetic_dataset(
         str(tmp_path / "data"), classes=["brick"], image_size=64, train_good=0, test_good=3, test_defective=2
     )
     reports = []
-    for name in ("model", "onnx"):
+    for name in ("model", fmt):
         output = tmp_path / f"eval-{name}"
         assert main(["evaluate", "--model", folders(name), "--data", data, "--output", str(output), "--quiet"]) == 0
         reports.append(json.loads((output / "metrics.json").read_text())["metrics"])
@@ -133,6 +135,7 @@ def test_what_an_exported_graph_cannot_honour_is_refused_with_one_line(folders, 
     assert model.config.image_threshold == 0.9 and processor.image_size == model.image_size
 
     images = write_test_images(tmp_path / "images", count=1)
+    capsys.readouterr()  # the fixture's export, when this test is the first to ask for it
     argvs = [
         ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--dtype", "bfloat16"],
         ["predict", *images, "--model", exported, "--output", str(tmp_path / "p"), "--device", "cuda:1"],
@@ -300,8 +303,76 @@ def test_the_dinov2_graph_of_a_crane_plus_openvino_folder_is_checked_like_the_ma
         load_model(folder)
 
 
+def _save_dino_graph(folder: str, pixel_shape: list[int], tokens_shape: list[int]) -> None:
+    """Replace a folder's dino.xml/.bin by a graph with DINOv2's port names but other shapes (-1: dynamic)."""
+    import openvino
+    from openvino import opset13 as ops
+
+    pixels = ops.parameter(pixel_shape, openvino.Type.f32, name="pixel_values")
+    tokens = ops.reshape(pixels, ops.constant(np.array(tokens_shape, dtype=np.int64)), special_zero=True)
+    tokens.output(0).set_names({"dino_tokens"})
+    model = openvino.Model([ops.result(tokens)], [pixels], "dino")
+    openvino.save_model(model, os.path.join(folder, "dino.xml"))
+
+
+def test_a_dinov2_graph_of_other_shapes_is_refused_with_one_line_not_image_by_image(folders, tmp_path, capsys):
+    """A DINOv2 graph whose input or tokens are not the folder's (another image size, another model) is refused
+    when the folder is loaded; one whose shapes are dynamic and wrong, when it returns them. Was: each image
+    skipped with OpenVINO's many-line error (exit 3)."""
+    images = write_test_images(tmp_path / "images", count=2)
+    folder = _copy(folders, tmp_path, "other-size", "openvino")
+    _save_dino_graph(folder, [-1, 3, 84, 84], [0, 36, -1])  # a DINOv2 graph exported at 84 pixels
+    with pytest.raises(
+        ValueError, match=r"dino\.xml: pixel_values has shape \['\?', 3, 84, 84\], not \['batch', 3, 56"
+    ):
+        load_model(folder)
+    assert main(["predict", *images, "--model", folder, "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "dino.xml: pixel_values has shape" in lines[0] and not (tmp_path / "out").exists()
+    folder = _copy(folders, tmp_path, "other-width", "openvino")
+    _save_dino_graph(folder, [-1, 3, 56, 56], [0, 16, -1])  # 16 tokens of 588 channels, not 24
+    with pytest.raises(
+        ValueError, match=r"dino\.xml: dino_tokens has shape \['\?', 16, 588\], not \['batch', 16, 24\]"
+    ):
+        load_model(folder)
+    folder = _copy(folders, tmp_path, "dynamic", "openvino")
+    _save_dino_graph(folder, [-1, 3, -1, -1], [0, -1, 24])  # loads, but returns 392 tokens at 56 pixels
+    runner = ExportedCraneModel(folder)
+    with pytest.raises(ValueError, match=r"dino\.xml returned dino_tokens of shape \[2, 392, 24\], not \[2, 16, 24\]"):
+        runner.run(np.zeros((2, 3, 56, 56), np.float32))
+
+
+def test_the_dattn_parameters_of_a_two_graph_folder_must_be_recorded(folders, tmp_path):
+    """The runner computes D-Attn's weights with config.json's beta and gamma: a two-graph folder whose record does
+    not hold them is refused, so that an edited config.json cannot change the computation unnoticed."""
+    for name, computation in [("none", None), ("partial", {"dattn_gamma": 3.0}), ("text", {"dattn_beta": "1.2"})]:
+        folder = _copy(folders, tmp_path, name, "openvino")
+        metadata = json.loads(pathlib.Path(folder, EXPORT_FILE).read_text())
+        computation = computation if computation is None else {**metadata["computation"], **computation}
+        if computation is not None and name == "partial":
+            del computation["dattn_beta"]
+        _edit_metadata(folder, computation=computation)
+        _edit_json(os.path.join(folder, "config.json"), dattn_beta=2.0)
+        with pytest.raises(ValueError, match=r"field 'computation' must record dattn_beta and dattn_gamma"):
+            load_model(folder)
+
+
+@pytest.mark.parametrize("field, value", [("use_dattn", False), ("variant", "crane")])
+def test_a_derived_field_in_config_json_is_refused_with_one_line(folders, tmp_path, capsys, field, value):
+    """Was: AttributeError traceback (exit 1) from a property without a setter, exported or eager folder alike."""
+    images = write_test_images(tmp_path / "images", count=1)
+    for kind in ("openvino", "model"):
+        folder = _copy(folders, tmp_path, f"{kind}-{field}", kind)
+        _edit_json(os.path.join(folder, "config.json"), **{field: value})
+        output = str(tmp_path / f"out-{kind}")
+        assert main(["predict", *images, "--model", folder, "--output", output, "--quiet"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(lines) == 1 and f"config.json: {field} is derived from the other fields" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_graph(
-    folders, tmp_path, monkeypatch, capsys
+    folders, tmp_path, monkeypatch, capsys, fmt
 ):
     import crane_hf.prediction.sharded_prediction as sharded_prediction
 
@@ -309,7 +380,7 @@ def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_
 
     for name, value in subprocess_environment().items():  # the launched processes import this checkout
         monkeypatch.setenv(name, value)
-    exported = _copy(folders, tmp_path, "onnx-copy")
+    exported = _copy(folders, tmp_path, f"{fmt}-copy", fmt)
     write_test_images(tmp_path / "images", count=5, size=(48, 64))
     common = ["predict", str(tmp_path / "images"), "--model", exported, "--batch-size", "2", "--quiet"]
     common += ["--workers", "0"]
@@ -330,13 +401,18 @@ def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_
     monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_one_batch)
     assert main([*common, "--output", str(tmp_path / "resumed")]) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
-    import onnx
+    if fmt == "onnx":
+        import onnx
 
-    graph = os.path.join(exported, json.loads(pathlib.Path(exported, EXPORT_FILE).read_text())["graph_file"])
-    original = pathlib.Path(graph).read_bytes()
-    changed = onnx.load(graph)
-    changed.doc_string = "another graph"  # other bytes, the same numbers: still not the graph that scored them
-    onnx.save(changed, graph)
+        graph = os.path.join(exported, json.loads(pathlib.Path(exported, EXPORT_FILE).read_text())["graph_file"])
+        original = pathlib.Path(graph).read_bytes()
+        changed = onnx.load(graph)
+        changed.doc_string = "another graph"  # other bytes, the same numbers: still not the graph that scored them
+        onnx.save(changed, graph)
+    else:  # the DINOv2 graph of the two counts too
+        graph = os.path.join(exported, "dino.xml")
+        original = pathlib.Path(graph).read_bytes()
+        pathlib.Path(graph).write_bytes(original + b"\n")
     capsys.readouterr()
     assert main([*common, "--output", str(tmp_path / "resumed"), "--resume"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -371,3 +447,37 @@ def test_an_edited_computation_field_in_the_exported_config_is_refused(folders, 
         ExportedCraneModel(exported)
     with pytest.raises(ValueError, match="soft_mean"):
         load_model(str(exported), soft_mean=True)  # an override equal to the edited value is no way around it
+
+
+def test_float64_pixels_beyond_float32s_range_are_refused_as_infinite_without_a_warning(folders):
+    """Was: numpy's overflow RuntimeWarning while casting, then the graph's non-finite outputs."""
+    import warnings
+
+    runner = ExportedCraneModel(folders("openvino"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"pixel_values contains NaN or infinite values \(in float32"):
+            runner.run(np.full((1, 3, 56, 56), 1e40))
+
+
+@pytest.mark.parametrize("name", [EXPORT_FILE, "config.json", "preprocessor_config.json"])
+def test_the_json_files_of_an_exported_folder_must_be_regular_files_inside_it(folders, tmp_path, name):
+    """Was: a link to a file elsewhere was read; the graph files were checked, these not."""
+    folder = _copy(folders, tmp_path, "linked", "openvino")
+    elsewhere = tmp_path / f"elsewhere-{name}"
+    os.rename(os.path.join(folder, name), elsewhere)
+    os.symlink(elsewhere, os.path.join(folder, name))
+    with pytest.raises(ValueError, match=rf"{name}: .* must be a regular file inside .* \(it is a link"):
+        load_model(folder)
+    os.remove(os.path.join(folder, name))
+    os.mkfifo(os.path.join(folder, name))
+    with pytest.raises(ValueError, match=rf"{name}: .*not a regular file"):  # model_loading's check, or the runner's
+        load_model(folder)
+
+
+def test_a_crane_plus_onnx_graph_is_not_run_on_openvino(folders):
+    """OpenVINO's CPU plugin would decide the graph's float64 D-Attn mask in float32 (what the two-graph OpenVINO
+    export avoids); was: accepted, silently."""
+    with pytest.raises(ValueError, match=r"Crane\+ ONNX graph deciding D-Attn's mask in float64.*onnxruntime"):
+        ExportedCraneModel(folders("onnx"), backend="openvino")
+    assert ExportedCraneModel(folders("onnx")).backend == "onnxruntime"

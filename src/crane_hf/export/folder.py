@@ -10,10 +10,10 @@
                                  config's inference fields), versions, and the verification result
 
 A folder downloaded from someone else is read as untrusted: every field of `crane_export.json` the runner relies
-on is checked (type and value, named in the error), the graph files must be regular files inside the folder (no
-symbolic link), and the external-data locations of an ONNX file are read with onnx's external-data helpers and
-refused where they leave the folder, before a runtime opens the file. Errors are one line naming the file and the
-field or tensor.
+on is checked (type and value, named in the error), the graph files and the JSON files must be regular files
+inside the folder (no symbolic link), and the external-data locations of an ONNX file are read with onnx's
+external-data helpers and refused where they leave the folder, before a runtime opens the file. Errors are one
+line naming the file and the field or tensor.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         ValueError: the file is not JSON, too large, or a field is missing or wrong (the message names it).
     """
     path = os.path.join(os.fspath(folder), EXPORT_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{folder} is not an exported Crane folder: it has no {EXPORT_FILE}.")
+    _regular_file_inside(os.fspath(folder), EXPORT_FILE, "the export record")
     if os.path.getsize(path) > MAX_METADATA_BYTES:
         raise ValueError(f"{path} is {os.path.getsize(path)} bytes; an export writes about 1 kB (refused).")
     try:
@@ -99,6 +100,18 @@ def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise field("smoothing_sigma", f"must be null without the {OUTPUT_NAMES[2]} output")
     if metadata.get("dino_graph_file", DINO_GRAPHS[fmt]) != DINO_GRAPHS[fmt]:
         raise field("dino_graph_file", f"must be {DINO_GRAPHS[fmt]!r} for format {fmt!r} when present")
+    if "dino_graph_file" in metadata:
+        # the runner computes D-Attn's weights between the two graphs with config.json's beta and gamma: they must be
+        # recorded, so that an edited config.json is refused (the exports that write this field always record them)
+        computation = metadata.get("computation")
+        recorded = isinstance(computation, dict) and all(
+            isinstance(computation.get(name), (int, float))
+            and not isinstance(computation.get(name), bool)
+            and math.isfinite(computation.get(name))
+            for name in ("dattn_beta", "dattn_gamma")
+        )
+        if not recorded:
+            raise field("computation", "must record dattn_beta and dattn_gamma (numbers) with a dino_graph_file")
     if metadata.get("weights") not in WEIGHT_TYPES:
         raise field("weights", f"must be one of {', '.join(WEIGHT_TYPES)}")
     optional = (
@@ -123,6 +136,8 @@ def _regular_file_inside(folder: str, name: str, what: str) -> str:
     real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root:
         raise ValueError(f"{path}: {what} resolves to {real}, outside {folder} (refused).")
+    if os.path.lexists(path) and not os.path.isfile(path):  # a folder, a FIFO (reading it would block), a device
+        raise ValueError(f"{path}: {what} must be a regular file inside {folder} (it is not a regular file).")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing ({what}, named by {folder}/{EXPORT_FILE}).")
     return path
@@ -160,6 +175,13 @@ def check_onnx_external_data(folder: str, graph_path: str) -> list[str]:
     return files
 
 
+def check_json_files(folder: str | os.PathLike) -> None:
+    """`config.json` and `preprocessor_config.json`, which the runner reads besides the graphs, must be regular files
+    inside `folder` too (`crane_export.json` is checked by `read_export_metadata`)."""
+    for name, what in (("config.json", "the model's config"), ("preprocessor_config.json", "the image processor")):
+        _regular_file_inside(os.fspath(folder), name, what)
+
+
 def check_graph_files(folder: str | os.PathLike, metadata: dict[str, Any], key: str = "graph_file") -> str:
     """The path of the graph file `metadata[key]` ("graph_file" or "dino_graph_file") of a checked `metadata`, after
     checking every file the runtime will read for it.
@@ -188,6 +210,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "WEIGHT_TYPES",
     "check_graph_files",
+    "check_json_files",
     "check_onnx_external_data",
     "is_exported_folder",
     "read_export_metadata",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.crane.configuration_crane import CraneConfig
+from ..models.crane.configuration_crane import CraneConfig, _as_int
 from ..models.crane.d_attention import dino_similarity_attention_float64
 from ..models.crane.image_processing_crane import CraneImageProcessor
 from ..models.crane.modeling_crane import CraneAnomalyDetectionOutput
@@ -34,7 +34,9 @@ from .folder import (
     DINO_TOKENS_NAME,
     EXPORT_FILE,
     INPUT_NAME,
+    OUTPUT_NAMES,
     check_graph_files,
+    check_json_files,
     read_export_metadata,
 )
 from .packages import require
@@ -65,8 +67,8 @@ class ExportedCraneModel:
     Args:
         folder: the exported folder (`crane_export.json`, the graph files, `config.json`,
             `preprocessor_config.json`), read as untrusted (`folder.py`).
-        backend: "onnxruntime" or "openvino"; default the export's own runtime (an ONNX file also runs on
-            OpenVINO; an OpenVINO IR only on OpenVINO).
+        backend: "onnxruntime" or "openvino"; default the export's own runtime (a Crane ONNX file also runs on
+            OpenVINO, not a Crane+ one: its float64 D-Attn mask; an OpenVINO IR only on OpenVINO).
         num_threads: threads of the runtime; default the runtime's (all cores).
 
     Raises:
@@ -91,6 +93,7 @@ class ExportedCraneModel:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}.")
         self.image_size = int(self.metadata["image_size"])
         self.output_names = tuple(self.metadata["outputs"])
+        check_json_files(self.folder)
         self.config = CraneConfig.from_pretrained(self.folder)
         if self.config.image_size != self.image_size:
             raise ValueError(
@@ -98,6 +101,12 @@ class ExportedCraneModel:
                 f"{self.image_size} ({EXPORT_FILE}); the folder is not as export_model wrote it."
             )
         self._check_computation()
+        if self.backend == "openvino" and fmt == "onnx" and self.config.use_dattn:
+            raise ValueError(
+                f"{self.folder} is a Crane+ ONNX graph deciding D-Attn's mask in float64, which OpenVINO's CPU plugin "
+                "computes in float32 (docs/export.md): run it with onnxruntime, or export the model with --format "
+                "openvino (two graphs, the mask decided in float64 between them)."
+            )
         self.config._name_or_path = self.folder
         # D-Attn's weights computed here between a DINOv2 graph and the main graph (OpenVINO has no float64)
         self.dattn_weights_outside = "dino_graph_file" in self.metadata
@@ -107,8 +116,20 @@ class ExportedCraneModel:
                 f"config.json is a {self.config.variant} model without D-Attn; the folder is not as export_model "
                 "wrote it."
             )
+        size = self.image_size
+        # The shape of each port ([None] = the dynamic batch): a graph exported at another image size, or a DINOv2
+        # graph of another model, is refused when it is loaded, not image by image
+        self._shapes: dict[str, list[int | None]] = {
+            INPUT_NAME: [None, 3, size, size],
+            OUTPUT_NAMES[0]: [None],
+            **{name: [None, size, size] for name in OUTPUT_NAMES[1:]},
+        }
         self._dino = None
         if self.dattn_weights_outside:
+            dino = self.config.dino_config
+            cells = (size // _as_int(dino.patch_size)) ** 2
+            self._shapes[DATTN_WEIGHTS_NAME] = [None, cells, cells]
+            self._shapes[DINO_TOKENS_NAME] = [None, cells, int(dino.hidden_size)]
             dino_path = check_graph_files(self.folder, self.metadata, "dino_graph_file")
             self._dino = self._open(dino_path, num_threads, (INPUT_NAME,), (DINO_TOKENS_NAME,))
         inputs = (INPUT_NAME, DATTN_WEIGHTS_NAME) if self.dattn_weights_outside else (INPUT_NAME,)
@@ -116,9 +137,10 @@ class ExportedCraneModel:
         self._session = self._open(graph_path, num_threads, inputs, self.output_names)
 
     def _open(self, path: str, num_threads: int | None, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
-        """`_load`, with a runtime's own error while loading as one `ValueError` naming the file."""
+        """`_load`, with a runtime's own error while loading as one `ValueError` naming the file, and the returned
+        function's own errors (a graph whose computation fails on the shapes it is given) as one too."""
         try:
-            return self._load(path, num_threads, inputs, outputs)
+            run = self._load(path, num_threads, inputs, outputs)
         except ValueError:
             raise
         except Exception as error:  # the runtimes' own types (onnxruntime's Fail, OpenVINO's RuntimeError, ...)
@@ -126,6 +148,43 @@ class ExportedCraneModel:
                 f"{path} could not be loaded by {self.backend} (a damaged or truncated file, or not as "
                 f"export_model wrote it): {' '.join(str(error).split())}"
             ) from error
+
+        def checked(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            try:
+                results = run(feed)
+            except Exception as error:  # the runtimes' own types, as above
+                raise ValueError(
+                    f"{path} failed in {self.backend} on inputs of shapes "
+                    f"{ {name: list(value.shape) for name, value in feed.items()} } (not as export_model wrote it): "
+                    f"{' '.join(str(error).split())[:500]}"
+                ) from error
+            batch = next(iter(feed.values())).shape[0]
+            for name, value in results.items():
+                expected = [batch if dim is None else dim for dim in self._shapes[name]]
+                if list(value.shape) != expected:
+                    raise ValueError(
+                        f"{path} returned {name} of shape {list(value.shape)}, not {expected}; the graph is not "
+                        f"the one {EXPORT_FILE} describes."
+                    )
+            return results
+
+        return checked
+
+    def _check_shapes(self, path: str, ports: dict[str, list[int | None] | None]) -> None:
+        """Each port's static dimensions (None: dynamic; a port of unknown rank: None) must be `self._shapes`'."""
+        for name, dims in ports.items():
+            expected = self._shapes.get(name)
+            if dims is None or expected is None:
+                continue
+            if len(dims) != len(expected) or any(
+                have is not None and want is not None and have != want for have, want in zip(dims, expected)
+            ):
+                shown = ["batch" if dim is None else dim for dim in expected]
+                raise ValueError(
+                    f"{path}: {name} has shape {['?' if dim is None else dim for dim in dims]}, not {shown} as "
+                    f"{EXPORT_FILE} and config.json imply (a graph exported at another image size, or of another "
+                    "model)."
+                )
 
     def _check_computation(self) -> None:
         """config.json's inference fields must be those the graph was exported with (`computation` of
@@ -179,6 +238,13 @@ class ExportedCraneModel:
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             ports = ([{p.name} for p in session.get_inputs()], [{p.name} for p in session.get_outputs()])
             self._check_ports(path, *ports, inputs, outputs)
+            self._check_shapes(
+                path,
+                {
+                    p.name: None if p.shape is None else [d if isinstance(d, int) else None for d in p.shape]
+                    for p in [*session.get_inputs(), *session.get_outputs()]
+                },
+            )
             return lambda feed: dict(zip(names, session.run(names, feed)))
         require("openvino", "Running an OpenVINO export")
 
@@ -189,6 +255,17 @@ class ExportedCraneModel:
         compiled = _openvino_core().compile_model(path, "CPU", properties)
         ports = ([p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs])
         self._check_ports(path, *ports, inputs, outputs)
+
+        def dims(port: Any) -> list[int | None] | None:
+            shape = port.get_partial_shape()
+            if shape.rank.is_dynamic:
+                return None
+            return [d.get_length() if d.is_static else None for d in shape]
+
+        self._check_shapes(
+            path,
+            {name: dims(port) for port in [*compiled.inputs, *compiled.outputs] for name in port.get_names()},
+        )
         output_ports = {name: compiled.output(name) for name in names}
         request = compiled.create_infer_request()
 
@@ -260,9 +337,11 @@ class ExportedCraneModel:
             )
         if not np.issubdtype(pixels.dtype, np.floating):
             raise TypeError(f"pixel_values must be floating point, got {pixels.dtype}.")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: infinite, refused below
+            pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         if not np.isfinite(pixels).all():
-            raise ValueError("pixel_values contains NaN or infinite values.")
-        feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
+            raise ValueError("pixel_values contains NaN or infinite values (in float32, the graph's input type).")
+        feed = {INPUT_NAME: pixels}
         if self._dino is not None:
             tokens = self._dino(feed)[DINO_TOKENS_NAME]
             if not np.isfinite(tokens).all():

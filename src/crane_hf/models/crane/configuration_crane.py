@@ -396,6 +396,14 @@ class CraneConfig(PreTrainedConfig):
         self.prompt_token_ids = [[int(i) for i in ids] for ids in prompt_token_ids]
         self._validate_token_ids()
         self.threshold_computation = self._threshold_record(threshold_computation)
+        # `use_dattn`, `variant`, ... in an edited config.json: not settings (was: AttributeError, a traceback)
+        for name in kwargs:
+            attribute = getattr(type(self), name, None)
+            if isinstance(attribute, property) and attribute.fset is None:
+                raise ValueError(
+                    f"{name} is derived from the other fields (not a setting); remove it "
+                    f"({name}={kwargs[name]!r} was given)."
+                )
         super().__init__(**kwargs)
 
     @classmethod
