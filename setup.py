@@ -42,7 +42,9 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "scikit-learn>=1.3",
-        "pillow>=10.0",
+        # bicubic resize (the official transform) rounds some uint8 pixels one level differently in Pillow 13
+        # (docs/architecture.md, "Preprocessing conversions"); <13 is what the tests and parity ran with
+        "pillow>=10.0,<13",
         "tqdm>=4.60",
         "matplotlib>=3.8",  # decision figures and report charts of predict, evaluate, demo (Agg canvas, no display)
         "jinja2>=3.1",  # report.html (torch requires it already)
