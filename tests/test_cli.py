@@ -354,6 +354,7 @@ def test_model_card_lists_the_published_results_of_a_preset(tiny_model_dir):
     card = str(build_model_card(model, "acme/crane-plus"))
     assert "| MVTec-AD | 93.9 | 97.6 | 93.6 | 91.2 | 88.1 | 43.8 |" in card
     assert "model-index" in card and "pixel-aupro" in card
+    assert "computed with `pillow<13`" in card  # remote-code users install their own Pillow (docs/architecture.md)
 
 
 def test_fields_that_do_not_apply_to_crane_are_recorded_as_not_applicable(tmp_path):
