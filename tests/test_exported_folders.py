@@ -19,6 +19,7 @@ from crane_hf.export import EXPORT_FILE, ExportedCraneModel
 from crane_hf.model_loading import load_model, model_kind
 
 from .export_packages import export_tests_mark
+from .interruptions import raise_on_call
 from .tiny_models import save_tiny_model_folder, write_test_images
 
 TOLERANCE = 1e-4
@@ -390,15 +391,7 @@ def test_an_exported_folder_runs_on_two_processes_and_resumes_only_with_its_own_
     # scores within float32 rounding of another batch composition.
     _assert_same_rows(_rows(tmp_path / "two"), _rows(tmp_path / "one"))
 
-    real, calls = sharded_prediction._score_batch, []
-
-    def interrupted_after_one_batch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_one_batch)
+    real = raise_on_call(monkeypatch, sharded_prediction, "_score_batch", 2)  # after one batch
     assert main([*common, "--output", str(tmp_path / "resumed")]) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
     if fmt == "onnx":

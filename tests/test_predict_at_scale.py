@@ -22,6 +22,7 @@ import crane_hf.prediction.sharded_prediction as sharded_prediction
 from crane_hf.commands.cli import main
 from crane_hf.prediction.result_shards import read_records, shard_paths
 
+from .interruptions import raise_on_call
 from .test_output_safety import _snapshot
 from .tiny_models import subprocess_environment, write_test_images
 
@@ -215,15 +216,7 @@ def test_workers_end_when_the_run_is_killed_alone(images, tiny_model_dir):
 
 def test_interrupted_then_resumed_in_process_with_other_settings_refused(images, tiny_model_dir, monkeypatch, capsys):
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--batch-size", "2"]
-    real, calls = sharded_prediction._score_batch, []
-
-    def interrupted_after_two_batches(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted_after_two_batches)
+    real = raise_on_call(monkeypatch, sharded_prediction, "_score_batch", 3)  # after two batches
     assert main([*argv, "--workers", "0"]) == 130
     assert "rerun the same command with --resume" in capsys.readouterr().err
     (shard,) = shard_paths(".out.crane-hf-partial")
@@ -247,8 +240,7 @@ def test_interrupted_then_resumed_in_process_with_other_settings_refused(images,
 
 
 def test_a_plain_run_discards_partial_results_and_says_so(images, tiny_model_dir, monkeypatch, capsys):
-    real = sharded_prediction._score_batch
-    monkeypatch.setattr(sharded_prediction, "_score_batch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = raise_on_call(monkeypatch, sharded_prediction, "_score_batch", 1)
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
     assert main(argv) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
@@ -304,26 +296,13 @@ def test_a_run_killed_between_a_figure_and_its_record_resumes_to_the_table_of_an
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "2", "--workers", "0"]
     # batch 1: broken.png and part_0.png (one figure); batch 2: part_1.png and part_2.png
     if killed_at == "second figure":  # the 3rd figure: batch 2's second, its first one complete
-        real_save, saved = decision_figure.save_decision_figure, []
-
-        def killed_saving(*args, **kwargs):
-            saved.append(1)
-            if len(saved) == 3:
-                raise _Killed
-            return real_save(*args, **kwargs)
-
-        monkeypatch.setattr(decision_figure, "save_decision_figure", killed_saving)
+        raise_on_call(monkeypatch, decision_figure, "save_decision_figure", 3, _Killed)
     else:  # the 3rd figure given its name: batch 2's second
-        real_replace, renamed = os.replace, []
 
-        def killed_renaming(source, target, *args, **kwargs):
-            if os.sep + "overlays" + os.sep in str(target):
-                renamed.append(1)
-                if len(renamed) == 3:
-                    raise _Killed
-            return real_replace(source, target, *args, **kwargs)
+        def an_overlay(source, target, *args, **kwargs):
+            return os.sep + "overlays" + os.sep in str(target)
 
-        monkeypatch.setattr(os, "replace", killed_renaming)
+        raise_on_call(monkeypatch, os, "replace", 3, _Killed, counts=an_overlay)
     with pytest.raises(_Killed):
         main([*argv, "--output", "out"])
     monkeypatch.undo()
@@ -348,15 +327,7 @@ def test_a_run_killed_while_building_its_report_resumes_without_scoring_again(
 
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--quiet", "--batch-size", "4", "--workers", "0", "--report"]
     if killed_at == "thumbnail":
-        real_thumbnail, made = run_report._thumbnail, []
-
-        def killed_on_the_third(*args):
-            made.append(1)
-            if len(made) == 3:
-                raise _Killed
-            return real_thumbnail(*args)
-
-        monkeypatch.setattr(run_report, "_thumbnail", killed_on_the_third)
+        raise_on_call(monkeypatch, run_report, "_thumbnail", 3, _Killed)
     else:
         real_open = open
 
@@ -410,8 +381,7 @@ def test_a_user_file_in_a_marked_partial_folder_is_never_discarded_nor_published
 ):
     """The partial folder is crane-hf's, but a file a user put into it is not: neither a plain rerun (which would
     discard the folder) nor --resume (which would publish the file as the run's own) touches it."""
-    real = sharded_prediction._score_batch
-    monkeypatch.setattr(sharded_prediction, "_score_batch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = raise_on_call(monkeypatch, sharded_prediction, "_score_batch", 1)
     argv = ["predict", "imgs", "--model", tiny_model_dir, "--output", "out", "--quiet", "--workers", "0"]
     assert main(argv) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
@@ -433,15 +403,7 @@ def test_a_user_file_in_a_marked_partial_folder_is_never_discarded_nor_published
 
 def _interrupted_after(batches: int, argv: list[str], monkeypatch) -> None:
     """Run `argv` in this process, interrupted (Ctrl-C) after `batches` batches; leaves the partial folder."""
-    real, calls = sharded_prediction._score_batch, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) > batches:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(sharded_prediction, "_score_batch", interrupted)
+    real = raise_on_call(monkeypatch, sharded_prediction, "_score_batch", batches + 1)
     assert main(argv) == 130
     monkeypatch.setattr(sharded_prediction, "_score_batch", real)
 
